@@ -1,0 +1,85 @@
+// CVistKernels — the hot inner loops of the engine, in C with SIMD intrinsics.
+//
+// Every kernel has a portable scalar version; x86-64 builds add AVX2/FMA and AVX-512 VNNI
+// versions compiled with per-function target attributes and chosen once at run time, so one
+// binary runs on any CPU. The Swift target VistKernels wraps these and keeps naive reference
+// implementations beside them for the tests.
+#ifndef VIST2_CVISTKERNELS_H
+#define VIST2_CVISTKERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Tensor element types, numbered exactly as GGML's `enum ggml_type` (and so as GGUF stores them).
+enum vk_type {
+    VK_TYPE_F32 = 0,
+    VK_TYPE_F16 = 1,
+    VK_TYPE_Q4_0 = 2,  ///< blocks of 32: fp16 d, 16 bytes of nibbles; x = (q - 8) * d
+    VK_TYPE_Q4_1 = 3,  ///< blocks of 32: fp16 d, fp16 m, 16 bytes of nibbles; x = q * d + m
+    VK_TYPE_Q8_0 = 8,  ///< blocks of 32: fp16 d, 32 int8; x = q * d
+    VK_TYPE_BF16 = 30,
+};
+
+/// Elements per quantization block for the block types above (llama.cpp's QK4_0 = QK4_1 = QK8_0).
+#define VK_QK 32
+
+/// Activation blocks for the integer dot products: 32 int8 values with their float scale `d`
+/// and `s = d * sum(qs)` (so the Q4_1 offset term and the Q4_0 bias fold in without a second pass).
+/// This is an in-memory format only; it is never written to disk.
+typedef struct {
+    float d;
+    float s;
+    int8_t qs[VK_QK];
+} vk_block_q8a;
+
+/// Bytes of one row of `n` elements of `type`; 0 for an unknown type or an `n` that is not a
+/// multiple of the block size of a block type.
+size_t vk_row_bytes(int type, int64_t n);
+
+/// IEEE half and bfloat16 to float.
+float vk_fp16_to_fp32(uint16_t h);
+uint16_t vk_fp32_to_fp16(float f);
+float vk_bf16_to_fp32(uint16_t h);
+
+/// Dequantize `n` elements (a multiple of the block size for block types) from `src` to `dst`.
+void vk_dequantize(int type, const void *src, float *dst, int64_t n);
+
+/// Quantize `n` floats (a multiple of 32) to activation blocks, scale = max|x| / 127, round to nearest.
+void vk_quantize_q8a(const float *x, vk_block_q8a *y, int64_t n);
+
+/// Dot product of one weight row of `type` with an activation vector of `n` elements.
+/// Block types read `xq` (n/32 activation blocks); float types read `xf` (n floats).
+float vk_dot_row(int type, const void *row, const vk_block_q8a *xq, const float *xf, int64_t n);
+
+/// y[r] = dot(W[r], x) for rows r in [r0, r1) of a row-major matrix with `n` columns.
+void vk_matvec_rows(int type, const void *w, size_t row_bytes, const vk_block_q8a *xq,
+                    const float *xf, float *y, int64_t n, int64_t r0, int64_t r1);
+
+/// Name of the SIMD path chosen at run time ("avx512vnni", "avx2", "scalar").
+const char *vk_simd_path(void);
+
+/// Force the scalar path (tests compare the paths); returns the previous setting.
+int vk_force_scalar(int on);
+
+// ---- thread pool ---------------------------------------------------------------------------
+
+/// A fixed pool of `n` threads including the caller: `vk_pool_run` runs `fn(ctx, ith, n)` for
+/// ith = 0 ..< n, ith 0 on the calling thread, and returns when all are done. Idle workers spin
+/// briefly (decode issues hundreds of small jobs per token) and then sleep on a condition
+/// variable, so they do not steal cores from OpenBLAS during prefill.
+typedef struct vk_pool vk_pool;
+typedef void (*vk_task_fn)(void *ctx, int ith, int nth);
+
+vk_pool *vk_pool_create(int n);
+void vk_pool_run(vk_pool *pool, vk_task_fn fn, void *ctx);
+int vk_pool_size(const vk_pool *pool);
+void vk_pool_destroy(vk_pool *pool);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,402 @@
+// Quantized and float dot products, dequantization and activation quantization.
+// Block layouts match llama.cpp's ggml-common.h (block_q4_0, block_q4_1, block_q8_0): within a
+// 32-element block, element j < 16 is the low nibble of qs[j] and element j + 16 its high nibble.
+#include "CVistKernels.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define VK_X86 1
+#endif
+
+typedef struct { uint16_t d; uint8_t qs[16]; } blk_q4_0;            // 18 bytes
+typedef struct { uint16_t d; uint16_t m; uint8_t qs[16]; } blk_q4_1; // 20 bytes
+typedef struct { uint16_t d; int8_t qs[32]; } blk_q8_0;              // 34 bytes
+
+_Static_assert(sizeof(blk_q4_0) == 18, "block_q4_0 layout");
+_Static_assert(sizeof(blk_q4_1) == 20, "block_q4_1 layout");
+_Static_assert(sizeof(blk_q8_0) == 34, "block_q8_0 layout");
+
+size_t vk_row_bytes(int type, int64_t n) {
+    if (n < 0) return 0;
+    switch (type) {
+    case VK_TYPE_F32: return (size_t)n * 4;
+    case VK_TYPE_F16:
+    case VK_TYPE_BF16: return (size_t)n * 2;
+    case VK_TYPE_Q4_0: return n % VK_QK ? 0 : (size_t)(n / VK_QK) * sizeof(blk_q4_0);
+    case VK_TYPE_Q4_1: return n % VK_QK ? 0 : (size_t)(n / VK_QK) * sizeof(blk_q4_1);
+    case VK_TYPE_Q8_0: return n % VK_QK ? 0 : (size_t)(n / VK_QK) * sizeof(blk_q8_0);
+    default: return 0;
+    }
+}
+
+// ---- half precision ------------------------------------------------------------------------
+
+float vk_fp16_to_fp32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: renormalize
+            exp = 127 - 15 + 1;
+            while ((man & 0x400) == 0) { man <<= 1; exp--; }
+            man &= 0x3ff;
+            bits = sign | (exp << 23) | (man << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t vk_fp32_to_fp16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const uint32_t absx = x & 0x7fffffff;
+    if (absx >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0));
+    if (absx >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  // rounds to infinity
+    if (absx < 0x38800000) {                                     // subnormal or zero in half
+        if (absx < 0x33000000) return (uint16_t)sign;
+        const uint32_t e = absx >> 23;
+        const uint32_t m = (absx & 0x7fffff) | 0x800000;
+        const uint32_t shift = 126 - e;  // 14 + (113 - e) - 1 ... mantissa shift into half subnormal
+        uint32_t r = m >> (shift);
+        const uint32_t rem = m & ((1u << shift) - 1);
+        const uint32_t half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = absx - 0x38000000;  // rebias exponent 127 -> 15
+    const uint32_t rem = r & 0x1fff;
+    r >>= 13;
+    if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+}
+
+float vk_bf16_to_fp32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// fp16 -> fp32 through a table: the block scales are read once per 32 weights in the hot loops.
+static float fp16_table[65536];
+static pthread_once_t fp16_once = PTHREAD_ONCE_INIT;
+static void fp16_table_init(void) {
+    for (uint32_t i = 0; i < 65536; i++) fp16_table[i] = vk_fp16_to_fp32((uint16_t)i);
+}
+static inline float h2f(uint16_t h) { return fp16_table[h]; }
+
+// ---- run-time dispatch ---------------------------------------------------------------------
+
+enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_VNNI = 2 };
+static int simd_path = -1;
+static int forced_scalar = 0;
+static pthread_once_t dispatch_once = PTHREAD_ONCE_INIT;
+
+static void dispatch_init(void) {
+    fp16_table_init();
+    simd_path = PATH_SCALAR;
+#ifdef VK_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) simd_path = PATH_AVX2;
+    if (simd_path == PATH_AVX2 && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"))
+        simd_path = PATH_VNNI;
+#endif
+}
+
+static inline int path(void) {
+    pthread_once(&dispatch_once, dispatch_init);
+    return forced_scalar ? PATH_SCALAR : simd_path;
+}
+
+const char *vk_simd_path(void) {
+    switch (path()) {
+    case PATH_VNNI: return "avx512vnni";
+    case PATH_AVX2: return "avx2";
+    default: return "scalar";
+    }
+}
+
+int vk_force_scalar(int on) {
+    pthread_once(&dispatch_once, dispatch_init);
+    const int prev = forced_scalar;
+    forced_scalar = on;
+    return prev;
+}
+
+// ---- dequantization ------------------------------------------------------------------------
+
+void vk_dequantize(int type, const void *src, float *dst, int64_t n) {
+    pthread_once(&dispatch_once, dispatch_init);
+    switch (type) {
+    case VK_TYPE_F32: memcpy(dst, src, (size_t)n * 4); return;
+    case VK_TYPE_F16: {
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < n; i++) dst[i] = h2f(s[i]);
+        return;
+    }
+    case VK_TYPE_BF16: {
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < n; i++) dst[i] = vk_bf16_to_fp32(s[i]);
+        return;
+    }
+    case VK_TYPE_Q4_0: {
+        const blk_q4_0 *b = src;
+        for (int64_t i = 0; i < n / VK_QK; i++, dst += VK_QK) {
+            const float d = h2f(b[i].d);
+            for (int j = 0; j < 16; j++) {
+                dst[j] = (float)((b[i].qs[j] & 0x0f) - 8) * d;
+                dst[j + 16] = (float)((b[i].qs[j] >> 4) - 8) * d;
+            }
+        }
+        return;
+    }
+    case VK_TYPE_Q4_1: {
+        const blk_q4_1 *b = src;
+        for (int64_t i = 0; i < n / VK_QK; i++, dst += VK_QK) {
+            const float d = h2f(b[i].d), m = h2f(b[i].m);
+            for (int j = 0; j < 16; j++) {
+                dst[j] = (float)(b[i].qs[j] & 0x0f) * d + m;
+                dst[j + 16] = (float)(b[i].qs[j] >> 4) * d + m;
+            }
+        }
+        return;
+    }
+    case VK_TYPE_Q8_0: {
+        const blk_q8_0 *b = src;
+        for (int64_t i = 0; i < n / VK_QK; i++, dst += VK_QK) {
+            const float d = h2f(b[i].d);
+            for (int j = 0; j < 32; j++) dst[j] = (float)b[i].qs[j] * d;
+        }
+        return;
+    }
+    default: return;
+    }
+}
+
+void vk_quantize_q8a(const float *x, vk_block_q8a *y, int64_t n) {
+    for (int64_t i = 0; i < n / VK_QK; i++) {
+        const float *xb = x + i * VK_QK;
+        float amax = 0.0f;
+        for (int j = 0; j < VK_QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.0f;
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < VK_QK; j++) {
+            const int q = (int)lrintf(xb[j] * id);
+            y[i].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        y[i].d = d;
+        y[i].s = d * (float)sum;
+    }
+}
+
+// ---- scalar dot products -------------------------------------------------------------------
+
+static float dot_q4_0_scalar(const blk_q4_0 *w, const vk_block_q8a *x, int64_t nb) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        int s = 0;
+        for (int j = 0; j < 16; j++) {
+            s += (w[i].qs[j] & 0x0f) * x[i].qs[j] + (w[i].qs[j] >> 4) * x[i].qs[j + 16];
+        }
+        const float d = h2f(w[i].d);
+        acc += d * (x[i].d * (float)s - 8.0f * x[i].s);
+    }
+    return acc;
+}
+
+static float dot_q4_1_scalar(const blk_q4_1 *w, const vk_block_q8a *x, int64_t nb) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        int s = 0;
+        for (int j = 0; j < 16; j++) {
+            s += (w[i].qs[j] & 0x0f) * x[i].qs[j] + (w[i].qs[j] >> 4) * x[i].qs[j + 16];
+        }
+        acc += h2f(w[i].d) * x[i].d * (float)s + h2f(w[i].m) * x[i].s;
+    }
+    return acc;
+}
+
+static float dot_q8_0_scalar(const blk_q8_0 *w, const vk_block_q8a *x, int64_t nb) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < nb; i++) {
+        int s = 0;
+        for (int j = 0; j < 32; j++) s += w[i].qs[j] * x[i].qs[j];
+        acc += h2f(w[i].d) * x[i].d * (float)s;
+    }
+    return acc;
+}
+
+static float dot_f32_scalar(const float *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static float dot_f16_scalar(const uint16_t *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++) acc += h2f(a[i]) * b[i];
+    return acc;
+}
+
+static float dot_bf16_scalar(const uint16_t *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++) acc += vk_bf16_to_fp32(a[i]) * b[i];
+    return acc;
+}
+
+// ---- AVX2 / AVX-512 VNNI dot products ------------------------------------------------------
+
+#ifdef VK_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+AVX2 static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+// 32 unsigned nibbles of a Q4 block: low nibbles in the low 128 bits (elements 0..15).
+AVX2 static inline __m256i unpack_nibbles(const uint8_t *qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+}
+
+// sum over 32 lanes of u8 * s8, as 8 int32 lanes converted to float.
+AVX2 static inline __m256 dot_u8s8_avx2(__m256i u, __m256i s) {
+    const __m256i p16 = _mm256_maddubs_epi16(u, s);  // |15 * 127 * 2| and |127 * 127 * 2| fit in int16
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+VNNI static inline __m256 dot_u8s8_vnni(__m256i u, __m256i s) {
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+}
+
+#define DEFINE_Q4_DOTS(SUFFIX, ATTR, DOTU8)                                                        \
+    ATTR static float dot_q4_1_##SUFFIX(const blk_q4_1 *w, const vk_block_q8a *x, int64_t nb) {    \
+        __m256 acc = _mm256_setzero_ps();                                                          \
+        float summ = 0.0f;                                                                         \
+        for (int64_t i = 0; i < nb; i++) {                                                         \
+            const __m256i q = unpack_nibbles(w[i].qs);                                             \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)x[i].qs);                       \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * x[i].d), DOTU8(q, xv), acc);        \
+            summ += h2f(w[i].m) * x[i].s;                                                          \
+        }                                                                                          \
+        return hsum256(acc) + summ;                                                                \
+    }                                                                                              \
+    ATTR static float dot_q4_0_##SUFFIX(const blk_q4_0 *w, const vk_block_q8a *x, int64_t nb) {    \
+        __m256 acc = _mm256_setzero_ps();                                                          \
+        float summ = 0.0f;                                                                         \
+        for (int64_t i = 0; i < nb; i++) {                                                         \
+            const __m256i q = unpack_nibbles(w[i].qs);                                             \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)x[i].qs);                       \
+            const float d = h2f(w[i].d);                                                           \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x[i].d), DOTU8(q, xv), acc);                  \
+            summ -= 8.0f * d * x[i].s;                                                             \
+        }                                                                                          \
+        return hsum256(acc) + summ;                                                                \
+    }                                                                                              \
+    ATTR static float dot_q8_0_##SUFFIX(const blk_q8_0 *w, const vk_block_q8a *x, int64_t nb) {    \
+        __m256 acc = _mm256_setzero_ps();                                                          \
+        for (int64_t i = 0; i < nb; i++) {                                                         \
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)w[i].qs);                       \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)x[i].qs);                       \
+            /* |w| * sign(w) x: llama.cpp's trick to reuse the u8 x s8 product for s8 x s8 */       \
+            const __m256 p = DOTU8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));            \
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * x[i].d), p, acc);                   \
+        }                                                                                          \
+        return hsum256(acc);                                                                       \
+    }
+
+DEFINE_Q4_DOTS(avx2, AVX2, dot_u8s8_avx2)
+DEFINE_Q4_DOTS(vnni, VNNI, dot_u8s8_vnni)
+
+AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    float acc = hsum256(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+AVX2 static float dot_f16_avx2(const uint16_t *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 av = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i)));
+        acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + i), acc);
+    }
+    float s = hsum256(acc);
+    for (; i < n; i++) s += h2f(a[i]) * b[i];
+    return s;
+}
+#endif
+
+float vk_dot_row(int type, const void *row, const vk_block_q8a *xq, const float *xf, int64_t n) {
+    const int p = path();
+    const int64_t nb = n / VK_QK;
+    switch (type) {
+    case VK_TYPE_Q4_1:
+#ifdef VK_X86
+        if (p == PATH_VNNI) return dot_q4_1_vnni(row, xq, nb);
+        if (p == PATH_AVX2) return dot_q4_1_avx2(row, xq, nb);
+#endif
+        return dot_q4_1_scalar(row, xq, nb);
+    case VK_TYPE_Q4_0:
+#ifdef VK_X86
+        if (p == PATH_VNNI) return dot_q4_0_vnni(row, xq, nb);
+        if (p == PATH_AVX2) return dot_q4_0_avx2(row, xq, nb);
+#endif
+        return dot_q4_0_scalar(row, xq, nb);
+    case VK_TYPE_Q8_0:
+#ifdef VK_X86
+        if (p == PATH_VNNI) return dot_q8_0_vnni(row, xq, nb);
+        if (p == PATH_AVX2) return dot_q8_0_avx2(row, xq, nb);
+#endif
+        return dot_q8_0_scalar(row, xq, nb);
+    case VK_TYPE_F32:
+#ifdef VK_X86
+        if (p != PATH_SCALAR) return dot_f32_avx2(row, xf, n);
+#endif
+        return dot_f32_scalar(row, xf, n);
+    case VK_TYPE_F16:
+#ifdef VK_X86
+        if (p != PATH_SCALAR) return dot_f16_avx2(row, xf, n);
+#endif
+        return dot_f16_scalar(row, xf, n);
+    case VK_TYPE_BF16: return dot_bf16_scalar(row, xf, n);
+    default: return 0.0f;
+    }
+}
+
+void vk_matvec_rows(int type, const void *w, size_t row_bytes, const vk_block_q8a *xq,
+                    const float *xf, float *y, int64_t n, int64_t r0, int64_t r1) {
+    const uint8_t *base = w;
+    for (int64_t r = r0; r < r1; r++) {
+        y[r] = vk_dot_row(type, base + (size_t)r * row_bytes, xq, xf, n);
+    }
+}

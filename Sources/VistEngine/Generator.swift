@@ -1,0 +1,198 @@
+import Foundation
+import VistTokenizer
+
+/// What to generate.
+public struct GenerationRequest: Sendable {
+    public var prompt: String
+    /// Wrap the prompt in the model's chat template (ChatML) as one user message.
+    public var chat = false
+    public var maxTokens = 128
+    public var sampling = SamplingParams()
+    /// Generation stops before the first occurrence of any of these strings.
+    public var stop: [String] = []
+
+    public init(prompt: String) { self.prompt = prompt }
+
+    public func validate() throws(EngineError) {
+        try sampling.validate()
+        guard maxTokens >= 0, maxTokens <= 1 << 20 else { throw .badArgument("max tokens must be in 0...\(1 << 20), got \(maxTokens)") }
+        guard stop.allSatisfy({ !$0.isEmpty }) else { throw .badArgument("stop strings must not be empty") }
+    }
+}
+
+/// Why generation ended.
+public enum StopReason: String, Sendable, Codable {
+    case endOfGeneration = "eos"
+    case stopString = "stop"
+    case maxTokens = "length"
+    case contextFull = "context"
+    case cancelled
+}
+
+/// The outcome and timings of one generation; field names are the `--json` keys.
+public struct GenerationResult: Sendable, Codable {
+    public var text: String
+    public var prompt_tokens: Int
+    public var generated_tokens: Int
+    public var ttft_ms: Double
+    public var prefill_tokens_per_s: Double
+    public var decode_tokens_per_s: Double
+    public var peak_rss_bytes: Int
+    public var stop_reason: StopReason
+    public var token_ids: [Int32]
+}
+
+/// Runs prefill and decode for one request and streams text as it becomes valid UTF-8.
+public struct Generator {
+    public let model: LanguageModel
+
+    public init(model: LanguageModel) { self.model = model }
+
+    /// Generates; `onText` receives each new piece of text and returns false to cancel.
+    public func generate(_ req: GenerationRequest, onText: (String) -> Bool = { _ in true }) throws(EngineError) -> GenerationResult {
+        try req.validate()
+        let tok = model.tokenizer
+        let promptText = req.chat ? model.chatPrompt(req.prompt) : req.prompt
+        // The chat template's markers are control tokens; a plain prompt is plain text.
+        var tokens = tok.encode(promptText, addSpecial: true, parseSpecial: req.chat)
+        if tokens.isEmpty {
+            // An empty prompt starts from BOS (or EOS, which SmolLM2 uses as its document separator).
+            guard let start = tok.bos ?? tok.eos else { throw .badArgument("the prompt is empty and the model has no BOS token") }
+            tokens = [start]
+        }
+        let limit = model.config.contextLength
+        guard tokens.count < limit else { throw .contextOverflow(needed: tokens.count + 1, limit: limit) }
+        let capacity = min(limit, tokens.count + req.maxTokens)
+        let cache = model.transformer.makeCache(capacity: capacity)
+        var sampler = Sampler(req.sampling)
+        let vocab = model.config.vocabSize
+
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        model.transformer.forward(tokens, cache: cache, logits: .last)
+        var history = tokens
+        var generated: [Int32] = []
+        var out = StreamingText(stops: req.stop.map { Array($0.utf8) })
+        var reason = StopReason.maxTokens
+        var ttft = 0.0
+        let prefillNs = DispatchTime.now().uptimeNanoseconds - t0
+        var decodeStart = DispatchTime.now().uptimeNanoseconds
+
+        while generated.count < req.maxTokens {
+            let next = sampler.sample(model.transformer.logits, vocab: vocab, history: history[...])
+            if generated.isEmpty {
+                ttft = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6
+                decodeStart = DispatchTime.now().uptimeNanoseconds
+            }
+            if tok.isEndOfGeneration(next) {
+                reason = .endOfGeneration
+                break
+            }
+            generated.append(next)
+            history.append(next)
+            let (piece, stopped) = out.append(tok.pieceBytes(next))
+            if !piece.isEmpty && !onText(piece) {
+                reason = .cancelled
+                break
+            }
+            if stopped {
+                reason = .stopString
+                break
+            }
+            if generated.count == req.maxTokens { break }
+            if cache.count >= cache.capacity {
+                reason = .contextFull
+                break
+            }
+            model.transformer.forward([next], cache: cache, logits: .last)
+        }
+        if reason != .stopString && reason != .cancelled {
+            let rest = out.finish()
+            if !rest.isEmpty { _ = onText(rest) }
+        }
+        let decodeNs = DispatchTime.now().uptimeNanoseconds - decodeStart
+        // Decode speed counts the forward passes after the first token (tokens 2...n).
+        let decodeSteps = max(0, generated.count - 1)
+        return GenerationResult(
+            text: out.text, prompt_tokens: tokens.count, generated_tokens: generated.count, ttft_ms: ttft,
+            prefill_tokens_per_s: Double(tokens.count) / (Double(prefillNs) / 1e9),
+            decode_tokens_per_s: decodeSteps > 0 ? Double(decodeSteps) / (Double(decodeNs) / 1e9) : 0,
+            peak_rss_bytes: peakRSSBytes(), stop_reason: reason, token_ids: generated)
+    }
+}
+
+/// Turns token bytes into text pieces: emits only complete UTF-8 characters, and holds back any
+/// tail that could still become a stop string.
+struct StreamingText {
+    let stops: [[UInt8]]
+    var bytes: [UInt8] = []
+    var emitted = 0
+    var finalLength: Int? = nil
+
+    init(stops: [[UInt8]]) { self.stops = stops }
+
+    var text: String { String(decoding: bytes[0..<(finalLength ?? bytes.count)], as: UTF8.self) }
+
+    /// Appends a token's bytes; returns the newly safe text and whether a stop string appeared.
+    mutating func append(_ piece: [UInt8]) -> (String, Bool) {
+        let searchFrom = max(0, bytes.count - (stops.map(\.count).max() ?? 0))
+        bytes.append(contentsOf: piece)
+        for s in stops {
+            if let at = find(s, from: searchFrom) {
+                finalLength = at
+                let out = String(decoding: bytes[emitted..<at], as: UTF8.self)
+                emitted = at
+                return (out, true)
+            }
+        }
+        var safe = bytes.count
+        // Hold back the longest suffix that is a proper prefix of a stop string.
+        for s in stops {
+            for n in stride(from: min(s.count - 1, bytes.count), to: 0, by: -1) where bytes.suffix(n).elementsEqual(s.prefix(n)) {
+                safe = min(safe, bytes.count - n)
+                break
+            }
+        }
+        // Hold back an incomplete UTF-8 sequence at the end.
+        safe = completeUTF8Prefix(upTo: safe)
+        guard safe > emitted else { return ("", false) }
+        let out = String(decoding: bytes[emitted..<safe], as: UTF8.self)
+        emitted = safe
+        return (out, false)
+    }
+
+    /// The rest of the text at the end of generation.
+    mutating func finish() -> String {
+        let end = finalLength ?? bytes.count
+        guard end > emitted else { return "" }
+        let out = String(decoding: bytes[emitted..<end], as: UTF8.self)
+        emitted = end
+        return out
+    }
+
+    func find(_ s: [UInt8], from: Int) -> Int? {
+        guard s.count <= bytes.count else { return nil }
+        var i = max(0, from)
+        while i + s.count <= bytes.count {
+            if bytes[i] == s[0] && bytes[i..<(i + s.count)].elementsEqual(s) { return i }
+            i += 1
+        }
+        return nil
+    }
+
+    func completeUTF8Prefix(upTo end: Int) -> Int {
+        // Walk back over at most 3 continuation bytes to the last lead byte.
+        var i = end
+        var back = 0
+        while i > emitted && back < 4 {
+            let b = bytes[i - 1]
+            if b & 0xC0 == 0x80 {
+                i -= 1
+                back += 1
+                continue
+            }
+            let need = b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : b >= 0xC0 ? 2 : 1
+            return back + 1 >= need ? end : i - 1
+        }
+        return end
+    }
+}

@@ -1,0 +1,259 @@
+import CBLAS
+import Foundation
+import VistKernels
+
+/// Keys and values of every layer for positions 0..<count, preallocated for `capacity` positions.
+public final class KVCache: @unchecked Sendable {
+    public let layers: Int
+    public let kvDim: Int
+    public let capacity: Int
+    let keys: UnsafeMutablePointer<Float>  // (layers, capacity, kvDim)
+    let values: UnsafeMutablePointer<Float>  // (layers, capacity, kvDim)
+    /// Number of positions filled.
+    public internal(set) var count = 0
+
+    public init(config: ModelConfig, capacity: Int) {
+        layers = config.layers
+        kvDim = config.kvDim
+        self.capacity = max(1, capacity)
+        let n = layers * self.capacity * kvDim
+        keys = .allocate(capacity: n)
+        values = .allocate(capacity: n)
+    }
+
+    deinit {
+        keys.deallocate()
+        values.deallocate()
+    }
+
+    func keys(layer: Int) -> UnsafeMutablePointer<Float> { keys + layer * capacity * kvDim }
+    func values(layer: Int) -> UnsafeMutablePointer<Float> { values + layer * capacity * kvDim }
+
+    /// Forgets positions from `n` on (the next forward pass writes position n).
+    public func truncate(to n: Int) { count = min(count, max(0, n)) }
+
+    /// Bytes the filled entries take (f32 keys and values).
+    public var bytesUsed: Int { 2 * layers * count * kvDim * 4 }
+}
+
+/// Which rows of a forward pass produce logits.
+public enum LogitRows: Sendable {
+    case none
+    case last
+    case all
+    /// Rows i..<T of a batch of T <= maxBatch tokens.
+    case from(Int)
+}
+
+/// The decoder forward pass (Llama / Qwen3), after llama2.c's `forward()`: one function that reads
+/// top to bottom, all activation buffers allocated once, shapes in comments. A batch of T tokens
+/// at positions pos0..<pos0+T goes through every layer together, so weight matrices are read
+/// once per batch (sgemm for T > 8, quantized matrix-vector kernels for small T).
+public final class Transformer: @unchecked Sendable {
+    public let weights: TransformerWeights
+    public let config: ModelConfig
+    public let pool: ThreadPool
+    public let maxBatch: Int
+    let rope: RopeTable
+    let scratch = MatmulScratch()
+
+    // Run state, sized for maxBatch rows.
+    let x: UnsafeMutablePointer<Float>  // (B, dim) residual stream
+    let xn: UnsafeMutablePointer<Float>  // (B, dim) normalised input of a sub-layer
+    let q: UnsafeMutablePointer<Float>  // (B, qDim)
+    let k: UnsafeMutablePointer<Float>  // (B, kvDim)
+    let v: UnsafeMutablePointer<Float>  // (B, kvDim)
+    let att: UnsafeMutablePointer<Float>  // (B, qDim) attention output, heads concatenated
+    let proj: UnsafeMutablePointer<Float>  // (B, dim) output of wo / down
+    let gate: UnsafeMutablePointer<Float>  // (B, ffn)
+    let up: UnsafeMutablePointer<Float>  // (B, ffn)
+    var scores: UnsafeMutablePointer<Float>  // (B, S) one head's attention weights, or (threads, S) in decode
+    var scoresCapacity: Int
+    /// Logits of the last forward pass: (1, vocab) for `.last`, (T, vocab) for `.all`.
+    public private(set) var logits: UnsafeMutablePointer<Float>
+    var logitsCapacity: Int
+
+    public init(weights: TransformerWeights, threads: Int, maxBatch: Int = 512) {
+        self.weights = weights
+        config = weights.config
+        pool = ThreadPool(threads: threads)
+        setBLASThreads(threads)
+        self.maxBatch = max(1, maxBatch)
+        rope = RopeTable(dims: config.headDim, base: config.ropeBase, style: config.ropeStyle)
+        let b = self.maxBatch, c = config
+        x = .allocate(capacity: b * c.dim)
+        xn = .allocate(capacity: b * c.dim)
+        q = .allocate(capacity: b * c.qDim)
+        k = .allocate(capacity: b * c.kvDim)
+        v = .allocate(capacity: b * c.kvDim)
+        att = .allocate(capacity: b * c.qDim)
+        proj = .allocate(capacity: b * c.dim)
+        gate = .allocate(capacity: b * c.ffnDim)
+        up = .allocate(capacity: b * c.ffnDim)
+        scoresCapacity = 0
+        scores = .allocate(capacity: 1)
+        logitsCapacity = c.vocabSize
+        logits = .allocate(capacity: c.vocabSize)
+    }
+
+    deinit {
+        for p in [x, xn, q, k, v, att, proj, gate, up, scores, logits] { p.deallocate() }
+    }
+
+    public func makeCache(capacity: Int) -> KVCache {
+        KVCache(config: config, capacity: min(capacity, config.contextLength))
+    }
+
+    /// Runs `tokens` at positions cache.count ..< cache.count + tokens.count, appending their keys
+    /// and values to the cache. With `.all`, logits of every token are in `logits` (T, vocab)
+    /// when T <= maxBatch; with more tokens only the last sub-batch's rows are kept.
+    public func forward(_ tokens: [Int32], cache: KVCache, logits rows: LogitRows) {
+        precondition(cache.count + tokens.count <= cache.capacity, "KV cache overflow")
+        if case .from = rows { precondition(tokens.count <= maxBatch, "logits from a row need one batch") }
+        var start = 0
+        while start < tokens.count {
+            let end = min(tokens.count, start + maxBatch)
+            let last = end == tokens.count
+            tokens.withUnsafeBufferPointer { buf in
+                forwardBatch(UnsafeBufferPointer(rebasing: buf[start..<end]), cache: cache, rows: last ? rows : .none)
+            }
+            start = end
+        }
+    }
+
+    private func reserveScores(_ n: Int) {
+        if n > scoresCapacity {
+            scores.deallocate()
+            scores = .allocate(capacity: n)
+            scoresCapacity = n
+        }
+    }
+
+    private func forwardBatch(_ tokens: UnsafeBufferPointer<Int32>, cache: KVCache, rows: LogitRows) {
+        let c = config, w = weights
+        let T = tokens.count, pos0 = cache.count, S = pos0 + T
+        let dim = c.dim, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
+        let group = c.heads / c.kvHeads
+        let scale = 1 / Float(hd).squareRoot()
+        rope.reserve(S)
+        reserveScores(T > 1 ? T * S : pool.size * S)
+
+        // Token embeddings: x[t] = E[token t].
+        for t in 0..<T {
+            let id = Int(tokens[t])
+            precondition(id >= 0 && id < c.vocabSize, "token id out of range")
+            dequantize(w.tokenEmbedding.type, w.tokenEmbedding.row(id), x + t * dim, count: dim)
+        }
+
+        for (l, L) in w.layers.enumerated() {
+            // Attention sub-layer: xn = RMSNorm(x) * attn_norm.
+            rowsParallel(T) { t in
+                L.attnNorm.withUnsafeBufferPointer { Ops.rmsNorm(self.x + t * dim, weight: $0.baseAddress!, out: self.xn + t * dim, n: dim, eps: c.normEps) }
+            }
+            // q = xn Wq^T (T, qDim); k, v = xn Wk^T, xn Wv^T (T, kvDim).
+            Matmul.forward(L.wq, x: xn, y: q, n: T, pool: pool, scratch: scratch)
+            Matmul.forward(L.wk, x: xn, y: k, n: T, pool: pool, scratch: scratch)
+            Matmul.forward(L.wv, x: xn, y: v, n: T, pool: pool, scratch: scratch)
+            let kc = cache.keys(layer: l), vc = cache.values(layer: l)
+            rowsParallel(T) { t in
+                // Qwen3: RMSNorm over each query and key head before RoPE.
+                if let qn = L.qNorm, let kn = L.kNorm {
+                    qn.withUnsafeBufferPointer { wp in
+                        for h in 0..<c.heads { let p = self.q + t * qDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps) }
+                    }
+                    kn.withUnsafeBufferPointer { wp in
+                        for h in 0..<c.kvHeads { let p = self.k + t * kvDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps) }
+                    }
+                }
+                // RoPE at position pos0 + t, then append k and v to the cache.
+                for h in 0..<c.heads { self.rope.apply(self.q + t * qDim + h * hd, pos: pos0 + t) }
+                for h in 0..<c.kvHeads { self.rope.apply(self.k + t * kvDim + h * hd, pos: pos0 + t) }
+                (kc + (pos0 + t) * kvDim).update(from: self.k + t * kvDim, count: kvDim)
+                (vc + (pos0 + t) * kvDim).update(from: self.v + t * kvDim, count: kvDim)
+            }
+            // att = softmax(q K^T / sqrt(hd), causal) V, per head; query head h reads kv head h / group.
+            if T == 1 {
+                attendOne(kc: kc, vc: vc, S: S, scale: scale, group: group)
+            } else {
+                for h in 0..<c.heads {
+                    let g = h / group
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasTrans, Int32(T), Int32(S), Int32(hd), scale,
+                        q + h * hd, Int32(qDim), kc + g * hd, Int32(kvDim), 0, scores, Int32(S))
+                    rowsParallel(T) { t in
+                        let row = self.scores + t * S
+                        let visible = pos0 + t + 1  // causal: keys 0...pos0+t
+                        Ops.softmax(row, n: visible)
+                        if visible < S { (row + visible).update(repeating: 0, count: S - visible) }
+                    }
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(T), Int32(hd), Int32(S), 1,
+                        scores, Int32(S), vc + g * hd, Int32(kvDim), 0, att + h * hd, Int32(qDim))
+                }
+            }
+            // x += att Wo^T
+            Matmul.forward(L.wo, x: att, y: proj, n: T, pool: pool, scratch: scratch)
+            rowsParallel(T) { t in Ops.add(self.x + t * dim, self.proj + t * dim, n: dim) }
+
+            // Feed-forward sub-layer: x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T, xn = RMSNorm(x) * ffn_norm.
+            rowsParallel(T) { t in
+                L.ffnNorm.withUnsafeBufferPointer { Ops.rmsNorm(self.x + t * dim, weight: $0.baseAddress!, out: self.xn + t * dim, n: dim, eps: c.normEps) }
+            }
+            Matmul.forward(L.gate, x: xn, y: gate, n: T, pool: pool, scratch: scratch)
+            Matmul.forward(L.up, x: xn, y: up, n: T, pool: pool, scratch: scratch)
+            rowsParallel(T) { t in Ops.swiglu(self.gate + t * c.ffnDim, up: self.up + t * c.ffnDim, n: c.ffnDim) }
+            Matmul.forward(L.down, x: gate, y: proj, n: T, pool: pool, scratch: scratch)
+            rowsParallel(T) { t in Ops.add(self.x + t * dim, self.proj + t * dim, n: dim) }
+        }
+        cache.count = S
+
+        // Final norm and logits for the requested rows.
+        let first: Int
+        switch rows {
+        case .none: return
+        case .last: first = T - 1
+        case .all: first = 0
+        case .from(let i): first = min(max(0, i), T)
+        }
+        guard first < T else { return }
+        let n = T - first
+        if n * c.vocabSize > logitsCapacity {
+            logits.deallocate()
+            logits = .allocate(capacity: n * c.vocabSize)
+            logitsCapacity = n * c.vocabSize
+        }
+        rowsParallel(n) { i in
+            w.outputNorm.withUnsafeBufferPointer { Ops.rmsNorm(self.x + (first + i) * dim, weight: $0.baseAddress!, out: self.xn + i * dim, n: dim, eps: c.normEps) }
+        }
+        Matmul.forward(w.output, x: xn, y: logits, n: n, pool: pool, scratch: scratch)
+    }
+
+    /// Single-query attention over the cache, heads split over the pool's threads.
+    private func attendOne(kc: UnsafeMutablePointer<Float>, vc: UnsafeMutablePointer<Float>, S: Int, scale: Float, group: Int) {
+        let c = config, hd = c.headDim, kvDim = c.kvDim
+        pool.parallel { ith, nth in
+            let s = self.scores + ith * S
+            for h in ThreadPool.slice(c.heads, ith, nth) {
+                let g = h / group
+                let qh = self.q + h * hd
+                for j in 0..<S { s[j] = Ops.dot(qh, kc + j * kvDim + g * hd, n: hd) * scale }
+                Ops.softmax(s, n: S)
+                let out = self.att + h * hd
+                out.update(repeating: 0, count: hd)
+                for j in 0..<S { Ops.axpy(s[j], vc + j * kvDim + g * hd, out, n: hd) }
+            }
+        }
+    }
+
+    /// Runs body(t) for t in 0..<n, split over the pool when there is more than one row.
+    @inline(__always)
+    private func rowsParallel(_ n: Int, _ body: (Int) -> Void) {
+        if n == 1 {
+            body(0)
+            return
+        }
+        pool.parallel { ith, nth in
+            for t in ThreadPool.slice(n, ith, nth) { body(t) }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+import CVistKernels
+import Foundation
+
+/// Elementwise and normalisation kernels on raw buffers. Each works on one row; callers loop
+/// over rows (or split rows over a pool). Math follows llama.cpp's ggml ops for the same names.
+public enum Ops {
+    /// out = x / sqrt(mean(x²) + eps) * weight  (RMSNorm, ggml_rms_norm then ggml_mul).
+    @inlinable
+    public static func rmsNorm(
+        _ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, n: Int, eps: Float
+    ) {
+        var ss: Float = 0
+        for i in 0..<n { ss += x[i] * x[i] }
+        let scale = 1 / (ss / Float(n) + eps).squareRoot()
+        for i in 0..<n { out[i] = x[i] * scale * weight[i] }
+    }
+
+    /// gate = silu(gate) * up  (SwiGLU).
+    @inlinable
+    public static func swiglu(_ gate: UnsafeMutablePointer<Float>, up: UnsafePointer<Float>, n: Int) {
+        for i in 0..<n {
+            let g = gate[i]
+            gate[i] = g / (1 + expf(-g)) * up[i]
+        }
+    }
+
+    /// x += y
+    @inlinable
+    public static func add(_ x: UnsafeMutablePointer<Float>, _ y: UnsafePointer<Float>, n: Int) {
+        for i in 0..<n { x[i] += y[i] }
+    }
+
+    /// In-place softmax over n values; returns nothing. Uses the max-subtraction for stability.
+    @inlinable
+    public static func softmax(_ x: UnsafeMutablePointer<Float>, n: Int) {
+        guard n > 0 else { return }
+        var m = -Float.infinity
+        for i in 0..<n where x[i] > m { m = x[i] }
+        var sum: Float = 0
+        for i in 0..<n {
+            let e = expf(x[i] - m)
+            x[i] = e
+            sum += e
+        }
+        let inv = 1 / sum
+        for i in 0..<n { x[i] *= inv }
+    }
+
+    /// Dot product of two float vectors (SIMD in C).
+    @inlinable
+    public static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, n: Int) -> Float {
+        vk_dot_row(Int32(TensorType.f32.rawValue), a, nil, b, Int64(n))
+    }
+
+    /// y += a * x
+    @inlinable
+    public static func axpy(_ a: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, n: Int) {
+        for i in 0..<n { y[i] += a * x[i] }
+    }
+}
+
+/// How rotary position embeddings pair the dimensions of a head.
+public enum RopeStyle: String, Sendable, Codable {
+    /// Pairs (2i, 2i+1): llama.cpp's LLAMA_ROPE_TYPE_NORM, used for GGUF `llama` models, whose
+    /// converter permutes the Q and K rows of the Hugging Face checkpoint into this order.
+    case interleaved
+    /// Pairs (i, i + d/2): Hugging Face's rotate_half, and llama.cpp's NEOX type (Qwen3).
+    case halves
+}
+
+/// Precomputed cos/sin of RoPE angles: theta(pos, i) = pos * base^(-2i/dims), i < dims/2.
+public final class RopeTable: @unchecked Sendable {
+    public let dims: Int
+    public let base: Float
+    public let style: RopeStyle
+    @usableFromInline var cosTable: [Float] = []
+    @usableFromInline var sinTable: [Float] = []
+    public private(set) var positions = 0
+
+    public init(dims: Int, base: Float, style: RopeStyle) {
+        self.dims = dims
+        self.base = base
+        self.style = style
+    }
+
+    /// Makes positions 0..<n available.
+    public func reserve(_ n: Int) {
+        guard n > positions else { return }
+        let half = dims / 2
+        var newCos = [Float](repeating: 0, count: n * half)
+        var newSin = [Float](repeating: 0, count: n * half)
+        newCos.withUnsafeMutableBufferPointer { c in
+            newSin.withUnsafeMutableBufferPointer { s in
+                for i in 0..<half {
+                    let freq = powf(base, -2 * Float(i) / Float(dims))
+                    for p in 0..<n {
+                        let theta = Float(p) * freq
+                        c[p * half + i] = cosf(theta)
+                        s[p * half + i] = sinf(theta)
+                    }
+                }
+            }
+        }
+        cosTable = newCos
+        sinTable = newSin
+        positions = n
+    }
+
+    /// Rotates one head vector of `dims` floats in place for position `pos` (< positions).
+    @inlinable
+    public func apply(_ x: UnsafeMutablePointer<Float>, pos: Int) {
+        let half = dims / 2
+        cosTable.withUnsafeBufferPointer { c in
+            sinTable.withUnsafeBufferPointer { s in
+                let cb = c.baseAddress! + pos * half
+                let sb = s.baseAddress! + pos * half
+                switch style {
+                case .interleaved:
+                    for i in 0..<half {
+                        let a = x[2 * i], b = x[2 * i + 1]
+                        x[2 * i] = a * cb[i] - b * sb[i]
+                        x[2 * i + 1] = a * sb[i] + b * cb[i]
+                    }
+                case .halves:
+                    for i in 0..<half {
+                        let a = x[i], b = x[i + half]
+                        x[i] = a * cb[i] - b * sb[i]
+                        x[i + half] = a * sb[i] + b * cb[i]
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+import CVistKernels
+
+/// A fork-join pool over `vk_pool` (C): `parallel { ith, nth in ... }` runs the body on every
+/// thread of the pool, the caller included, and returns when all are done.
+///
+/// One pool belongs to one engine; `parallel` is not reentrant and must be called from one thread
+/// at a time (the engine serialises its requests).
+public final class ThreadPool: @unchecked Sendable {
+    private let pool: OpaquePointer
+
+    /// Number of threads, the caller included.
+    public let size: Int
+
+    public init(threads: Int) {
+        let n = max(1, threads)
+        pool = vk_pool_create(Int32(n))
+        size = Int(vk_pool_size(pool))
+    }
+
+    deinit { vk_pool_destroy(pool) }
+
+    /// Runs `body(ith, nth)` for ith in 0..<nth on the pool's threads.
+    public func parallel(_ body: (Int, Int) -> Void) {
+        withoutActuallyEscaping(body) { escapable in
+            var job = escapable
+            withUnsafeMutablePointer(to: &job) { ptr in
+                vk_pool_run(
+                    pool,
+                    { ctx, ith, nth in
+                        let job = ctx!.assumingMemoryBound(to: ((Int, Int) -> Void).self)
+                        job.pointee(Int(ith), Int(nth))
+                    }, UnsafeMutableRawPointer(ptr))
+            }
+        }
+    }
+
+    /// The half-open range of `0..<count` that thread `ith` of `nth` owns, in contiguous slices
+    /// whose starts are multiples of `align` (so threads do not share cache lines of output).
+    @inlinable
+    public static func slice(_ count: Int, _ ith: Int, _ nth: Int, align: Int = 1) -> Range<Int> {
+        let units = (count + align - 1) / align
+        let per = (units + nth - 1) / nth
+        let lo = min(count, ith * per * align)
+        let hi = min(count, (ith + 1) * per * align)
+        return lo..<hi
+    }
+}

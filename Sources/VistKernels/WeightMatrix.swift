@@ -1,0 +1,136 @@
+import CBLAS
+import CVistKernels
+
+/// A row-major weight matrix stored in its file's element type: `rows` output features, each a
+/// row of `cols` input features (GGUF's ne1 x ne0). The memory usually belongs to a memory-mapped
+/// model file and is never copied or dequantized as a whole.
+public struct WeightMatrix: @unchecked Sendable {
+    public let type: TensorType
+    public let rows: Int
+    public let cols: Int
+    public let data: UnsafeRawPointer
+    public let rowBytes: Int
+
+    public init(type: TensorType, rows: Int, cols: Int, data: UnsafeRawPointer) {
+        precondition(cols % type.blockSize == 0, "row length must be a whole number of blocks")
+        self.type = type
+        self.rows = rows
+        self.cols = cols
+        self.data = data
+        self.rowBytes = type.rowBytes(cols)!
+    }
+
+    public func row(_ r: Int) -> UnsafeRawPointer { data + r * rowBytes }
+
+    /// Dequantizes rows `range` into `dst` (row-major, `cols` floats per row).
+    public func dequantizeRows(_ range: Range<Int>, into dst: UnsafeMutablePointer<Float>) {
+        dequantize(type, row(range.lowerBound), dst, count: range.count * cols)
+    }
+}
+
+/// Scratch memory reused across matrix products so the hot loop allocates nothing.
+public final class MatmulScratch: @unchecked Sendable {
+    /// Activation blocks for one input row: (cols / 32).
+    public private(set) var xq: UnsafeMutablePointer<ActivationBlock>
+    private var xqCapacity: Int
+    /// Dequantized weight tile: (tileRows, cols).
+    public private(set) var tile: UnsafeMutablePointer<Float>
+    private var tileCapacity: Int
+
+    /// Rows of a weight matrix dequantized at a time for sgemm: big enough for a whole layer
+    /// matrix of a small model, small enough that a 50k-row output matrix never becomes f32.
+    public static let tileRows = 4096
+
+    public init() {
+        xqCapacity = 0
+        tileCapacity = 0
+        xq = .allocate(capacity: 1)
+        tile = .allocate(capacity: 1)
+    }
+
+    deinit {
+        xq.deallocate()
+        tile.deallocate()
+    }
+
+    public func reserve(cols: Int, batch: Int = 1) {
+        let blocks = (cols + 31) / 32 * batch
+        if blocks > xqCapacity {
+            xq.deallocate()
+            xq = .allocate(capacity: blocks)
+            xqCapacity = blocks
+        }
+    }
+
+    public func reserveTile(_ floats: Int) {
+        if floats > tileCapacity {
+            tile.deallocate()
+            tile = .allocate(capacity: floats)
+            tileCapacity = floats
+        }
+    }
+}
+
+public enum Matmul {
+    /// Batches at or below this size use the quantized matrix-vector kernels row by row; larger
+    /// ones dequantize weight tiles and call sgemm (whose throughput then dominates).
+    public static let gemmThreshold = 8
+
+    /// y (n, rows) = x (n, cols) * W^T. x and y are row-major with leading dimensions cols / rows.
+    public static func forward(
+        _ w: WeightMatrix, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, n: Int,
+        pool: ThreadPool, scratch: MatmulScratch
+    ) {
+        if n <= gemmThreshold {
+            for i in 0..<n {
+                matvec(w, x: x + i * w.cols, y: y + i * w.rows, pool: pool, scratch: scratch)
+            }
+            return
+        }
+        let tileRows = min(w.rows, MatmulScratch.tileRows)
+        scratch.reserveTile(tileRows * w.cols)
+        let tile = scratch.tile
+        var r0 = 0
+        while r0 < w.rows {
+            let r1 = min(w.rows, r0 + tileRows)
+            let count = r1 - r0
+            pool.parallel { ith, nth in
+                let part = ThreadPool.slice(count, ith, nth)
+                if !part.isEmpty {
+                    w.dequantizeRows((r0 + part.lowerBound)..<(r0 + part.upperBound), into: tile + part.lowerBound * w.cols)
+                }
+            }
+            // C (n, count) = A (n, cols) * B^T where B = tile (count, cols); C's rows have stride w.rows.
+            cblas_sgemm(
+                CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(count), Int32(w.cols),
+                1.0, x, Int32(w.cols), tile, Int32(w.cols), 0.0, y + r0, Int32(w.rows))
+            r0 = r1
+        }
+    }
+
+    /// y (rows) = W x, with the integer kernels for block types (x is quantized to 8 bits per
+    /// 32-element block first, as llama.cpp does) and float kernels otherwise.
+    public static func matvec(
+        _ w: WeightMatrix, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>,
+        pool: ThreadPool, scratch: MatmulScratch
+    ) {
+        var xq: UnsafeMutablePointer<ActivationBlock>? = nil
+        if w.type.isQuantized {
+            scratch.reserve(cols: w.cols)
+            quantizeActivations(x, scratch.xq, count: w.cols)
+            xq = scratch.xq
+        }
+        let blocks = UnsafePointer(xq)
+        pool.parallel { ith, nth in
+            let part = ThreadPool.slice(w.rows, ith, nth, align: 16)
+            if !part.isEmpty {
+                vk_matvec_rows(
+                    Int32(w.type.rawValue), w.data, w.rowBytes, blocks, x, y, Int64(w.cols),
+                    Int64(part.lowerBound), Int64(part.upperBound))
+            }
+        }
+    }
+}
+
+/// Sets OpenBLAS's thread count (it keeps its own pool for sgemm).
+public func setBLASThreads(_ n: Int) { openblas_set_num_threads(Int32(n)) }

@@ -1,0 +1,65 @@
+import ArgumentParser
+import Foundation
+import VistEngine
+
+@main
+struct VistCtl: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vist2ctl",
+        abstract: "Control and use the vist2 context-compression engine.",
+        discussion: """
+            Models are named `default` / `smollm2-135m` (fetched into the model store by \
+            scripts/fetch-model.sh) or given as a path to a GGUF file or a Hugging Face directory. \
+            The model store is $VIST2_MODELS, else $XDG_DATA_HOME/vist2/models, else \
+            ~/.local/share/vist2/models.
+            """,
+        subcommands: [Generate.self, Tokenize.self, Perplexity.self, Bench.self])
+}
+
+/// Options every model-using command shares.
+struct ModelOptions: ParsableArguments {
+    @Option(name: .long, help: "Model name or path.")
+    var model = "default"
+
+    @Option(name: .long, help: "Threads for the engine (default: the cores this process may use).")
+    var threads: Int?
+
+    func validate() throws {
+        if let t = threads, !(1...256).contains(t) { throw ValidationError("--threads must be in 1...256, got \(t)") }
+    }
+
+    func load() throws -> LanguageModel {
+        try LanguageModel(url: ModelStore.resolve(model), threads: threads ?? LanguageModel.defaultThreads)
+    }
+}
+
+/// Runs a command body, turning engine errors into one clear line on stderr and exit status 1.
+func runReportingErrors(json: Bool, _ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let e as EngineError {
+        if json {
+            printJSON(["error": ["code": e.code, "message": e.description]], to: .standardError)
+        } else {
+            FileHandle.standardError.write(Data("vist2ctl: error [\(e.code)]: \(e.description)\n".utf8))
+        }
+        throw ExitCode(1)
+    }
+}
+
+enum Stream { case standardOutput, standardError }
+
+func printJSON<T: Encodable>(_ value: T, to stream: Stream = .standardOutput) {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.sortedKeys]
+    let data = (try? enc.encode(value)) ?? Data("{}".utf8)
+    let h = stream == .standardOutput ? FileHandle.standardOutput : FileHandle.standardError
+    h.write(data)
+    h.write(Data("\n".utf8))
+}
+
+func requireLocal(_ local: Bool) throws {
+    guard local else {
+        throw ValidationError("the vist2d daemon is not part of this build yet; run the engine in-process with --local")
+    }
+}
