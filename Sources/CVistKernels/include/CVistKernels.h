@@ -59,6 +59,15 @@ float vk_dot_row(int type, const void *row, const vk_block_q8a *xq, const float 
 void vk_matvec_rows(int type, const void *w, size_t row_bytes, const vk_block_q8a *xq,
                     const float *xf, float *y, int64_t n, int64_t r0, int64_t r1);
 
+/// In-place softmax of n floats (max-subtracted, sum in double).
+void vk_softmax(float *x, int64_t n);
+
+/// log(sum(exp(x))) of n floats, max-subtracted.
+double vk_logsumexp(const float *x, int64_t n);
+
+/// gate[i] = silu(gate[i]) * up[i]  (SwiGLU), silu(g) = g / (1 + exp(-g)).
+void vk_swiglu(float *gate, const float *up, int64_t n);
+
 /// Name of the SIMD path chosen at run time ("avx512vnni", "avx2", "scalar").
 const char *vk_simd_path(void);
 

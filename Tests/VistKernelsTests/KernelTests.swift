@@ -1,0 +1,177 @@
+import Foundation
+import Testing
+
+@testable import VistKernels
+
+@Suite("Kernels against their naive references", .serialized)
+struct KernelTests {
+    @Test("Every finite half converts to the float it denotes, and back")
+    func halfRoundTrip() {
+        for h in 0...UInt16.max {
+            let f = Half.toFloat(h)
+            if f.isNaN { continue }
+            // Reference decode from the IEEE binary16 definition.
+            let sign: Float = h & 0x8000 != 0 ? -1 : 1
+            let e = Int((h >> 10) & 0x1f), m = Float(h & 0x3ff)
+            let ref: Float = e == 0 ? sign * m * powf(2, -24) : e == 31 ? sign * .infinity : sign * (1 + m / 1024) * powf(2, Float(e - 15))
+            #expect(f == ref, "half \(h)")
+            #expect(Half.fromFloat(f) == h || (f == 0 && Half.fromFloat(f) & 0x7fff == 0), "half \(h) round trip")
+        }
+    }
+
+    @Test("Dequantization matches the byte-level reference for every type", arguments: TensorType.allCases)
+    func dequantizeMatchesReference(type: TensorType) {
+        var rng = TestRNG(1)
+        let cols = 96, rows = 3
+        let bytes = randomMatrixBytes(type, rows: rows, cols: cols, rng: &rng)
+        bytes.withUnsafeBytes { raw in
+            var fast = [Float](repeating: 0, count: rows * cols)
+            fast.withUnsafeMutableBufferPointer { dequantize(type, raw.baseAddress!, $0.baseAddress!, count: rows * cols) }
+            let ref = Reference.dequantizeRow(type, raw.baseAddress!, count: rows * cols)
+            #expect(fast == ref)
+        }
+    }
+
+    /// The error bound of llama.cpp-style 8-bit activation quantization: each activation moves by at
+    /// most half a step (amax/127/2) of its 32-block, so |W x - W x'| <= sum |w| * step/2, plus float slack.
+    func activationErrorBound(_ w: [Float], _ x: ArraySlice<Float>) -> Double {
+        var bound = 0.0
+        let xs = Array(x)
+        for b in 0..<(xs.count / 32) {
+            let amax = xs[(b * 32)..<(b * 32 + 32)].map { abs(Double($0)) }.max()!
+            let half = amax / 127 / 2 * 1.001
+            for j in (b * 32)..<(b * 32 + 32) { bound += abs(Double(w[j])) * half }
+        }
+        return bound + 1e-4 * (1 + w.map { abs(Double($0)) }.reduce(0, +))
+    }
+
+    @Test(
+        "Matrix products match the reference on odd shapes (matvec and sgemm paths)",
+        arguments: TensorType.allCases, [1, 3, 9, 33])
+    func matmulMatchesReference(type: TensorType, n: Int) {
+        var rng = TestRNG(UInt64(n) * 31 + UInt64(type.rawValue))
+        let rows = 37, cols = 160
+        let bytes = randomMatrixBytes(type, rows: rows, cols: cols, rng: &rng)
+        let x = (0..<(n * cols)).map { _ in rng.float() }
+        let pool = ThreadPool(threads: 3)
+        let scratch = MatmulScratch()
+        bytes.withUnsafeBytes { raw in
+            let w = WeightMatrix(type: type, rows: rows, cols: cols, data: raw.baseAddress!)
+            var y = [Float](repeating: .nan, count: n * rows)
+            x.withUnsafeBufferPointer { xp in
+                y.withUnsafeMutableBufferPointer { yp in
+                    Matmul.forward(w, x: xp.baseAddress!, y: yp.baseAddress!, n: n, pool: pool, scratch: scratch)
+                }
+            }
+            let ref = Reference.matmul(w, x: x, n: n)
+            for i in 0..<n {
+                for r in 0..<rows {
+                    let row = Reference.dequantizeRow(type, w.row(r), count: cols)
+                    // Quantized weights on the matvec path also quantize activations to 8 bits.
+                    let quantAct = type.isQuantized && n <= Matmul.gemmThreshold
+                    let tol = quantAct ? activationErrorBound(row, x[(i * cols)..<((i + 1) * cols)]) : 1e-4 * (1 + row.map { abs(Double($0)) }.reduce(0, +))
+                    let err = abs(Double(y[i * rows + r]) - Double(ref[i * rows + r]))
+                    #expect(err <= tol, "type \(type) n \(n) row \(r): \(y[i * rows + r]) vs \(ref[i * rows + r])")
+                }
+            }
+        }
+    }
+
+    @Test("The SIMD dot products equal the scalar ones", arguments: TensorType.allCases)
+    func simdEqualsScalar(type: TensorType) {
+        var rng = TestRNG(7 + UInt64(type.rawValue))
+        let rows = 19, cols = 224
+        let bytes = randomMatrixBytes(type, rows: rows, cols: cols, rng: &rng)
+        let x = (0..<cols).map { _ in rng.float() }
+        let pool = ThreadPool(threads: 2)
+        let scratch = MatmulScratch()
+        func run() -> [Float] {
+            var y = [Float](repeating: 0, count: rows)
+            bytes.withUnsafeBytes { raw in
+                let w = WeightMatrix(type: type, rows: rows, cols: cols, data: raw.baseAddress!)
+                x.withUnsafeBufferPointer { xp in
+                    y.withUnsafeMutableBufferPointer { Matmul.matvec(w, x: xp.baseAddress!, y: $0.baseAddress!, pool: pool, scratch: scratch) }
+                }
+            }
+            return y
+        }
+        let fast = run()
+        let old = forceScalarKernels(true)
+        let slow = run()
+        forceScalarKernels(old)
+        for r in 0..<rows {
+            // Integer sums are exact on both paths; only the float accumulation order differs.
+            #expect(abs(fast[r] - slow[r]) <= 1e-4 * max(1, abs(slow[r])), "row \(r) on \(simdPath)")
+        }
+    }
+
+    @Test("RMSNorm, softmax and RoPE match the reference", arguments: [1, 7, 64, 1000])
+    func elementwise(n: Int) {
+        var rng = TestRNG(UInt64(n))
+        let x = (0..<n).map { _ in rng.float() * 4 }
+        let w = (0..<n).map { _ in rng.float() }
+        var out = [Float](repeating: 0, count: n)
+        x.withUnsafeBufferPointer { xp in
+            w.withUnsafeBufferPointer { wp in
+                out.withUnsafeMutableBufferPointer { Ops.rmsNorm(xp.baseAddress!, weight: wp.baseAddress!, out: $0.baseAddress!, n: n, eps: 1e-5) }
+            }
+        }
+        for (a, b) in zip(out, Reference.rmsNorm(x, weight: w, eps: 1e-5)) { #expect(abs(a - b) <= 1e-5 * max(1, abs(b))) }
+
+        var s = x.map { $0 * 10 }
+        s.withUnsafeMutableBufferPointer { Ops.softmax($0.baseAddress!, n: n) }
+        for (a, b) in zip(s, Reference.softmax(x.map { $0 * 10 })) { #expect(abs(a - b) <= 1e-6 + 1e-5 * b) }
+
+        if n % 2 == 0 {
+            for style in [RopeStyle.interleaved, .halves] {
+                let table = RopeTable(dims: n, base: 10000, style: style)
+                table.reserve(300)
+                for pos in [0, 1, 17, 299] {
+                    var v = x
+                    v.withUnsafeMutableBufferPointer { table.apply($0.baseAddress!, pos: pos) }
+                    for (a, b) in zip(v, Reference.rope(x, pos: pos, base: 10000, style: style)) {
+                        #expect(abs(a - b) <= 2e-4 * max(1, abs(b)), "style \(style) pos \(pos)")
+                    }
+                }
+            }
+        }
+    }
+
+    @Test("SwiGLU and log-sum-exp match direct formulas")
+    func swigluAndLSE() {
+        var rng = TestRNG(99)
+        let n = 203
+        let g = (0..<n).map { _ in rng.float() * 20 }
+        let u = (0..<n).map { _ in rng.float() }
+        var out = g
+        out.withUnsafeMutableBufferPointer { o in u.withUnsafeBufferPointer { Ops.swiglu(o.baseAddress!, up: $0.baseAddress!, n: n) } }
+        for i in 0..<n {
+            let ref = Double(g[i]) / (1 + exp(-Double(g[i]))) * Double(u[i])
+            #expect(abs(Double(out[i]) - ref) <= 1e-5 * max(1, abs(ref)))
+        }
+        let lse = g.withUnsafeBufferPointer { Ops.logSumExp($0.baseAddress!, n: n) }
+        let m = Double(g.max()!)
+        let ref = m + log(g.map { exp(Double($0) - m) }.reduce(0, +))
+        #expect(abs(lse - ref) < 1e-5)
+    }
+
+    @Test("The thread pool runs every index exactly once, many times over")
+    func threadPool() {
+        let pool = ThreadPool(threads: 4)
+        let counts = UnsafeMutablePointer<Int>.allocate(capacity: 1000)
+        defer { counts.deallocate() }
+        counts.initialize(repeating: 0, count: 1000)
+        for _ in 0..<500 {
+            pool.parallel { ith, nth in
+                for i in ThreadPool.slice(1000, ith, nth, align: 16) { counts[i] += 1 }
+            }
+        }
+        #expect((0..<1000).allSatisfy { counts[$0] == 500 })
+        for count in [0, 1, 15, 16, 17, 1000] {
+            for nth in 1...5 {
+                let covered = (0..<nth).flatMap { Array(ThreadPool.slice(count, $0, nth, align: 16)) }
+                #expect(covered == Array(0..<count))
+            }
+        }
+    }
+}

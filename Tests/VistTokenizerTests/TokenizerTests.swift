@@ -1,0 +1,135 @@
+import Foundation
+import Testing
+
+@testable import VistEngine
+@testable import VistFormats
+@testable import VistTokenizer
+
+/// The default model's tokenizer, loaded once. The test command fetches the model first
+/// (scripts/fetch-model.sh); a missing model is a test failure, not a skip.
+enum SharedTokenizer {
+    static let result: Result<Tokenizer, Error> = Result {
+        let url = try ModelStore.resolve("default")
+        return try Tokenizer(gguf: GGUFFile(path: url.path))
+    }
+}
+
+struct GoldenCase: Decodable {
+    let text: String
+    let ids_special: [Int32]
+    let ids_plain: [Int32]
+}
+
+struct TokenizerGolden: Decodable {
+    let magic: String
+    let version: Int
+    let model_sha256: String
+    let cases: [GoldenCase]
+}
+
+func loadTokenizerGolden() throws -> TokenizerGolden {
+    let url = try #require(Bundle.module.url(forResource: "Fixtures/tokenizer_golden", withExtension: "json"))
+    let g = try JSONDecoder().decode(TokenizerGolden.self, from: Data(contentsOf: url))
+    #expect(g.magic == "vist2-golden" && g.version == 1, "stale fixture: rerun scripts/make_golden.py")
+    #expect(g.model_sha256 == ModelStore.smollm2.sha256, "fixture made from another model file: rerun scripts/make_golden.py")
+    return g
+}
+
+@Suite("Tokenizer parity with llama.cpp")
+struct TokenizerParityTests {
+    @Test("Token ids equal llama.cpp's on the committed test set, with and without special-token parsing")
+    func parity() throws {
+        let tok = try SharedTokenizer.result.get()
+        let golden = try loadTokenizerGolden()
+        #expect(golden.cases.count >= 25)
+        for c in golden.cases {
+            let label = c.text.count > 60 ? String(c.text.prefix(60)) + "…" : c.text
+            #expect(tok.encode(c.text, addSpecial: true, parseSpecial: true) == c.ids_special, "special: \(label.debugDescription)")
+            #expect(tok.encode(c.text, addSpecial: true, parseSpecial: false) == c.ids_plain, "plain: \(label.debugDescription)")
+        }
+    }
+
+    @Test("Decoding the ids gives back the exact text (round trip)")
+    func roundTrip() throws {
+        let tok = try SharedTokenizer.result.get()
+        for c in try loadTokenizerGolden().cases {
+            #expect(tok.decode(tok.encode(c.text, parseSpecial: false)) == c.text)
+            #expect(tok.decode(tok.encode(c.text, parseSpecial: true), special: true) == c.text)
+        }
+        // Bytes that are not valid UTF-8 on their own still round-trip through byte tokens.
+        let emoji = "😀"
+        let ids = tok.encode(emoji)
+        #expect(tok.decodeBytes(ids) == Array(emoji.utf8))
+    }
+
+    @Test("SmolLM2's vocabulary: special tokens, BOS/EOS and end-of-generation")
+    func vocabulary() throws {
+        let tok = try SharedTokenizer.result.get()
+        #expect(tok.vocabularySize == 49152)
+        #expect(tok.bos == 1 && tok.eos == 2 && tok.addBOS == false)
+        let imEnd = try #require(tok.tokenToID["<|im_end|>"])
+        #expect(tok.isEndOfGeneration(imEnd) && tok.isEndOfGeneration(2))
+        #expect(tok.decode([imEnd]) == "" && tok.decode([imEnd], special: true) == "<|im_end|>")
+    }
+}
+
+@Suite("Tokenizer stages")
+struct TokenizerStageTests {
+    @Test("The byte-level alphabet is a bijection of 256 printable scalars")
+    func byteLevel() {
+        #expect(Set(ByteLevel.byteToScalar).count == 256)
+        #expect(ByteLevel.byteToScalar[Int(UInt8(ascii: " "))] == "Ġ")
+        #expect(ByteLevel.byteToScalar[10] == "Ċ")
+        let all = (0...255).map { UInt8($0) }
+        #expect(ByteLevel.decode(ByteLevel.encode(all)) == all)
+        #expect(ByteLevel.decode("\u{4e00}") == nil)
+    }
+
+    @Test("GPT-2 splitting keeps whitespace runs as llama.cpp does")
+    func gpt2Split() {
+        let p = PreTokenizer(kind: .gpt2)
+        #expect(p.split("Hello world") == ["Hello", " world"])
+        #expect(p.split("a   b") == ["a", "  ", " b"])
+        #expect(p.split("end   ") == ["end", "   "])
+        #expect(p.split("x\ny") == ["x", "\n", "y"])
+        #expect(p.split("it's 'll") == ["it", "'s", " '", "ll"])
+        #expect(p.split("$$ 12ab") == ["$$", " 12", "ab"])
+        #expect(p.split("") == [])
+    }
+
+    @Test("SmolLM splitting isolates every digit first")
+    func smollmSplit() {
+        let p = PreTokenizer(kind: .smollm)
+        #expect(p.split("year 2026!") == ["year", " ", "2", "0", "2", "6", "!"])
+        #expect(p.split("x²") == ["x", "²"])
+    }
+
+    @Test("Qwen2 splitting: letters with one leading non-letter, single digits, newline runs")
+    func qwen2Split() {
+        let p = PreTokenizer(kind: .qwen2)
+        #expect(p.split("Hello world") == ["Hello", " world"])
+        #expect(p.split("a123") == ["a", "1", "2", "3"])
+        #expect(p.split("x \n\n y") == ["x", " \n\n", " y"])
+        #expect(p.split("I'M") == ["I", "'M"])
+    }
+
+    @Test("BPE merges by rank, leftmost first on ties")
+    func bpe() {
+        let bpe = BPE(merges: [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "a")])
+        #expect(bpe.merge("abc") == ["abc"])
+        #expect(bpe.merge("bc") == ["bc"])
+        #expect(bpe.merge("aaa") == ["aa", "a"])
+        #expect(bpe.merge("x") == ["x"])
+    }
+
+    @Test("ChatML renders SmolLM2's default system message")
+    func chatML() throws {
+        let tok = try SharedTokenizer.result.get()
+        let chat = ChatML(template: tok.chatTemplate)
+        #expect(chat.defaultSystem == "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        #expect(
+            chat.render([.init(role: "user", content: "Hi")])
+                == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        #expect(chat.render([.init(role: "system", content: "S"), .init(role: "user", content: "U")], addGenerationPrompt: false) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n")
+    }
+}
