@@ -3,12 +3,15 @@
 
 Run by hand (not in CI) when the inputs, the model or the llama.cpp version change:
 
-    pip install llama-cpp-python==0.3.36 numpy
+    pip install llama-cpp-python==0.3.36 numpy gguf==0.17.1
     python3 scripts/make_golden.py --model ~/.local/share/vist2/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         [--llama-perplexity /path/to/llama-perplexity]
 
 Inputs (committed):  Tests/VistTokenizerTests/Fixtures/tokenizer_inputs.json
                      Tests/VistEngineTests/Fixtures/prompts.json
+Besides llama.cpp's logits the script records exact float64 logits from scripts/reference_llama.py
+(numpy, weights dequantized by the gguf package, no activation quantization).
+
 Outputs (committed): Tests/VistTokenizerTests/Fixtures/tokenizer_golden.json
                      Tests/VistEngineTests/Fixtures/model_golden.json
 
@@ -27,6 +30,9 @@ import sys
 import numpy as np
 from llama_cpp import Llama
 import llama_cpp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_llama import ReferenceLlama  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK_DIR = os.path.join(ROOT, "Tests/VistTokenizerTests/Fixtures")
@@ -83,6 +89,7 @@ def model_golden(model_path, llama_perplexity):
     with open(os.path.join(ENG_DIR, "prompts.json")) as f:
         spec = json.load(f)
     llm = Llama(model_path=model_path, n_ctx=512, n_batch=512, logits_all=True, verbose=False, seed=0, n_threads=2)
+    ref = ReferenceLlama(model_path)
     prompts = []
     for text in spec["prompts"]:
         ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -102,7 +109,17 @@ def model_golden(model_path, llama_perplexity):
                 break
             greedy.append(nxt)
             llm.eval([nxt])
+        exact = ref.logits(np.array(ids))
+        exact_lp = np.array([log_softmax(r) for r in exact])
+        exact_top = np.argsort(-exact[-1], kind="stable")[: spec["top_k"]]
         prompts.append({
+            "reference": {
+                "argmax_per_position": [int(np.argmax(r)) for r in exact],
+                "top_ids": [int(i) for i in exact_top],
+                "top_logprobs": [float(exact_lp[-1][i]) for i in exact_top],
+                # log-prob of the next prompt token at every position (teacher forcing)
+                "next_token_logprobs": [float(exact_lp[t][ids[t + 1]]) for t in range(len(ids) - 1)],
+            },
             "text": text,
             "ids": ids,
             "argmax_per_position": [int(np.argmax(s)) for s in scores],

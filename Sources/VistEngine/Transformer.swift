@@ -224,7 +224,7 @@ public final class Transformer: @unchecked Sendable {
         let c = config, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
         let blocks = (T + Self.queryBlock - 1) / Self.queryBlock
         let items = c.heads * blocks
-        let stride = Self.queryBlock * (pos0 + T)
+        let stride = min(T, Self.queryBlock) * (pos0 + T)  // matches reserveScores in forwardBatch
         pool.parallel { ith, nth in
             let s = self.scores + ith * stride
             // Interleave items so both threads get a mix of short (early) and long (late) blocks.

@@ -74,7 +74,7 @@ public final class MatmulScratch: @unchecked Sendable {
 public enum Matmul {
     /// Batches at or below this size use the quantized matrix-vector kernels row by row; larger
     /// ones dequantize weight tiles and call sgemm (whose throughput then dominates).
-    public static let gemmThreshold = 8
+    nonisolated(unsafe) public static var gemmThreshold = 8
 
     /// y (n, rows) = x (n, cols) * W^T. x and y are row-major with leading dimensions cols / rows.
     public static func forward(
