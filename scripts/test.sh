@@ -6,6 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/fetch-model.sh
+# One formatter, enforced (config: .swift-format).
+swift format lint --strict -r Sources Tests Package.swift
 swift build -c release -Xswiftc -enable-testing --build-tests
 swift test -c release -Xswiftc -enable-testing --skip-build 2>&1 | tee .build/test.log
 # swift test exits non-zero on failure (set -o pipefail), so reaching here means all passed.
+
+# Second pass under AddressSanitizer (debug build): the engine works on raw buffers, so every
+# out-of-bounds write the tests can reach should fail here. The slow real-model perplexity and
+# the CLI tests (which run the release binary) are left to the first pass. Leak checking is off:
+# the shared test model lives in a static until exit.
+swift build --scratch-path .build-asan --sanitize=address --build-tests
+ASAN_OPTIONS=detect_leaks=0 swift test --scratch-path .build-asan --sanitize=address --skip-build \
+    --skip "perplexity|Perplexity|CLITests" 2>&1 | tee .build/test-asan.log

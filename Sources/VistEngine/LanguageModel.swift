@@ -31,7 +31,11 @@ public final class LanguageModel: @unchecked Sendable {
             throw .format(error)
         }
         guard tokenizer.vocabularySize <= weights.config.vocabSize else {
-            throw .format(FormatError(file: url.path, problem: .invalid("the tokenizer has \(tokenizer.vocabularySize) tokens but the model only \(weights.config.vocabSize) embeddings")))
+            throw .format(
+                FormatError(
+                    file: url.path,
+                    problem: .invalid(
+                        "the tokenizer has \(tokenizer.vocabularySize) tokens but the model only \(weights.config.vocabSize) embeddings")))
         }
         transformer = Transformer(weights: weights, threads: threads, maxBatch: maxBatch)
     }
@@ -53,24 +57,24 @@ public final class LanguageModel: @unchecked Sendable {
 public func peakRSSBytes() -> Int {
     var u = rusage()
     #if os(Linux)
-    getrusage(RUSAGE_SELF.rawValue, &u)
+        getrusage(RUSAGE_SELF.rawValue, &u)
     #else
-    getrusage(RUSAGE_SELF, &u)
+        getrusage(RUSAGE_SELF, &u)
     #endif
     #if os(Linux)
-    return Int(u.ru_maxrss) * 1024
+        return Int(u.ru_maxrss) * 1024
     #else
-    return Int(u.ru_maxrss)
+        return Int(u.ru_maxrss)
     #endif
 }
 
 /// Current resident set size in bytes (from /proc/self/statm on Linux).
 public func currentRSSBytes() -> Int {
     #if os(Linux)
-    if let s = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) {
-        let parts = s.split(separator: " ")
-        if parts.count > 1, let pages = Int(parts[1]) { return pages * Int(sysconf(Int32(_SC_PAGESIZE))) }
-    }
+        if let s = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) {
+            let parts = s.split(separator: " ")
+            if parts.count > 1, let pages = Int(parts[1]) { return pages * Int(sysconf(Int32(_SC_PAGESIZE))) }
+        }
     #endif
     return peakRSSBytes()
 }

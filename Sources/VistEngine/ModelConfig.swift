@@ -35,7 +35,9 @@ public struct ModelConfig: Sendable, Codable, Equatable {
     public func validate(source: String) throws(FormatError) {
         func bad(_ s: String) -> FormatError { FormatError(file: source, problem: .invalid(s)) }
         guard vocabSize > 0, dim > 0, layers > 0, heads > 0, kvHeads > 0, headDim > 0, ffnDim > 0 else {
-            throw bad("model sizes must be positive (vocab \(vocabSize), dim \(dim), layers \(layers), heads \(heads), kv heads \(kvHeads), head dim \(headDim), ffn \(ffnDim))")
+            throw bad(
+                "model sizes must be positive (vocab \(vocabSize), dim \(dim), layers \(layers), heads \(heads), kv heads \(kvHeads), head dim \(headDim), ffn \(ffnDim))"
+            )
         }
         guard heads % kvHeads == 0 else { throw bad("head_count \(heads) is not a multiple of head_count_kv \(kvHeads)") }
         guard headDim % 2 == 0 else { throw bad("head dimension \(headDim) must be even for RoPE") }
@@ -43,7 +45,9 @@ public struct ModelConfig: Sendable, Codable, Equatable {
             throw bad("dim \(dim), ffn \(ffnDim) and heads x head_dim \(qDim) must be multiples of 32")
         }
         guard contextLength > 0, contextLength <= 1 << 20 else { throw bad("context length \(contextLength) is out of range") }
-        guard ropeBase > 0, ropeBase.isFinite, normEps > 0, normEps.isFinite else { throw bad("rope base and norm epsilon must be positive") }
+        guard ropeBase > 0, ropeBase.isFinite, normEps > 0, normEps.isFinite else {
+            throw bad("rope base and norm epsilon must be positive")
+        }
         guard layers <= 1024, dim <= 65536, vocabSize <= 1 << 22 else { throw bad("model sizes are out of range") }
     }
 }

@@ -50,6 +50,8 @@ public enum ModelStore {
         if fm.fileExists(atPath: name) { return URL(fileURLWithPath: name) }
         let inStore = directory.appendingPathComponent(name)
         if !name.contains("/"), fm.fileExists(atPath: inStore.path) { return inStore }
-        throw .modelNotFound("no model named '\(name)': not a known name (\(known.flatMap(\.names).joined(separator: ", "))), not a path, and not in \(directory.path)")
+        throw .modelNotFound(
+            "no model named '\(name)': not a known name (\(known.flatMap(\.names).joined(separator: ", "))), not a path, and not in \(directory.path)"
+        )
     }
 }

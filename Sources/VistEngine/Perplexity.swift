@@ -21,7 +21,9 @@ public struct PerplexityResult: Sendable, Codable {
 }
 
 extension LanguageModel {
-    public func perplexity(text: String, ctx: Int, progress: (Int, Int, Double) -> Void = { _, _, _ in }) throws(EngineError) -> PerplexityResult {
+    public func perplexity(text: String, ctx: Int, progress: (Int, Int, Double) -> Void = { _, _, _ in }) throws(EngineError)
+        -> PerplexityResult
+    {
         guard ctx >= 4, ctx <= config.contextLength else {
             throw .badArgument("--ctx must be in 4...\(config.contextLength), got \(ctx)")
         }
@@ -62,6 +64,7 @@ extension LanguageModel {
             }
             progress(w + 1, windows, exp(nll / Double(count)))
         }
-        return PerplexityResult(perplexity: exp(nll / Double(count)), tokens: tokens.count, windows: windows, scored_tokens: count, ctx: ctx)
+        return PerplexityResult(
+            perplexity: exp(nll / Double(count)), tokens: tokens.count, windows: windows, scored_tokens: count, ctx: ctx)
     }
 }

@@ -27,7 +27,9 @@ public struct SamplingParams: Sendable, Codable, Equatable {
         guard topK >= 0 else { throw .badArgument("top-k must be >= 0 (0 disables it), got \(topK)") }
         guard topP.isFinite, topP > 0, topP <= 1 else { throw .badArgument("top-p must be in (0, 1], got \(topP)") }
         guard minP.isFinite, minP >= 0, minP < 1 else { throw .badArgument("min-p must be in [0, 1), got \(minP)") }
-        guard repetitionPenalty.isFinite, repetitionPenalty > 0 else { throw .badArgument("repetition penalty must be > 0, got \(repetitionPenalty)") }
+        guard repetitionPenalty.isFinite, repetitionPenalty > 0 else {
+            throw .badArgument("repetition penalty must be > 0, got \(repetitionPenalty)")
+        }
         guard repetitionWindow >= 0 else { throw .badArgument("repetition window must be >= 0") }
     }
 }

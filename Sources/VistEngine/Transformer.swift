@@ -148,7 +148,9 @@ public final class Transformer: @unchecked Sendable {
         for (l, L) in w.layers.enumerated() {
             // Attention sub-layer: xn = RMSNorm(x) * attn_norm.
             rowsParallel(T) { t in
-                L.attnNorm.withUnsafeBufferPointer { Ops.rmsNorm(self.x + t * dim, weight: $0.baseAddress!, out: self.xn + t * dim, n: dim, eps: c.normEps) }
+                L.attnNorm.withUnsafeBufferPointer {
+                    Ops.rmsNorm(self.x + t * dim, weight: $0.baseAddress!, out: self.xn + t * dim, n: dim, eps: c.normEps)
+                }
             }
             // q = xn Wq^T (T, qDim); k, v = xn Wk^T, xn Wv^T (T, kvDim).
             Matmul.forward(L.wq, x: xn, y: q, n: T, pool: pool, scratch: scratch)
@@ -159,10 +161,14 @@ public final class Transformer: @unchecked Sendable {
                 // Qwen3: RMSNorm over each query and key head before RoPE.
                 if let qn = L.qNorm, let kn = L.kNorm {
                     qn.withUnsafeBufferPointer { wp in
-                        for h in 0..<c.heads { let p = self.q + t * qDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps) }
+                        for h in 0..<c.heads {
+                            let p = self.q + t * qDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps)
+                        }
                     }
                     kn.withUnsafeBufferPointer { wp in
-                        for h in 0..<c.kvHeads { let p = self.k + t * kvDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps) }
+                        for h in 0..<c.kvHeads {
+                            let p = self.k + t * kvDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps)
+                        }
                     }
                 }
                 // RoPE at position pos0 + t, then append k and v to the cache.
@@ -183,7 +189,9 @@ public final class Transformer: @unchecked Sendable {
 
             // Feed-forward sub-layer: x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T, xn = RMSNorm(x) * ffn_norm.
             rowsParallel(T) { t in
-                L.ffnNorm.withUnsafeBufferPointer { Ops.rmsNorm(self.x + t * dim, weight: $0.baseAddress!, out: self.xn + t * dim, n: dim, eps: c.normEps) }
+                L.ffnNorm.withUnsafeBufferPointer {
+                    Ops.rmsNorm(self.x + t * dim, weight: $0.baseAddress!, out: self.xn + t * dim, n: dim, eps: c.normEps)
+                }
             }
             Matmul.forward(L.gate, x: xn, y: gate, n: T, pool: pool, scratch: scratch)
             Matmul.forward(L.up, x: xn, y: up, n: T, pool: pool, scratch: scratch)
@@ -209,7 +217,9 @@ public final class Transformer: @unchecked Sendable {
             logitsCapacity = n * c.vocabSize
         }
         rowsParallel(n) { i in
-            w.outputNorm.withUnsafeBufferPointer { Ops.rmsNorm(self.x + (first + i) * dim, weight: $0.baseAddress!, out: self.xn + i * dim, n: dim, eps: c.normEps) }
+            w.outputNorm.withUnsafeBufferPointer {
+                Ops.rmsNorm(self.x + (first + i) * dim, weight: $0.baseAddress!, out: self.xn + i * dim, n: dim, eps: c.normEps)
+            }
         }
         Matmul.forward(w.output, x: xn, y: logits, n: n, pool: pool, scratch: scratch)
     }
@@ -220,7 +230,8 @@ public final class Transformer: @unchecked Sendable {
 
     /// Causal attention of T queries at pos0..<pos0+T over the cache, (head, query block) work
     /// items split over the pool's threads, each with single-threaded sgemm.
-    private func attendBatch(kc: UnsafeMutablePointer<Float>, vc: UnsafeMutablePointer<Float>, T: Int, pos0: Int, scale: Float, group: Int) {
+    private func attendBatch(kc: UnsafeMutablePointer<Float>, vc: UnsafeMutablePointer<Float>, T: Int, pos0: Int, scale: Float, group: Int)
+    {
         let c = config, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
         let blocks = (T + Self.queryBlock - 1) / Self.queryBlock
         let items = c.heads * blocks

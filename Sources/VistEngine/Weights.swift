@@ -28,7 +28,10 @@ public final class TransformerWeights: @unchecked Sendable {
     public let output: WeightMatrix  // (vocab, dim); the embedding itself when tied
     let storage: [AnyObject]
 
-    init(config: ModelConfig, tokenEmbedding: WeightMatrix, layers: [LayerWeights], outputNorm: [Float], output: WeightMatrix, storage: [AnyObject]) {
+    init(
+        config: ModelConfig, tokenEmbedding: WeightMatrix, layers: [LayerWeights], outputNorm: [Float], output: WeightMatrix,
+        storage: [AnyObject]
+    ) {
         self.config = config
         self.tokenEmbedding = tokenEmbedding
         self.layers = layers
@@ -60,11 +63,13 @@ public final class TransformerWeights: @unchecked Sendable {
         let p = archName + "."
         let dim = try gguf.int(p + "embedding_length")
         let heads = try gguf.int(p + "attention.head_count")
-        let headDim = gguf.metadata[p + "attention.key_length"] != nil ? try gguf.int(p + "attention.key_length") : (heads > 0 ? dim / heads : 0)
+        let headDim =
+            gguf.metadata[p + "attention.key_length"] != nil ? try gguf.int(p + "attention.key_length") : (heads > 0 ? dim / heads : 0)
         if gguf.metadata[p + "rope.dimension_count"] != nil {
             let rd = try gguf.int(p + "rope.dimension_count")
             guard rd == headDim else {
-                throw FormatError(file: path, problem: .unsupportedType("partial rotary embeddings (rope.dimension_count \(rd) != head dim \(headDim))"))
+                throw FormatError(
+                    file: path, problem: .unsupportedType("partial rotary embeddings (rope.dimension_count \(rd) != head dim \(headDim))"))
             }
         }
         guard let embInfo = gguf.info("token_embd.weight"), embInfo.dims.count == 2 else {
@@ -74,7 +79,8 @@ public final class TransformerWeights: @unchecked Sendable {
         let tied = gguf.info("output.weight") == nil
         let config = ModelConfig(
             architecture: arch, vocabSize: vocab, dim: dim, layers: try gguf.int(p + "block_count"),
-            heads: heads, kvHeads: gguf.metadata[p + "attention.head_count_kv"] != nil ? try gguf.int(p + "attention.head_count_kv") : heads,
+            heads: heads,
+            kvHeads: gguf.metadata[p + "attention.head_count_kv"] != nil ? try gguf.int(p + "attention.head_count_kv") : heads,
             headDim: headDim, ffnDim: try gguf.int(p + "feed_forward_length"),
             contextLength: try gguf.int(p + "context_length"),
             ropeBase: Float(gguf.metadata[p + "rope.freq_base"] != nil ? try gguf.float(p + "rope.freq_base") : 10000),
@@ -131,7 +137,9 @@ public final class TransformerWeights: @unchecked Sendable {
                 let map = obj["weight_map"] as? [String: String]
             else { throw FormatError(file: index, problem: .invalid("weight_map is missing or not an object of strings")) }
             for (name, shard) in map {
-                guard !shard.contains("/") else { throw FormatError(file: index, tensor: name, problem: .invalid("shard '\(shard)' is not a file name in this directory")) }
+                guard !shard.contains("/") else {
+                    throw FormatError(file: index, tensor: name, problem: .invalid("shard '\(shard)' is not a file name in this directory"))
+                }
                 let p = dir.appendingPathComponent(shard).path
                 if files[p] == nil { files[p] = try SafetensorsFile(path: p) }
                 owner[name] = p
@@ -140,7 +148,9 @@ public final class TransformerWeights: @unchecked Sendable {
             throw FormatError(file: dir.path, problem: .missing("model.safetensors or model.safetensors.index.json"))
         }
         func file(_ name: String) throws(FormatError) -> SafetensorsFile {
-            guard let p = owner[name], let f = files[p] else { throw FormatError(file: dir.path, tensor: name, problem: .missing("tensor")) }
+            guard let p = owner[name], let f = files[p] else {
+                throw FormatError(file: dir.path, tensor: name, problem: .missing("tensor"))
+            }
             return f
         }
         func mat(_ name: String, _ rows: Int, _ cols: Int) throws(FormatError) -> WeightMatrix {
@@ -198,7 +208,8 @@ public struct HFConfig: Decodable, Sendable {
         } catch let DecodingError.keyNotFound(key, _) {
             throw FormatError(file: path, problem: .missing("field '\(key.stringValue)'"))
         } catch let DecodingError.typeMismatch(_, ctx) {
-            throw FormatError(file: path, problem: .invalid("field '\(ctx.codingPath.map(\.stringValue).joined(separator: "."))' has the wrong type"))
+            throw FormatError(
+                file: path, problem: .invalid("field '\(ctx.codingPath.map(\.stringValue).joined(separator: "."))' has the wrong type"))
         } catch {
             throw FormatError(file: path, problem: .invalid("not a valid config.json: \(error)"))
         }

@@ -95,7 +95,8 @@ public final class GGUFFile: @unchecked Sendable {
         let kvCount = try r.u64()
         // Each kv takes at least 8+4+1 bytes and each tensor info at least 8+4+4+8 bytes.
         guard kvCount <= UInt64(file.size / 13), tensorCount <= UInt64(file.size / 24) else {
-            throw FormatError(file: file.path, problem: .invalid("tensor or metadata count \(tensorCount)/\(kvCount) exceeds what the file can hold"))
+            throw FormatError(
+                file: file.path, problem: .invalid("tensor or metadata count \(tensorCount)/\(kvCount) exceeds what the file can hold"))
         }
         var meta: [String: GGUFValue] = [:]
         var keys: [String] = []
@@ -146,7 +147,9 @@ public final class GGUFFile: @unchecked Sendable {
             let type = try r.u32()
             let offset = try r.u64()
             guard offset <= UInt64(file.size) else {
-                throw FormatError(file: file.path, tensor: name, problem: .truncated("data offset \(offset) is past the end of the \(file.size)-byte file"))
+                throw FormatError(
+                    file: file.path, tensor: name,
+                    problem: .truncated("data offset \(offset) is past the end of the \(file.size)-byte file"))
             }
             guard Int(offset) % align == 0 else {
                 throw FormatError(file: file.path, tensor: name, problem: .invalid("data offset \(offset) is not aligned to \(align)"))
@@ -165,11 +168,15 @@ public final class GGUFFile: @unchecked Sendable {
         for t in infos {
             guard let type = t.type else { continue }
             guard t.dims[0] % type.blockSize == 0 else {
-                throw FormatError(file: file.path, tensor: t.name, problem: .invalid("row length \(t.dims[0]) is not a multiple of the \(type) block size \(type.blockSize)"))
+                throw FormatError(
+                    file: file.path, tensor: t.name,
+                    problem: .invalid("row length \(t.dims[0]) is not a multiple of the \(type) block size \(type.blockSize)"))
             }
             let bytes = t.elementCount / type.blockSize * type.blockBytes
             guard dataOffset + t.offset + bytes <= file.size else {
-                throw FormatError(file: file.path, tensor: t.name, problem: .truncated("data ends at byte \(dataOffset + t.offset + bytes) but the file has \(file.size)"))
+                throw FormatError(
+                    file: file.path, tensor: t.name,
+                    problem: .truncated("data ends at byte \(dataOffset + t.offset + bytes) but the file has \(file.size)"))
             }
         }
     }
@@ -179,7 +186,9 @@ public final class GGUFFile: @unchecked Sendable {
     /// Raw bytes of a tensor of a supported type.
     public func data(of t: GGUFTensorInfo) throws(FormatError) -> UnsafeRawPointer {
         guard t.type != nil else {
-            throw FormatError(file: path, tensor: t.name, problem: .unsupportedType("GGML type \(t.rawType) (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)"))
+            throw FormatError(
+                file: path, tensor: t.name,
+                problem: .unsupportedType("GGML type \(t.rawType) (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)"))
         }
         return file.base + dataOffset + t.offset
     }

@@ -48,7 +48,9 @@ public final class SafetensorsFile: @unchecked Sendable {
             if name == "__metadata__" {
                 guard let m = v as? [String: Any] else { throw FormatError(file: path, problem: .invalid("__metadata__ is not an object")) }
                 for (k, s) in m {
-                    guard let s = s as? String else { throw FormatError(file: path, problem: .invalid("__metadata__['\(k)'] is not a string")) }
+                    guard let s = s as? String else {
+                        throw FormatError(file: path, problem: .invalid("__metadata__['\(k)'] is not a string"))
+                    }
                     meta[k] = s
                 }
                 continue
@@ -72,7 +74,9 @@ public final class SafetensorsFile: @unchecked Sendable {
                     throw FormatError(file: path, tensor: name, problem: .invalid("bad shape \(shapeAny)"))
                 }
                 let (m, o) = count.multipliedReportingOverflow(by: d)
-                guard !o, m <= dataSize else { throw FormatError(file: path, tensor: name, problem: .invalid("shape \(shapeAny) is larger than the file")) }
+                guard !o, m <= dataSize else {
+                    throw FormatError(file: path, tensor: name, problem: .invalid("shape \(shapeAny) is larger than the file"))
+                }
                 count = m
                 shape.append(d)
             }
@@ -80,10 +84,13 @@ public final class SafetensorsFile: @unchecked Sendable {
                 throw FormatError(file: path, tensor: name, problem: .invalid("bad data_offsets \(offs)"))
             }
             guard e <= dataSize else {
-                throw FormatError(file: path, tensor: name, problem: .truncated("data ends at \(e) but the data section has \(dataSize) bytes"))
+                throw FormatError(
+                    file: path, tensor: name, problem: .truncated("data ends at \(e) but the data section has \(dataSize) bytes"))
             }
             guard e - b == count * type.blockBytes else {
-                throw FormatError(file: path, tensor: name, problem: .invalid("data_offsets span \(e - b) bytes but shape \(shape) of \(dtype) needs \(count * type.blockBytes)"))
+                throw FormatError(
+                    file: path, tensor: name,
+                    problem: .invalid("data_offsets span \(e - b) bytes but shape \(shape) of \(dtype) needs \(count * type.blockBytes)"))
             }
             out[name] = Tensor(name: name, type: type, shape: shape, begin: b, end: e)
         }
@@ -97,7 +104,8 @@ public final class SafetensorsFile: @unchecked Sendable {
     public func matrix(_ name: String, rows: Int, cols: Int) throws(FormatError) -> WeightMatrix {
         guard let t = tensors[name] else { throw FormatError(file: path, tensor: name, problem: .missing("tensor")) }
         guard t.shape == [rows, cols] else {
-            throw FormatError(file: path, tensor: name, problem: .invalid("shape \(t.shape) does not match the expected [\(rows), \(cols)]"))
+            throw FormatError(
+                file: path, tensor: name, problem: .invalid("shape \(t.shape) does not match the expected [\(rows), \(cols)]"))
         }
         return WeightMatrix(type: t.type, rows: rows, cols: cols, data: data(of: t))
     }

@@ -12,12 +12,16 @@ extension Tokenizer {
         guard let root = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
             let model = root["model"] as? [String: Any]
         else { throw FormatError(file: path, problem: .invalid("not a tokenizer.json object with a 'model'")) }
-        guard (model["type"] as? String) == "BPE" else { throw FormatError(file: path, problem: .unsupportedType("tokenizer model type \(model["type"] ?? "nil") (only BPE)")) }
+        guard (model["type"] as? String) == "BPE" else {
+            throw FormatError(file: path, problem: .unsupportedType("tokenizer model type \(model["type"] ?? "nil") (only BPE)"))
+        }
         guard let vocab = model["vocab"] as? [String: Any] else { throw FormatError(file: path, problem: .missing("model.vocab")) }
         var size = 0
         var pairs: [(String, Int)] = []
         for (tok, idAny) in vocab {
-            guard let id = (idAny as? NSNumber)?.intValue, id >= 0, id < 1 << 22 else { throw FormatError(file: path, problem: .invalid("model.vocab['\(tok)'] is not a token id")) }
+            guard let id = (idAny as? NSNumber)?.intValue, id >= 0, id < 1 << 22 else {
+                throw FormatError(file: path, problem: .invalid("model.vocab['\(tok)'] is not a token id"))
+            }
             pairs.append((tok, id))
             size = max(size, id + 1)
         }
@@ -48,7 +52,10 @@ extension Tokenizer {
                 throw FormatError(file: path, problem: .invalid("model.merges[\(i)] is neither 'a b' nor [a, b]"))
             }
         }
-        let preJSON = (try? JSONSerialization.data(withJSONObject: root["pre_tokenizer"] ?? NSNull(), options: [.fragmentsAllowed])).map { String(decoding: $0, as: UTF8.self) } ?? ""
+        let preJSON =
+            (try? JSONSerialization.data(withJSONObject: root["pre_tokenizer"] ?? NSNull(), options: [.fragmentsAllowed])).map {
+                String(decoding: $0, as: UTF8.self)
+            } ?? ""
         let pre: PreTokenizerKind
         if preJSON.contains("\"Digits\"") && preJSON.contains("\"individual_digits\":true") {
             pre = .smollm
@@ -61,7 +68,9 @@ extension Tokenizer {
         let configPath = (path as NSString).deletingLastPathComponent + "/tokenizer_config.json"
         var bosText: String? = nil, eosText: String? = nil, template: String? = nil
         var addBOS = false
-        if let cdata = FileManager.default.contents(atPath: configPath), let cfg = (try? JSONSerialization.jsonObject(with: cdata)) as? [String: Any] {
+        if let cdata = FileManager.default.contents(atPath: configPath),
+            let cfg = (try? JSONSerialization.jsonObject(with: cdata)) as? [String: Any]
+        {
             func tokenText(_ v: Any?) -> String? { (v as? String) ?? ((v as? [String: Any])?["content"] as? String) }
             bosText = tokenText(cfg["bos_token"])
             eosText = tokenText(cfg["eos_token"])

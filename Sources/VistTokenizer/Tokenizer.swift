@@ -10,7 +10,9 @@ public enum TokenizerError: Error, CustomStringConvertible, Sendable {
     case invalid(String)
 
     public var description: String {
-        switch self { case .invalid(let s): return s }
+        switch self {
+        case .invalid(let s): return s
+        }
     }
 }
 
@@ -80,7 +82,8 @@ public final class Tokenizer: @unchecked Sendable {
         let path = gguf.path
         let model = try gguf.string("tokenizer.ggml.model")
         guard model == "gpt2" else {
-            throw FormatError(file: path, problem: .unsupportedType("tokenizer model '\(model)' (only byte-level BPE, 'gpt2', is supported)"))
+            throw FormatError(
+                file: path, problem: .unsupportedType("tokenizer model '\(model)' (only byte-level BPE, 'gpt2', is supported)"))
         }
         let pre = (try? gguf.string("tokenizer.ggml.pre")) ?? "default"
         let kind: PreTokenizerKind
@@ -101,7 +104,8 @@ public final class Tokenizer: @unchecked Sendable {
         if gguf.metadata["tokenizer.ggml.token_type"] != nil {
             let types = try gguf.array("tokenizer.ggml.token_type")
             guard types.count == tokens.count else {
-                throw FormatError(file: path, problem: .invalid("tokenizer.ggml.token_type has \(types.count) entries for \(tokens.count) tokens"))
+                throw FormatError(
+                    file: path, problem: .invalid("tokenizer.ggml.token_type has \(types.count) entries for \(tokens.count) tokens"))
             }
             for (i, t) in types.enumerated() {
                 guard let v = t.int, let k = TokenKind(rawValue: Int32(v)) else {
@@ -120,7 +124,9 @@ public final class Tokenizer: @unchecked Sendable {
         func id(_ key: String) throws(FormatError) -> Int32? {
             guard gguf.metadata[key] != nil else { return nil }
             let v = try gguf.int(key)
-            guard v >= 0, v < tokens.count else { throw FormatError(file: path, problem: .invalid("\(key) = \(v) is outside the vocabulary")) }
+            guard v >= 0, v < tokens.count else {
+                throw FormatError(file: path, problem: .invalid("\(key) = \(v) is outside the vocabulary"))
+            }
             return Int32(v)
         }
         let bos = try id("tokenizer.ggml.bos_token_id")

@@ -133,7 +133,10 @@ struct Perplexity: ParsableCommand {
             if json {
                 printJSON(r)
             } else {
-                print(String(format: "perplexity: %.4f over %d windows of %d tokens (%d scored, %d in the file)", r.perplexity, r.windows, r.ctx, r.scored_tokens, r.tokens))
+                print(
+                    String(
+                        format: "perplexity: %.4f over %d windows of %d tokens (%d scored, %d in the file)", r.perplexity, r.windows, r.ctx,
+                        r.scored_tokens, r.tokens))
             }
         }
     }
@@ -169,7 +172,9 @@ struct Bench: ParsableCommand {
             } else {
                 print(String(format: "pp%d: %.1f ± %.1f tokens/s", b.pp_tokens, b.pp_tokens_per_s, b.pp_stddev))
                 print(String(format: "tg%d: %.1f ± %.1f tokens/s", b.tg_tokens, b.tg_tokens_per_s, b.tg_stddev))
-                print("threads \(b.threads), simd \(b.simd), peak RSS \(b.peak_rss_bytes / 1_048_576) MiB, weights \(b.model_bytes / 1_048_576) MiB")
+                print(
+                    "threads \(b.threads), simd \(b.simd), peak RSS \(b.peak_rss_bytes / 1_048_576) MiB, weights \(b.model_bytes / 1_048_576) MiB"
+                )
             }
         }
     }

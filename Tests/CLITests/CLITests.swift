@@ -1,6 +1,5 @@
 import Foundation
 import Testing
-
 import VistEngine
 
 /// Runs vist2ctl from the same build directory as this test bundle.
@@ -34,7 +33,9 @@ func json(_ s: String) throws -> [String: Any] {
 struct CLITests {
     @Test("generate --json reports text, token counts, timings and peak RSS")
     func generateJSON() throws {
-        let r = try vist2ctl(["generate", "--local", "--model", "default", "--max-tokens", "12", "--temperature", "0", "--json", "The capital of France is"])
+        let r = try vist2ctl([
+            "generate", "--local", "--model", "default", "--max-tokens", "12", "--temperature", "0", "--json", "The capital of France is",
+        ])
         #expect(r.status == 0, "\(r.err)")
         let j = try json(r.out)
         #expect((j["text"] as? String)?.contains("Paris") == true)

@@ -88,11 +88,15 @@ struct ParityTests {
             for p in golden.prompts {
                 let cache = m.transformer.makeCache(capacity: p.ids.count)
                 // Token by token: every product through the quantized matrix-vector kernels.
-                for (i, id) in p.ids.enumerated() { m.transformer.forward([id], cache: cache, logits: i + 1 == p.ids.count ? .last : .none) }
+                for (i, id) in p.ids.enumerated() {
+                    m.transformer.forward([id], cache: cache, logits: i + 1 == p.ids.count ? .last : .none)
+                }
                 let (lse, argmax) = logProbs(m.transformer.logits, vocab: vocab)
                 #expect(Int32(argmax) == p.reference.top_ids[0])
                 for (id, ref) in zip(p.reference.top_ids, p.reference.top_logprobs) {
-                    #expect(abs(Double(m.transformer.logits[Int(id)]) - lse - ref) < 0.5, "token \(id) for \(p.text.prefix(30).debugDescription)")
+                    #expect(
+                        abs(Double(m.transformer.logits[Int(id)]) - lse - ref) < 0.5,
+                        "token \(id) for \(p.text.prefix(30).debugDescription)")
                 }
             }
         }

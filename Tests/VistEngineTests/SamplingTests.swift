@@ -7,7 +7,9 @@ import Testing
 struct SamplingTests {
     func sample(_ logits: [Float], _ p: SamplingParams, history: [Int32] = [], draws: Int = 1) -> [Int32] {
         var s = Sampler(p)
-        return (0..<draws).map { _ in logits.withUnsafeBufferPointer { s.sample($0.baseAddress!, vocab: logits.count, history: history[...]) } }
+        return (0..<draws).map { _ in
+            logits.withUnsafeBufferPointer { s.sample($0.baseAddress!, vocab: logits.count, history: history[...]) }
+        }
     }
 
     @Test("Greedy picks the argmax; the repetition penalty can move it")
@@ -17,7 +19,12 @@ struct SamplingTests {
         var p = SamplingParams.greedy
         p.repetitionPenalty = 1.1
         #expect(sample(logits, p, history: [1]) == [2])  // 2.0 / 1.1 < 1.9
-        #expect(sample([-1, -0.95], { var q = p; q.repetitionPenalty = 2; return q }(), history: [1]) == [0])  // negative logits are multiplied
+        #expect(
+            sample(
+                [-1, -0.95],
+                {
+                    var q = p; q.repetitionPenalty = 2; return q
+                }(), history: [1]) == [0])  // negative logits are multiplied
     }
 
     @Test("The same seed gives the same draws, another seed other draws")

@@ -209,7 +209,8 @@ struct TinyModel {
 
 @Suite("Tiny Llama and Qwen3 models: loaders and forward pass against a naive reference")
 struct TinyModelTests {
-    @Test("GGUF and safetensors checkpoints of the same weights give the naive reference's logits", arguments: [Architecture.llama, .qwen3])
+    @Test(
+        "GGUF and safetensors checkpoints of the same weights give the naive reference's logits", arguments: [Architecture.llama, .qwen3])
     func formatsAgree(arch: Architecture) throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-tiny-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
@@ -227,7 +228,9 @@ struct TinyModelTests {
             // Prefill in two batches (8 + 6) then two single-token steps: all paths of the forward pass.
             let cache = m.transformer.makeCache(capacity: ids.count)
             m.transformer.forward(Array(ids[0..<12]), cache: cache, logits: .all)
-            var rows: [[Float]] = (8..<12).map { t in Array(UnsafeBufferPointer(start: m.transformer.logits + (t - 8) * tiny.vocab, count: tiny.vocab)) }
+            var rows: [[Float]] = (8..<12).map { t in
+                Array(UnsafeBufferPointer(start: m.transformer.logits + (t - 8) * tiny.vocab, count: tiny.vocab))
+            }
             for id in ids[12...] {
                 m.transformer.forward([id], cache: cache, logits: .last)
                 rows.append(Array(UnsafeBufferPointer(start: m.transformer.logits, count: tiny.vocab)))

@@ -61,12 +61,22 @@ struct SafetensorsTests {
             }
         }
         check("short", [1, 2, 3], tensor: nil, code: "truncated")
-        check("hugeheader", safetensorsBytes(header: "{}", data: []).enumerated().map { $0.offset == 7 ? 0x7f : $0.element }, tensor: nil, code: "truncated")
+        check(
+            "hugeheader", safetensorsBytes(header: "{}", data: []).enumerated().map { $0.offset == 7 ? 0x7f : $0.element }, tensor: nil,
+            code: "truncated")
         check("notjson", safetensorsBytes(header: "{nope", data: data), tensor: nil, code: "invalid")
-        check("dtype", safetensorsBytes(header: #"{"t":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, data: data), tensor: "t", code: "unsupported_type")
-        check("span", safetensorsBytes(header: #"{"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, data: data), tensor: "t", code: "invalid")
-        check("past", safetensorsBytes(header: #"{"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, data: data), tensor: "t", code: "truncated")
-        check("shape", safetensorsBytes(header: #"{"t":{"dtype":"F32","shape":[-1],"data_offsets":[0,8]}}"#, data: data), tensor: "t", code: "invalid")
+        check(
+            "dtype", safetensorsBytes(header: #"{"t":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#, data: data), tensor: "t",
+            code: "unsupported_type")
+        check(
+            "span", safetensorsBytes(header: #"{"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, data: data), tensor: "t",
+            code: "invalid")
+        check(
+            "past", safetensorsBytes(header: #"{"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, data: data), tensor: "t",
+            code: "truncated")
+        check(
+            "shape", safetensorsBytes(header: #"{"t":{"dtype":"F32","shape":[-1],"data_offsets":[0,8]}}"#, data: data), tensor: "t",
+            code: "invalid")
         check("fields", safetensorsBytes(header: #"{"t":{"dtype":"F32"}}"#, data: data), tensor: "t", code: "invalid")
     }
 }

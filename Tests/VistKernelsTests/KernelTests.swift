@@ -69,7 +69,10 @@ struct KernelTests {
                     let row = Reference.dequantizeRow(type, w.row(r), count: cols)
                     // Quantized weights on the matvec path also quantize activations to 8 bits.
                     let quantAct = type.isQuantized && n <= Matmul.gemmThreshold
-                    let tol = quantAct ? activationErrorBound(row, x[(i * cols)..<((i + 1) * cols)]) : 1e-4 * (1 + row.map { abs(Double($0)) }.reduce(0, +))
+                    let tol =
+                        quantAct
+                        ? activationErrorBound(row, x[(i * cols)..<((i + 1) * cols)])
+                        : 1e-4 * (1 + row.map { abs(Double($0)) }.reduce(0, +))
                     let err = abs(Double(y[i * rows + r]) - Double(ref[i * rows + r]))
                     #expect(err <= tol, "type \(type) n \(n) row \(r): \(y[i * rows + r]) vs \(ref[i * rows + r])")
                 }
@@ -90,7 +93,9 @@ struct KernelTests {
             bytes.withUnsafeBytes { raw in
                 let w = WeightMatrix(type: type, rows: rows, cols: cols, data: raw.baseAddress!)
                 x.withUnsafeBufferPointer { xp in
-                    y.withUnsafeMutableBufferPointer { Matmul.matvec(w, x: xp.baseAddress!, y: $0.baseAddress!, pool: pool, scratch: scratch) }
+                    y.withUnsafeMutableBufferPointer {
+                        Matmul.matvec(w, x: xp.baseAddress!, y: $0.baseAddress!, pool: pool, scratch: scratch)
+                    }
                 }
             }
             return y
@@ -113,7 +118,9 @@ struct KernelTests {
         var out = [Float](repeating: 0, count: n)
         x.withUnsafeBufferPointer { xp in
             w.withUnsafeBufferPointer { wp in
-                out.withUnsafeMutableBufferPointer { Ops.rmsNorm(xp.baseAddress!, weight: wp.baseAddress!, out: $0.baseAddress!, n: n, eps: 1e-5) }
+                out.withUnsafeMutableBufferPointer {
+                    Ops.rmsNorm(xp.baseAddress!, weight: wp.baseAddress!, out: $0.baseAddress!, n: n, eps: 1e-5)
+                }
             }
         }
         for (a, b) in zip(out, Reference.rmsNorm(x, weight: w, eps: 1e-5)) { #expect(abs(a - b) <= 1e-5 * max(1, abs(b))) }
