@@ -4,6 +4,7 @@
 // Targets, with dependencies pointing one way (left depends on right):
 //   vist2ctl -> VistEngine -> VistTokenizer -> VistFormats
 //                          -> VistKernels -> CVistKernels, CBLAS
+//            -> VistRender -> CFreeType, CImageIO, Crypto
 // The engine imports nothing of the daemon, the CLI or the wire protocol.
 import PackageDescription
 
@@ -15,7 +16,8 @@ let package = Package(
         .library(name: "VistEngine", targets: ["VistEngine"]),
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2")
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // C shim over OpenBLAS's cblas.h (Debian: libopenblas-dev).
@@ -30,10 +32,16 @@ let package = Package(
             cSettings: [.unsafeFlags(["-O3", "-fno-math-errno"])],
             linkerSettings: [.linkedLibrary("pthread")]
         ),
+        // FreeType (Debian: libfreetype-dev) for the sketch renderer.
+        .systemLibrary(name: "CFreeType", pkgConfig: "freetype2", providers: [.apt(["libfreetype-dev"])]),
+        // PNG writing through libpng (Debian: libpng-dev), with its setjmp error handling kept in C.
+        .target(name: "CImageIO", linkerSettings: [.linkedLibrary("png")]),
         .target(name: "VistKernels", dependencies: ["CBLAS", "CVistKernels"]),
+        // The sketch renderer and content-defined chunker: text in, grayscale canvases out.
+        .target(name: "VistRender", dependencies: ["CFreeType", "CImageIO", .product(name: "Crypto", package: "swift-crypto")]),
         .target(name: "VistFormats", dependencies: ["VistKernels"]),
         .target(name: "VistTokenizer", dependencies: ["VistFormats"]),
-        .target(name: "VistEngine", dependencies: ["VistKernels", "VistFormats", "VistTokenizer"]),
+        .target(name: "VistEngine", dependencies: ["VistKernels", "VistFormats", "VistTokenizer", "VistRender"]),
         .executableTarget(
             name: "vist2ctl",
             dependencies: [
@@ -43,6 +51,7 @@ let package = Package(
         ),
         .testTarget(name: "VistKernelsTests", dependencies: ["VistKernels"]),
         .testTarget(name: "VistFormatsTests", dependencies: ["VistFormats"]),
+        .testTarget(name: "VistRenderTests", dependencies: ["VistRender"]),
         .testTarget(
             name: "VistTokenizerTests", dependencies: ["VistTokenizer", "VistEngine"],
             resources: [.copy("Fixtures")]),

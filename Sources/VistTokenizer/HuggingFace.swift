@@ -78,10 +78,11 @@ extension Tokenizer {
             addBOS = cfg["add_bos_token"] as? Bool ?? false
         }
         let index = Dictionary(tokens.enumerated().map { ($1, Int32($0)) }, uniquingKeysWith: { a, _ in a })
+        let eosName: String = eosText ?? "<|endoftext|>"
         do {
             try self.init(
                 tokens: tokens, kinds: kinds, merges: merges, preTokenizer: pre,
-                bos: bosText.flatMap { index[$0] }, eos: (eosText ?? "<|endoftext|>").flatMap { index[$0] },
+                bos: bosText.flatMap { index[$0] }, eos: index[eosName],
                 addBOS: addBOS, addEOS: false, chatTemplate: template)
         } catch {
             throw FormatError(file: path, problem: .invalid(error.description))

@@ -1,0 +1,143 @@
+import CImageIO
+import Foundation
+
+/// An 8-bit grayscale image, row-major, 255 = white paper, 0 = full ink.
+public struct GrayImage: Sendable, Equatable {
+    public let width: Int
+    public let height: Int
+    public var pixels: [UInt8]
+
+    public init(width: Int, height: Int, fill: UInt8 = 255) {
+        self.width = width
+        self.height = height
+        pixels = [UInt8](repeating: fill, count: width * height)
+    }
+
+    public func writePNG(to path: String) throws(RenderError) {
+        let rc = pixels.withUnsafeBufferPointer { vk_png_write_gray8(path, $0.baseAddress!, Int32(width), Int32(height)) }
+        guard rc == 0 else { throw .io("cannot write PNG \(path) (\(rc == -1 ? "cannot open the file" : "libpng error"))") }
+    }
+
+    /// Pixels as the vision encoder reads them: x / 255 * 2 - 1, in [-1, 1] (SigLIP's normalisation).
+    public func normalized() -> [Float] { pixels.map { Float($0) / 127.5 - 1 } }
+
+    /// Tiles images left to right, top to bottom, `columns` per row, with a 1-pixel gray border.
+    public static func contactSheet(_ images: [GrayImage], columns: Int) -> GrayImage {
+        guard let first = images.first else { return GrayImage(width: 1, height: 1) }
+        let cols = max(1, min(columns, images.count)), rows = (images.count + cols - 1) / cols
+        let cw = first.width + 2, ch = first.height + 2
+        var sheet = GrayImage(width: cols * cw, height: rows * ch, fill: 128)
+        for (i, img) in images.enumerated() {
+            let ox = (i % cols) * cw + 1, oy = (i / cols) * ch + 1
+            for y in 0..<min(img.height, first.height) {
+                for x in 0..<min(img.width, first.width) { sheet.pixels[(oy + y) * sheet.width + ox + x] = img.pixels[y * img.width + x] }
+            }
+        }
+        return sheet
+    }
+}
+
+/// Renders text into sketch images as a `RenderConfig` says.
+///
+/// Layout: the pen starts at the top-left margin; each line's baseline is `ascender` below the
+/// top of its row and rows are `lineHeight` apart. `\n` starts a new row, `\t` advances to the
+/// next multiple of `tabWidth` space advances, `\r` takes no space (CRLF renders like LF), and a
+/// glyph that would cross the right margin wraps to the next row (indentation is kept because
+/// spaces and tabs are laid out like any other character). Text that needs more rows than the
+/// canvas has does not fit; the chunker never asks for that.
+public final class SketchRenderer: @unchecked Sendable {
+    public let config: RenderConfig
+    let font: Font
+
+    /// `baseDirectory` resolves a relative font path (the model directory).
+    public init(config: RenderConfig, baseDirectory: URL? = nil) throws(RenderError) {
+        try config.validate()
+        self.config = config
+        let path =
+            config.font.hasPrefix("/") || baseDirectory == nil ? config.font : baseDirectory!.appendingPathComponent(config.font).path
+        font = try Font(path: path, sha256: config.fontSHA256, pixelSize: config.pixelSize)
+    }
+
+    /// How much of a text fits on one canvas.
+    public struct Fit: Sendable, Equatable {
+        /// Leading Unicode scalars that fit (all of them when `complete`).
+        public var scalars: Int
+        /// Rows used.
+        public var rows: Int
+        /// Scalars among those that the font lacks (drawn as boxes).
+        public var missing: Int
+        public var complete: Bool
+    }
+
+    /// Lays out `text`, calling `place` for each scalar that fits with its pen position (x, row).
+    @discardableResult
+    func layout(_ scalars: some Collection<Unicode.Scalar>, place: (Glyph, Int, Int) -> Void = { _, _, _ in }) -> Fit {
+        let c = config
+        let maxRows = c.rows
+        let right = c.width - c.margin
+        let tab = max(1, c.tabWidth * font.spaceAdvance)
+        var x = c.margin, row = 0, placed = 0, missing = 0
+        var used = 0  // rows that hold at least one glyph or newline start
+        for s in scalars {
+            switch s {
+            case "\n":
+                // A newline always belongs to the text before it; it only moves the pen.
+                row += 1
+                x = c.margin
+                placed += 1
+                continue
+            case "\r":
+                placed += 1
+                continue
+            case "\t":
+                if row >= maxRows { return Fit(scalars: placed, rows: used, missing: missing, complete: false) }
+                let next = c.margin + ((x - c.margin) / tab + 1) * tab
+                x = min(next, right)
+                used = max(used, row + 1)
+                placed += 1
+                continue
+            default:
+                break
+            }
+            let g = font.glyph(s.value)
+            if x + g.advance > right && x > c.margin {
+                row += 1
+                x = c.margin
+            }
+            if row >= maxRows { return Fit(scalars: placed, rows: used, missing: missing, complete: false) }
+            place(g, x, row)
+            if g.missing { missing += 1 }
+            x += g.advance
+            used = max(used, row + 1)
+            placed += 1
+        }
+        return Fit(scalars: placed, rows: used, missing: missing, complete: true)
+    }
+
+    /// Measures how much of `text` fits on one canvas.
+    public func fit(_ text: Substring) -> Fit { layout(text.unicodeScalars) }
+
+    /// Renders text that fits (see `fit`); scalars past the canvas are not drawn.
+    public func render(_ text: Substring) -> (image: GrayImage, fit: Fit) {
+        let c = config
+        var img = GrayImage(width: c.width, height: c.height)
+        let f = layout(text.unicodeScalars) { g, x, row in
+            let baseline = c.margin + font.ascender + row * c.lineHeight
+            let ox = x + g.left, oy = baseline - g.top
+            for gy in 0..<g.rows {
+                let py = oy + gy
+                guard py >= 0, py < c.height else { continue }
+                for gx in 0..<g.width {
+                    let px = ox + gx
+                    guard px >= 0, px < c.width else { continue }
+                    let ink = g.coverage[gy * g.width + gx]
+                    let i = py * c.width + px
+                    img.pixels[i] = min(img.pixels[i], 255 - ink)
+                }
+            }
+        }
+        return (img, f)
+    }
+
+    public func render(_ text: String) -> (image: GrayImage, fit: Fit) { render(Substring(text)) }
+}

@@ -1,0 +1,115 @@
+import Foundation
+import Testing
+
+@testable import VistRender
+
+let dejaVuMono = "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"
+let dejaVuMonoSHA = "0f5db4f1749979d961019838b160bec74abdf7f9eca69553fe1aa856bbff49a4"
+
+func testConfig(width: Int = 224, height: Int = 112) -> RenderConfig {
+    RenderConfig(
+        font: dejaVuMono, fontSHA256: dejaVuMonoSHA, pixelSize: 10, lineHeight: 11, width: width, height: height, margin: 2, tabWidth: 4)
+}
+
+/// Columns of `img` in rows [y0, y1) that hold ink.
+func inkColumns(_ img: GrayImage, rows: Range<Int>) -> [Int] {
+    (0..<img.width).filter { x in rows.contains { img.pixels[$0 * img.width + x] < 128 } }
+}
+
+@Suite("Sketch renderer")
+struct RendererTests {
+    @Test("Rendering is deterministic: same text and config, same bytes")
+    func deterministic() throws {
+        let text = "func main() {\n\tprint(\"héllo, wörld\")\n}\n"
+        let a = try SketchRenderer(config: testConfig()).render(text).image
+        let b = try SketchRenderer(config: testConfig()).render(text).image
+        #expect(a == b)
+        #expect(a.pixels.contains { $0 < 64 } && a.pixels.contains { $0 == 255 })
+        // Antialiased: intermediate gray levels appear.
+        #expect(a.pixels.contains { $0 > 32 && $0 < 224 })
+    }
+
+    @Test("A different font file is refused with a clear error")
+    func wrongFont() {
+        var c = testConfig()
+        c.fontSHA256 = String(repeating: "a", count: 64)
+        #expect(throws: RenderError.self) { try SketchRenderer(config: c) }
+        do {
+            _ = try SketchRenderer(config: c)
+        } catch {
+            #expect(error.code == "font_mismatch" && error.description.contains(dejaVuMono) && error.description.contains(dejaVuMonoSHA))
+        }
+        c = testConfig()
+        c.font = "/nonexistent/font.ttf"
+        #expect(throws: RenderError.self) { try SketchRenderer(config: c) }
+    }
+
+    @Test("Invalid geometry names the field")
+    func badConfig() {
+        func message(_ edit: (inout RenderConfig) -> Void) -> String {
+            var c = testConfig()
+            edit(&c)
+            do {
+                try c.validate()
+                return "accepted"
+            } catch { return error.description }
+        }
+        #expect(message { $0.width = 100 }.contains("multiples of 16"))
+        #expect(message { $0.pixelSize = 0 }.contains("pixel_size"))
+        #expect(message { $0.lineHeight = 100 }.contains("line_height"))
+        #expect(message { $0.margin = 60 }.contains("margin"))
+        #expect(message { $0.tabWidth = 0 }.contains("tab_width"))
+        #expect(message { $0.fontSHA256 = "xyz" }.contains("font_sha256"))
+    }
+
+    @Test("Newlines and indentation are kept")
+    func layout() throws {
+        let r = try SketchRenderer(config: testConfig())
+        let img = r.render("x\n    x\n\tx").image
+        let line = { (row: Int) in (2 + row * 11)..<(2 + (row + 1) * 11) }
+        let first0 = try #require(inkColumns(img, rows: line(0)).first)
+        let first1 = try #require(inkColumns(img, rows: line(1)).first)
+        let first2 = try #require(inkColumns(img, rows: line(2)).first)
+        let space = r.font.spaceAdvance
+        #expect(first1 - first0 == 4 * space)  // four spaces
+        #expect(first2 - first0 == 4 * space)  // one tab = four spaces here
+        #expect(r.fit("x\n    x\n\tx").rows == 3)
+    }
+
+    @Test("Characters the font lacks are drawn as visible boxes and counted")
+    func missingGlyphs() throws {
+        let r = try SketchRenderer(config: testConfig())
+        let (img, fit) = r.render("日本")
+        #expect(fit.missing == 2 && fit.complete)
+        #expect(img.pixels.contains { $0 == 0 })
+        #expect(r.fit("plain ascii").missing == 0)
+    }
+
+    @Test("Text longer than the canvas does not fit, and only what fits is drawn")
+    func overflow() throws {
+        let r = try SketchRenderer(config: testConfig())
+        let long = String(repeating: "lorem ipsum dolor sit amet ", count: 100)
+        let f = r.fit(Substring(long))
+        #expect(!f.complete && f.scalars > 100 && f.scalars < long.unicodeScalars.count)
+        #expect(f.rows == testConfig().rows)
+        // Wrapping keeps every row inside the margins.
+        let img = r.render(String(long.unicodeScalars.prefix(f.scalars))).image
+        let cols = inkColumns(img, rows: 0..<img.height)
+        #expect(cols.first! >= 2 && cols.last! < img.width - 2)
+    }
+
+    @Test("PNG files and the contact sheet are written; a bad path is an error")
+    func png() throws {
+        let r = try SketchRenderer(config: testConfig())
+        let img = r.render("PNG test").image
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-\(UUID().uuidString).png").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try img.writePNG(to: path)
+        let bytes = try #require(FileManager.default.contents(atPath: path))
+        #expect(Array(bytes.prefix(8)) == [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A])
+        #expect(throws: RenderError.self) { try img.writePNG(to: "/nonexistent-dir/x.png") }
+        let sheet = GrayImage.contactSheet([img, img, img], columns: 2)
+        #expect(sheet.width == 2 * (img.width + 2) && sheet.height == 2 * (img.height + 2))
+        #expect(img.normalized().allSatisfy { $0 >= -1 && $0 <= 1 })
+    }
+}
