@@ -70,6 +70,9 @@ public struct Xoshiro256: RandomNumberGenerator, Sendable {
 public struct Sampler: Sendable {
     public let params: SamplingParams
     var rng: Xoshiro256
+    /// The logits after the repetition penalty (vocab).
+    var scratch: [Float] = []
+    /// Surviving candidates, best first.
     var candidates: [(id: Int32, logit: Float)] = []
 
     public init(_ params: SamplingParams) {
@@ -78,70 +81,100 @@ public struct Sampler: Sendable {
     }
 
     /// Picks the next token from `logits` (vocab floats); `history` feeds the repetition penalty.
+    /// Allocation-free after the first call, and O(vocab) for top-k (a k-element heap, no sort of
+    /// the vocabulary), so sampling costs far less than a decode step.
     public mutating func sample(_ logits: UnsafePointer<Float>, vocab: Int, history: ArraySlice<Int32>) -> Int32 {
         let p = params
-        var penalized: [Int32: Float] = [:]
+        if scratch.count != vocab { scratch = [Float](repeating: 0, count: vocab) }
+        scratch.withUnsafeMutableBufferPointer { $0.baseAddress!.update(from: logits, count: vocab) }
         if p.repetitionPenalty != 1, p.repetitionWindow > 0 {
             // llama.cpp's penalty: divide positive logits, multiply negative ones, once per distinct token.
-            for id in history.suffix(p.repetitionWindow) where penalized[id] == nil && id >= 0 && Int(id) < vocab {
-                let l = logits[Int(id)]
-                penalized[id] = l > 0 ? l / p.repetitionPenalty : l * p.repetitionPenalty
+            var seen = Set<Int32>()
+            for id in history.suffix(p.repetitionWindow) where id >= 0 && Int(id) < vocab && seen.insert(id).inserted {
+                let l = scratch[Int(id)]
+                scratch[Int(id)] = l > 0 ? l / p.repetitionPenalty : l * p.repetitionPenalty
             }
         }
-        @inline(__always) func logit(_ i: Int) -> Float { penalized[Int32(i)] ?? logits[i] }
-
         if p.temperature <= 0 {
-            var best = 0
-            var bestValue = -Float.infinity
-            for i in 0..<vocab {
-                let l = logit(i)
-                if l > bestValue {
-                    bestValue = l
-                    best = i
-                }
+            return scratch.withUnsafeBufferPointer { b in
+                var best = 0
+                for i in 1..<vocab where b[i] > b[best] { best = i }
+                return Int32(best)
             }
-            return Int32(best)
         }
+        selectTopK(p.topK > 0 ? min(p.topK, vocab) : vocab)
 
-        // Top-k (0 = all), sorted by logit, descending.
-        candidates.removeAll(keepingCapacity: true)
-        for i in 0..<vocab { candidates.append((Int32(i), logit(i))) }
-        let k = p.topK > 0 ? min(p.topK, vocab) : vocab
-        if k < vocab {
-            candidates.sort { $0.logit > $1.logit }
-            candidates.removeSubrange(k...)
-        } else {
-            candidates.sort { $0.logit > $1.logit }
-        }
         // Softmax at temperature 1 for top-p and min-p (llama.cpp applies temperature last).
         let maxLogit = candidates[0].logit
-        var probs = candidates.map { exp(Double($0.logit - maxLogit)) }
-        var total = probs.reduce(0, +)
-        var keep = probs.count
-        if p.topP < 1 {
-            var cum = 0.0
-            for (i, pr) in probs.enumerated() {
-                cum += pr / total
-                if cum >= Double(p.topP) {
-                    keep = i + 1
-                    break
+        var keep = candidates.count
+        if p.topP < 1 || p.minP > 0 {
+            var total = 0.0
+            for c in candidates { total += exp(Double(c.logit - maxLogit)) }
+            if p.topP < 1 {
+                var cum = 0.0
+                for (i, c) in candidates.enumerated() {
+                    cum += exp(Double(c.logit - maxLogit)) / total
+                    if cum >= Double(p.topP) {
+                        keep = i + 1
+                        break
+                    }
                 }
             }
-        }
-        if p.minP > 0 {
-            let threshold = Double(p.minP) * probs[0]
-            var n = 0
-            while n < keep && probs[n] >= threshold { n += 1 }
-            keep = max(1, n)
+            if p.minP > 0 {
+                // p_i >= minP * p_max  <=>  logit_i - max >= log(minP)
+                let threshold = log(Double(p.minP))
+                var n = 0
+                while n < keep && Double(candidates[n].logit - maxLogit) >= threshold { n += 1 }
+                keep = max(1, n)
+            }
         }
         // Temperature on the survivors, then draw.
-        probs = (0..<keep).map { exp(Double(candidates[$0].logit - maxLogit) / Double(p.temperature)) }
-        total = probs.reduce(0, +)
+        var total = 0.0
+        for i in 0..<keep { total += exp(Double(candidates[i].logit - maxLogit) / Double(p.temperature)) }
         var r = rng.nextFloat() * total
         for i in 0..<keep {
-            r -= probs[i]
+            r -= exp(Double(candidates[i].logit - maxLogit) / Double(p.temperature))
             if r < 0 { return candidates[i].id }
         }
         return candidates[keep - 1].id
+    }
+
+    /// The k best (id, logit) of `scratch` into `candidates`, best first; ties by lower id.
+    mutating func selectTopK(_ k: Int) {
+        candidates.removeAll(keepingCapacity: true)
+        scratch.withUnsafeBufferPointer { b in
+            if k >= b.count {
+                for i in 0..<b.count { candidates.append((Int32(i), b[i])) }
+            } else {
+                // Min-heap of the k best seen so far; its root is the worst of them.
+                func worse(_ a: (id: Int32, logit: Float), _ c: (id: Int32, logit: Float)) -> Bool {
+                    a.logit < c.logit || (a.logit == c.logit && a.id > c.id)
+                }
+                for i in 0..<b.count {
+                    let item = (id: Int32(i), logit: b[i])
+                    if candidates.count < k {
+                        candidates.append(item)
+                        var c = candidates.count - 1
+                        while c > 0, worse(candidates[c], candidates[(c - 1) / 2]) {
+                            candidates.swapAt(c, (c - 1) / 2)
+                            c = (c - 1) / 2
+                        }
+                    } else if worse(candidates[0], item) {
+                        candidates[0] = item
+                        var c = 0
+                        while true {
+                            let l = 2 * c + 1, r = l + 1
+                            var m = c
+                            if l < k, worse(candidates[l], candidates[m]) { m = l }
+                            if r < k, worse(candidates[r], candidates[m]) { m = r }
+                            if m == c { break }
+                            candidates.swapAt(c, m)
+                            c = m
+                        }
+                    }
+                }
+            }
+        }
+        candidates.sort { $0.logit > $1.logit || ($0.logit == $1.logit && $0.id < $1.id) }
     }
 }

@@ -70,6 +70,17 @@ struct SamplingTests {
         #expect(abs(freq0 - 0.665) < 0.04)
     }
 
+    @Test("Top-k selection equals a full sort, ties broken by the lower id", arguments: [1, 2, 40, 999, 1000])
+    func topKSelection(k: Int) {
+        var rng = Xoshiro256(seed: UInt64(k))
+        let logits = (0..<1000).map { _ in Float(rng.next() % 50) }  // many ties
+        var s = Sampler(SamplingParams())
+        s.scratch = logits
+        s.selectTopK(k)
+        let ref = logits.enumerated().sorted { $0.element > $1.element || ($0.element == $1.element && $0.offset < $1.offset) }.prefix(k)
+        #expect(s.candidates.map(\.id) == ref.map { Int32($0.offset) })
+    }
+
     @Test("Out-of-range sampling parameters are rejected with the parameter's name")
     func validation() {
         var p = SamplingParams()

@@ -1,0 +1,43 @@
+import ArgumentParser
+import Foundation
+import VistEngine
+
+struct Perplexity: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Perplexity of a text file, computed as llama.cpp's llama-perplexity does.",
+        discussion: """
+            Non-overlapping windows of --ctx tokens; each starts from an empty cache (with BOS \
+            replacing its first token when the model adds BOS); the second half of each window \
+            is scored. See docs/PERPLEXITY.md.
+            """)
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(name: .long, help: "Window size in tokens.")
+    var ctx = 512
+
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    @Argument(help: "A UTF-8 text file.")
+    var file: String
+
+    func run() throws {
+        try runReportingErrors(json: json) {
+            guard let data = FileManager.default.contents(atPath: file) else { throw EngineError.io("cannot read \(file)") }
+            guard let text = String(data: data, encoding: .utf8) else { throw EngineError.badArgument("\(file) is not valid UTF-8") }
+            let model = try modelOptions.load()
+            let r = try model.perplexity(text: text, ctx: ctx) { done, total, ppl in
+                if !json { FileHandle.standardError.write(Data("[\(done)/\(total)] \(String(format: "%.4f", ppl))\n".utf8)) }
+            }
+            if json {
+                printJSON(r)
+            } else {
+                print(
+                    String(
+                        format: "perplexity: %.4f over %d windows of %d tokens (%d scored, %d in the file)", r.perplexity, r.windows, r.ctx,
+                        r.scored_tokens, r.tokens))
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+import ArgumentParser
+import Foundation
+import VistEngine
+
+struct Tokenize: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the token ids of a text.")
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Flag(help: "Parse the text of special tokens such as <|im_start|> as those tokens.")
+    var parseSpecial = false
+
+    @Flag(help: "Do not add BOS/EOS even if the model asks for them.")
+    var noSpecial = false
+
+    @Flag(help: "Print {\"ids\": [...]}.")
+    var json = false
+
+    @Argument(help: "The text.")
+    var text: String
+
+    func run() throws {
+        try runReportingErrors(json: json) {
+            let model = try modelOptions.load()
+            let ids = model.tokenizer.encode(text, addSpecial: !noSpecial, parseSpecial: parseSpecial)
+            if json {
+                printJSON(["ids": ids])
+            } else {
+                print(ids.map(String.init).joined(separator: " "))
+            }
+        }
+    }
+}
