@@ -46,6 +46,7 @@ let package = Package(
             name: "vist2ctl",
             dependencies: [
                 "VistEngine",
+                "VistTokenizer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

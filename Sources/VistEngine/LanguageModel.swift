@@ -44,6 +44,20 @@ public final class LanguageModel: @unchecked Sendable {
         try self.init(url: ModelStore.resolve(name), threads: threads)
     }
 
+    /// The tokenizer of a GGUF file or Hugging Face directory, without loading the weights.
+    public static func loadTokenizer(url: URL) throws(EngineError) -> Tokenizer {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: url.path, isDirectory: &isDir) else {
+            throw .modelNotFound("\(url.path): no such file or directory")
+        }
+        do {
+            if isDir.boolValue { return try Tokenizer(huggingFaceJSON: url.appendingPathComponent("tokenizer.json").path) }
+            return try Tokenizer(gguf: GGUFFile(path: url.path))
+        } catch {
+            throw .format(error)
+        }
+    }
+
     /// One thread per core the process may run on.
     public static var defaultThreads: Int { max(1, ProcessInfo.processInfo.activeProcessorCount) }
 

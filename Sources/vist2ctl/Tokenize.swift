@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import VistEngine
+import VistTokenizer
 
 struct Tokenize: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Print the token ids of a text.")
@@ -21,8 +22,8 @@ struct Tokenize: ParsableCommand {
 
     func run() throws {
         try runReportingErrors(json: json) {
-            let model = try modelOptions.load()
-            let ids = model.tokenizer.encode(text, addSpecial: !noSpecial, parseSpecial: parseSpecial)
+            let tokenizer = try modelOptions.loadTokenizer()
+            let ids = tokenizer.encode(text, addSpecial: !noSpecial, parseSpecial: parseSpecial)
             if json {
                 printJSON(["ids": ids])
             } else {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import VistEngine
+import VistTokenizer
 
 @main
 struct VistCtl: ParsableCommand {
@@ -30,6 +31,11 @@ struct ModelOptions: ParsableArguments {
 
     func load() throws -> LanguageModel {
         try LanguageModel(url: ModelStore.resolve(model), threads: threads ?? LanguageModel.defaultThreads)
+    }
+
+    /// Only the tokenizer, without mapping the weights or starting threads.
+    func loadTokenizer() throws -> Tokenizer {
+        try LanguageModel.loadTokenizer(url: ModelStore.resolve(model))
     }
 }
 
