@@ -41,12 +41,15 @@ let package = Package(
         .target(name: "VistRender", dependencies: ["CFreeType", "CImageIO", .product(name: "Crypto", package: "swift-crypto")]),
         .target(name: "VistFormats", dependencies: ["VistKernels"]),
         .target(name: "VistTokenizer", dependencies: ["VistFormats"]),
-        .target(name: "VistEngine", dependencies: ["VistKernels", "VistFormats", "VistTokenizer", "VistRender"]),
+        .target(
+            name: "VistEngine",
+            dependencies: ["VistKernels", "VistFormats", "VistTokenizer", "VistRender", .product(name: "Crypto", package: "swift-crypto")]),
         .executableTarget(
             name: "vist2ctl",
             dependencies: [
                 "VistEngine",
                 "VistTokenizer",
+                "VistRender",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

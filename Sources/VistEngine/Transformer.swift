@@ -115,9 +115,46 @@ public final class Transformer: @unchecked Sendable {
             let end = min(tokens.count, start + maxBatch)
             let last = end == tokens.count
             tokens.withUnsafeBufferPointer { buf in
-                forwardBatch(UnsafeBufferPointer(rebasing: buf[start..<end]), cache: cache, rows: last ? rows : .none)
+                forwardBatch(
+                    .tokens(UnsafeBufferPointer(rebasing: buf[start..<end])), cache: cache, rows: last ? rows : .none, causal: true)
             }
             start = end
+        }
+    }
+
+    /// Runs rows given as input embeddings (T, dim) — VIST2's visual tokens — at positions
+    /// cache.count ..< cache.count + T. With `causal: false` the rows attend to each other in both
+    /// directions (a visual block), and to everything already in the cache; T <= maxBatch then.
+    public func forward(embeddings: [Float], cache: KVCache, causal: Bool, logits rows: LogitRows) {
+        let T = embeddings.count / config.dim
+        precondition(T * config.dim == embeddings.count, "embeddings must be whole rows")
+        precondition(cache.count + T <= cache.capacity, "KV cache overflow")
+        precondition(causal || T <= maxBatch, "a bidirectional block must fit one batch")
+        var start = 0
+        while start < T {
+            let end = min(T, start + maxBatch)
+            embeddings.withUnsafeBufferPointer { buf in
+                forwardBatch(
+                    .embeddings(buf.baseAddress! + start * config.dim, end - start), cache: cache, rows: end == T ? rows : .none,
+                    causal: causal)
+            }
+            start = end
+        }
+    }
+
+    /// FLOPs of the forward passes so far (multiply-add = 2), counted analytically: the weight
+    /// products, attention over the visible keys, and the output projection for rows with logits.
+    public var flops = 0
+
+    enum Input {
+        case tokens(UnsafeBufferPointer<Int32>)
+        case embeddings(UnsafePointer<Float>, Int)
+
+        var count: Int {
+            switch self {
+            case .tokens(let b): return b.count
+            case .embeddings(_, let n): return n
+            }
         }
     }
 
@@ -129,21 +166,29 @@ public final class Transformer: @unchecked Sendable {
         }
     }
 
-    private func forwardBatch(_ tokens: UnsafeBufferPointer<Int32>, cache: KVCache, rows: LogitRows) {
+    private func forwardBatch(_ input: Input, cache: KVCache, rows: LogitRows, causal: Bool) {
         let c = config, w = weights
-        let T = tokens.count, pos0 = cache.count, S = pos0 + T
+        let T = input.count, pos0 = cache.count, S = pos0 + T
         let dim = c.dim, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
         let group = c.heads / c.kvHeads
         let scale = 1 / Float(hd).squareRoot()
         rope.reserve(S)
         reserveScores(pool.size * (T > 1 ? min(T, Self.queryBlock) * S : S))
 
-        // Token embeddings: x[t] = E[token t].
-        for t in 0..<T {
-            let id = Int(tokens[t])
-            precondition(id >= 0 && id < c.vocabSize, "token id out of range")
-            dequantize(w.tokenEmbedding.type, w.tokenEmbedding.row(id), x + t * dim, count: dim)
+        // Input rows: token embeddings x[t] = E[token t], or given embeddings.
+        switch input {
+        case .tokens(let tokens):
+            for t in 0..<T {
+                let id = Int(tokens[t])
+                precondition(id >= 0 && id < c.vocabSize, "token id out of range")
+                dequantize(w.tokenEmbedding.type, w.tokenEmbedding.row(id), x + t * dim, count: dim)
+            }
+        case .embeddings(let e, _):
+            x.update(from: e, count: T * dim)
         }
+        let matrixParams = 2 * c.qDim * dim + 2 * c.kvDim * dim + 3 * dim * c.ffnDim
+        let visibleKeys = causal ? T * pos0 + T * (T + 1) / 2 : T * S
+        flops += c.layers * (2 * T * matrixParams + 4 * visibleKeys * c.qDim)
 
         for (l, L) in w.layers.enumerated() {
             // Attention sub-layer: xn = RMSNorm(x) * attn_norm.
@@ -181,7 +226,7 @@ public final class Transformer: @unchecked Sendable {
             if T == 1 {
                 attendOne(kc: kc, vc: vc, S: S, scale: scale, group: group)
             } else {
-                attendBatch(kc: kc, vc: vc, T: T, pos0: pos0, scale: scale, group: group)
+                attendBatch(kc: kc, vc: vc, T: T, pos0: pos0, scale: scale, group: group, causal: causal)
             }
             // x += att Wo^T
             Matmul.forward(L.wo, x: att, y: proj, n: T, pool: pool, scratch: scratch)
@@ -222,6 +267,7 @@ public final class Transformer: @unchecked Sendable {
             }
         }
         Matmul.forward(w.output, x: xn, y: logits, n: n, pool: pool, scratch: scratch)
+        flops += 2 * n * c.vocabSize * dim
     }
 
     /// Query rows per attention block: a block attends to keys up to its last row's position, so
@@ -230,8 +276,9 @@ public final class Transformer: @unchecked Sendable {
 
     /// Causal attention of T queries at pos0..<pos0+T over the cache, (head, query block) work
     /// items split over the pool's threads, each with single-threaded sgemm.
-    private func attendBatch(kc: UnsafeMutablePointer<Float>, vc: UnsafeMutablePointer<Float>, T: Int, pos0: Int, scale: Float, group: Int)
-    {
+    private func attendBatch(
+        kc: UnsafeMutablePointer<Float>, vc: UnsafeMutablePointer<Float>, T: Int, pos0: Int, scale: Float, group: Int, causal: Bool
+    ) {
         let c = config, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
         let blocks = (T + Self.queryBlock - 1) / Self.queryBlock
         let items = c.heads * blocks
@@ -244,13 +291,13 @@ public final class Transformer: @unchecked Sendable {
                 let h = item % c.heads, b = item / c.heads
                 let g = h / group
                 let t0 = b * Self.queryBlock, t1 = min(T, t0 + Self.queryBlock)
-                let rows = t1 - t0, keys = pos0 + t1
+                let rows = t1 - t0, keys = causal ? pos0 + t1 : pos0 + T
                 cblas_sgemm(
                     CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(hd), scale,
                     self.q + t0 * qDim + h * hd, Int32(qDim), kc + g * hd, Int32(kvDim), 0, s, Int32(keys))
                 for r in 0..<rows {
                     let row = s + r * keys
-                    let visible = pos0 + t0 + r + 1  // causal: keys 0...pos0+t
+                    let visible = causal ? pos0 + t0 + r + 1 : keys  // causal: keys 0...pos0+t
                     Ops.softmax(row, n: visible)
                     if visible < keys { (row + visible).update(repeating: 0, count: keys - visible) }
                 }

@@ -37,6 +37,12 @@ struct Generate: ParsableCommand {
     @Flag(help: "Wrap the prompt in the model's chat template.")
     var chat = false
 
+    @Option(name: .long, help: "A document to read as context (repeatable; needs a VIST2 model).")
+    var doc: [String] = []
+
+    @Flag(help: "Read the documents as plain text with the backbone alone (the baseline VIST2 is compared with).")
+    var fullText = false
+
     @Flag(help: "Print one JSON object instead of streaming text.")
     var json = false
 
@@ -46,7 +52,6 @@ struct Generate: ParsableCommand {
     func run() throws {
         try requireLocal(local)
         try runReportingErrors(json: json) {
-            let model = try modelOptions.load()
             var req = GenerationRequest(prompt: prompt)
             req.chat = chat
             req.maxTokens = maxTokens
@@ -57,15 +62,33 @@ struct Generate: ParsableCommand {
             req.sampling.minP = minP
             req.sampling.repetitionPenalty = repeatPenalty
             req.sampling.seed = seed
-            let result = try Generator(model: model).generate(req) { piece in
-                if !json {
-                    FileHandle.standardOutput.write(Data(piece.utf8))
-                }
+            let stream: (String) -> Bool = { piece in
+                if !json { FileHandle.standardOutput.write(Data(piece.utf8)) }
                 return true
             }
-            if json {
-                printJSON(result)
+            if VIST2Model.isModelDirectory(try ModelStore.resolve(modelOptions.model)) {
+                var docs: [String] = []
+                for path in doc {
+                    guard let data = FileManager.default.contents(atPath: path) else { throw EngineError.io("cannot read \(path)") }
+                    guard let text = String(data: data, encoding: .utf8) else {
+                        throw EngineError.badArgument("\(path) is not valid UTF-8")
+                    }
+                    docs.append(text)
+                }
+                let model = try modelOptions.loadVIST2()
+                let result = try VIST2Generator(model: model).generate(
+                    VIST2Request(generation: req, documents: docs, fullText: fullText), onText: stream)
+                if json { printJSON(result) }
             } else {
+                guard doc.isEmpty, !fullText else {
+                    throw EngineError.badArgument(
+                        "--doc and --full-text need a VIST2 model directory; \(modelOptions.model) is a plain language model")
+                }
+                let model = try modelOptions.load()
+                let result = try Generator(model: model).generate(req, onText: stream)
+                if json { printJSON(result) }
+            }
+            if !json {
                 FileHandle.standardOutput.write(Data("\n".utf8))
             }
         }

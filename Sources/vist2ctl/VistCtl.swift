@@ -14,7 +14,7 @@ struct VistCtl: ParsableCommand {
             The model store is $VIST2_MODELS, else $XDG_DATA_HOME/vist2/models, else \
             ~/.local/share/vist2/models.
             """,
-        subcommands: [Generate.self, Tokenize.self, Perplexity.self, Bench.self])
+        subcommands: [Generate.self, Tokenize.self, Perplexity.self, Bench.self, Render.self])
 }
 
 /// Options every model-using command shares.
@@ -31,6 +31,15 @@ struct ModelOptions: ParsableArguments {
 
     func load() throws -> LanguageModel {
         try LanguageModel(url: ModelStore.resolve(model), threads: threads ?? LanguageModel.defaultThreads)
+    }
+
+    /// A VIST2 model directory (config.json with model_type "vist2", vision.safetensors).
+    func loadVIST2() throws -> VIST2Model {
+        let url = try ModelStore.resolve(model)
+        guard VIST2Model.isModelDirectory(url) else {
+            throw EngineError.badArgument("\(url.path) is not a VIST2 model directory (config.json with \"model_type\": \"vist2\")")
+        }
+        return try VIST2Model(directory: url, threads: threads ?? LanguageModel.defaultThreads)
     }
 
     /// Only the tokenizer, without mapping the weights or starting threads.

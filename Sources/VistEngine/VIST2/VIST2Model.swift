@@ -1,0 +1,99 @@
+import Foundation
+import VistFormats
+import VistKernels
+import VistRender
+import VistTokenizer
+
+/// A loaded VIST2 model: the backbone (a `LanguageModel`), the vision encoder and aligner,
+/// the sketch renderer and the chunker, all configured by the model directory's config.json.
+public final class VIST2Model: @unchecked Sendable {
+    public let directory: URL
+    public let config: VIST2Config
+    /// sha256 over config.json, vision.safetensors and the backbone's files: identifies the model
+    /// in caches and in the protocol.
+    public let fingerprint: String
+    public let language: LanguageModel
+    public let vision: VisionEncoder
+    public let renderer: SketchRenderer
+    public let chunker: Chunker
+
+    /// Visual tokens per chunk (m).
+    public var visualTokens: Int { config.visualTokens }
+    /// Text tokens per chunk (L).
+    public var chunkLength: Int { config.chunk.length }
+
+    public init(directory: URL, threads: Int = LanguageModel.defaultThreads) throws(EngineError) {
+        self.directory = directory
+        let configPath = directory.appendingPathComponent("config.json").path
+        let visionPath = directory.appendingPathComponent("vision.safetensors").path
+        do {
+            config = try VIST2Config.load(path: configPath)
+        } catch {
+            throw .format(error)
+        }
+        // The backbone: a known name, or a path relative to the model directory.
+        let backboneURL: URL
+        let backbone = config.backbone
+        if ModelStore.known.contains(where: { $0.names.contains(backbone.lowercased()) }) {
+            backboneURL = try ModelStore.resolve(backbone)
+        } else {
+            let p = backbone.hasPrefix("/") ? backbone : directory.appendingPathComponent(backbone).path
+            guard FileManager.default.fileExists(atPath: p) else {
+                throw .modelNotFound("\(configPath): backbone '\(backbone)' not found at \(p)")
+            }
+            backboneURL = URL(fileURLWithPath: p)
+        }
+        language = try LanguageModel(url: backboneURL, threads: threads)
+        do {
+            let file = try SafetensorsFile(path: visionPath)
+            vision = try VisionEncoder(
+                file: file, config: config.vision, merge: config.aligner.merge, outputDim: language.config.dim,
+                pool: language.transformer.pool)
+        } catch {
+            throw .format(error)
+        }
+        do {
+            renderer = try SketchRenderer(config: config.render, baseDirectory: directory)
+        } catch {
+            throw .badArgument("\(configPath): \(error.description)")
+        }
+        let tokenizer = language.tokenizer
+        chunker = Chunker(renderer: renderer, maxTokens: config.chunk.length) { tokenizer.encode(String($0), addSpecial: false).count }
+        fingerprint = Self.fingerprint(files: [configPath, visionPath] + Self.backboneFiles(backboneURL))
+    }
+
+    /// Whether `url` is a directory whose config.json says `"model_type": "vist2"`.
+    public static func isModelDirectory(_ url: URL) -> Bool {
+        guard let data = FileManager.default.contents(atPath: url.appendingPathComponent("config.json").path),
+            let obj = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any]
+        else { return false }
+        return obj["model_type"] as? String == "vist2"
+    }
+
+    static func backboneFiles(_ url: URL) -> [String] {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: url.path, isDirectory: &isDir), isDir.boolValue else { return [url.path] }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: url.path)) ?? []
+        return names.filter { $0.hasSuffix(".json") || $0.hasSuffix(".safetensors") }.sorted().map { url.appendingPathComponent($0).path }
+    }
+
+    /// sha256 of the concatenated sha256s of the files, in order.
+    static func fingerprint(files: [String]) -> String {
+        var all = Data()
+        for f in files {
+            let data = (try? Data(contentsOf: URL(fileURLWithPath: f), options: .alwaysMapped)) ?? Data()
+            all.append(contentsOf: Array(sha256Hex(data).utf8))
+        }
+        return sha256Hex(all)
+    }
+
+    /// Renders chunk texts and encodes them into visual tokens: (chunks * m, dim).
+    public func encodeChunks(_ texts: [Substring]) -> (embeddings: [Float], renderNs: UInt64, visionNs: UInt64) {
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        let images = texts.map { renderer.render($0).image.normalized() }
+        let t1 = DispatchTime.now().uptimeNanoseconds
+        let e = vision.encode(images)
+        let t2 = DispatchTime.now().uptimeNanoseconds
+        return (e, t1 - t0, t2 - t1)
+    }
+}

@@ -1,0 +1,143 @@
+import Foundation
+import Testing
+
+@testable import VistEngine
+@testable import VistRender
+
+/// The tiny random VIST2 model and golden logits of Training/make_tiny_golden.py (PyTorch
+/// reference: the whole interleaved sequence at once, with the VIST2 mask and positions).
+struct TinyVIST2Golden: Decodable {
+    let magic: String
+    let version: Int
+    let instruction: String
+    let document: String
+    let continuation: String
+    let chunk_length: Int
+    let visual_tokens: Int
+    let document_chunks: Int
+    let rows: Int
+    let vocab: Int
+    let kv_after_swaps: [Int]
+
+    static let directory: URL = Bundle.module.url(forResource: "Fixtures/tiny-vist2", withExtension: nil)!
+
+    static func load() throws -> (TinyVIST2Golden, [Float]) {
+        let g = try JSONDecoder().decode(TinyVIST2Golden.self, from: Data(contentsOf: directory.appendingPathComponent("golden.json")))
+        #expect(g.magic == "vist2-golden" && g.version == 1, "stale fixture: rerun Training/make_tiny_golden.py")
+        let raw = try Data(contentsOf: directory.appendingPathComponent("golden.f32"))
+        let floats = raw.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        #expect(floats.count == g.rows * g.vocab)
+        return (g, floats)
+    }
+}
+
+@Suite("VIST2 inference against the PyTorch reference", .serialized)
+struct VIST2Tests {
+    static let model: Result<VIST2Model, Error> = Result { try VIST2Model(directory: TinyVIST2Golden.directory, threads: 2) }
+
+    func request(_ g: TinyVIST2Golden, documents: [String]) -> VIST2Request {
+        VIST2Request(generation: GenerationRequest(prompt: g.instruction), documents: documents)
+    }
+
+    @Test("Logits match the reference through chunk-boundary swaps, and the KV cache holds instruction + m per chunk + live text")
+    func goldenLogits() throws {
+        let (g, golden) = try TinyVIST2Golden.load()
+        let model = try Self.model.get()
+        #expect(model.visualTokens == g.visual_tokens && model.chunkLength == g.chunk_length)
+        let ids = model.language.tokenizer.encode(g.continuation, addSpecial: false)
+        #expect(ids.count == g.rows)
+        var maxErr: Float = 0
+        var swaps: [Int] = []
+        let r = try VIST2Generator(model: model).teacherForce(
+            request(g, documents: [g.document]), tokens: ids,
+            observe: { j, logits in
+                for v in 0..<g.vocab {
+                    let ref = golden[j * g.vocab + v]
+                    maxErr = max(maxErr, abs(logits[v] - ref) / max(1, abs(ref)))
+                }
+            }, onSwap: { swaps.append($0) })
+        #expect(maxErr < 1e-4, "max relative logit error \(maxErr)")
+        #expect(r.chunks == g.document_chunks - 1 + g.kv_after_swaps.count)
+        #expect(swaps == g.kv_after_swaps, "KV entries after each swap")
+        #expect(r.swaps == g.kv_after_swaps.count && r.swaps >= 2)
+        // Final cache: instruction + m per finished chunk + the live text of the last chunk (the
+        // last forced token is never run: nothing follows it).
+        let len0 = model.language.tokenizer.encode(String(model.chunker.chunks(g.document).last!.text), addSpecial: false).count
+        let live = len0 + ids.count - 1 - r.swaps * g.chunk_length
+        #expect(r.kv_bytes_final == 2 * model.language.config.layers * model.language.config.kvDim * 4 * (g.kv_after_swaps.last! + live))
+    }
+
+    @Test("Earlier chunks given as images or as text give identical logits: their text never reaches the model otherwise")
+    func imagesOnly() throws {
+        let (g, _) = try TinyVIST2Golden.load()
+        let model = try Self.model.get()
+        let chunks = model.chunker.chunks(g.document)
+        let images = chunks.dropLast().map { model.renderer.render($0.text).image.normalized() }
+        let ids = Array(model.language.tokenizer.encode(g.continuation, addSpecial: false).prefix(20))
+        func logits(_ req: VIST2Request) throws -> [[Float]] {
+            var rows: [[Float]] = []
+            _ = try VIST2Generator(model: model).teacherForce(
+                req, tokens: ids, observe: { _, l in rows.append(Array(UnsafeBufferPointer(start: l, count: g.vocab))) })
+            return rows
+        }
+        let fromText = try logits(request(g, documents: [g.document]))
+        var imageReq = request(g, documents: [String(chunks.last!.text)])
+        imageReq.images = images
+        let fromImages = try logits(imageReq)
+        #expect(fromText == fromImages)
+        // A different image for the first chunk changes them: the model really reads the pixels.
+        imageReq.images[0] = model.renderer.render("completely different words\n").image.normalized()
+        #expect(try logits(imageReq) != fromText)
+    }
+
+    @Test("Full-text mode reads the same documents with more KV and FLOPs than VIST2")
+    func fullTextMode() throws {
+        let (g, _) = try TinyVIST2Golden.load()
+        let model = try Self.model.get()
+        var req = request(g, documents: [g.document, g.document, g.document])
+        req.generation.maxTokens = 40
+        req.generation.sampling = .greedy
+        let compressed = try VIST2Generator(model: model).generate(req)
+        req.fullText = true
+        let full = try VIST2Generator(model: model).generate(req)
+        #expect(full.mode == "full-text" && compressed.mode == "vist2")
+        #expect(full.visual_tokens == 0 && compressed.visual_tokens > 0)
+        #expect(compressed.kv_bytes < full.kv_bytes)
+        #expect(compressed.flops < full.flops)
+        #expect(compressed.compression_ratio > 1)
+        #expect(full.doc_text_tokens == compressed.doc_text_tokens)
+    }
+
+    @Test("Damaged VIST2 configs name the field at fault")
+    func badConfig() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-cfg-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let good =
+            try JSONSerialization.jsonObject(with: Data(contentsOf: TinyVIST2Golden.directory.appendingPathComponent("config.json")))
+            as! [String: Any]
+        func error(_ edit: (inout [String: Any]) -> Void) throws -> String {
+            var c = good
+            edit(&c)
+            let path = dir.appendingPathComponent("config.json").path
+            try JSONSerialization.data(withJSONObject: c).write(to: URL(fileURLWithPath: path))
+            do {
+                _ = try VIST2Config.load(path: path)
+                return "accepted"
+            } catch { return error.description }
+        }
+        #expect(try error { $0["format_version"] = 7 }.contains("version 7"))
+        #expect(try error { $0["model_type"] = "llava" }.contains("model_type"))
+        #expect(try error { $0["chunk"] = ["length": 31, "ratio": 4] }.contains("chunk.length"))
+        #expect(
+            try error {
+                var v = $0["vision"] as! [String: Any]; v["patch_size"] = 14; $0["vision"] = v
+            }.contains("patch_size"))
+        #expect(try error { $0["aligner"] = ["merge": 3] }.contains("aligner.merge"))
+        #expect(try error { $0.removeValue(forKey: "render") }.contains("render"))
+        #expect(
+            try error {
+                var r = $0["render"] as! [String: Any]; r["width"] = 256; $0["render"] = r
+            }.contains("render canvas"))
+    }
+}

@@ -1,0 +1,284 @@
+"""The VIST2 forward pass in PyTorch: backbone (Llama / Qwen3), vision encoder (ViT, SigLIP
+layout), tanh-linear aligner with the optional s x s merge, and the interleaved sequence with the
+mask and compressed positions of VIST2.md section 3.
+
+It reads the same model directory as the Swift engine (config.json, vision.safetensors, a
+Hugging Face backbone directory) and the renderer's raw output (`vist2ctl render --raw`:
+float32 pixels already normalised to [-1, 1]), so training and inference share one renderer.
+Written as training code: plain nn.Modules, batched, differentiable; the backbone can be frozen.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+# ---------------------------------------------------------------- backbone
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope(x, pos, base):
+    """Rotate-half RoPE (Hugging Face layout). x: (T, heads, hd); pos: (T,) float positions."""
+    hd = x.shape[-1]
+    inv = base ** (-torch.arange(0, hd // 2, dtype=torch.float64) * 2 / hd)
+    ang = pos.to(torch.float64)[:, None] * inv[None, :]
+    cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
+    a, b = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+class Backbone(nn.Module):
+    """A Llama / Qwen3 decoder from a Hugging Face directory (config.json + model.safetensors)."""
+
+    def __init__(self, directory):
+        super().__init__()
+        with open(os.path.join(directory, "config.json")) as f:
+            c = json.load(f)
+        self.arch = c["model_type"]
+        assert self.arch in ("llama", "qwen3"), self.arch
+        self.dim = c["hidden_size"]
+        self.heads = c["num_attention_heads"]
+        self.kv_heads = c.get("num_key_value_heads", self.heads)
+        self.head_dim = c.get("head_dim", self.dim // self.heads)
+        self.ffn = c["intermediate_size"]
+        self.layers_n = c["num_hidden_layers"]
+        self.vocab = c["vocab_size"]
+        self.base = c.get("rope_theta", 10000.0)
+        self.eps = c.get("rms_norm_eps", 1e-6)
+        self.tied = c.get("tie_word_embeddings", False)
+        sd = load_file(os.path.join(directory, "model.safetensors"))
+        self.embed = nn.Embedding(self.vocab, self.dim)
+        self.embed.weight.data = sd["model.embed_tokens.weight"].float()
+        self.layers = nn.ModuleList()
+        for i in range(self.layers_n):
+            p = f"model.layers.{i}."
+            L = nn.Module()
+            L.attn_norm = RMSNorm(self.dim, self.eps)
+            L.attn_norm.weight.data = sd[p + "input_layernorm.weight"].float()
+            L.ffn_norm = RMSNorm(self.dim, self.eps)
+            L.ffn_norm.weight.data = sd[p + "post_attention_layernorm.weight"].float()
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                w = sd[p + "self_attn." + name + ".weight"].float()
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+                lin.weight.data = w
+                setattr(L, name, lin)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                w = sd[p + "mlp." + name + ".weight"].float()
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+                lin.weight.data = w
+                setattr(L, name, lin)
+            if self.arch == "qwen3":
+                L.q_norm = RMSNorm(self.head_dim, self.eps)
+                L.q_norm.weight.data = sd[p + "self_attn.q_norm.weight"].float()
+                L.k_norm = RMSNorm(self.head_dim, self.eps)
+                L.k_norm.weight.data = sd[p + "self_attn.k_norm.weight"].float()
+            self.layers.append(L)
+        self.norm = RMSNorm(self.dim, self.eps)
+        self.norm.weight.data = sd["model.norm.weight"].float()
+        self.lm_head = None if self.tied else sd["lm_head.weight"].float()
+
+    def forward(self, x, pos, mask):
+        """x: (T, dim) input embeddings; pos: (T,) positions; mask: (T, T) bool, True = may attend.
+        Returns logits (T, vocab)."""
+        T = x.shape[0]
+        g = self.heads // self.kv_heads
+        bias = torch.zeros(T, T, dtype=x.dtype).masked_fill(~mask, float("-inf"))
+        for L in self.layers:
+            h = L.attn_norm(x)
+            q = L.q_proj(h).view(T, self.heads, self.head_dim)
+            k = L.k_proj(h).view(T, self.kv_heads, self.head_dim)
+            v = L.v_proj(h).view(T, self.kv_heads, self.head_dim)
+            if self.arch == "qwen3":
+                q, k = L.q_norm(q), L.k_norm(k)
+            q, k = rope(q, pos, self.base), rope(k, pos, self.base)
+            k = k.repeat_interleave(g, dim=1)
+            v = v.repeat_interleave(g, dim=1)
+            s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(self.head_dim) + bias
+            a = torch.einsum("hqk,khd->qhd", s.softmax(-1), v).reshape(T, -1)
+            x = x + L.o_proj(a)
+            h = L.ffn_norm(x)
+            x = x + L.down_proj(F.silu(L.gate_proj(h)) * L.up_proj(h))
+        x = self.norm(x)
+        w = self.embed.weight if self.tied else self.lm_head
+        return x @ w.T
+
+
+# ---------------------------------------------------------------- vision
+
+@dataclass
+class VisionConfig:
+    image_height: int
+    image_width: int
+    patch_size: int
+    num_channels: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    layer_norm_eps: float
+
+
+class ViTLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        D = c.hidden_size
+        self.layer_norm1 = nn.LayerNorm(D, eps=c.layer_norm_eps)
+        self.layer_norm2 = nn.LayerNorm(D, eps=c.layer_norm_eps)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+        self.fc1 = nn.Linear(D, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, D)
+        self.heads = c.num_heads
+
+    def forward(self, x):  # (B, P, D)
+        B, P, D = x.shape
+        hd = D // self.heads
+        h = self.layer_norm1(x)
+        q = self.q_proj(h).view(B, P, self.heads, hd).transpose(1, 2)
+        k = self.k_proj(h).view(B, P, self.heads, hd).transpose(1, 2)
+        v = self.v_proj(h).view(B, P, self.heads, hd).transpose(1, 2)
+        a = (q @ k.transpose(-1, -2) / math.sqrt(hd)).softmax(-1) @ v
+        x = x + self.out_proj(a.transpose(1, 2).reshape(B, P, D))
+        return x + self.fc2(F.gelu(self.fc1(self.layer_norm2(x)), approximate="tanh"))
+
+
+class VisionEncoder(nn.Module):
+    """ViT with 16x16 patches in the SigLIP layout; no CLS token; post-LayerNorm."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        patches = (c.image_height // c.patch_size) * (c.image_width // c.patch_size)
+        self.position_embedding = nn.Embedding(patches, c.hidden_size)
+        self.layers = nn.ModuleList(ViTLayer(c) for _ in range(c.num_layers))
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixels):  # (B, C, H, W) in [-1, 1] -> (B, P, D)
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        x = x + self.position_embedding.weight[None]
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+
+class Aligner(nn.Module):
+    """v = tanh(x W + b) on s x s concatenated neighbouring patches (row-major within the window)."""
+
+    def __init__(self, vision_dim, llm_dim, merge, grid_h, grid_w):
+        super().__init__()
+        self.merge, self.grid_h, self.grid_w = merge, grid_h, grid_w
+        self.proj = nn.Linear(merge * merge * vision_dim, llm_dim)
+
+    def forward(self, x):  # (B, P, D) -> (B, P/s², llm_dim)
+        B, P, D = x.shape
+        s = self.merge
+        x = x.view(B, self.grid_h // s, s, self.grid_w // s, s, D).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(B, (self.grid_h // s) * (self.grid_w // s), s * s * D)
+        return torch.tanh(self.proj(x))
+
+
+# ---------------------------------------------------------------- VIST2
+
+class VIST2(nn.Module):
+    def __init__(self, model_dir):
+        super().__init__()
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.config = json.load(f)
+        cfg = self.config
+        backbone = cfg["backbone"]
+        self.backbone = Backbone(backbone if os.path.isabs(backbone) else os.path.join(model_dir, backbone))
+        vc = VisionConfig(**cfg["vision"])
+        self.vision = VisionEncoder(vc)
+        gh, gw = vc.image_height // 16, vc.image_width // 16
+        self.aligner = Aligner(vc.hidden_size, self.backbone.dim, cfg["aligner"]["merge"], gh, gw)
+        self.m = gh * gw // cfg["aligner"]["merge"] ** 2
+        self.L = cfg["chunk"]["length"]
+        self.load_vision(os.path.join(model_dir, "vision.safetensors"))
+
+    def vision_state_dict(self):
+        """Tensors under Hugging Face SigLIP names, plus aligner.weight / aligner.bias."""
+        out = {}
+        for k, v in self.vision.state_dict().items():
+            k = k.replace("layers.", "encoder.layers.").replace("q_proj", "self_attn.q_proj").replace("k_proj", "self_attn.k_proj")
+            k = k.replace("v_proj", "self_attn.v_proj").replace("out_proj", "self_attn.out_proj")
+            k = k.replace("fc1", "mlp.fc1").replace("fc2", "mlp.fc2")
+            if k.startswith("patch_embedding") or k.startswith("position_embedding"):
+                k = "embeddings." + k
+            out["vision_model." + k] = v
+        out["aligner.weight"] = self.aligner.proj.weight
+        out["aligner.bias"] = self.aligner.proj.bias
+        return out
+
+    def load_vision(self, path):
+        sd = load_file(path)
+        names = self.vision_state_dict()
+        missing = [k for k in names if k not in sd]
+        assert not missing, f"{path} lacks {missing}"
+        with torch.no_grad():
+            for k, p in names.items():
+                p.copy_(sd[k].float())
+
+    def encode(self, images):
+        """images: (B, H, W) normalised pixels -> (B, m, dim) visual tokens."""
+        x = images[:, None]
+        if self.vision.c.num_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        return self.aligner(self.vision(x))
+
+    def forward(self, instruction, segments):
+        """The interleaved sequence of VIST2.md section 3.
+
+        instruction: (P,) token ids. segments: list over chunks i = 0, 1, ... of dicts with an
+        optional "image" ((H, W) pixels: the chunk's visual block V_i) and optional "text" (token
+        ids of T_i). Returns the logits (n_text, vocab) of every text token of the segments, in
+        order, and the (kind, chunk, offset) of each sequence element.
+
+        Mask (query may attend key): instruction tokens are causal among themselves and visible
+        to all; a text token of T_i sees the instruction, V_j for j < i and T_i causally; a
+        visual token of V_i sees the instruction, V_j for j < i and all of V_i. Positions: the
+        instruction 0..P-1; V_i and T_i both start at P + i*m.
+        """
+        P = instruction.shape[0]
+        emb, kind, chunk, pos = [self.backbone.embed(instruction)], [], [], []
+        kind += [0] * P
+        chunk += [-1] * P
+        pos += list(range(P))
+        for i, seg in enumerate(segments):
+            if seg.get("image") is not None:
+                emb.append(self.encode(seg["image"][None])[0])
+                kind += [2] * self.m
+                chunk += [i] * self.m
+                pos += [P + i * self.m + k for k in range(self.m)]
+            if seg.get("text") is not None and len(seg["text"]) > 0:
+                t = seg["text"]
+                emb.append(self.backbone.embed(t))
+                kind += [1] * len(t)
+                chunk += [i] * len(t)
+                pos += [P + i * self.m + k for k in range(len(t))]
+        x = torch.cat(emb)
+        kind, chunk, pos = torch.tensor(kind), torch.tensor(chunk), torch.tensor(pos)
+        n = x.shape[0]
+        idx = torch.arange(n)
+        q_k, k_k = kind[:, None], kind[None, :]
+        q_c, k_c = chunk[:, None], chunk[None, :]
+        q_i, k_i = idx[:, None], idx[None, :]
+        instr_key = (k_k == 0) & ((q_k != 0) | (k_i <= q_i))
+        earlier_vis = (k_k == 2) & (k_c < q_c)
+        own_text = (q_k == 1) & (k_k == 1) & (k_c == q_c) & (k_i <= q_i)
+        own_vis = (q_k == 2) & (k_k == 2) & (k_c == q_c)
+        mask = instr_key | earlier_vis | own_text | own_vis
+        logits = self.backbone(x, pos.to(x.dtype), mask)
+        return logits[kind == 1], (kind, chunk, pos)
