@@ -10,6 +10,8 @@ public struct GenerationRequest: Sendable {
     public var sampling = SamplingParams()
     /// Generation stops before the first occurrence of any of these strings.
     public var stop: [String] = []
+    /// Keep generating past end-of-generation tokens (for benchmarks, like llama.cpp's --ignore-eos).
+    public var ignoreEOS = false
 
     public init(prompt: String) { self.prompt = prompt }
 
@@ -83,7 +85,7 @@ public struct Generator {
                 ttft = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6
                 decodeStart = DispatchTime.now().uptimeNanoseconds
             }
-            if tok.isEndOfGeneration(next) {
+            if !req.ignoreEOS && tok.isEndOfGeneration(next) {
                 reason = .endOfGeneration
                 break
             }

@@ -317,11 +317,12 @@ public final class Transformer: @unchecked Sendable {
             for h in ThreadPool.slice(c.heads, ith, nth) {
                 let g = h / group
                 let qh = self.q + h * hd
-                for j in 0..<S { s[j] = Ops.dot(qh, kc + j * kvDim + g * hd, n: hd) * scale }
+                // scores = K_g q * scale; K_g is (S, hd) with rows kvDim apart. Single-threaded
+                // sgemv per head from the pool's threads.
+                cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(S), Int32(hd), scale, kc + g * hd, Int32(kvDim), qh, 1, 0, s, 1)
                 Ops.softmax(s, n: S)
-                let out = self.att + h * hd
-                out.update(repeating: 0, count: hd)
-                for j in 0..<S { Ops.axpy(s[j], vc + j * kvDim + g * hd, out, n: hd) }
+                // out = V_g^T p
+                cblas_sgemv(CblasRowMajor, CblasTrans, Int32(S), Int32(hd), 1, vc + g * hd, Int32(kvDim), s, 1, 0, self.att + h * hd, 1)
             }
         }
     }

@@ -34,6 +34,9 @@ struct Generate: ParsableCommand {
     @Option(name: .long, help: "Stop before this string (repeatable).")
     var stop: [String] = []
 
+    @Flag(help: "Keep generating past end-of-generation tokens (benchmarks).")
+    var ignoreEOS = false
+
     @Flag(help: "Wrap the prompt in the model's chat template.")
     var chat = false
 
@@ -56,6 +59,7 @@ struct Generate: ParsableCommand {
             req.chat = chat
             req.maxTokens = maxTokens
             req.stop = stop
+            req.ignoreEOS = ignoreEOS
             req.sampling.temperature = temperature
             req.sampling.topK = topK
             req.sampling.topP = topP

@@ -214,7 +214,7 @@ public struct VIST2Generator {
                 ttft = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6
                 decodeStart = DispatchTime.now().uptimeNanoseconds
             }
-            if forced == nil && tok.isEndOfGeneration(next) {
+            if forced == nil && !g.ignoreEOS && tok.isEndOfGeneration(next) {
                 reason = .endOfGeneration
                 break
             }

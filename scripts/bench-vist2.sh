@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# VIST2 vs full-text on the same engine and backbone, side by side, in one run.
+#
+#   scripts/bench-vist2.sh [-t THREADS] [-n GENERATED] [--keep-openblas-env]
+#
+# Model: SmolLM2-135M with the default VIST2 geometry and *untrained* vision weights
+# (Training/make_untrained.py; costs do not depend on the weights). Document: the first ~7k
+# tokens of Debian's GPL-3 text, so that full-text mode (document + 1000 generated tokens) still
+# fits SmolLM2's 8192-token context. Reports time to first token, peak and final KV bytes and
+# FLOPs for both modes and their ratios; also the chunker's ratio and edit locality on a ~20k-token
+# document (GPL-3 + GPL-2 + Apache-2.0 + LGPL-2.1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=$(nproc)
+N=1000
+KEEP_ENV=0
+while (($#)); do
+    case "$1" in
+    -t) THREADS=$2; shift 2 ;;
+    -n) N=$2; shift 2 ;;
+    --keep-openblas-env) KEEP_ENV=1; shift ;;
+    *) echo "usage: $0 [-t threads] [-n generated] [--keep-openblas-env]" >&2; exit 2 ;;
+    esac
+done
+ENVCMD=(env)
+((KEEP_ENV)) || ENVCMD=(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE)
+
+bash scripts/fetch-model.sh >/dev/null
+python3 -c "import torch, safetensors" 2>/dev/null || python3 -m pip install --quiet -r Training/requirements.txt
+WORK="${XDG_CACHE_HOME:-$HOME/.cache}/vist2/bench"
+mkdir -p "$WORK"
+MODEL="$WORK/untrained-vist2"
+python3 Training/make_untrained.py "$MODEL" >/dev/null
+swift build -c release --product vist2ctl >/dev/null
+CTL=.build/release/vist2ctl
+
+L=/usr/share/common-licenses
+head -c 33500 "$L/GPL-3" > "$WORK/doc8k.txt"
+cat "$L/GPL-3" "$L/GPL-2" "$L/Apache-2.0" "$L/LGPL-2.1" > "$WORK/doc20k.txt"
+PROMPT="Summarize the following license text."
+
+run() {
+    "${ENVCMD[@]}" "$CTL" generate --local --model "$MODEL" --threads "$THREADS" --doc "$WORK/doc8k.txt" \
+        --max-tokens "$N" --ignore-eos --temperature 0 --json "$@" "$PROMPT"
+}
+echo "running full-text mode ..." >&2
+FULL=$(run --full-text)
+echo "running VIST2 mode ..." >&2
+COMP=$(run)
+
+"$CTL" render --model "$MODEL" --out "$WORK/render-a" --json "$WORK/doc20k.txt" > "$WORK/a.json"
+python3 - "$WORK/doc20k.txt" "$WORK/doc20k-edit.txt" <<'PYEOF'
+import sys
+lines = open(sys.argv[1]).read().split("\n")
+i = len(lines) // 2
+while not lines[i].strip():
+    i += 1
+lines[i] += " (edited)"
+open(sys.argv[2], "w").write("\n".join(lines))
+PYEOF
+"$CTL" render --model "$MODEL" --out "$WORK/render-b" --json "$WORK/doc20k-edit.txt" > "$WORK/b.json"
+
+python3 - "$FULL" "$COMP" "$WORK/a.json" "$WORK/b.json" "$THREADS" "$KEEP_ENV" <<'PYEOF'
+import json, sys
+full, comp = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+a, b = json.load(open(sys.argv[3])), json.load(open(sys.argv[4]))
+print("== one run, %s threads, OpenBLAS env %s ==" % (sys.argv[5], "kept" if sys.argv[6] == "1" else "unset"))
+print("%-22s %14s %14s %10s" % ("", "full-text", "VIST2", "VIST2/full"))
+def row(name, key, fmt="%14.1f"):
+    f, c = full[key], comp[key]
+    print(("%-22s " + fmt + " " + fmt + " %9.2fx") % (name, f, c, c / f if f else float("nan")))
+row("prompt tokens", "prompt_tokens", "%14d")
+row("generated tokens", "generated_tokens", "%14d")
+row("TTFT (ms)", "ttft_ms")
+row("KV peak (bytes)", "kv_bytes", "%14d")
+row("KV final (bytes)", "kv_bytes_final", "%14d")
+row("FLOPs", "flops", "%14.3g")
+row("decode tokens/s", "decode_tokens_per_s")
+print("VIST2: %d chunks as images (%d from generation swaps), compression ratio %.2f, render %.0f ms, vision %.0f ms"
+      % (comp["chunks"], comp["swaps"], comp["compression_ratio"], comp["render_ms"], comp["vision_ms"]))
+kv = 1 - comp["kv_bytes"] / full["kv_bytes"]
+kvf = 1 - comp["kv_bytes_final"] / full["kv_bytes_final"]
+fl = 1 - comp["flops"] / full["flops"]
+tt = full["ttft_ms"] / comp["ttft_ms"]
+print("targets: KV >= 70%% smaller: peak %.1f%%, final %.1f%%; FLOPs >= 65%% fewer: %.1f%%; TTFT >= 3x faster: %.2fx" % (100 * kv, 100 * kvf, 100 * fl, tt))
+A = set(c["text"] for c in a["chunk_list"])
+changed = sum(1 for c in b["chunk_list"] if c["text"] not in A)
+print("chunker on a %d-token document: ratio %.2f (target >= 3.5 at r = 4), one-line edit changed %d chunk(s) (target <= 2)"
+      % (a["tokens"], a["ratio"], changed))
+print(json.dumps({"kv_peak_reduction": kv, "kv_final_reduction": kvf, "flops_reduction": fl, "ttft_speedup": tt,
+                  "chunker_ratio": a["ratio"], "edit_changed_chunks": changed}))
+PYEOF
