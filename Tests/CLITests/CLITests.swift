@@ -84,6 +84,68 @@ struct CLITests {
         #expect(((j["pp_tokens_per_s"] as? Double) ?? 0) > 0 && ((j["tg_tokens_per_s"] as? Double) ?? 0) > 0)
     }
 
+    /// The tiny VIST2 model of the engine tests' fixtures (its font is Debian's DejaVu Sans Mono).
+    static var tinyVIST2: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("VistEngineTests/Fixtures/tiny-vist2").path
+    }
+
+    @Test("render writes one PNG per chunk, a contact sheet, raw tensors and the statistics")
+    func render() throws {
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-render-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let r = try vist2ctl([
+            "render", "--model", Self.tinyVIST2, "--out", out, "--raw", "--json", "/usr/share/common-licenses/Apache-2.0",
+        ])
+        #expect(r.status == 0, "\(r.err)")
+        let j = try json(r.out)
+        let chunks = try #require(j["chunks"] as? Int)
+        #expect(chunks > 10)
+        #expect(j["visual_tokens"] as? Int == chunks * 8)
+        #expect(((j["ratio"] as? Double) ?? 0) > 1)
+        #expect(j["characters"] as? Int == (try String(contentsOfFile: "/usr/share/common-licenses/Apache-2.0", encoding: .utf8)).count)
+        for name in ["chunk-000.png", "chunk-000.f32", "contact-sheet.png", "chunks.json", String(format: "chunk-%03d.png", chunks - 1)] {
+            #expect(FileManager.default.fileExists(atPath: out + "/" + name), "\(name)")
+        }
+        let raw = try Data(contentsOf: URL(fileURLWithPath: out + "/chunk-000.f32"))
+        #expect(raw.count == 64 * 128 * 4)
+        // The chunks put together are the document.
+        let list = try #require(j["chunk_list"] as? [[String: Any]])
+        #expect(
+            list.compactMap { $0["text"] as? String }.joined()
+                == (try String(contentsOfFile: "/usr/share/common-licenses/Apache-2.0", encoding: .utf8)))
+        let bad = try vist2ctl(["render", "--model", "default", "/usr/share/common-licenses/Apache-2.0"])
+        #expect(bad.status != 0 && bad.err.contains("not a VIST2 model directory"))
+    }
+
+    @Test("generate --doc reports compression figures; --full-text reads the same documents as text")
+    func generateWithDocuments() throws {
+        let doc = "/usr/share/common-licenses/GPL-3"
+        let text = try String(contentsOfFile: doc, encoding: .utf8)
+        let small = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-doc-\(UUID().uuidString).txt")
+        try String(text.prefix(300)).write(to: small, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: small) }
+        let base = ["generate", "--local", "--model", Self.tinyVIST2, "--doc", small.path, "--max-tokens", "70", "--ignore-eos", "--json"]
+        let c = try vist2ctl(base + ["Summarize:"])
+        #expect(c.status == 0, "\(c.err)")
+        let cj = try json(c.out)
+        for key in [
+            "doc_text_tokens", "visual_tokens", "compression_ratio", "kv_bytes", "kv_bytes_final", "flops", "render_ms", "vision_ms",
+            "ttft_ms", "swaps",
+        ] {
+            #expect(cj[key] != nil, "\(key)")
+        }
+        #expect(cj["mode"] as? String == "vist2" && (cj["visual_tokens"] as? Int ?? 0) > 0)
+        #expect(cj["generated_tokens"] as? Int == 70 && (cj["swaps"] as? Int ?? 0) >= 1)
+        let f = try vist2ctl(base + ["--full-text", "Summarize:"])
+        #expect(f.status == 0, "\(f.err)")
+        let fj = try json(f.out)
+        #expect(fj["mode"] as? String == "full-text")
+        #expect((fj["kv_bytes"] as? Int ?? 0) > (cj["kv_bytes"] as? Int ?? 0))
+        let e = try vist2ctl(["generate", "--local", "--doc", small.path, "hi"])
+        #expect(e.status != 0 && e.err.contains("VIST2 model directory"))
+    }
+
     @Test("Bad arguments and bad models fail with a clear message and a non-zero status")
     func errors() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-cli-\(UUID().uuidString)")
