@@ -108,6 +108,55 @@ struct VIST2Tests {
         #expect(full.doc_text_tokens == compressed.doc_text_tokens)
     }
 
+    @Test("A vision checkpoint with a missing or misshapen tensor names it; a wrong font is refused")
+    func badVisionWeights() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-vis-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.copyItem(at: TinyVIST2Golden.directory, to: dir)
+        // Rewrite vision.safetensors without one tensor and with another reshaped.
+        let path = dir.appendingPathComponent("vision.safetensors").path
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+        let n = Int(bytes.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+        var header = try #require(try JSONSerialization.jsonObject(with: bytes[8..<(8 + n)]) as? [String: Any])
+        let body = bytes[(8 + n)...]
+        func write(_ h: [String: Any]) throws {
+            let hj = try JSONSerialization.data(withJSONObject: h)
+            var out = Data()
+            withUnsafeBytes(of: UInt64(hj.count).littleEndian) { out.append(contentsOf: $0) }
+            out.append(hj)
+            out.append(body)
+            try out.write(to: URL(fileURLWithPath: path))
+        }
+        func loadError() -> String {
+            do {
+                _ = try VIST2Model(directory: dir, threads: 1)
+                return "accepted"
+            } catch { return error.description }
+        }
+        let missing = "vision_model.encoder.layers.1.mlp.fc2.weight"
+        let saved = header.removeValue(forKey: missing)
+        try write(header)
+        #expect(loadError().contains(missing))
+        header[missing] = saved
+        var t = header["aligner.weight"] as! [String: Any]
+        t["shape"] = [32, 128]
+        header["aligner.weight"] = t
+        try write(header)
+        #expect(loadError().contains("aligner.weight"))
+
+        // A config naming another font file hash.
+        try FileManager.default.removeItem(atPath: path)
+        try FileManager.default.copyItem(
+            at: TinyVIST2Golden.directory.appendingPathComponent("vision.safetensors"), to: URL(fileURLWithPath: path))
+        let cfgURL = dir.appendingPathComponent("config.json")
+        var cfg = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: cfgURL)) as? [String: Any])
+        var render = cfg["render"] as! [String: Any]
+        render["font_sha256"] = String(repeating: "0", count: 64)
+        cfg["render"] = render
+        try JSONSerialization.data(withJSONObject: cfg).write(to: cfgURL)
+        #expect(loadError().contains("sha256"))
+    }
+
     @Test("Damaged VIST2 configs name the field at fault")
     func badConfig() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-cfg-\(UUID().uuidString)")

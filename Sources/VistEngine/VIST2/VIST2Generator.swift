@@ -132,6 +132,8 @@ public struct VIST2Generator {
             }
             current = tok.encode(docText, addSpecial: false)
             guard current.count <= L else { throw .badArgument("the current chunk has \(current.count) tokens, more than L = \(L)") }
+            // The first generated token is predicted from the current chunk's last token, which must come after the images.
+            guard !current.isEmpty else { throw .badArgument("chunk images need the current chunk's text after them") }
             let imageCount: Int = req.images.count
             let maxBlocks: Int = imageCount + g.maxTokens / max(1, L) + 2
             let need: Int = instrTokens.count + maxBlocks * m + L + 1
@@ -244,8 +246,9 @@ public struct VIST2Generator {
                 let saved = Array(UnsafeBufferPointer(start: tf.logits, count: lm.config.vocabSize))
                 cache.truncate(to: base)
                 // Generated text that does not fit one canvas becomes several images.
+                // (Tokens that decode to no text at all still leave an image: a blank one.)
                 let pieces = model.chunker.chunks(text)
-                prefillBlocks(pieces.map(\.text))
+                prefillBlocks(pieces.isEmpty ? [Substring("")] : pieces.map(\.text))
                 finishedTokens += current.count
                 base = cache.count
                 current = []
