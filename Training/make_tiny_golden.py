@@ -142,11 +142,31 @@ def main():
     write_backbone(os.path.join(OUT, "backbone"), gen)
     write_vist2(OUT, gen)
     torch.set_grad_enabled(False)
-    model = VIST2(OUT).double()
+    scenario(args, OUT, "golden")
+    # The same model with boundary tokens around each block (config patched in a copy).
+    with tempfile.TemporaryDirectory() as t:
+        import shutil
+        d = os.path.join(t, "m")
+        shutil.copytree(OUT, d)
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["special_tokens"] = BOUNDARY
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        scenario(args, d, "golden-boundary", write_to=OUT)
+
+
+# Boundary tokens for the second scenario: the tiny vocabulary's only control token, and a byte.
+BOUNDARY = {"vision_start": "<|endoftext|>", "vision_end": "#"}
+
+
+def scenario(args, model_dir, name, write_to=None):
+    write_to = write_to or model_dir
+    model = VIST2(model_dir).double()
     L = model.L
     ids = lambda s: torch.tensor(list(s.encode("utf-8")), dtype=torch.long)  # noqa: E731  byte-level, no merges
 
-    doc_chunks = render(args.vist2ctl, OUT, DOCUMENT)
+    doc_chunks = render(args.vist2ctl, model_dir, DOCUMENT)
     finished, last_text = doc_chunks[:-1], doc_chunks[-1][0]
     assert len(finished) >= 2, "the document should give several chunks"
     cont = list(CONTINUATION.encode("utf-8"))
@@ -158,7 +178,7 @@ def main():
     for j, t in enumerate(texts):
         seg = {"text": torch.tensor(t, dtype=torch.long)}
         if j < len(texts) - 1:
-            swapped = render(args.vist2ctl, OUT, bytes(t).decode("utf-8"))
+            swapped = render(args.vist2ctl, model_dir, bytes(t).decode("utf-8"))
             assert len(swapped) == 1, "a swapped chunk must fit one image"
             seg["image"] = swapped[0][1].double()
         segments.append(seg)
@@ -166,16 +186,17 @@ def main():
     len0 = len(last_text.encode("utf-8"))
     # Row j predicts continuation token j: the text token just before it in the text stream.
     rows = logits[len0 - 1: len0 - 1 + len(cont)].float().numpy()
-    rows.astype("<f4").tofile(os.path.join(OUT, "golden.f32"))
+    rows.astype("<f4").tofile(os.path.join(write_to, name + ".f32"))
     P = len(INSTRUCTION.encode("utf-8"))
     golden = {"magic": "vist2-golden", "version": 1, "generator": "Training/make_tiny_golden.py",
               "torch": torch.__version__, "instruction": INSTRUCTION, "document": DOCUMENT,
               "continuation": CONTINUATION, "chunk_length": L, "visual_tokens": model.m,
               "document_chunks": len(doc_chunks), "rows": rows.shape[0], "vocab": rows.shape[1],
-              "kv_after_swaps": [P + (len(finished) + s + 1) * model.m for s in range(len(texts) - 1)]}
-    with open(os.path.join(OUT, "golden.json"), "w") as f:
+              "special_tokens": json.load(open(os.path.join(model_dir, "config.json"))).get("special_tokens"),
+              "kv_after_swaps": [P + (len(finished) + s + 1) * model.block for s in range(len(texts) - 1)]}
+    with open(os.path.join(write_to, name + ".json"), "w") as f:
         json.dump(golden, f, indent=1)
-    print(f"wrote {OUT}: {len(doc_chunks)} document chunks, {len(texts) - 1} swaps, {rows.shape[0]} logit rows")
+    print(f"wrote {name}: {len(doc_chunks)} document chunks, {len(texts) - 1} swaps, {rows.shape[0]} logit rows")
 
 
 if __name__ == "__main__":

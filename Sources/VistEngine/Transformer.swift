@@ -100,6 +100,16 @@ public final class Transformer: @unchecked Sendable {
         for p in [x, xn, q, k, v, att, proj, gate, up, scores, logits] { p.deallocate() }
     }
 
+    /// The input embedding of a token (a row of the token embedding matrix, dequantized).
+    public func embedding(of token: Int32) -> [Float] {
+        precondition(token >= 0 && Int(token) < config.vocabSize, "token id out of range")
+        var out = [Float](repeating: 0, count: config.dim)
+        out.withUnsafeMutableBufferPointer {
+            dequantize(weights.tokenEmbedding.type, weights.tokenEmbedding.row(Int(token)), $0.baseAddress!, count: config.dim)
+        }
+        return out
+    }
+
     public func makeCache(capacity: Int) -> KVCache {
         KVCache(config: config, capacity: min(capacity, config.contextLength))
     }

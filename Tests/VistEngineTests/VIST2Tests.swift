@@ -18,13 +18,14 @@ struct TinyVIST2Golden: Decodable {
     let rows: Int
     let vocab: Int
     let kv_after_swaps: [Int]
+    let special_tokens: [String: String]?
 
     static let directory: URL = Bundle.module.url(forResource: "Fixtures/tiny-vist2", withExtension: nil)!
 
-    static func load() throws -> (TinyVIST2Golden, [Float]) {
-        let g = try JSONDecoder().decode(TinyVIST2Golden.self, from: Data(contentsOf: directory.appendingPathComponent("golden.json")))
+    static func load(_ name: String = "golden") throws -> (TinyVIST2Golden, [Float]) {
+        let g = try JSONDecoder().decode(TinyVIST2Golden.self, from: Data(contentsOf: directory.appendingPathComponent(name + ".json")))
         #expect(g.magic == "vist2-golden" && g.version == 1, "stale fixture: rerun Training/make_tiny_golden.py")
-        let raw = try Data(contentsOf: directory.appendingPathComponent("golden.f32"))
+        let raw = try Data(contentsOf: directory.appendingPathComponent(name + ".f32"))
         let floats = raw.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
         #expect(floats.count == g.rows * g.vocab)
         return (g, floats)
@@ -41,15 +42,34 @@ struct VIST2Tests {
 
     @Test("Logits match the reference through chunk-boundary swaps, and the KV cache holds instruction + m per chunk + live text")
     func goldenLogits() throws {
-        let (g, golden) = try TinyVIST2Golden.load()
-        let model = try Self.model.get()
+        try checkGolden(model: try Self.model.get(), name: "golden")
+    }
+
+    @Test("With boundary tokens around each block, logits and KV counts still match the reference")
+    func goldenBoundaryTokens() throws {
+        let (g, _) = try TinyVIST2Golden.load("golden-boundary")
+        let special = try #require(g.special_tokens)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-bt-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.copyItem(at: TinyVIST2Golden.directory, to: dir)
+        let cfgURL = dir.appendingPathComponent("config.json")
+        var cfg = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: cfgURL)) as? [String: Any])
+        cfg["special_tokens"] = special
+        try JSONSerialization.data(withJSONObject: cfg).write(to: cfgURL)
+        let model = try VIST2Model(directory: dir, threads: 2)
+        #expect(model.blockSize == model.visualTokens + 2)
+        try checkGolden(model: model, name: "golden-boundary")
+    }
+
+    func checkGolden(model: VIST2Model, name: String) throws {
+        let (g, golden) = try TinyVIST2Golden.load(name)
         #expect(model.visualTokens == g.visual_tokens && model.chunkLength == g.chunk_length)
         let ids = model.language.tokenizer.encode(g.continuation, addSpecial: false)
         #expect(ids.count == g.rows)
         var maxErr: Float = 0
         var swaps: [Int] = []
         let r = try VIST2Generator(model: model).teacherForce(
-            request(g, documents: [g.document]), tokens: ids,
+            VIST2Request(generation: GenerationRequest(prompt: g.instruction), documents: [g.document]), tokens: ids,
             observe: { j, logits in
                 for v in 0..<g.vocab {
                     let ref = golden[j * g.vocab + v]
@@ -65,6 +85,7 @@ struct VIST2Tests {
         let len0 = model.language.tokenizer.encode(String(model.chunker.chunks(g.document).last!.text), addSpecial: false).count
         let live = len0 + ids.count - 1 - r.swaps * g.chunk_length
         #expect(r.kv_bytes_final == 2 * model.language.config.layers * model.language.config.kvDim * 4 * (g.kv_after_swaps.last! + live))
+        #expect(r.visual_tokens == r.chunks * g.visual_tokens)
     }
 
     @Test("Earlier chunks given as images or as text give identical logits: their text never reaches the model otherwise")

@@ -207,6 +207,23 @@ class VIST2(nn.Module):
         self.m = gh * gw // cfg["aligner"]["merge"] ** 2
         self.L = cfg["chunk"]["length"]
         self.load_vision(os.path.join(model_dir, "vision.safetensors"))
+        # Optional boundary tokens around each visual block: part of the block, with positions.
+        st = cfg.get("special_tokens") or {}
+        bdir = backbone if os.path.isabs(backbone) else os.path.join(model_dir, backbone)
+        self.vision_start = self.token_id(bdir, st.get("vision_start"))
+        self.vision_end = self.token_id(bdir, st.get("vision_end"))
+        self.block = self.m + (self.vision_start is not None) + (self.vision_end is not None)
+
+    @staticmethod
+    def token_id(backbone_dir, text):
+        if text is None:
+            return None
+        with open(os.path.join(backbone_dir, "tokenizer.json")) as f:
+            tok = json.load(f)
+        for a in tok.get("added_tokens", []):
+            if a["content"] == text:
+                return a["id"]
+        return tok["model"]["vocab"][text]
 
     def vision_state_dict(self):
         """Tensors under Hugging Face SigLIP names, plus aligner.weight / aligner.bias."""
@@ -249,7 +266,8 @@ class VIST2(nn.Module):
         Mask (query may attend key): instruction tokens are causal among themselves and visible
         to all; a text token of T_i sees the instruction, V_j for j < i and T_i causally; a
         visual token of V_i sees the instruction, V_j for j < i and all of V_i. Positions: the
-        instruction 0..P-1; V_i and T_i both start at P + i*m.
+        instruction 0..P-1; V_i and T_i both start at P + i*b, b = m plus the optional boundary
+        tokens, which belong to the block.
         """
         P = instruction.shape[0]
         emb, kind, chunk, pos = [self.backbone.embed(instruction)], [], [], []
@@ -258,16 +276,21 @@ class VIST2(nn.Module):
         pos += list(range(P))
         for i, seg in enumerate(segments):
             if seg.get("image") is not None:
-                emb.append(self.encode(seg["image"][None])[0])
-                kind += [2] * self.m
-                chunk += [i] * self.m
-                pos += [P + i * self.m + k for k in range(self.m)]
+                parts = [self.encode(seg["image"][None])[0]]
+                if self.vision_start is not None:
+                    parts.insert(0, self.backbone.embed(torch.tensor([self.vision_start])))
+                if self.vision_end is not None:
+                    parts.append(self.backbone.embed(torch.tensor([self.vision_end])))
+                emb.append(torch.cat(parts))
+                kind += [2] * self.block
+                chunk += [i] * self.block
+                pos += [P + i * self.block + k for k in range(self.block)]
             if seg.get("text") is not None and len(seg["text"]) > 0:
                 t = seg["text"]
                 emb.append(self.backbone.embed(t))
                 kind += [1] * len(t)
                 chunk += [i] * len(t)
-                pos += [P + i * self.m + k for k in range(len(t))]
+                pos += [P + i * self.block + k for k in range(len(t))]
         x = torch.cat(emb)
         kind, chunk, pos = torch.tensor(kind), torch.tensor(chunk), torch.tensor(pos)
         n = x.shape[0]

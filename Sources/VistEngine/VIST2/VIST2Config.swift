@@ -13,7 +13,8 @@ import VistRender
 ///                  "layer_norm_eps": 1e-6},
 ///       "aligner": {"merge": 2},
 ///       "render": { RenderConfig },
-///       "chunk": {"length": 392, "ratio": 4}
+///       "chunk": {"length": 392, "ratio": 4},
+///       "special_tokens": {"vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}   (optional)
 ///     }
 ///
 /// Relative paths (backbone, font) are relative to the model directory. The visual tokens per
@@ -51,6 +52,19 @@ public struct VIST2Config: Codable, Sendable, Equatable {
         public var ratio: Int
     }
 
+    /// Optional boundary tokens around every visual block (like Qwen's `<|vision_start|>` /
+    /// `<|vision_end|>`): token texts of the backbone's vocabulary. They are part of the block
+    /// (bidirectional inside it) and take positions, so a finished chunk occupies
+    /// m + (number of boundary tokens) positions.
+    public struct SpecialTokens: Codable, Sendable, Equatable {
+        public var visionStart: String?
+        public var visionEnd: String?
+
+        enum CodingKeys: String, CodingKey {
+            case visionStart = "vision_start", visionEnd = "vision_end"
+        }
+    }
+
     public var formatVersion: Int
     public var modelType: String
     public var backbone: String
@@ -58,9 +72,11 @@ public struct VIST2Config: Codable, Sendable, Equatable {
     public var aligner: Aligner
     public var render: RenderConfig
     public var chunk: ChunkSpec
+    public var specialTokens: SpecialTokens?
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version", modelType = "model_type", backbone, vision, aligner, render, chunk
+        case specialTokens = "special_tokens"
     }
 
     public static let currentFormatVersion = 1

@@ -103,7 +103,7 @@ public struct VIST2Generator {
         let g = req.generation
         try g.validate()
         let lm = model.language, tok = lm.tokenizer, tf = lm.transformer
-        let L = model.chunkLength, m = model.visualTokens
+        let L = model.chunkLength, m = model.blockSize  // positions per finished chunk (visual tokens + boundary tokens)
         let limit = lm.config.contextLength
         let instruction = g.chat ? lm.chatPrompt(g.prompt) : g.prompt
         let instrTokens = tok.encode(instruction, addSpecial: true, parseSpecial: g.chat)
@@ -158,10 +158,14 @@ public struct VIST2Generator {
             if !ids.isEmpty { tf.forward(ids, cache: cache, logits: logits ? .last : .none) }
             peakKV = max(peakKV, cache.bytesUsed)
         }
+        let startRow = model.visionStart.map { tf.embedding(of: $0) } ?? []
+        let endRow = model.visionEnd.map { tf.embedding(of: $0) } ?? []
         func prefillEmbeddings(_ e: [Float], count: Int) {
-            let dim = lm.config.dim
+            let dim = lm.config.dim, v = model.visualTokens
             for b in 0..<count {
-                tf.forward(embeddings: Array(e[(b * m * dim)..<((b + 1) * m * dim)]), cache: cache, causal: false, logits: .none)
+                // One block: [vision_start] m visual tokens [vision_end], bidirectional inside.
+                tf.forward(
+                    embeddings: startRow + e[(b * v * dim)..<((b + 1) * v * dim)] + endRow, cache: cache, causal: false, logits: .none)
             }
             blocks += count
             peakKV = max(peakKV, cache.bytesUsed)
@@ -267,7 +271,7 @@ public struct VIST2Generator {
         }
         let decodeNs = DispatchTime.now().uptimeNanoseconds - decodeStart
         let steps = max(0, generated.count - 1)
-        let visual = blocks * m
+        let visual = blocks * model.visualTokens
         return VIST2Result(
             text: out.text, prompt_tokens: promptTokens, generated_tokens: generated.count, ttft_ms: ttft,
             prefill_tokens_per_s: Double(promptTokens) / (Double(prefillNs) / 1e9),

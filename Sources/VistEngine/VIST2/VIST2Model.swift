@@ -19,6 +19,11 @@ public final class VIST2Model: @unchecked Sendable {
 
     /// Visual tokens per chunk (m).
     public var visualTokens: Int { config.visualTokens }
+    /// Boundary token ids around each visual block (from `special_tokens`), if configured.
+    public let visionStart: Int32?
+    public let visionEnd: Int32?
+    /// Positions (and KV entries) one finished chunk occupies: m plus its boundary tokens.
+    public var blockSize: Int { visualTokens + (visionStart == nil ? 0 : 1) + (visionEnd == nil ? 0 : 1) }
     /// Text tokens per chunk (L).
     public var chunkLength: Int { config.chunk.length }
 
@@ -58,6 +63,19 @@ public final class VIST2Model: @unchecked Sendable {
             throw .badArgument("\(configPath): \(error.description)")
         }
         let tokenizer = language.tokenizer
+        func special(_ text: String?, _ field: String) throws(EngineError) -> Int32? {
+            guard let text else { return nil }
+            let ids = tokenizer.encode(text, addSpecial: false, parseSpecial: true)
+            guard ids.count == 1 else {
+                throw .format(
+                    FormatError(
+                        file: configPath,
+                        problem: .invalid("special_tokens.\(field) '\(text)' is not one token of the backbone's vocabulary")))
+            }
+            return ids[0]
+        }
+        visionStart = try special(config.specialTokens?.visionStart, "vision_start")
+        visionEnd = try special(config.specialTokens?.visionEnd, "vision_end")
         chunker = Chunker(renderer: renderer, maxTokens: config.chunk.length) { tokenizer.encode(String($0), addSpecial: false).count }
         fingerprint = Self.fingerprint(files: [configPath, visionPath] + Self.backboneFiles(backboneURL))
     }
