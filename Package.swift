@@ -5,6 +5,7 @@
 //   vist2ctl -> VistEngine -> VistTokenizer -> VistFormats
 //                          -> VistKernels -> CVistKernels, CBLAS
 //            -> VistRender -> CFreeType, CImageIO, Crypto
+//   VistWire (framing) depends on nothing; the daemon and clients will sit on it.
 // The engine imports nothing of the daemon, the CLI or the wire protocol.
 import PackageDescription
 
@@ -37,6 +38,8 @@ let package = Package(
         // PNG writing through libpng (Debian: libpng-dev), with its setjmp error handling kept in C.
         .target(name: "CImageIO", linkerSettings: [.linkedLibrary("png")]),
         .target(name: "VistKernels", dependencies: ["CBLAS", "CVistKernels"]),
+        // The wire framing (Protocols/PROTOCOL.md): bytes in, payloads out; no sockets.
+        .target(name: "VistWire"),
         // The sketch renderer and content-defined chunker: text in, grayscale canvases out.
         .target(name: "VistRender", dependencies: ["CFreeType", "CImageIO", .product(name: "Crypto", package: "swift-crypto")]),
         .target(name: "VistFormats", dependencies: ["VistKernels"]),
@@ -56,6 +59,7 @@ let package = Package(
         .testTarget(name: "VistKernelsTests", dependencies: ["VistKernels"]),
         .testTarget(name: "VistFormatsTests", dependencies: ["VistFormats"]),
         .testTarget(name: "VistRenderTests", dependencies: ["VistRender"]),
+        .testTarget(name: "VistWireTests", dependencies: ["VistWire"]),
         .testTarget(
             name: "VistTokenizerTests", dependencies: ["VistTokenizer", "VistEngine"],
             resources: [.copy("Fixtures")]),
