@@ -14,12 +14,14 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "vist2ctl", targets: ["vist2ctl"]),
+        .executable(name: "vist2d", targets: ["vist2d"]),
         .library(name: "VistEngine", targets: ["VistEngine"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         // C shim over OpenBLAS's cblas.h (Debian: libopenblas-dev).
@@ -50,12 +52,26 @@ let package = Package(
         .target(
             name: "VistEngine",
             dependencies: ["VistKernels", "VistFormats", "VistTokenizer", "VistRender", .product(name: "Crypto", package: "swift-crypto")]),
+        // The daemon's core: sessions, the engine worker, the Unix-socket server (SwiftNIO).
+        .target(
+            name: "VistServer",
+            dependencies: [
+                "VistEngine", "VistWire", "VistProtocol",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            ]),
+        .executableTarget(
+            name: "vist2d",
+            dependencies: ["VistServer", "VistEngine", "VistWire", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+        // The typed client library vist2ctl is a thin shell over.
+        .target(name: "VistClient", dependencies: ["VistWire", "VistProtocol"]),
         .executableTarget(
             name: "vist2ctl",
             dependencies: [
                 "VistEngine",
                 "VistTokenizer",
                 "VistRender",
+                "VistClient",
+                "VistProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -63,6 +79,7 @@ let package = Package(
         .testTarget(name: "VistFormatsTests", dependencies: ["VistFormats"]),
         .testTarget(name: "VistRenderTests", dependencies: ["VistRender"]),
         .testTarget(name: "VistWireTests", dependencies: ["VistWire", "VistProtocol"]),
+        .testTarget(name: "VistServerTests", dependencies: ["VistServer", "VistClient"]),
         .testTarget(
             name: "VistTokenizerTests", dependencies: ["VistTokenizer", "VistEngine"],
             resources: [.copy("Fixtures")]),
@@ -70,6 +87,6 @@ let package = Package(
             name: "VistEngineTests", dependencies: ["VistEngine"],
             resources: [.copy("Fixtures")]),
         // Runs the built vist2ctl binary as a user would (depending on it makes `swift test` build it).
-        .testTarget(name: "CLITests", dependencies: ["vist2ctl", "VistEngine"]),
+        .testTarget(name: "CLITests", dependencies: ["vist2ctl", "vist2d", "VistEngine"]),
     ]
 )

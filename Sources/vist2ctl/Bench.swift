@@ -23,7 +23,7 @@ struct Bench: ParsableCommand {
     var json = false
 
     func run() throws {
-        try requireLocal(local)
+        try requireLocal(local, "bench")
         try runReportingErrors(json: json) {
             let model = try modelOptions.load()
             let b = try model.bench(prompt: p, generate: n, repetitions: r)

@@ -1,11 +1,15 @@
 import ArgumentParser
 import Foundation
+import VistClient
 import VistEngine
+import VistProtocol
 
 struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Generate text from a prompt (streams to stdout).")
 
     @OptionGroup var modelOptions: ModelOptions
+
+    @OptionGroup var socketOption: SocketOption
 
     @Flag(help: "Run the engine in this process instead of asking the daemon.")
     var local = false
@@ -53,7 +57,10 @@ struct Generate: ParsableCommand {
     var prompt: String
 
     func run() throws {
-        try requireLocal(local)
+        if !local {
+            try runOnDaemon()
+            return
+        }
         try runReportingErrors(json: json) {
             var req = GenerationRequest(prompt: prompt)
             req.chat = chat
@@ -97,4 +104,51 @@ struct Generate: ParsableCommand {
             }
         }
     }
+
+    /// The same request through the daemon: text streams as it arrives.
+    func runOnDaemon() throws {
+        guard doc.isEmpty, !fullText else {
+            throw ValidationError("documents are served by the daemon once it has open/compress; for now use --local with --doc")
+        }
+        let c = try socketOption.connect()
+        let g = Vist2_V1_GenerateRequest.with {
+            $0.instruction = prompt
+            $0.chat = chat
+            $0.maxTokens = UInt32(clamping: max(0, maxTokens))
+            $0.stop = stop
+            $0.sampling = .with {
+                $0.temperature = temperature
+                $0.topK = UInt32(clamping: max(0, topK))
+                $0.topP = topP
+                $0.minP = minP
+                $0.repetitionPenalty = repeatPenalty
+                $0.seed = seed
+            }
+        }
+        do {
+            let r = try c.generate(g) { piece in
+                if !json { FileHandle.standardOutput.write(Data(piece.utf8)) }
+            }
+            if json {
+                printJSON([
+                    "text": AnyEncodable(r.text), "prompt_tokens": AnyEncodable(Int(r.promptTokens)),
+                    "generated_tokens": AnyEncodable(Int(r.generatedTokens)), "ttft_ms": AnyEncodable(r.ttftMs),
+                    "prefill_tokens_per_s": AnyEncodable(r.prefillTokensPerS), "decode_tokens_per_s": AnyEncodable(r.decodeTokensPerS),
+                    "stop_reason": AnyEncodable(r.stopReason),
+                ])
+            } else {
+                FileHandle.standardOutput.write(Data("\n".utf8))
+            }
+        } catch {
+            FileHandle.standardError.write(Data("vist2ctl: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// Type-erased Encodable for small JSON objects of mixed values.
+struct AnyEncodable: Encodable {
+    let encode: (Encoder) throws -> Void
+    init<T: Encodable>(_ v: T) { encode = v.encode }
+    func encode(to encoder: Encoder) throws { try encode(encoder) }
 }

@@ -14,7 +14,7 @@ struct VistCtl: ParsableCommand {
             The model store is $VIST2_MODELS, else $XDG_DATA_HOME/vist2/models, else \
             ~/.local/share/vist2/models.
             """,
-        subcommands: [Generate.self, Tokenize.self, Perplexity.self, Bench.self, Render.self])
+        subcommands: [Status.self, Generate.self, Tokenize.self, Perplexity.self, Bench.self, Render.self])
 }
 
 /// Options every model-using command shares.
@@ -73,8 +73,8 @@ func printJSON<T: Encodable>(_ value: T, to stream: Stream = .standardOutput) {
     h.write(Data("\n".utf8))
 }
 
-func requireLocal(_ local: Bool) throws {
+func requireLocal(_ local: Bool, _ what: String) throws {
     guard local else {
-        throw ValidationError("the vist2d daemon is not part of this build yet; run the engine in-process with --local")
+        throw ValidationError("\(what) runs in-process only for now; add --local")
     }
 }

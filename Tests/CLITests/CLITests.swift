@@ -146,6 +146,39 @@ struct CLITests {
         #expect(e.status != 0 && e.err.contains("VIST2 model directory"))
     }
 
+    @Test("vist2d serves vist2ctl status and generate over its socket, and exits 0 on SIGTERM")
+    func daemon() throws {
+        let dir = URL(fileURLWithPath: "/tmp").appendingPathComponent("v2cli-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let sock = dir.appendingPathComponent("vist2.sock").path
+        let d = Process()
+        d.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vist2d")
+        if !FileManager.default.fileExists(atPath: d.executableURL!.path) {
+            d.executableURL = Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("vist2d")
+        }
+        d.arguments = ["--model", Self.tinyVIST2, "--socket", sock, "--threads", "1"]
+        d.standardError = FileHandle.nullDevice
+        try d.run()
+        defer { if d.isRunning { d.terminate() } }
+        var waited = 0
+        while !FileManager.default.fileExists(atPath: sock) && waited < 300 {
+            usleep(100_000)
+            waited += 1
+        }
+        let s = try vist2ctl(["status", "--socket", sock, "--json"])
+        #expect(s.status == 0, "\(s.err)")
+        #expect(try json(s.out)["state"] as? String == "ready")
+        let g = try vist2ctl(["generate", "--socket", sock, "--max-tokens", "12", "--temperature", "0", "--json", "Hello"])
+        #expect(g.status == 0, "\(g.err)")
+        #expect(try json(g.out)["generated_tokens"] as? Int == 12)
+        d.terminate()  // SIGTERM
+        d.waitUntilExit()
+        #expect(d.terminationStatus == 0)
+        #expect(!FileManager.default.fileExists(atPath: sock))
+        let none = try vist2ctl(["status", "--socket", sock])
+        #expect(none.status != 0 && none.err.contains(sock))
+    }
+
     @Test("Bad arguments and bad models fail with a clear message and a non-zero status")
     func errors() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-cli-\(UUID().uuidString)")
@@ -174,7 +207,9 @@ struct CLITests {
         #expect(r.status != 0 && r.err.contains("max tokens"))
         r = try vist2ctl(["generate", "--local", "--threads", "0", "hi"])
         #expect(r.status != 0 && r.err.contains("--threads"))
-        r = try vist2ctl(["generate", "hi"])
+        r = try vist2ctl(["generate", "--socket", "/tmp/no-vist2-here/vist2.sock", "hi"])
+        #expect(r.status != 0 && r.err.contains("/tmp/no-vist2-here/vist2.sock") && r.err.contains("vist2d"))
+        r = try vist2ctl(["bench", "-p", "8", "-n", "0"])
         #expect(r.status != 0 && r.err.contains("--local"))
         r = try vist2ctl(["perplexity", "--ctx", "100000", "/usr/share/common-licenses/GPL-3"])
         #expect(r.status != 0 && r.err.contains("--ctx"))

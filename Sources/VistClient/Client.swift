@@ -1,0 +1,149 @@
+import Foundation
+import SwiftProtobuf
+import VistProtocol
+import VistWire
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A typed, blocking client for vist2d: one connection, requests answered in order of arrival.
+/// `vist2ctl` is a thin shell over it; it never speaks the wire format by hand.
+public final class VistClient {
+    public enum ClientError: Error, CustomStringConvertible {
+        case connect(path: String, reason: String)
+        case io(String)
+        case closed
+        case protocolError(String)
+        case server(Vist2_V1_ErrorCode, String)
+
+        public var description: String {
+            switch self {
+            case .connect(let p, let r): return "cannot connect to the vist2 daemon at \(p): \(r) (is vist2d running?)"
+            case .io(let s): return s
+            case .closed: return "the daemon closed the connection"
+            case .protocolError(let s): return s
+            case .server(let c, let m): return "\(m) [\(c)]"
+            }
+        }
+    }
+
+    let fd: Int32
+    var decoder = FrameDecoder(maxPayload: Frame.hardMaxPayload)
+    var pending: [[UInt8]] = []
+    var nextID: UInt64 = 1
+    public private(set) var hello = Vist2_V1_HelloReply()
+
+    /// The socket a user's daemon listens on: $XDG_RUNTIME_DIR/vist2/vist2.sock, else /run/vist2/vist2.sock.
+    public static var defaultSocketPath: String {
+        if let d = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"], !d.isEmpty { return d + "/vist2/vist2.sock" }
+        return "/run/vist2/vist2.sock"
+    }
+
+    /// Connects and performs the handshake.
+    public init(socketPath: String = VistClient.defaultSocketPath, clientName: String = "vist2ctl") throws {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw ClientError.connect(path: socketPath, reason: String(cString: strerror(errno))) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(socketPath.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            close(fd)
+            throw ClientError.connect(path: socketPath, reason: "path too long")
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in for (i, b) in bytes.enumerated() { p[i] = b } }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw ClientError.connect(path: socketPath, reason: reason)
+        }
+        var m = Vist2_V1_ClientMessage()
+        m.requestID = 0
+        m.hello = .with {
+            $0.protocolVersion = 1
+            $0.clientName = clientName
+        }
+        try send(m)
+        let r = try receive()
+        if case .error(let e) = r.body { throw ClientError.server(e.code, e.message) }
+        guard case .hello(let h) = r.body else { throw ClientError.protocolError("the daemon did not answer the handshake") }
+        hello = h
+    }
+
+    deinit { close(fd) }
+
+    public func makeID() -> UInt64 {
+        defer { nextID += 1 }
+        return nextID
+    }
+
+    public func send(_ m: Vist2_V1_ClientMessage) throws {
+        let payload: [UInt8] = try m.serializedBytes()
+        try sendRaw(try Frame.encode(payload, maxPayload: Frame.hardMaxPayload))
+    }
+
+    /// Bytes as they are (tests send malformed input with this).
+    public func sendRaw(_ bytes: [UInt8]) throws {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw ClientError.io("write: \(String(cString: strerror(errno)))")
+            }
+            off += n
+        }
+    }
+
+    /// The next message from the daemon (blocking).
+    public func receive() throws -> Vist2_V1_ServerMessage {
+        while pending.isEmpty {
+            var buf = [UInt8](repeating: 0, count: 65536)
+            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw ClientError.io("read: \(String(cString: strerror(errno)))")
+            }
+            if n == 0 { throw ClientError.closed }
+            do { pending += try decoder.feed(buf[0..<n]) } catch { throw ClientError.protocolError(error.description) }
+        }
+        let p = pending.removeFirst()
+        do { return try Vist2_V1_ServerMessage(serializedBytes: p) } catch {
+            throw ClientError.protocolError("undecodable reply: \(error)")
+        }
+    }
+
+    public func status() throws -> Vist2_V1_Status {
+        var m = Vist2_V1_ClientMessage()
+        m.requestID = makeID()
+        m.status = Vist2_V1_StatusRequest()
+        try send(m)
+        let r = try receive()
+        if case .error(let e) = r.body { throw ClientError.server(e.code, e.message) }
+        guard case .status(let s) = r.body else { throw ClientError.protocolError("unexpected reply to Status") }
+        return s
+    }
+
+    /// Sends a generation and streams its text; returns the final result.
+    public func generate(_ g: Vist2_V1_GenerateRequest, id: UInt64? = nil, onText: (String) -> Void = { _ in }) throws
+        -> Vist2_V1_GenerateResult
+    {
+        var m = Vist2_V1_ClientMessage()
+        m.requestID = id ?? makeID()
+        m.generate = g
+        try send(m)
+        while true {
+            let r = try receive()
+            guard r.requestID == m.requestID else { continue }
+            switch r.body {
+            case .textDelta(let d): onText(d.text)
+            case .generateResult(let res): return res
+            case .error(let e): throw ClientError.server(e.code, e.message)
+            default: throw ClientError.protocolError("unexpected reply to Generate")
+            }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+import Foundation
+import Testing
+import VistEngine
+
+@testable import VistClient
+@testable import VistProtocol
+@testable import VistServer
+@testable import VistWire
+
+/// An in-process daemon on a temporary socket, serving the tiny VIST2 model of the engine tests.
+final class TestDaemon {
+    let dir: URL
+    let server: UnixServer
+    var path: String { server.socketPath }
+
+    static let modelDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("VistEngineTests/Fixtures/tiny-vist2")
+
+    init(queue: Int = 8, maxFrame: Int = 1 << 16) throws {
+        dir = URL(fileURLWithPath: "/tmp").appendingPathComponent("v2d-\(UUID().uuidString.prefix(8))")
+        let model = try VIST2Model(directory: Self.modelDir, threads: 1)
+        let ctx = ServerContext(model: .vist2(model), modelName: "tiny", queueCapacity: queue, maxFrame: maxFrame)
+        server = UnixServer(context: ctx, socketPath: dir.appendingPathComponent("vist2.sock").path)
+        try server.start()
+    }
+
+    deinit {
+        server.stop()
+        try? FileManager.default.removeItem(at: dir)
+    }
+}
+
+func generateRequest(_ text: String, tokens: UInt32) -> Vist2_V1_GenerateRequest {
+    .with {
+        $0.instruction = text
+        $0.maxTokens = tokens
+        $0.sampling = .with {
+            $0.temperature = 0
+            $0.topP = 1
+        }
+    }
+}
+
+@Suite("vist2d over a real Unix socket", .serialized)
+struct ServerTests {
+    @Test("Handshake, status, and a streamed generation whose deltas add up to the result")
+    func basics() throws {
+        let d = try TestDaemon()
+        let c = try VistClient(socketPath: d.path, clientName: "test")
+        #expect(c.hello.protocolVersion == 1 && c.hello.visualTokens == 8 && c.hello.chunkLength == 32)
+        #expect(c.hello.modelFingerprint.count == 64 && c.hello.limits.maxFrameBytes == 1 << 16)
+        #expect(try c.status().state == "ready")
+        var streamed = ""
+        let r = try c.generate(generateRequest("Once upon a time", tokens: 40)) { streamed += $0 }
+        #expect(r.generatedTokens == 40 && r.text == streamed && !streamed.isEmpty)
+        #expect(r.swaps >= 1)
+        // The socket is private to its owner.
+        let attrs = try FileManager.default.attributesOfItem(atPath: d.path)
+        #expect((attrs[.posixPermissions] as? Int) == 0o600)
+    }
+
+    @Test("Requests before the handshake, unknown bodies and duplicate daemons get clear errors")
+    func protocolErrors() throws {
+        let d = try TestDaemon()
+        let c = try VistClient(socketPath: d.path)
+        var m = Vist2_V1_ClientMessage()
+        m.requestID = 5
+        try c.send(m)  // empty body
+        let r = try c.receive()
+        #expect(r.requestID == 5 && r.final && r.error.code == .unknownRequest)
+        // A second daemon on the same socket refuses to start.
+        let other = UnixServer(context: d.server.context, socketPath: d.path)
+        #expect(throws: UnixServer.StartError.self) { try other.start() }
+    }
+
+    @Test("Garbage and oversized frames close that connection only; other clients are still served")
+    func badInput() throws {
+        let d = try TestDaemon(maxFrame: 1024)
+        let good = try VistClient(socketPath: d.path)
+        let bad = try VistClient(socketPath: d.path)
+        try bad.sendRaw(Array("GET / HTTP/1.1\r\n\r\n".utf8))
+        let r = try bad.receive()
+        #expect(r.error.code == .badRequest)
+        #expect(throws: VistClient.ClientError.self) { _ = try bad.receive() }  // closed
+        let big = try VistClient(socketPath: d.path)
+        try big.sendRaw([0x56, 0x32, 1, 0, 0x7f, 0xff, 0xff, 0xff])
+        #expect(try big.receive().error.code == .frameTooLarge)
+        #expect(try good.status().state == "ready")
+    }
+
+    @Test("Past the queue bound a request is answered BUSY at once")
+    func busy() throws {
+        let d = try TestDaemon(queue: 1)
+        let c = try VistClient(socketPath: d.path)
+        // Three long generations on one connection: one runs, one waits, the third is refused.
+        for id in [UInt64(1), 2, 3] {
+            var m = Vist2_V1_ClientMessage()
+            m.requestID = id
+            m.generate = generateRequest("Busy", tokens: 400)
+            try c.send(m)
+        }
+        var busy = 0
+        var finals = 0
+        while finals < 3 {
+            let r = try c.receive()
+            if r.final {
+                finals += 1
+                if r.error.code == .busy { busy += 1 }
+            }
+        }
+        #expect(busy >= 1)
+    }
+
+    @Test("Cancel stops a generation within a step; disconnecting cancels too")
+    func cancel() throws {
+        let d = try TestDaemon()
+        let c = try VistClient(socketPath: d.path)
+        var m = Vist2_V1_ClientMessage()
+        m.requestID = 9
+        m.generate = generateRequest("Cancel me", tokens: 2000)
+        try c.send(m)
+        // Wait for the first delta, then cancel.
+        var r = try c.receive()
+        #expect(r.requestID == 9 && !r.final)
+        var cancel = Vist2_V1_ClientMessage()
+        cancel.requestID = 10
+        cancel.cancel = .with { $0.targetRequestID = 9 }
+        try c.send(cancel)
+        var gotAck = false, cancelled = false, deltasAfter = 0
+        while !(gotAck && cancelled) {
+            r = try c.receive()
+            if r.requestID == 10 { gotAck = r.body == .ack(Vist2_V1_Ack()) }
+            if r.requestID == 9 {
+                if r.final { cancelled = r.error.code == .cancelled } else { deltasAfter += 1 }
+            }
+        }
+        #expect(gotAck && cancelled && deltasAfter < 100)
+        // A cancel for an unknown request.
+        cancel.requestID = 11
+        cancel.cancel.targetRequestID = 12345
+        try c.send(cancel)
+        #expect(try c.receive().error.code == .notFound)
+        // Disconnect mid-generation, then another client gets served promptly.
+        do {
+            let gone = try VistClient(socketPath: d.path)
+            var g = Vist2_V1_ClientMessage()
+            g.requestID = 1
+            g.generate = generateRequest("Abandoned", tokens: 2000)
+            try gone.send(g)
+            _ = try gone.receive()
+        }
+        let t0 = Date()
+        #expect(try VistClient(socketPath: d.path).generate(generateRequest("Next", tokens: 5)).generatedTokens == 5)
+        #expect(Date().timeIntervalSince(t0) < 30)
+    }
+
+    @Test("A client with no daemon gets a message naming the socket")
+    func noDaemon() {
+        do {
+            _ = try VistClient(socketPath: "/tmp/no-such-vist2/vist2.sock")
+            Issue.record("connected to nothing")
+        } catch {
+            #expect("\(error)".contains("/tmp/no-such-vist2/vist2.sock"))
+        }
+    }
+}
