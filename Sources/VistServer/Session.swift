@@ -184,6 +184,21 @@ public final class Session: @unchecked Sendable {
         }
     }
 
+    /// The fields both generators report.
+    static func common(
+        _ text: String, _ prompt: Int, _ generated: Int, _ ttft: Double, _ prefill: Double, _ decode: Double, _ reason: StopReason
+    ) -> Vist2_V1_GenerateResult {
+        .with {
+            $0.text = text
+            $0.promptTokens = UInt32(clamping: prompt)
+            $0.generatedTokens = UInt32(clamping: generated)
+            $0.ttftMs = ttft
+            $0.prefillTokensPerS = prefill
+            $0.decodeTokensPerS = decode
+            $0.stopReason = reason.rawValue
+        }
+    }
+
     func generate(_ id: UInt64, _ g: Vist2_V1_GenerateRequest) {
         lock.lock()
         let duplicate = inFlight[id] != nil
@@ -220,39 +235,25 @@ public final class Session: @unchecked Sendable {
                 return !job.isCancelled
             }
             do {
-                var result = Vist2_V1_GenerateResult()
-                var reason = ""
+                var result: Vist2_V1_GenerateResult
                 switch ctx.model {
                 case .vist2(let m):
                     let r = try VIST2Generator(model: m).generate(VIST2Request(generation: req), onText: onText)
-                    reason = r.stop_reason.rawValue
-                    result = .with {
-                        $0.text = r.text
-                        $0.promptTokens = UInt32(r.prompt_tokens)
-                        $0.generatedTokens = UInt32(r.generated_tokens)
-                        $0.ttftMs = r.ttft_ms
-                        $0.prefillTokensPerS = r.prefill_tokens_per_s
-                        $0.decodeTokensPerS = r.decode_tokens_per_s
-                        $0.stopReason = reason
-                        $0.kvBytes = UInt64(r.kv_bytes)
-                        $0.kvBytesFinal = UInt64(r.kv_bytes_final)
-                        $0.flops = UInt64(r.flops)
-                        $0.chunks = UInt32(r.chunks)
-                        $0.swaps = UInt32(r.swaps)
-                    }
+                    result = Self.common(
+                        r.text, r.prompt_tokens, r.generated_tokens, r.ttft_ms, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.stop_reason
+                    )
+                    result.kvBytes = UInt64(r.kv_bytes)
+                    result.kvBytesFinal = UInt64(r.kv_bytes_final)
+                    result.flops = UInt64(r.flops)
+                    result.chunks = UInt32(r.chunks)
+                    result.swaps = UInt32(r.swaps)
                 case .language(let lm):
                     let r = try Generator(model: lm).generate(req, onText: onText)
-                    reason = r.stop_reason.rawValue
-                    result = .with {
-                        $0.text = r.text
-                        $0.promptTokens = UInt32(r.prompt_tokens)
-                        $0.generatedTokens = UInt32(r.generated_tokens)
-                        $0.ttftMs = r.ttft_ms
-                        $0.prefillTokensPerS = r.prefill_tokens_per_s
-                        $0.decodeTokensPerS = r.decode_tokens_per_s
-                        $0.stopReason = reason
-                    }
+                    result = Self.common(
+                        r.text, r.prompt_tokens, r.generated_tokens, r.ttft_ms, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.stop_reason
+                    )
                 }
+                let reason = result.stopReason
                 if reason == StopReason.cancelled.rawValue || job.isCancelled {
                     error(id, .cancelled, "cancelled")
                 } else {
