@@ -68,24 +68,61 @@ public struct Generator {
         let cache = model.transformer.makeCache(capacity: capacity)
         var sampler = Sampler(req.sampling)
         let vocab = model.config.vocabSize
+        let tf = model.transformer
 
         let t0 = DispatchTime.now().uptimeNanoseconds
-        model.transformer.forward(tokens, cache: cache, logits: .last)
-        var history = tokens
+        tf.forward(tokens, cache: cache, logits: .last)
+        let prefillNs = DispatchTime.now().uptimeNanoseconds - t0
+        let d = DecodeLoop.run(
+            tokenizer: tok, prompt: tokens, maxTokens: req.maxTokens, stop: req.stop, stopAtEOS: !req.ignoreEOS, start: t0,
+            pick: { _, history in sampler.sample(tf.logits, vocab: vocab, history: history) },
+            step: { next in
+                guard cache.count < cache.capacity else { return .contextFull }
+                tf.forward([next], cache: cache, logits: .last)
+                return nil
+            }, onText: onText)
+        // Decode speed counts the forward passes after the first token (tokens 2...n).
+        let decodeSteps = max(0, d.generated.count - 1)
+        return GenerationResult(
+            text: d.text, prompt_tokens: tokens.count, generated_tokens: d.generated.count, ttft_ms: d.ttftMs,
+            prefill_tokens_per_s: Double(tokens.count) / (Double(prefillNs) / 1e9),
+            decode_tokens_per_s: decodeSteps > 0 ? Double(decodeSteps) / (Double(d.decodeNs) / 1e9) : 0,
+            peak_rss_bytes: peakRSSBytes(), stop_reason: d.reason, token_ids: d.generated)
+    }
+}
+
+/// The token loop both generators share: pick the next token, stop at end-of-generation, a stop
+/// string, cancellation by the caller, or the token budget; stream text as it becomes valid
+/// UTF-8; otherwise let `step` run the token through the model (it may end the loop, e.g. when
+/// the cache is full).
+enum DecodeLoop {
+    struct Outcome {
+        var generated: [Int32]
+        var text: String
+        var reason: StopReason
+        var ttftMs: Double
+        var decodeNs: UInt64
+    }
+
+    /// `pick(index, history)` chooses token `index` of the generation; `history` is the prompt
+    /// plus what was generated so far. `start` is when the request began (for the TTFT).
+    static func run(
+        tokenizer tok: Tokenizer, prompt: [Int32], maxTokens: Int, stop: [String], stopAtEOS: Bool, start: UInt64,
+        pick: (Int, ArraySlice<Int32>) -> Int32, step: (Int32) -> StopReason?, onText: (String) -> Bool
+    ) -> Outcome {
+        var history = prompt
         var generated: [Int32] = []
-        var out = StreamingText(stops: req.stop.map { Array($0.utf8) })
+        var out = StreamingText(stops: stop.map { Array($0.utf8) })
         var reason = StopReason.maxTokens
         var ttft = 0.0
-        let prefillNs = DispatchTime.now().uptimeNanoseconds - t0
         var decodeStart = DispatchTime.now().uptimeNanoseconds
-
-        while generated.count < req.maxTokens {
-            let next = sampler.sample(model.transformer.logits, vocab: vocab, history: history[...])
+        while generated.count < maxTokens {
+            let next = pick(generated.count, history[...])
             if generated.isEmpty {
-                ttft = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6
+                ttft = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6
                 decodeStart = DispatchTime.now().uptimeNanoseconds
             }
-            if !req.ignoreEOS && tok.isEndOfGeneration(next) {
+            if stopAtEOS && tok.isEndOfGeneration(next) {
                 reason = .endOfGeneration
                 break
             }
@@ -100,25 +137,19 @@ public struct Generator {
                 reason = .stopString
                 break
             }
-            if generated.count == req.maxTokens { break }
-            if cache.count >= cache.capacity {
-                reason = .contextFull
+            if generated.count == maxTokens { break }
+            if let r = step(next) {
+                reason = r
                 break
             }
-            model.transformer.forward([next], cache: cache, logits: .last)
         }
         if reason != .stopString && reason != .cancelled {
             let rest = out.finish()
             if !rest.isEmpty { _ = onText(rest) }
         }
-        let decodeNs = DispatchTime.now().uptimeNanoseconds - decodeStart
-        // Decode speed counts the forward passes after the first token (tokens 2...n).
-        let decodeSteps = max(0, generated.count - 1)
-        return GenerationResult(
-            text: out.text, prompt_tokens: tokens.count, generated_tokens: generated.count, ttft_ms: ttft,
-            prefill_tokens_per_s: Double(tokens.count) / (Double(prefillNs) / 1e9),
-            decode_tokens_per_s: decodeSteps > 0 ? Double(decodeSteps) / (Double(decodeNs) / 1e9) : 0,
-            peak_rss_bytes: peakRSSBytes(), stop_reason: reason, token_ids: generated)
+        return Outcome(
+            generated: generated, text: out.text, reason: reason, ttftMs: ttft, decodeNs: DispatchTime.now().uptimeNanoseconds - decodeStart
+        )
     }
 }
 

@@ -201,49 +201,21 @@ public struct VIST2Generator {
 
         // Decode.
         var sampler = Sampler(g.sampling)
-        var history = start + current
-        var generated: [Int32] = []
-        var out = StreamingText(stops: g.stop.map { Array($0.utf8) })
-        var reason = StopReason.maxTokens
-        var ttft = 0.0
         var swaps = 0
-        var decodeStart = DispatchTime.now().uptimeNanoseconds
-        while generated.count < g.maxTokens {
-            let next: Int32
-            if let forced {
-                forced.observe(generated.count, tf.logits)
-                next = forced.tokens[generated.count]
-            } else {
-                next = sampler.sample(tf.logits, vocab: lm.config.vocabSize, history: history[...])
-            }
-            if generated.isEmpty {
-                ttft = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6
-                decodeStart = DispatchTime.now().uptimeNanoseconds
-            }
-            if forced == nil && !g.ignoreEOS && tok.isEndOfGeneration(next) {
-                reason = .endOfGeneration
-                break
-            }
-            generated.append(next)
-            history.append(next)
-            let (piece, stopped) = out.append(tok.pieceBytes(next))
-            if !piece.isEmpty && !onText(piece) {
-                reason = .cancelled
-                break
-            }
-            if stopped {
-                reason = .stopString
-                break
-            }
-            if generated.count == g.maxTokens { break }
-            if cache.count >= cache.capacity {
-                reason = .contextFull
-                break
-            }
-            current.append(next)
-            tf.forward([next], cache: cache, logits: .last)
-            peakKV = max(peakKV, cache.bytesUsed)
-            if !req.fullText && current.count >= L {
+        let d = DecodeLoop.run(
+            tokenizer: tok, prompt: start + current, maxTokens: g.maxTokens, stop: g.stop,
+            stopAtEOS: forced == nil && !g.ignoreEOS, start: t0,
+            pick: { index, history in
+                guard let forced else { return sampler.sample(tf.logits, vocab: lm.config.vocabSize, history: history) }
+                forced.observe(index, tf.logits)
+                return forced.tokens[index]
+            },
+            step: { next in
+                guard cache.count < cache.capacity else { return .contextFull }
+                current.append(next)
+                tf.forward([next], cache: cache, logits: .last)
+                peakKV = max(peakKV, cache.bytesUsed)
+                guard !req.fullText && current.count >= L else { return nil }
                 // Chunk boundary: evict T_cur's text, prefill its image instead. The logits of the
                 // next token were computed above, from T_cur's last token.
                 let text = tok.decode(current)
@@ -259,29 +231,20 @@ public struct VIST2Generator {
                 swaps += 1
                 forced?.onSwap(cache.count)
                 saved.withUnsafeBufferPointer { tf.logits.update(from: $0.baseAddress!, count: saved.count) }
-                if cache.count + 1 >= cache.capacity {
-                    reason = .contextFull
-                    break
-                }
-            }
-        }
-        if reason != .stopString && reason != .cancelled {
-            let rest = out.finish()
-            if !rest.isEmpty { _ = onText(rest) }
-        }
-        let decodeNs = DispatchTime.now().uptimeNanoseconds - decodeStart
-        let steps = max(0, generated.count - 1)
+                return cache.count + 1 >= cache.capacity ? .contextFull : nil
+            }, onText: onText)
+        let steps = max(0, d.generated.count - 1)
         let visual = blocks * model.visualTokens
         return VIST2Result(
-            text: out.text, prompt_tokens: promptTokens, generated_tokens: generated.count, ttft_ms: ttft,
+            text: d.text, prompt_tokens: promptTokens, generated_tokens: d.generated.count, ttft_ms: d.ttftMs,
             prefill_tokens_per_s: Double(promptTokens) / (Double(prefillNs) / 1e9),
-            decode_tokens_per_s: steps > 0 ? Double(steps) / (Double(decodeNs) / 1e9) : 0,
-            peak_rss_bytes: peakRSSBytes(), stop_reason: reason, mode: req.fullText ? "full-text" : "vist2",
+            decode_tokens_per_s: steps > 0 ? Double(steps) / (Double(d.decodeNs) / 1e9) : 0,
+            peak_rss_bytes: peakRSSBytes(), stop_reason: d.reason, mode: req.fullText ? "full-text" : "vist2",
             doc_text_tokens: docTokens, visual_tokens: visual,
             compression_ratio: visual > 0 ? Double(finishedTokens) / Double(visual) : 1,
             kv_bytes: peakKV, kv_bytes_final: cache.bytesUsed,
             flops: tf.flops - flops0 + blocks * model.vision.flopsPerImage,
             render_ms: Double(renderNs) / 1e6, vision_ms: Double(visionNs) / 1e6, prefill_ms: Double(prefillNs) / 1e6,
-            decode_ms: Double(decodeNs) / 1e6, chunks: blocks, swaps: swaps)
+            decode_ms: Double(d.decodeNs) / 1e6, chunks: blocks, swaps: swaps)
     }
 }
