@@ -38,18 +38,6 @@ public enum Ops {
     public static func logSumExp(_ x: UnsafePointer<Float>, n: Int) -> Double {
         vk_logsumexp(x, Int64(n))
     }
-
-    /// Dot product of two float vectors (SIMD in C).
-    @inlinable
-    public static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, n: Int) -> Float {
-        vk_dot_row(Int32(TensorType.f32.rawValue), a, nil, b, Int64(n))
-    }
-
-    /// y += a * x
-    @inlinable
-    public static func axpy(_ a: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, n: Int) {
-        for i in 0..<n { y[i] += a * x[i] }
-    }
 }
 
 /// How rotary position embeddings pair the dimensions of a head.

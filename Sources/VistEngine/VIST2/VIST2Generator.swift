@@ -108,7 +108,8 @@ public struct VIST2Generator {
         let instruction = g.chat ? lm.chatPrompt(g.prompt) : g.prompt
         let instrTokens = tok.encode(instruction, addSpecial: true, parseSpecial: g.chat)
         let docText = req.documents.joined(separator: "\n")
-        let docTokens = docText.isEmpty ? 0 : tok.encode(docText, addSpecial: false).count
+        let docIDs = docText.isEmpty ? [] : tok.encode(docText, addSpecial: false)
+        let docTokens = docIDs.count
         let flops0 = tf.flops
         var renderNs: UInt64 = 0, visionNs: UInt64 = 0
         let t0 = DispatchTime.now().uptimeNanoseconds
@@ -121,7 +122,7 @@ public struct VIST2Generator {
         var blocks = 0
         var peakKV = 0
         if req.fullText {
-            current = tok.encode(docText, addSpecial: false)
+            current = docIDs
             let need = instrTokens.count + current.count + g.maxTokens
             guard instrTokens.count + current.count < limit else { throw .contextOverflow(needed: need, limit: limit) }
             cache = tf.makeCache(capacity: min(limit, need))
@@ -130,7 +131,7 @@ public struct VIST2Generator {
             guard req.images.allSatisfy({ $0.count == pixels }) else {
                 throw .badArgument("chunk images must have \(model.config.vision.imageWidth)x\(model.config.vision.imageHeight) pixels")
             }
-            current = tok.encode(docText, addSpecial: false)
+            current = docIDs
             guard current.count <= L else { throw .badArgument("the current chunk has \(current.count) tokens, more than L = \(L)") }
             // The first generated token is predicted from the current chunk's last token, which must come after the images.
             guard !current.isEmpty else { throw .badArgument("chunk images need the current chunk's text after them") }
