@@ -224,12 +224,15 @@ public final class Session: @unchecked Sendable {
         do { try req.validate() } catch { return self.error(id, .badRequest, error.description) }
         let ctx = context
         let job = EngineWorker.Job(owner: ObjectIdentifier(self)) { [self] job in
-            defer {
+            // The request leaves the in-flight table before its final reply goes out, so the
+            // client may reuse the id as soon as it has read that reply.
+            func end(_ final: () -> Void) {
                 lock.lock()
                 inFlight[id] = nil
                 lock.unlock()
+                final()
             }
-            if job.isCancelled { return error(id, .cancelled, "cancelled before it started") }
+            if job.isCancelled { return end { error(id, .cancelled, "cancelled before it started") } }
             let onText: (String) -> Bool = { piece in
                 self.reply(id, final: false) { $0.textDelta = .with { $0.text = piece } }
                 return !job.isCancelled
@@ -255,14 +258,17 @@ public final class Session: @unchecked Sendable {
                 }
                 let reason = result.stopReason
                 if reason == StopReason.cancelled.rawValue || job.isCancelled {
-                    error(id, .cancelled, "cancelled")
+                    end { error(id, .cancelled, "cancelled") }
                 } else {
-                    reply(id) { $0.generateResult = result }
+                    end { reply(id) { $0.generateResult = result } }
                 }
             } catch let e as EngineError {
-                if case .contextOverflow = e { error(id, .contextOverflow, e.description) } else { error(id, .badRequest, e.description) }
+                let code: Vist2_V1_ErrorCode
+                if case .contextOverflow = e { code = .contextOverflow } else { code = .badRequest }
+                end { error(id, code, e.description) }
             } catch {
-                self.error(id, .internal, "\(error)")
+                let message = "\(error)"
+                end { self.error(id, .internal, message) }
             }
         }
         lock.lock()
