@@ -4,9 +4,10 @@
 #   scripts/bench-vist2.sh [-t THREADS] [-n GENERATED] [--keep-openblas-env]
 #
 # Model: SmolLM2-135M with the default VIST2 geometry and *untrained* vision weights
-# (Training/make_untrained.py; costs do not depend on the weights). Document: the first ~7k
-# tokens of Debian's GPL-3 text, so that full-text mode (document + 1000 generated tokens) still
-# fits SmolLM2's 8192-token context. Reports time to first token, peak and final KV bytes and
+# (Training/make_untrained.py; costs do not depend on the weights). Document: the longest prefix
+# of Debian's GPL-3 text, cut at a line end, with which full-text mode (instruction + document +
+# the N generated tokens) still fits SmolLM2's 8192-token context, so both modes do the same
+# work; the script refuses to report if they did not generate the same number of tokens. Reports time to first token, peak and final KV bytes and
 # FLOPs for both modes and their ratios; also the chunker's ratio and edit locality on a ~20k-token
 # document (GPL-3 + GPL-2 + Apache-2.0 + LGPL-2.1).
 set -euo pipefail
@@ -35,7 +36,24 @@ swift build -c release --product vist2ctl >/dev/null
 CTL=.build/release/vist2ctl
 
 L=/usr/share/common-licenses
-head -c 33500 "$L/GPL-3" > "$WORK/doc8k.txt"
+# Longest line-end prefix of GPL-3 whose full-text prompt leaves room for N tokens of generation
+# (the prompt is the document plus the chat template around the instruction: 10 tokens here).
+python3 - "$CTL" "$L/GPL-3" "$WORK/doc8k.txt" "$N" <<'PYEOF'
+import json, subprocess, sys
+ctl, src, dst, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+budget = 8192 - n - 10
+lines = open(src).read().split("\n")
+def tokens(text):
+    return len(json.loads(subprocess.run([ctl, "tokenize", "--json", "--", text], capture_output=True, check=True, text=True).stdout)["ids"])
+lo, hi = 1, len(lines)
+while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if tokens("\n".join(lines[:mid]) + "\n") <= budget:
+        lo = mid
+    else:
+        hi = mid - 1
+open(dst, "w").write("\n".join(lines[:lo]) + "\n")
+PYEOF
 cat "$L/GPL-3" "$L/GPL-2" "$L/Apache-2.0" "$L/LGPL-2.1" > "$WORK/doc20k.txt"
 PROMPT="Summarize the following license text."
 
@@ -63,6 +81,9 @@ PYEOF
 python3 - "$FULL" "$COMP" "$WORK/a.json" "$WORK/b.json" "$THREADS" "$KEEP_ENV" <<'PYEOF'
 import json, sys
 full, comp = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+if full["generated_tokens"] != comp["generated_tokens"]:
+    sys.exit("full-text generated %d tokens, VIST2 %d: not the same work, no comparison"
+             % (full["generated_tokens"], comp["generated_tokens"]))
 a, b = json.load(open(sys.argv[3])), json.load(open(sys.argv[4]))
 print("== one run, %s threads, OpenBLAS env %s ==" % (sys.argv[5], "kept" if sys.argv[6] == "1" else "unset"))
 print("%-22s %14s %14s %10s" % ("", "full-text", "VIST2", "VIST2/full"))
