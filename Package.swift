@@ -5,7 +5,9 @@
 //   vist2ctl -> VistEngine -> VistTokenizer -> VistFormats
 //                          -> VistKernels -> CVistKernels, CBLAS
 //            -> VistRender -> CFreeType, CImageIO, Crypto
-//   VistWire (framing) depends on nothing; the daemon and clients will sit on it.
+//   vist2d -> VistServer -> VistEngine, VistWire, VistProtocol, VistCache -> CVistKernels
+//   vist2ctl -> VistClient -> VistWire, VistProtocol
+//   VistWire (framing) depends on nothing; VistCache (the on-disk store) knows no engine types.
 // The engine imports nothing of the daemon, the CLI or the wire protocol.
 import PackageDescription
 
@@ -48,6 +50,8 @@ let package = Package(
         // The sketch renderer and content-defined chunker: text in, grayscale canvases out.
         .target(name: "VistRender", dependencies: ["CFreeType", "CImageIO", .product(name: "Crypto", package: "swift-crypto")]),
         .target(name: "VistFormats", dependencies: ["VistKernels"]),
+        // The daemon's persistent cache store: checksummed, atomically written entry files with LRU eviction.
+        .target(name: "VistCache", dependencies: ["CVistKernels"]),
         .target(name: "VistTokenizer", dependencies: ["VistFormats"]),
         .target(
             name: "VistEngine",
@@ -56,7 +60,7 @@ let package = Package(
         .target(
             name: "VistServer",
             dependencies: [
-                "VistEngine", "VistWire", "VistProtocol",
+                "VistEngine", "VistWire", "VistProtocol", "VistCache",
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             ]),
         .executableTarget(
@@ -79,7 +83,8 @@ let package = Package(
         .testTarget(name: "VistFormatsTests", dependencies: ["VistFormats"]),
         .testTarget(name: "VistRenderTests", dependencies: ["VistRender"]),
         .testTarget(name: "VistWireTests", dependencies: ["VistWire", "VistProtocol"]),
-        .testTarget(name: "VistServerTests", dependencies: ["VistServer", "VistClient"]),
+        .testTarget(name: "VistCacheTests", dependencies: ["VistCache", "CVistKernels"]),
+        .testTarget(name: "VistServerTests", dependencies: ["VistServer", "VistClient", "VistCache"]),
         .testTarget(
             name: "VistTokenizerTests", dependencies: ["VistTokenizer", "VistEngine"],
             resources: [.copy("Fixtures")]),
@@ -87,6 +92,6 @@ let package = Package(
             name: "VistEngineTests", dependencies: ["VistEngine"],
             resources: [.copy("Fixtures")]),
         // Runs the built vist2ctl binary as a user would (depending on it makes `swift test` build it).
-        .testTarget(name: "CLITests", dependencies: ["vist2ctl", "vist2d", "VistEngine"]),
+        .testTarget(name: "CLITests", dependencies: ["vist2ctl", "vist2d", "VistEngine", "VistClient"]),
     ]
 )

@@ -123,7 +123,7 @@ def render(vist2ctl, model_dir, text):
         with open(src, "w") as f:
             f.write(text)
         out = os.path.join(t, "out")
-        res = subprocess.run([vist2ctl, "render", "--model", model_dir, "--raw", "--json", "--out", out, src],
+        res = subprocess.run([vist2ctl, "render", "--local", "--model", model_dir, "--raw", "--json", "--out", out, src],
                              capture_output=True, text=True, check=True)
         summary = json.loads(res.stdout)
         chunks = []

@@ -66,7 +66,7 @@ FULL=$(run --full-text)
 echo "running VIST2 mode ..." >&2
 COMP=$(run)
 
-"$CTL" render --model "$MODEL" --out "$WORK/render-a" --json "$WORK/doc20k.txt" > "$WORK/a.json"
+"$CTL" render --local --model "$MODEL" --out "$WORK/render-a" --json "$WORK/doc20k.txt" > "$WORK/a.json"
 python3 - "$WORK/doc20k.txt" "$WORK/doc20k-edit.txt" <<'PYEOF'
 import sys
 lines = open(sys.argv[1]).read().split("\n")
@@ -76,7 +76,7 @@ while not lines[i].strip():
 lines[i] += " (edited)"
 open(sys.argv[2], "w").write("\n".join(lines))
 PYEOF
-"$CTL" render --model "$MODEL" --out "$WORK/render-b" --json "$WORK/doc20k-edit.txt" > "$WORK/b.json"
+"$CTL" render --local --model "$MODEL" --out "$WORK/render-b" --json "$WORK/doc20k-edit.txt" > "$WORK/b.json"
 
 python3 - "$FULL" "$COMP" "$WORK/a.json" "$WORK/b.json" "$THREADS" "$KEEP_ENV" <<'PYEOF'
 import json, sys

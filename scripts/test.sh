@@ -12,8 +12,10 @@ swift build -c release -Xswiftc -enable-testing --build-tests
 swift test -c release -Xswiftc -enable-testing --skip-build 2>&1 | tee .build/test.log
 # swift test exits non-zero on failure (set -o pipefail), so reaching here means all passed.
 
-# The C client library (protobuf-c) against a fake daemon.
+# The C client library (protobuf-c) against a fake daemon; then the C example program and the
+# independent Python client against a live vist2d.
 make -C clients/c test
+bash scripts/live-test.sh
 
 # Second pass under AddressSanitizer (debug build): the engine works on raw buffers, so every
 # out-of-bounds write the tests can reach should fail here. The slow real-model perplexity and

@@ -116,34 +116,111 @@ public final class VistClient {
         }
     }
 
-    public func status() throws -> Vist2_V1_Status {
+    /// Sends one request and returns its final reply's body; non-final replies go to `onPartial`.
+    func request(_ fill: (inout Vist2_V1_ClientMessage) -> Void, id: UInt64? = nil, onPartial: (Vist2_V1_ServerMessage) -> Void = { _ in })
+        throws -> Vist2_V1_ServerMessage.OneOf_Body?
+    {
         var m = Vist2_V1_ClientMessage()
-        m.requestID = makeID()
-        m.status = Vist2_V1_StatusRequest()
+        m.requestID = id ?? makeID()
+        fill(&m)
         try send(m)
-        let r = try receive()
-        if case .error(let e) = r.body { throw ClientError.server(e.code, e.message) }
-        guard case .status(let s) = r.body else { throw ClientError.protocolError("unexpected reply to Status") }
+        while true {
+            let r = try receive()
+            guard r.requestID == m.requestID else { continue }
+            if case .error(let e) = r.body { throw ClientError.server(e.code, e.message) }
+            if r.final { return r.body }
+            onPartial(r)
+        }
+    }
+
+    func unexpected(_ what: String) -> ClientError { .protocolError("unexpected reply to \(what)") }
+
+    public func status() throws -> Vist2_V1_Status {
+        guard case .status(let s) = try request({ $0.status = .init() }) else { throw unexpected("Status") }
         return s
+    }
+
+    public func openDocument(text: String, path: String = "") throws -> Vist2_V1_DocumentInfo {
+        let body = try request {
+            $0.openDocument = .with {
+                $0.text = text
+                $0.path = path
+            }
+        }
+        guard case .document(let d) = body else { throw unexpected("OpenDocument") }
+        return d
+    }
+
+    public func updateDocument(id: String, text: String) throws -> Vist2_V1_DocumentInfo {
+        let body = try request {
+            $0.updateDocument = .with {
+                $0.documentID = id
+                $0.text = text
+            }
+        }
+        guard case .document(let d) = body else { throw unexpected("UpdateDocument") }
+        return d
+    }
+
+    public func closeDocument(id: String) throws {
+        guard case .ack = try request({ $0.closeDocument = .with { $0.documentID = id } }) else { throw unexpected("CloseDocument") }
+    }
+
+    public func compress(
+        documentID: String, instruction: String = "", chat: Bool = false, onProgress: (Vist2_V1_CompressProgress) -> Void = { _ in }
+    ) throws -> Vist2_V1_CompressResult {
+        let body = try request(
+            {
+                $0.compress = .with {
+                    $0.documentID = documentID
+                    $0.instruction = instruction
+                    $0.chat = chat
+                }
+            },
+            onPartial: { if case .compressProgress(let p) = $0.body { onProgress(p) } })
+        guard case .compressResult(let r) = body else { throw unexpected("Compress") }
+        return r
+    }
+
+    public func render(documentID: String, onChunk: (Vist2_V1_RenderedChunk) -> Void) throws -> Vist2_V1_RenderResult {
+        let body = try request(
+            { $0.render = .with { $0.documentID = documentID } }, onPartial: { if case .renderedChunk(let c) = $0.body { onChunk(c) } })
+        guard case .renderResult(let r) = body else { throw unexpected("Render") }
+        return r
+    }
+
+    public func cacheList(limit: UInt32 = 0) throws -> [Vist2_V1_CacheEntry] {
+        guard case .cacheList(let l) = try request({ $0.cacheList = .with { $0.limit = limit } }) else { throw unexpected("CacheList") }
+        return l.entries
+    }
+
+    public func cacheEvict(keys: [String], all: Bool = false) throws -> UInt32 {
+        let body = try request {
+            $0.cacheEvict = .with {
+                $0.keys = keys
+                $0.all = all
+            }
+        }
+        guard case .cacheEvictResult(let r) = body else { throw unexpected("CacheEvict") }
+        return r.removed
+    }
+
+    public func cacheStats() throws -> Vist2_V1_CacheStats {
+        guard case .cacheStats(let s) = try request({ $0.cacheStats = .init() }) else { throw unexpected("CacheStats") }
+        return s
+    }
+
+    public func metrics() throws -> String {
+        guard case .metrics(let m) = try request({ $0.metrics = .init() }) else { throw unexpected("Metrics") }
+        return m.prometheusText
     }
 
     /// Sends a generation and streams its text; returns the final result.
     public func generate(_ g: Vist2_V1_GenerateRequest, id: UInt64? = nil, onText: (String) -> Void = { _ in }) throws
         -> Vist2_V1_GenerateResult
     {
-        var m = Vist2_V1_ClientMessage()
-        m.requestID = id ?? makeID()
-        m.generate = g
-        try send(m)
-        while true {
-            let r = try receive()
-            guard r.requestID == m.requestID else { continue }
-            switch r.body {
-            case .textDelta(let d): onText(d.text)
-            case .generateResult(let res): return res
-            case .error(let e): throw ClientError.server(e.code, e.message)
-            default: throw ClientError.protocolError("unexpected reply to Generate")
-            }
-        }
+        let body = try request({ $0.generate = g }, id: id, onPartial: { if case .textDelta(let d) = $0.body { onText(d.text) } })
+        guard case .generateResult(let r) = body else { throw unexpected("Generate") }
+        return r
     }
 }

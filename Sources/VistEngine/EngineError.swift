@@ -8,6 +8,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
     case contextOverflow(needed: Int, limit: Int)
     case tooFewTokens(String)
     case io(String)
+    case cancelled
 
     public var code: String {
         switch self {
@@ -17,6 +18,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
         case .contextOverflow: return "context_overflow"
         case .tooFewTokens: return "too_few_tokens"
         case .io: return "io"
+        case .cancelled: return "cancelled"
         }
     }
 
@@ -28,6 +30,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
         case .contextOverflow(let n, let l): return "the request needs \(n) positions but the model's context holds \(l)"
         case .tooFewTokens(let s): return s
         case .io(let s): return s
+        case .cancelled: return "cancelled"
         }
     }
 }

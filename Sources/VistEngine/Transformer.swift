@@ -34,6 +34,43 @@ public final class KVCache: @unchecked Sendable {
 
     /// Bytes the filled entries take (f32 keys and values).
     public var bytesUsed: Int { 2 * layers * count * kvDim * 4 }
+
+    /// Floats `rows(from:count:)` returns for `n` positions.
+    public func rowFloats(_ n: Int) -> Int { 2 * layers * n * kvDim }
+
+    /// Keys and values of positions start..<start+n of every layer, as one array: per layer, the
+    /// n key rows, then the n value rows (the persistent prefix cache's payload).
+    public func rows(from start: Int, count n: Int) -> [Float] {
+        precondition(start >= 0 && start + n <= count)
+        var out = [Float](repeating: 0, count: rowFloats(n))
+        out.withUnsafeMutableBufferPointer { o in
+            var off = 0
+            for l in 0..<layers {
+                o.baseAddress!.advanced(by: off).update(from: keys(layer: l) + start * kvDim, count: n * kvDim)
+                off += n * kvDim
+                o.baseAddress!.advanced(by: off).update(from: values(layer: l) + start * kvDim, count: n * kvDim)
+                off += n * kvDim
+            }
+        }
+        return out
+    }
+
+    /// Appends positions laid out as `rows` returns them; false (and nothing changed) if the
+    /// array does not hold whole positions of this cache's shape or they do not fit.
+    public func append(rows data: [Float], count n: Int) -> Bool {
+        guard n > 0, data.count == rowFloats(n), count + n <= capacity else { return false }
+        data.withUnsafeBufferPointer { d in
+            var off = 0
+            for l in 0..<layers {
+                (keys(layer: l) + count * kvDim).update(from: d.baseAddress! + off, count: n * kvDim)
+                off += n * kvDim
+                (values(layer: l) + count * kvDim).update(from: d.baseAddress! + off, count: n * kvDim)
+                off += n * kvDim
+            }
+        }
+        count += n
+        return true
+    }
 }
 
 /// Which rows of a forward pass produce logits.

@@ -69,6 +69,9 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
 
   /// peer credentials not allowed
   case permissionDenied // = 16
+
+  /// the loaded model cannot do this (e.g. compress without a vision encoder)
+  case unsupported // = 17
   case UNRECOGNIZED(Int)
 
   public init() {
@@ -94,6 +97,7 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
     case 14: self = .internal
     case 15: self = .draining
     case 16: self = .permissionDenied
+    case 17: self = .unsupported
     default: self = .UNRECOGNIZED(rawValue)
     }
   }
@@ -117,6 +121,7 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
     case .internal: return 14
     case .draining: return 15
     case .permissionDenied: return 16
+    case .unsupported: return 17
     case .UNRECOGNIZED(let i): return i
     }
   }
@@ -140,6 +145,7 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
     .internal,
     .draining,
     .permissionDenied,
+    .unsupported,
   ]
 
 }
@@ -408,6 +414,14 @@ public nonisolated struct Vist2_V1_ServerMessage: Sendable {
     set {body = .ack(newValue)}
   }
 
+  public var cacheEvictResult: Vist2_V1_CacheEvictResult {
+    get {
+      if case .cacheEvictResult(let v)? = body {return v}
+      return Vist2_V1_CacheEvictResult()
+    }
+    set {body = .cacheEvictResult(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Body: Equatable, Sendable {
@@ -425,6 +439,7 @@ public nonisolated struct Vist2_V1_ServerMessage: Sendable {
     case metrics(Vist2_V1_Metrics)
     case error(Vist2_V1_Error)
     case ack(Vist2_V1_Ack)
+    case cacheEvictResult(Vist2_V1_CacheEvictResult)
 
   }
 
@@ -611,12 +626,19 @@ public nonisolated struct Vist2_V1_DocumentInfo: Sendable {
   public init() {}
 }
 
+/// Prefills the document as a generation over it with this instruction would, filling both
+/// cache levels; a later Generate with the same document and instruction starts from the prefix
+/// cache. The instruction matters because visual blocks attend to it (VIST2.md section 3).
 public nonisolated struct Vist2_V1_CompressRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   public var documentID: String = String()
+
+  public var instruction: String = String()
+
+  public var chat: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -836,6 +858,24 @@ public nonisolated struct Vist2_V1_GenerateResult: @unchecked Sendable {
     set {_uniqueStorage()._swaps = newValue}
   }
 
+  /// of the documents' finished chunks: rendered and encoded now
+  public var chunksEncoded: UInt32 {
+    get {_storage._chunksEncoded}
+    set {_uniqueStorage()._chunksEncoded = newValue}
+  }
+
+  /// aligner outputs from the chunk cache
+  public var chunkCacheHits: UInt32 {
+    get {_storage._chunkCacheHits}
+    set {_uniqueStorage()._chunkCacheHits = newValue}
+  }
+
+  /// visual blocks whose KV came from the prefix cache
+  public var prefixCacheHits: UInt32 {
+    get {_storage._prefixCacheHits}
+    set {_uniqueStorage()._prefixCacheHits = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -974,6 +1014,18 @@ public nonisolated struct Vist2_V1_CacheEvictRequest: Sendable {
   public init() {}
 }
 
+public nonisolated struct Vist2_V1_CacheEvictResult: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var removed: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Vist2_V1_CacheStatsRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1050,7 +1102,7 @@ public nonisolated struct Vist2_V1_Error: Sendable {
 fileprivate nonisolated let _protobuf_package = "vist2.v1"
 
 nonisolated extension Vist2_V1_ErrorCode: SwiftProtobuf._ProtoNameProviding {
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_CODE_UNSPECIFIED\0\u{1}BAD_REQUEST\0\u{1}UNSUPPORTED_VERSION\0\u{1}HANDSHAKE_REQUIRED\0\u{1}UNKNOWN_REQUEST\0\u{1}DUPLICATE_REQUEST_ID\0\u{1}TOO_MANY_REQUESTS\0\u{1}BUSY\0\u{1}UNKNOWN_DOCUMENT\0\u{1}DOCUMENT_TOO_LARGE\0\u{1}CONTEXT_OVERFLOW\0\u{1}CANCELLED\0\u{1}NOT_FOUND\0\u{1}FRAME_TOO_LARGE\0\u{1}INTERNAL\0\u{1}DRAINING\0\u{1}PERMISSION_DENIED\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_CODE_UNSPECIFIED\0\u{1}BAD_REQUEST\0\u{1}UNSUPPORTED_VERSION\0\u{1}HANDSHAKE_REQUIRED\0\u{1}UNKNOWN_REQUEST\0\u{1}DUPLICATE_REQUEST_ID\0\u{1}TOO_MANY_REQUESTS\0\u{1}BUSY\0\u{1}UNKNOWN_DOCUMENT\0\u{1}DOCUMENT_TOO_LARGE\0\u{1}CONTEXT_OVERFLOW\0\u{1}CANCELLED\0\u{1}NOT_FOUND\0\u{1}FRAME_TOO_LARGE\0\u{1}INTERNAL\0\u{1}DRAINING\0\u{1}PERMISSION_DENIED\0\u{1}UNSUPPORTED\0")
 }
 
 nonisolated extension Vist2_V1_ClientMessage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
@@ -1314,7 +1366,7 @@ nonisolated extension Vist2_V1_ClientMessage: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Vist2_V1_ServerMessage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ServerMessage"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{1}final\0\u{1}hello\0\u{1}status\0\u{1}document\0\u{3}compress_progress\0\u{3}compress_result\0\u{3}text_delta\0\u{3}generate_result\0\u{3}rendered_chunk\0\u{3}render_result\0\u{3}cache_list\0\u{3}cache_stats\0\u{1}metrics\0\u{1}error\0\u{1}ack\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{1}final\0\u{1}hello\0\u{1}status\0\u{1}document\0\u{3}compress_progress\0\u{3}compress_result\0\u{3}text_delta\0\u{3}generate_result\0\u{3}rendered_chunk\0\u{3}render_result\0\u{3}cache_list\0\u{3}cache_stats\0\u{1}metrics\0\u{1}error\0\u{1}ack\0\u{3}cache_evict_result\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1506,6 +1558,19 @@ nonisolated extension Vist2_V1_ServerMessage: SwiftProtobuf.Message, SwiftProtob
           self.body = .ack(v)
         }
       }()
+      case 17: try {
+        var v: Vist2_V1_CacheEvictResult?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .cacheEvictResult(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .cacheEvictResult(v)
+        }
+      }()
       default: break
       }
     }
@@ -1578,6 +1643,10 @@ nonisolated extension Vist2_V1_ServerMessage: SwiftProtobuf.Message, SwiftProtob
     case .ack?: try {
       guard case .ack(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+    }()
+    case .cacheEvictResult?: try {
+      guard case .cacheEvictResult(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
     }()
     case nil: break
     }
@@ -1988,7 +2057,7 @@ nonisolated extension Vist2_V1_DocumentInfo: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Vist2_V1_CompressRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CompressRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_id\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_id\0\u{1}instruction\0\u{1}chat\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1997,6 +2066,8 @@ nonisolated extension Vist2_V1_CompressRequest: SwiftProtobuf.Message, SwiftProt
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.documentID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.instruction) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.chat) }()
       default: break
       }
     }
@@ -2006,11 +2077,19 @@ nonisolated extension Vist2_V1_CompressRequest: SwiftProtobuf.Message, SwiftProt
     if !self.documentID.isEmpty {
       try visitor.visitSingularStringField(value: self.documentID, fieldNumber: 1)
     }
+    if !self.instruction.isEmpty {
+      try visitor.visitSingularStringField(value: self.instruction, fieldNumber: 2)
+    }
+    if self.chat != false {
+      try visitor.visitSingularBoolField(value: self.chat, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Vist2_V1_CompressRequest, rhs: Vist2_V1_CompressRequest) -> Bool {
     if lhs.documentID != rhs.documentID {return false}
+    if lhs.instruction != rhs.instruction {return false}
+    if lhs.chat != rhs.chat {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2267,7 +2346,7 @@ nonisolated extension Vist2_V1_TextDelta: SwiftProtobuf.Message, SwiftProtobuf._
 
 nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".GenerateResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}text\0\u{3}prompt_tokens\0\u{3}generated_tokens\0\u{3}ttft_ms\0\u{3}prefill_tokens_per_s\0\u{3}decode_tokens_per_s\0\u{3}stop_reason\0\u{3}doc_text_tokens\0\u{3}visual_tokens\0\u{3}compression_ratio\0\u{3}kv_bytes\0\u{3}kv_bytes_final\0\u{1}flops\0\u{3}render_ms\0\u{3}vision_ms\0\u{3}prefill_ms\0\u{3}decode_ms\0\u{1}chunks\0\u{1}swaps\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}text\0\u{3}prompt_tokens\0\u{3}generated_tokens\0\u{3}ttft_ms\0\u{3}prefill_tokens_per_s\0\u{3}decode_tokens_per_s\0\u{3}stop_reason\0\u{3}doc_text_tokens\0\u{3}visual_tokens\0\u{3}compression_ratio\0\u{3}kv_bytes\0\u{3}kv_bytes_final\0\u{1}flops\0\u{3}render_ms\0\u{3}vision_ms\0\u{3}prefill_ms\0\u{3}decode_ms\0\u{1}chunks\0\u{1}swaps\0\u{3}chunks_encoded\0\u{3}chunk_cache_hits\0\u{3}prefix_cache_hits\0")
 
   fileprivate class _StorageClass {
     var _text: String = String()
@@ -2289,6 +2368,9 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
     var _decodeMs: Double = 0
     var _chunks: UInt32 = 0
     var _swaps: UInt32 = 0
+    var _chunksEncoded: UInt32 = 0
+    var _chunkCacheHits: UInt32 = 0
+    var _prefixCacheHits: UInt32 = 0
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -2318,6 +2400,9 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
       _decodeMs = source._decodeMs
       _chunks = source._chunks
       _swaps = source._swaps
+      _chunksEncoded = source._chunksEncoded
+      _chunkCacheHits = source._chunkCacheHits
+      _prefixCacheHits = source._prefixCacheHits
     }
   }
 
@@ -2355,6 +2440,9 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
         case 17: try { try decoder.decodeSingularDoubleField(value: &_storage._decodeMs) }()
         case 18: try { try decoder.decodeSingularUInt32Field(value: &_storage._chunks) }()
         case 19: try { try decoder.decodeSingularUInt32Field(value: &_storage._swaps) }()
+        case 20: try { try decoder.decodeSingularUInt32Field(value: &_storage._chunksEncoded) }()
+        case 21: try { try decoder.decodeSingularUInt32Field(value: &_storage._chunkCacheHits) }()
+        case 22: try { try decoder.decodeSingularUInt32Field(value: &_storage._prefixCacheHits) }()
         default: break
         }
       }
@@ -2420,6 +2508,15 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
       if _storage._swaps != 0 {
         try visitor.visitSingularUInt32Field(value: _storage._swaps, fieldNumber: 19)
       }
+      if _storage._chunksEncoded != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._chunksEncoded, fieldNumber: 20)
+      }
+      if _storage._chunkCacheHits != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._chunkCacheHits, fieldNumber: 21)
+      }
+      if _storage._prefixCacheHits != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._prefixCacheHits, fieldNumber: 22)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -2448,6 +2545,9 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
         if _storage._decodeMs != rhs_storage._decodeMs {return false}
         if _storage._chunks != rhs_storage._chunks {return false}
         if _storage._swaps != rhs_storage._swaps {return false}
+        if _storage._chunksEncoded != rhs_storage._chunksEncoded {return false}
+        if _storage._chunkCacheHits != rhs_storage._chunkCacheHits {return false}
+        if _storage._prefixCacheHits != rhs_storage._prefixCacheHits {return false}
         return true
       }
       if !storagesAreEqual {return false}
@@ -2766,6 +2866,36 @@ nonisolated extension Vist2_V1_CacheEvictRequest: SwiftProtobuf.Message, SwiftPr
   public static func ==(lhs: Vist2_V1_CacheEvictRequest, rhs: Vist2_V1_CacheEvictRequest) -> Bool {
     if lhs.keys != rhs.keys {return false}
     if lhs.all != rhs.all {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Vist2_V1_CacheEvictResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CacheEvictResult"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}removed\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.removed) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.removed != 0 {
+      try visitor.visitSingularUInt32Field(value: self.removed, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Vist2_V1_CacheEvictResult, rhs: Vist2_V1_CacheEvictResult) -> Bool {
+    if lhs.removed != rhs.removed {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -18,6 +18,16 @@ public struct GrayImage: Sendable, Equatable {
         guard rc == 0 else { throw .io("cannot write PNG \(path) (\(rc == -1 ? "cannot open the file" : "libpng error"))") }
     }
 
+    /// The same bytes `writePNG` writes, in memory (what the daemon's render request streams).
+    public func pngData() throws(RenderError) -> [UInt8] {
+        var out: UnsafeMutablePointer<UInt8>? = nil
+        var len = 0
+        let rc = pixels.withUnsafeBufferPointer { vk_png_encode_gray8($0.baseAddress!, Int32(width), Int32(height), &out, &len) }
+        defer { free(out) }
+        guard rc == 0, let out else { throw .io("cannot encode PNG (\(rc == -1 ? "out of memory" : "libpng error"))") }
+        return Array(UnsafeBufferPointer(start: out, count: len))
+    }
+
     /// Pixels as the vision encoder reads them: x / 255 * 2 - 1, in [-1, 1] (SigLIP's normalisation).
     public func normalized() -> [Float] { pixels.map { Float($0) / 127.5 - 1 } }
 

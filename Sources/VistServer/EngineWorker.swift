@@ -4,6 +4,8 @@ import Synchronization
 /// One engine, one worker thread, a bounded queue. Jobs run one at a time (the engine's run
 /// state is shared); past `capacity` waiting jobs `submit` refuses at once, so a client gets BUSY
 /// instead of hanging. Each job carries a cancel flag the engine checks between decode steps.
+/// Fairness: the next job is the oldest one of the owner (connection) served longest ago, so a
+/// client that queues many requests takes turns with the others instead of going first.
 public final class EngineWorker: @unchecked Sendable {
     public final class Job: @unchecked Sendable {
         let run: (Job) -> Void
@@ -25,6 +27,8 @@ public final class EngineWorker: @unchecked Sendable {
     private var running: Job? = nil
     private var stopping = false
     private var thread: Thread? = nil
+    private var served: [ObjectIdentifier: UInt64] = [:]
+    private var turn: UInt64 = 0
 
     public init(capacity: Int) {
         self.capacity = max(1, capacity)
@@ -45,6 +49,14 @@ public final class EngineWorker: @unchecked Sendable {
         return true
     }
 
+    /// For the watchdog: taking the worker's lock blocks if the worker is deadlocked, and then
+    /// no keep-alive is sent and systemd restarts the daemon.
+    public var isResponsive: Bool {
+        lock.lock()
+        lock.unlock()
+        return true
+    }
+
     /// Jobs waiting (not counting the running one).
     public var queueLength: Int {
         lock.lock()
@@ -58,6 +70,7 @@ public final class EngineWorker: @unchecked Sendable {
         defer { lock.unlock() }
         for j in queue where j.owner == owner { j.cancel() }
         if let r = running, r.owner == owner { r.cancel() }
+        served[owner] = nil
     }
 
     /// Finishes the queued jobs, then stops the thread (SIGTERM drain).
@@ -78,7 +91,19 @@ public final class EngineWorker: @unchecked Sendable {
                 lock.unlock()
                 return
             }
-            let job = queue.removeFirst()
+            // Round robin over owners: the owner with the oldest last turn (never served first).
+            var pick = 0
+            var best = UInt64.max
+            for (i, j) in queue.enumerated() {
+                let last = j.owner.map { served[$0].map { $0 + 1 } ?? 0 } ?? 0
+                if last < best {
+                    best = last
+                    pick = i
+                }
+            }
+            let job = queue.remove(at: pick)
+            turn += 1
+            if let o = job.owner { served[o] = turn }
             running = job
             lock.unlock()
             job.run(job)

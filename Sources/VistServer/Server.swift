@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOPosix
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -10,12 +11,16 @@ import NIOPosix
 public final class UnixServer: @unchecked Sendable {
     public let context: ServerContext
     public let socketPath: String
+    /// A listening socket passed by systemd (LISTEN_FDS); it is neither created nor unlinked here.
+    public let inheritedFD: Int32?
     let group: MultiThreadedEventLoopGroup
     var channel: Channel?
+    let stopped = Atomic<Bool>(false)
 
-    public init(context: ServerContext, socketPath: String, eventLoops: Int = 1) {
+    public init(context: ServerContext, socketPath: String, inheritedFD: Int32? = nil, eventLoops: Int = 1) {
         self.context = context
         self.socketPath = socketPath
+        self.inheritedFD = inheritedFD
         group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, eventLoops))
     }
 
@@ -30,9 +35,24 @@ public final class UnixServer: @unchecked Sendable {
         }
     }
 
-    /// Probes for a stale socket (a file nobody answers on is removed; a live daemon is an error),
-    /// creates the directory 0700, binds, and restricts the socket to its owner (0600).
+    /// With an inherited socket: serves it as it is. Otherwise probes for a stale socket (a file
+    /// nobody answers on is removed; a live daemon is an error), creates the directory 0700,
+    /// binds, and restricts the socket to its owner (0600).
     public func start() throws {
+        let ctx = context
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 64)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ConnectionHandler(context: ctx)) }
+            }
+        if let fd = inheritedFD {
+            do {
+                channel = try bootstrap.withBoundSocket(fd).wait()
+            } catch {
+                throw StartError.bind("cannot serve the socket passed by systemd (fd \(fd)): \(error)")
+            }
+            return
+        }
         let dir = (socketPath as NSString).deletingLastPathComponent
         if !dir.isEmpty && !FileManager.default.fileExists(atPath: dir) {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -41,26 +61,25 @@ public final class UnixServer: @unchecked Sendable {
             if Self.someoneListens(socketPath) { throw StartError.inUse("another daemon is listening on \(socketPath)") }
             unlink(socketPath)
         }
-        let ctx = context
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(ChannelOptions.backlog, value: 64)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ConnectionHandler(context: ctx)) }
-            }
+        // The socket is created 0600 from the start (no window in which others could connect).
+        let old = umask(0o177)
+        defer { umask(old) }
         do {
             channel = try bootstrap.bind(unixDomainSocketPath: socketPath).wait()
         } catch {
             throw StartError.bind("cannot listen on \(socketPath): \(error)")
         }
-        chmod(socketPath, 0o600)
     }
 
-    /// Stops accepting, drains the engine's queue, closes the socket.
+    /// Stops accepting, drains the engine's queue, closes the socket (and removes it, unless
+    /// systemd owns it).
     public func stop() {
+        guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        context.beginDraining()
         try? channel?.close().wait()
         context.worker.drain()
         try? group.syncShutdownGracefully()
-        unlink(socketPath)
+        if inheritedFD == nil { unlink(socketPath) }
     }
 
     static func someoneListens(_ path: String) -> Bool {
@@ -80,28 +99,73 @@ public final class UnixServer: @unchecked Sendable {
     }
 }
 
-/// Glue between a NIO channel and a `Session`.
+/// Glue between a NIO channel and a `Session`: checks the peer's credentials, and bounds the
+/// replies waiting for a client that does not read them.
 final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
     let context: ServerContext
     var session: Session?
+    var counted = false
 
     init(context: ServerContext) { self.context = context }
 
     func channelActive(context ctx: ChannelHandlerContext) {
         let channel = ctx.channel
-        session = Session(
+        let pending = Atomic<Int>(0)
+        let limit = context.limits.maxPendingOutput
+        let log = context.log
+        let s = Session(
             context: context,
             send: { bytes in
+                let now = pending.add(bytes.count, ordering: .relaxed).newValue
+                if now > limit {
+                    // The peer stopped reading: drop it rather than buffer without bound.
+                    if now - bytes.count <= limit { log("closing a connection that left \(now) bytes of replies unread") }
+                    channel.eventLoop.execute { channel.close(promise: nil) }
+                    return
+                }
                 channel.eventLoop.execute {
                     var buf = channel.allocator.buffer(capacity: bytes.count)
                     buf.writeBytes(bytes)
-                    channel.writeAndFlush(buf, promise: nil)
+                    let p = channel.eventLoop.makePromise(of: Void.self)
+                    p.futureResult.whenComplete { _ in pending.subtract(bytes.count, ordering: .relaxed) }
+                    channel.writeAndFlush(buf, promise: p)
                 }
             },
             close: { channel.eventLoop.execute { channel.close(promise: nil) } })
+        session = s
+        context.adjust(clients: 1)
+        context.metrics.with { $0.connections += 1 }
+        counted = true
+        if let cred = Self.peerCredentials(channel) {
+            if !context.peers.allows(uid: cred.uid, gid: cred.gid) {
+                context.metrics.with { $0.peersRejected += 1 }
+                log("refused a client: uid \(cred.uid) gid \(cred.gid) pid \(cred.pid) is not an allowed user or group")
+                s.deny("uid \(cred.uid) is not allowed to use this daemon (see vist2d --allow-user / --allow-group)")
+            }
+        } else {
+            log("refused a client whose credentials could not be read")
+            s.deny("peer credentials unavailable")
+        }
         ctx.fireChannelActive()
+    }
+
+    /// Linux's `struct ucred` (glibc only declares it under _GNU_SOURCE).
+    struct PeerCred {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        var gid: UInt32 = 0
+    }
+
+    static func peerCredentials(_ channel: Channel) -> PeerCred? {
+        guard let p = channel as? SocketOptionProvider else { return nil }
+        let f: EventLoopFuture<PeerCred> = p.unsafeGetSocketOption(
+            level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: SO_PEERCRED))
+        // channelActive runs on the channel's loop, where the future is already complete.
+        var out: PeerCred? = nil
+        f.whenSuccess { out = $0 }
+        return out
     }
 
     func channelRead(context ctx: ChannelHandlerContext, data: NIOAny) {
@@ -112,6 +176,10 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
     func channelInactive(context ctx: ChannelHandlerContext) {
         session?.disconnected()
         if let s = session { context.worker.cancelAll(owner: ObjectIdentifier(s)) }
+        if counted {
+            context.adjust(clients: -1)
+            counted = false
+        }
         ctx.fireChannelInactive()
     }
 

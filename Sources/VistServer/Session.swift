@@ -1,69 +1,23 @@
 import Foundation
 import SwiftProtobuf
+import VistCache
 import VistEngine
 import VistProtocol
+import VistRender
 import VistWire
-
-/// What every connection shares: the loaded model, the engine worker, limits and counters.
-public final class ServerContext: @unchecked Sendable {
-    public enum Model {
-        case vist2(VIST2Model)
-        case language(LanguageModel)
-    }
-
-    public let model: Model
-    public let modelName: String
-    public let worker: EngineWorker
-    public let maxFrame: Int
-    public let maxInFlight: Int
-    public let started = Date()
-    public static let serverVersion = "vist2d 0.1.0"
-    public static let protocolVersion: UInt32 = 1
-    let lock = NSLock()
-    var clients = 0
-
-    public init(model: Model, modelName: String, queueCapacity: Int, maxFrame: Int = Frame.defaultMaxPayload, maxInFlight: Int = 16) {
-        self.model = model
-        self.modelName = modelName
-        worker = EngineWorker(capacity: queueCapacity)
-        self.maxFrame = maxFrame
-        self.maxInFlight = maxInFlight
-    }
-
-    var language: LanguageModel {
-        switch model {
-        case .vist2(let m): return m.language
-        case .language(let l): return l
-        }
-    }
-
-    func helloReply() -> Vist2_V1_HelloReply {
-        .with {
-            $0.protocolVersion = Self.protocolVersion
-            $0.serverVersion = Self.serverVersion
-            $0.modelName = modelName
-            $0.contextLength = UInt32(language.config.contextLength)
-            if case .vist2(let m) = model {
-                $0.modelFingerprint = m.fingerprint
-                $0.chunkLength = UInt32(m.chunkLength)
-                $0.chunkRatio = UInt32(m.config.chunk.ratio)
-                $0.visualTokens = UInt32(m.visualTokens)
-            }
-            $0.limits = .with {
-                $0.maxFrameBytes = UInt32(maxFrame)
-                $0.maxRequestsInFlight = UInt32(maxInFlight)
-                $0.queueCapacity = UInt32(worker.capacity)
-                $0.maxTokens = UInt32(language.config.contextLength)
-            }
-            $0.capabilities = ["generate", "status", "cancel"]
-        }
-    }
-}
 
 /// The protocol state of one connection, independent of sockets: bytes in through `receive`,
 /// framed replies out through `send`. Called on the connection's event loop; engine jobs send
-/// from the worker thread (the `send` closure hops back to the loop).
+/// from the worker thread (the `send` closure hops back to the loop). Documents belong to the
+/// connection that opened them and are closed with it; what they cost to compress lives on in
+/// the shared persistent cache.
 public final class Session: @unchecked Sendable {
+    struct Document {
+        var path: String
+        var text: String
+        var chunks = 0
+    }
+
     let context: ServerContext
     let send: @Sendable ([UInt8]) -> Void
     let close: @Sendable () -> Void
@@ -71,6 +25,7 @@ public final class Session: @unchecked Sendable {
     var greeted = false
     let lock = NSLock()
     var inFlight: [UInt64: EngineWorker.Job] = [:]
+    var documents: [String: Document] = [:]
     var closed = false
 
     public init(context: ServerContext, send: @escaping @Sendable ([UInt8]) -> Void, close: @escaping @Sendable () -> Void) {
@@ -91,12 +46,20 @@ public final class Session: @unchecked Sendable {
     }
 
     func error(_ id: UInt64, _ code: Vist2_V1_ErrorCode, _ message: String) {
+        context.metrics.error("\(code)")
         reply(id) {
             $0.error = .with {
                 $0.code = code
                 $0.message = message
             }
         }
+    }
+
+    /// Refuses a peer before anything is read from it.
+    public func deny(_ message: String) {
+        error(0, .permissionDenied, message)
+        closed = true
+        close()
     }
 
     /// Bytes from the peer. A framing error is answered once and closes the connection.
@@ -116,6 +79,7 @@ public final class Session: @unchecked Sendable {
             return
         }
         for p in payloads {
+            guard !closed else { return }
             guard let m = try? Vist2_V1_ClientMessage(serializedBytes: p) else {
                 error(0, .badRequest, "the frame does not hold a valid ClientMessage")
                 continue
@@ -124,13 +88,16 @@ public final class Session: @unchecked Sendable {
         }
     }
 
-    /// The connection went away: its requests stop.
+    /// The connection went away: its requests stop, its documents close.
     public func disconnected() {
         closed = true
         lock.lock()
         let jobs = Array(inFlight.values)
+        let docs = documents.count
+        documents = [:]
         lock.unlock()
         for j in jobs { j.cancel() }
+        context.adjust(documents: -docs)
     }
 
     func handle(_ m: Vist2_V1_ClientMessage) {
@@ -152,19 +119,12 @@ public final class Session: @unchecked Sendable {
             reply(id) { $0.hello = context.helloReply() }
             return
         }
+        context.metrics.request(Self.kind(m.body))
         switch m.body {
         case .hello:
             error(id, .badRequest, "the handshake is already done")
         case .status:
-            reply(id) {
-                $0.status = .with {
-                    $0.state = "ready"
-                    $0.queueLength = UInt32(context.worker.queueLength)
-                    $0.modelName = context.modelName
-                    $0.uptimeSeconds = UInt64(Date().timeIntervalSince(context.started))
-                    if case .vist2(let vm) = context.model { $0.modelFingerprint = vm.fingerprint }
-                }
-            }
+            reply(id) { $0.status = context.status() }
         case .cancel(let c):
             lock.lock()
             let job = inFlight[c.targetRequestID]
@@ -175,12 +135,249 @@ public final class Session: @unchecked Sendable {
             }
             job.cancel()
             reply(id) { $0.ack = Vist2_V1_Ack() }
+        case .openDocument(let o):
+            openDocument(id, o)
+        case .updateDocument(let u):
+            lock.lock()
+            let known = documents[u.documentID] != nil
+            if known { documents[u.documentID] = Document(path: documents[u.documentID]!.path, text: u.text) }
+            lock.unlock()
+            guard known else { return error(id, .unknownDocument, "no document '\(u.documentID)' is open on this connection") }
+            reply(id) { $0.document = info(u.documentID) }
+        case .closeDocument(let c):
+            lock.lock()
+            let removed = documents.removeValue(forKey: c.documentID) != nil
+            lock.unlock()
+            guard removed else { return error(id, .unknownDocument, "no document '\(c.documentID)' is open on this connection") }
+            context.adjust(documents: -1)
+            reply(id) { $0.ack = Vist2_V1_Ack() }
+        case .compress(let c):
+            compress(id, c)
         case .generate(let g):
             generate(id, g)
+        case .render(let r):
+            render(id, r)
+        case .cacheList(let l):
+            let entries = context.cache?.list(limit: l.limit == 0 ? Int.max : Int(l.limit)) ?? []
+            reply(id) {
+                $0.cacheList = .with {
+                    $0.entries = entries.map { e in
+                        .with {
+                            $0.key = e.key
+                            $0.level = e.level.name
+                            $0.bytes = UInt64(e.bytes)
+                            $0.lastUsedUnix = Int64(e.lastUsed.timeIntervalSince1970)
+                        }
+                    }
+                }
+            }
+        case .cacheEvict(let e):
+            guard e.all || !e.keys.isEmpty else { return error(id, .badRequest, "name keys to evict, or set all") }
+            guard e.keys.count <= 100_000, e.keys.allSatisfy({ $0.count == 64 && $0.allSatisfy(\.isHexDigit) }) else {
+                return error(id, .badRequest, "cache keys are 64 hex digits")
+            }
+            let removed = e.all ? (context.cache?.evictAll() ?? 0) : (context.cache?.evict(keys: e.keys) ?? 0)
+            if !e.all && removed == 0 { return error(id, .notFound, "no such cache entries") }
+            reply(id) { $0.cacheEvictResult = .with { $0.removed = UInt32(clamping: removed) } }
+        case .cacheStats:
+            let s = context.cache?.stats ?? CacheStore.Stats()
+            reply(id) {
+                $0.cacheStats = .with {
+                    $0.bytes = UInt64(s.bytes)
+                    $0.budgetBytes = UInt64(s.budget)
+                    $0.entries = UInt64(s.entries)
+                    $0.hits = UInt64(s.hits)
+                    $0.misses = UInt64(s.misses)
+                    $0.evictions = UInt64(s.evictions)
+                    $0.rejectedDamaged = UInt64(s.rejectedDamaged)
+                }
+            }
+        case .metrics:
+            let text = context.metrics.render(context)
+            reply(id) { $0.metrics = .with { $0.prometheusText = text } }
         case .none:
             error(id, .unknownRequest, "empty or unknown request body")
-        default:
-            error(id, .unknownRequest, "this server does not implement that request yet")
+        }
+    }
+
+    static func kind(_ b: Vist2_V1_ClientMessage.OneOf_Body?) -> String {
+        switch b {
+        case .hello: return "hello"
+        case .status: return "status"
+        case .openDocument: return "open_document"
+        case .updateDocument: return "update_document"
+        case .closeDocument: return "close_document"
+        case .compress: return "compress"
+        case .generate: return "generate"
+        case .render: return "render"
+        case .cancel: return "cancel"
+        case .cacheList: return "cache_list"
+        case .cacheEvict: return "cache_evict"
+        case .cacheStats: return "cache_stats"
+        case .metrics: return "metrics"
+        case .none: return "unknown"
+        }
+    }
+
+    func info(_ docID: String) -> Vist2_V1_DocumentInfo {
+        lock.lock()
+        let d = documents[docID]
+        lock.unlock()
+        return .with {
+            $0.documentID = docID
+            $0.path = d?.path ?? ""
+            $0.bytes = UInt64(d?.text.utf8.count ?? 0)
+            $0.chunks = UInt32(d?.chunks ?? 0)
+        }
+    }
+
+    func openDocument(_ id: UInt64, _ o: Vist2_V1_OpenDocument) {
+        guard o.path.utf8.count <= 4096 else { return error(id, .badRequest, "path longer than 4096 bytes") }
+        lock.lock()
+        let full = documents.count >= context.limits.maxDocuments
+        var docID = ""
+        if !full {
+            repeat { docID = String(format: "d%016llx", UInt64.random(in: 0...UInt64.max)) } while documents[docID] != nil
+            documents[docID] = Document(path: o.path, text: o.text)
+        }
+        lock.unlock()
+        guard !full else { return error(id, .tooManyRequests, "at most \(context.limits.maxDocuments) documents open per connection") }
+        context.adjust(documents: 1)
+        reply(id) { $0.document = info(docID) }
+    }
+
+    /// The texts of `ids`, or an error reply sent.
+    func texts(_ id: UInt64, _ ids: [String]) -> [String]? {
+        lock.lock()
+        let found = ids.map { documents[$0]?.text }
+        lock.unlock()
+        if let i = found.firstIndex(where: { $0 == nil }) {
+            error(id, .unknownDocument, "no document '\(ids[i])' is open on this connection")
+            return nil
+        }
+        return found.map { $0! }
+    }
+
+    /// Registers `id` as in flight and queues `work` on the engine; `work` returns its final
+    /// reply (or throws an EngineError). The request leaves the in-flight table before its final
+    /// reply goes out, so the client may reuse the id as soon as it has read that reply.
+    func submit(_ id: UInt64, _ work: @escaping (EngineWorker.Job) throws(EngineError) -> (inout Vist2_V1_ServerMessage) -> Void) {
+        guard !context.isDraining else { return error(id, .draining, "the daemon is shutting down and takes no new work") }
+        lock.lock()
+        let duplicate = inFlight[id] != nil
+        let count = inFlight.count
+        lock.unlock()
+        guard !duplicate else { return error(id, .duplicateRequestID, "request \(id) is already in flight") }
+        guard count < context.limits.maxInFlight else {
+            return error(id, .tooManyRequests, "at most \(context.limits.maxInFlight) requests in flight per connection")
+        }
+        let job = EngineWorker.Job(owner: ObjectIdentifier(self)) { [self] job in
+            func end(_ final: () -> Void) {
+                lock.lock()
+                inFlight[id] = nil
+                lock.unlock()
+                final()
+            }
+            if job.isCancelled { return end { error(id, .cancelled, "cancelled before it started") } }
+            switch Result(catching: { () throws(EngineError) in try work(job) }) {
+            case .success(let fill):
+                if job.isCancelled { return end { error(id, .cancelled, "cancelled") } }
+                end { reply(id, fill) }
+            case .failure(let e):
+                let code: Vist2_V1_ErrorCode
+                switch e {
+                case .contextOverflow: code = .contextOverflow
+                case .cancelled: code = .cancelled
+                case .io, .format, .modelNotFound: code = .internal
+                default: code = .badRequest
+                }
+                end { error(id, code, e.description) }
+            }
+        }
+        lock.lock()
+        inFlight[id] = job
+        lock.unlock()
+        guard context.worker.submit(job) else {
+            lock.lock()
+            inFlight[id] = nil
+            lock.unlock()
+            return error(id, .busy, "the server's queue is full (\(context.worker.capacity) waiting); retry later")
+        }
+    }
+
+    var vist2: VIST2Model? {
+        if case .vist2(let m) = context.model { return m }
+        return nil
+    }
+
+    func compress(_ id: UInt64, _ c: Vist2_V1_CompressRequest) {
+        guard let model = vist2 else {
+            return error(id, .unsupported, "the loaded model (\(context.modelName)) has no vision encoder; compress needs a VIST2 model")
+        }
+        guard let text = texts(id, [c.documentID]) else { return }
+        let cache = context.blockCache, metrics = context.metrics
+        submit(id) { [self] job throws(EngineError) in
+            let r = try VIST2Generator(model: model).compress(
+                documents: text, instruction: c.instruction, chat: c.chat, cache: cache,
+                progress: { done, total in
+                    self.reply(id, final: false) {
+                        $0.compressProgress = .with {
+                            $0.chunksDone = UInt32(done)
+                            $0.chunksTotal = UInt32(total)
+                        }
+                    }
+                    return !job.isCancelled
+                })
+            metrics.blocks(encoded: r.chunks_encoded, chunkHits: r.chunk_cache_hits, prefixHits: r.prefix_cache_hits)
+            lock.lock()
+            documents[c.documentID]?.chunks = r.chunks
+            lock.unlock()
+            return {
+                $0.compressResult = .with {
+                    $0.chunks = UInt32(r.chunks)
+                    $0.textTokens = UInt32(r.text_tokens)
+                    $0.visualTokens = UInt32(r.visual_tokens)
+                    $0.ratio = r.ratio
+                    $0.chunksRendered = UInt32(r.chunks_encoded)
+                    $0.chunkCacheHits = UInt32(r.chunk_cache_hits)
+                    $0.prefixCacheHits = UInt32(r.prefix_cache_hits)
+                    $0.elapsedMs = r.elapsed_ms
+                }
+            }
+        }
+    }
+
+    func render(_ id: UInt64, _ r: Vist2_V1_RenderRequest) {
+        guard let model = vist2 else {
+            return error(id, .unsupported, "the loaded model (\(context.modelName)) has no renderer; render needs a VIST2 model")
+        }
+        guard let text = texts(id, [r.documentID]) else { return }
+        submit(id) { [self] job throws(EngineError) in
+            let chunks = model.chunker.chunks(text[0])
+            for (i, c) in chunks.enumerated() {
+                if job.isCancelled { throw .cancelled }
+                let encoded = Result { () throws(RenderError) in try model.renderer.render(c.text).image.pngData() }
+                guard case .success(let png) = encoded else { throw .io("cannot encode chunk \(i) as PNG") }
+                reply(id, final: false) {
+                    $0.renderedChunk = .with {
+                        $0.index = UInt32(i)
+                        $0.png = Data(png)
+                        $0.text = String(c.text)
+                        $0.tokens = UInt32(c.tokens)
+                        $0.missingGlyphs = UInt32(c.missing)
+                    }
+                }
+            }
+            let tokens = chunks.map(\.tokens).reduce(0, +)
+            let visual = chunks.count * model.visualTokens
+            return {
+                $0.renderResult = .with {
+                    $0.chunks = UInt32(chunks.count)
+                    $0.textTokens = UInt32(tokens)
+                    $0.visualTokens = UInt32(visual)
+                    $0.ratio = visual > 0 ? Double(tokens) / Double(visual) : 0
+                }
+            }
         }
     }
 
@@ -200,18 +397,18 @@ public final class Session: @unchecked Sendable {
     }
 
     func generate(_ id: UInt64, _ g: Vist2_V1_GenerateRequest) {
-        lock.lock()
-        let duplicate = inFlight[id] != nil
-        let count = inFlight.count
-        lock.unlock()
-        guard !duplicate else { return error(id, .duplicateRequestID, "request \(id) is already in flight") }
-        guard count < context.maxInFlight else {
-            return error(id, .tooManyRequests, "at most \(context.maxInFlight) requests in flight per connection")
-        }
-        guard g.documentIds.isEmpty else { return error(id, .unknownDocument, "documents are not served yet") }
         var req = GenerationRequest(prompt: g.instruction)
         req.chat = g.chat
+        // A VIST2 model can write past the backbone's context (finished chunks shrink to visual
+        // tokens), so the bound is a sanity limit, not the context.
+        let maxTokens = context.maxTokens
+        guard g.maxTokens <= UInt32(maxTokens) else {
+            return error(id, .badRequest, "max_tokens \(g.maxTokens) is over the limit of \(maxTokens)")
+        }
         req.maxTokens = Int(g.maxTokens == 0 ? 128 : g.maxTokens)
+        guard g.stop.count <= 16, g.stop.allSatisfy({ $0.utf8.count <= 256 }) else {
+            return error(id, .badRequest, "at most 16 stop strings of at most 256 bytes")
+        }
         req.stop = g.stop
         if g.hasSampling {
             req.sampling.temperature = g.sampling.temperature
@@ -222,63 +419,58 @@ public final class Session: @unchecked Sendable {
             req.sampling.seed = g.sampling.seed
         }
         do { try req.validate() } catch { return self.error(id, .badRequest, error.description) }
+        guard let docs = texts(id, g.documentIds) else { return }
+        if !docs.isEmpty && vist2 == nil {
+            return error(
+                id, .unsupported, "the loaded model (\(context.modelName)) is a plain language model; documents need a VIST2 model")
+        }
         let ctx = context
-        let job = EngineWorker.Job(owner: ObjectIdentifier(self)) { [self] job in
-            // The request leaves the in-flight table before its final reply goes out, so the
-            // client may reuse the id as soon as it has read that reply.
-            func end(_ final: () -> Void) {
-                lock.lock()
-                inFlight[id] = nil
-                lock.unlock()
-                final()
-            }
-            if job.isCancelled { return end { error(id, .cancelled, "cancelled before it started") } }
+        let request = req
+        submit(id) { [self] job throws(EngineError) in
             let onText: (String) -> Bool = { piece in
                 self.reply(id, final: false) { $0.textDelta = .with { $0.text = piece } }
                 return !job.isCancelled
             }
-            do {
-                var result: Vist2_V1_GenerateResult
-                switch ctx.model {
-                case .vist2(let m):
-                    let r = try VIST2Generator(model: m).generate(VIST2Request(generation: req), onText: onText)
-                    result = Self.common(
-                        r.text, r.prompt_tokens, r.generated_tokens, r.ttft_ms, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.stop_reason
-                    )
-                    result.kvBytes = UInt64(r.kv_bytes)
-                    result.kvBytesFinal = UInt64(r.kv_bytes_final)
-                    result.flops = UInt64(r.flops)
-                    result.chunks = UInt32(r.chunks)
-                    result.swaps = UInt32(r.swaps)
-                case .language(let lm):
-                    let r = try Generator(model: lm).generate(req, onText: onText)
-                    result = Self.common(
-                        r.text, r.prompt_tokens, r.generated_tokens, r.ttft_ms, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.stop_reason
-                    )
-                }
-                let reason = result.stopReason
-                if reason == StopReason.cancelled.rawValue || job.isCancelled {
-                    end { error(id, .cancelled, "cancelled") }
-                } else {
-                    end { reply(id) { $0.generateResult = result } }
-                }
-            } catch let e as EngineError {
-                let code: Vist2_V1_ErrorCode
-                if case .contextOverflow = e { code = .contextOverflow } else { code = .badRequest }
-                end { error(id, code, e.description) }
-            } catch {
-                let message = "\(error)"
-                end { self.error(id, .internal, message) }
+            var result: Vist2_V1_GenerateResult
+            switch ctx.model {
+            case .vist2(let m):
+                var vr = VIST2Request(generation: request, documents: docs, fullText: g.fullText)
+                vr.cache = ctx.blockCache
+                vr.progress = { _, _ in !job.isCancelled }
+                let r = try VIST2Generator(model: m).generate(vr, onText: onText)
+                result = Self.common(
+                    r.text, r.prompt_tokens, r.generated_tokens, r.ttft_ms, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.stop_reason)
+                result.docTextTokens = UInt32(clamping: r.doc_text_tokens)
+                result.visualTokens = UInt32(clamping: r.visual_tokens)
+                result.compressionRatio = r.compression_ratio
+                result.kvBytes = UInt64(r.kv_bytes)
+                result.kvBytesFinal = UInt64(r.kv_bytes_final)
+                result.flops = UInt64(r.flops)
+                result.renderMs = r.render_ms
+                result.visionMs = r.vision_ms
+                result.prefillMs = r.prefill_ms
+                result.decodeMs = r.decode_ms
+                result.chunks = UInt32(r.chunks)
+                result.swaps = UInt32(r.swaps)
+                result.chunksEncoded = UInt32(r.chunks_encoded)
+                result.chunkCacheHits = UInt32(r.chunk_cache_hits)
+                result.prefixCacheHits = UInt32(r.prefix_cache_hits)
+                ctx.metrics.blocks(encoded: r.chunks_encoded, chunkHits: r.chunk_cache_hits, prefixHits: r.prefix_cache_hits)
+                ctx.metrics.generation(
+                    prompt: r.prompt_tokens, generated: r.generated_tokens, prefillMs: r.prefill_ms, decodeMs: r.decode_ms,
+                    kvPeak: r.kv_bytes, decodeTPS: r.decode_tokens_per_s)
+            case .language(let lm):
+                let r = try Generator(model: lm).generate(request, onText: onText)
+                result = Self.common(
+                    r.text, r.prompt_tokens, r.generated_tokens, r.ttft_ms, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.stop_reason)
+                ctx.metrics.generation(
+                    prompt: r.prompt_tokens, generated: r.generated_tokens, prefillMs: r.ttft_ms,
+                    decodeMs: r.decode_tokens_per_s > 0 ? Double(max(0, r.generated_tokens - 1)) / r.decode_tokens_per_s * 1000 : 0,
+                    kvPeak: 0, decodeTPS: r.decode_tokens_per_s)
             }
-        }
-        lock.lock()
-        inFlight[id] = job
-        lock.unlock()
-        guard ctx.worker.submit(job) else {
-            lock.lock()
-            inFlight[id] = nil
-            lock.unlock()
-            return error(id, .busy, "the server's queue is full (\(ctx.worker.capacity) waiting); retry later")
+            if result.stopReason == StopReason.cancelled.rawValue { throw .cancelled }
+            let final = result
+            return { $0.generateResult = final }
         }
     }
 }

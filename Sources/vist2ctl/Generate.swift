@@ -105,43 +105,66 @@ struct Generate: ParsableCommand {
         }
     }
 
-    /// The same request through the daemon: text streams as it arrives.
+    /// The same request through the daemon: the documents are opened there (and closed after),
+    /// text streams as it arrives, and --json prints the same fields as --local.
     func runOnDaemon() throws {
-        guard doc.isEmpty, !fullText else {
-            throw ValidationError("documents are served by the daemon once it has open/compress; for now use --local with --doc")
-        }
+        let texts = doc.map { readDocument($0, json: json) }
         let c = try socketOption.connect()
-        let g = Vist2_V1_GenerateRequest.with {
-            $0.instruction = prompt
-            $0.chat = chat
-            $0.maxTokens = UInt32(clamping: max(0, maxTokens))
-            $0.stop = stop
-            $0.sampling = .with {
-                $0.temperature = temperature
-                $0.topK = UInt32(clamping: max(0, topK))
-                $0.topP = topP
-                $0.minP = minP
-                $0.repetitionPenalty = repeatPenalty
-                $0.seed = seed
-            }
-        }
         do {
+            var ids: [String] = []
+            for (path, text) in zip(doc, texts) { ids.append(try c.openDocument(text: text, path: path).documentID) }
+            let g = Vist2_V1_GenerateRequest.with {
+                $0.instruction = prompt
+                $0.chat = chat
+                $0.documentIds = ids
+                $0.fullText = fullText
+                $0.maxTokens = UInt32(clamping: max(0, maxTokens))
+                $0.stop = stop
+                $0.sampling = .with {
+                    $0.temperature = temperature
+                    $0.topK = UInt32(clamping: max(0, topK))
+                    $0.topP = topP
+                    $0.minP = minP
+                    $0.repetitionPenalty = repeatPenalty
+                    $0.seed = seed
+                }
+            }
             let r = try c.generate(g) { piece in
                 if !json { FileHandle.standardOutput.write(Data(piece.utf8)) }
             }
+            for id in ids { try c.closeDocument(id: id) }
             if json {
-                printJSON([
+                var out: [String: AnyEncodable] = [
                     "text": AnyEncodable(r.text), "prompt_tokens": AnyEncodable(Int(r.promptTokens)),
                     "generated_tokens": AnyEncodable(Int(r.generatedTokens)), "ttft_ms": AnyEncodable(r.ttftMs),
                     "prefill_tokens_per_s": AnyEncodable(r.prefillTokensPerS), "decode_tokens_per_s": AnyEncodable(r.decodeTokensPerS),
                     "stop_reason": AnyEncodable(r.stopReason),
-                ])
+                ]
+                if !c.hello.modelFingerprint.isEmpty {
+                    out["mode"] = AnyEncodable(fullText ? "full-text" : "vist2")
+                    for (k, v) in [
+                        ("doc_text_tokens", r.docTextTokens), ("visual_tokens", r.visualTokens), ("chunks", r.chunks), ("swaps", r.swaps),
+                        ("chunks_encoded", r.chunksEncoded), ("chunk_cache_hits", r.chunkCacheHits),
+                        ("prefix_cache_hits", r.prefixCacheHits),
+                    ] {
+                        out[k] = AnyEncodable(Int(v))
+                    }
+                    for (k, v) in [("kv_bytes", r.kvBytes), ("kv_bytes_final", r.kvBytesFinal), ("flops", r.flops)] {
+                        out[k] = AnyEncodable(Int(v))
+                    }
+                    for (k, v) in [
+                        ("compression_ratio", r.compressionRatio), ("render_ms", r.renderMs), ("vision_ms", r.visionMs),
+                        ("prefill_ms", r.prefillMs), ("decode_ms", r.decodeMs),
+                    ] {
+                        out[k] = AnyEncodable(v)
+                    }
+                }
+                printJSON(out)
             } else {
                 FileHandle.standardOutput.write(Data("\n".utf8))
             }
         } catch {
-            FileHandle.standardError.write(Data("vist2ctl: \(error)\n".utf8))
-            throw ExitCode(1)
+            fail("\(error)", code: daemonCode(error), json: json)
         }
     }
 }

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
+import VistClient
 import VistEngine
+import VistProtocol
 import VistRender
 
 struct Render: ParsableCommand {
@@ -15,6 +17,11 @@ struct Render: ParsableCommand {
             """)
 
     @OptionGroup var modelOptions: ModelOptions
+
+    @OptionGroup var socketOption: SocketOption
+
+    @Flag(help: "Render in this process with --model instead of asking the daemon (implied by --raw).")
+    var local = false
 
     @Option(name: .long, help: "Output directory (created if missing).")
     var out = "render-out"
@@ -51,6 +58,10 @@ struct Render: ParsableCommand {
     }
 
     func run() throws {
+        if !local && !raw {
+            try runOnDaemon()
+            return
+        }
         try runReportingErrors(json: json) {
             guard let data = FileManager.default.contents(atPath: file) else { throw EngineError.io("cannot read \(file)") }
             guard let text = String(data: data, encoding: .utf8) else { throw EngineError.badArgument("\(file) is not valid UTF-8") }
@@ -104,6 +115,44 @@ struct Render: ParsableCommand {
                     "\(summary.chunks) chunks, \(summary.characters) characters, \(summary.tokens) tokens -> \(summary.visual_tokens) visual tokens (ratio \(String(format: "%.2f", summary.ratio))), \(summary.missing_glyphs) missing glyphs; images in \(out)/"
                 )
             }
+        }
+    }
+
+    /// The daemon renders with the model it holds; the PNGs arrive over the socket.
+    func runOnDaemon() throws {
+        guard let data = FileManager.default.contents(atPath: file) else { fail("cannot read \(file)", code: "io", json: json) }
+        guard let text = String(data: data, encoding: .utf8) else { fail("\(file) is not valid UTF-8", code: "bad_argument", json: json) }
+        let c = try socketOption.connect()
+        do {
+            try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+            let doc = try c.openDocument(text: text, path: file)
+            var infos: [ChunkInfo] = []
+            var failure: String? = nil
+            let r = try c.render(documentID: doc.documentID) { chunk in
+                let png = "chunk-\(String(format: "%03d", chunk.index)).png"
+                if !FileManager.default.createFile(atPath: out + "/" + png, contents: chunk.png) { failure = "cannot write \(out)/\(png)" }
+                infos.append(
+                    ChunkInfo(
+                        index: Int(chunk.index), text: chunk.text, tokens: Int(chunk.tokens), rows: 0,
+                        missing_glyphs: Int(chunk.missingGlyphs),
+                        png: png, raw: nil))
+            }
+            try c.closeDocument(id: doc.documentID)
+            if let failure { fail(failure, code: "io", json: json) }
+            let summary = Summary(
+                chunks: Int(r.chunks), characters: text.count, tokens: Int(r.textTokens), visual_tokens: Int(r.visualTokens),
+                ratio: r.ratio,
+                missing_glyphs: infos.map(\.missing_glyphs).reduce(0, +), out: out, model_fingerprint: c.hello.modelFingerprint,
+                chunk_list: infos)
+            if json {
+                printJSON(summary)
+            } else {
+                print(
+                    "\(summary.chunks) chunks, \(summary.tokens) tokens -> \(summary.visual_tokens) visual tokens (ratio \(String(format: "%.2f", summary.ratio))), \(summary.missing_glyphs) missing glyphs; images in \(out)/"
+                )
+            }
+        } catch {
+            fail("\(error)", code: daemonCode(error), json: json)
         }
     }
 }

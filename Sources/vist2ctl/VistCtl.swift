@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import VistClient
 import VistEngine
 import VistTokenizer
 
@@ -14,7 +15,9 @@ struct VistCtl: ParsableCommand {
             The model store is $VIST2_MODELS, else $XDG_DATA_HOME/vist2/models, else \
             ~/.local/share/vist2/models.
             """,
-        subcommands: [Status.self, Generate.self, Tokenize.self, Perplexity.self, Bench.self, Render.self])
+        subcommands: [
+            Status.self, Compress.self, Generate.self, Render.self, Cache.self, Metrics.self, Tokenize.self, Perplexity.self, Bench.self,
+        ])
 }
 
 /// Options every model-using command shares.
@@ -76,5 +79,35 @@ func printJSON<T: Encodable>(_ value: T, to stream: Stream = .standardOutput) {
 func requireLocal(_ local: Bool, _ what: String) throws {
     guard local else {
         throw ValidationError("\(what) runs in-process only for now; add --local")
+    }
+}
+
+/// One clear line (or a JSON error object) on stderr, then exit status 1.
+func fail(_ message: String, code: String, json: Bool) -> Never {
+    // A server error's description carries its code in brackets; the code is printed separately.
+    let message = message.replacingOccurrences(of: #" \[[A-Za-z]+\]$"#, with: "", options: .regularExpression)
+    if json {
+        printJSON(["error": ["code": code, "message": message]], to: .standardError)
+    } else {
+        FileHandle.standardError.write(Data("vist2ctl: error [\(code)]: \(message)\n".utf8))
+    }
+    Foundation.exit(1)
+}
+
+/// The stable code of a daemon-side failure: the protocol's error code name, lowercased.
+func daemonCode(_ e: Error) -> String {
+    guard let ce = e as? VistClient.ClientError else { return "io" }
+    switch ce {
+    case .server(let code, _):
+        // The protocol's enum case name in snake_case: contextOverflow -> context_overflow.
+        var out = ""
+        for ch in "\(code)" {
+            if ch.isUppercase { out += "_" + ch.lowercased() } else { out.append(ch) }
+        }
+        return out
+    case .connect: return "daemon_unavailable"
+    case .closed: return "connection_closed"
+    case .protocolError: return "protocol"
+    case .io: return "io"
     }
 }

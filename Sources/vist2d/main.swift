@@ -1,6 +1,7 @@
 import ArgumentParser
 import Dispatch
 import Foundation
+import VistCache
 import VistEngine
 import VistServer
 import VistWire
@@ -10,79 +11,228 @@ import VistWire
 #endif
 
 /// vist2d: holds one model and serves vist2ctl, editors and scripts over a Unix socket
-/// (Protocols/PROTOCOL.md). `main` stays thin: flags, loading, signals; the server is VistServer.
+/// (Protocols/PROTOCOL.md). `main` stays thin: flags, loading, systemd, signals; the server is
+/// VistServer.
 struct Vist2d: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vist2d",
         abstract: "The vist2 daemon: one shared VIST2 engine over a Unix socket.",
         discussion: """
-            Environment: VIST2_MODELS (model store), XDG_RUNTIME_DIR (default socket directory). \
+            Every flag has an environment variable, read when the flag is not given (for systemd units):
+              VIST2_MODEL, VIST2_SOCKET, VIST2_THREADS, VIST2_QUEUE, VIST2_MAX_FRAME, VIST2_CACHE_DIR,
+              VIST2_CACHE_SIZE, VIST2_ALLOW_USERS and VIST2_ALLOW_GROUPS (comma-separated), VIST2_LOG_LEVEL.
+            Also read: VIST2_MODELS (model store), XDG_RUNTIME_DIR and RUNTIME_DIRECTORY (socket directory),
+            XDG_CACHE_HOME and CACHE_DIRECTORY (cache directory), NOTIFY_SOCKET and WATCHDOG_USEC (readiness,
+            status and keep-alives for Type=notify units), LISTEN_PID/LISTEN_FDS (socket activation: the
+            passed socket is served as is and never unlinked).
+            Peers: a client is served if its uid (SO_PEERCRED) is the daemon's own, root's, or listed in
+            --allow-user, or if its primary or supplementary groups include one listed in --allow-group.
             SIGTERM and SIGINT stop accepting, finish queued requests and exit 0.
             """)
 
-    @Option(help: "Model name or path (a VIST2 model directory or a plain GGUF / HF model).")
-    var model = "default"
+    @Option(help: "Model name or path (a VIST2 model directory or a plain GGUF / HF model). [VIST2_MODEL]")
+    var model: String?
 
-    @Option(help: "Socket path (default: $XDG_RUNTIME_DIR/vist2/vist2.sock, else /run/vist2/vist2.sock).")
+    @Option(
+        help:
+            "Socket path (default: $RUNTIME_DIRECTORY/vist2.sock under systemd, else $XDG_RUNTIME_DIR/vist2/vist2.sock, else /run/vist2/vist2.sock). [VIST2_SOCKET]"
+    )
     var socket: String?
 
-    @Option(help: "Engine threads (default: the cores this process may use).")
+    @Option(help: "Engine threads (default: the cores this process may use). [VIST2_THREADS]")
     var threads: Int?
 
-    @Option(help: "Requests that may wait for the engine; past this they get BUSY.")
-    var queue = 16
+    @Option(help: "Requests that may wait for the engine; past this they get BUSY (default 16). [VIST2_QUEUE]")
+    var queue: Int?
 
-    @Option(help: "Largest frame payload accepted, in bytes.")
-    var maxFrame = Frame.defaultMaxPayload
+    @Option(help: "Largest frame payload accepted, in bytes (default \(Frame.defaultMaxPayload)). [VIST2_MAX_FRAME]")
+    var maxFrame: Int?
 
-    func validate() throws {
-        if let t = threads, !(1...256).contains(t) { throw ValidationError("--threads must be in 1...256") }
-        guard (1...10_000).contains(queue) else { throw ValidationError("--queue must be in 1...10000") }
-        guard (1024...Frame.hardMaxPayload).contains(maxFrame) else {
-            throw ValidationError("--max-frame must be in 1024...\(Frame.hardMaxPayload)")
+    @Option(
+        help: "Persistent cache directory (default: $CACHE_DIRECTORY, else $XDG_CACHE_HOME/vist2, else ~/.cache/vist2). [VIST2_CACHE_DIR]")
+    var cacheDir: String?
+
+    @Option(help: "Persistent cache budget, e.g. 2G, 512M, 0 to disable (default 2G). [VIST2_CACHE_SIZE]")
+    var cacheSize: String?
+
+    @Option(help: "Also serve this user (name or uid); repeatable. [VIST2_ALLOW_USERS]")
+    var allowUser: [String] = []
+
+    @Option(help: "Also serve members of this group (name or gid); repeatable. [VIST2_ALLOW_GROUPS]")
+    var allowGroup: [String] = []
+
+    @Option(help: "error, warning, info or debug (default info). [VIST2_LOG_LEVEL]")
+    var logLevel: String?
+
+    static let env = ProcessInfo.processInfo.environment
+
+    static func parseSize(_ s: String) -> Int? {
+        let t = s.trimmingCharacters(in: .whitespaces).uppercased()
+        let units: [(String, Int)] = [("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)]
+        for (u, mul) in units where t.hasSuffix(u) || t.hasSuffix(u + "B") || t.hasSuffix(u + "IB") {
+            let num = t.prefix { $0.isNumber || $0 == "." }
+            guard let v = Double(num), v >= 0, v * Double(mul) < 9e18 else { return nil }
+            return Int(v * Double(mul))
         }
+        return Int(t).flatMap { $0 >= 0 ? $0 : nil }
+    }
+
+    struct Settings {
+        var model: String
+        var socket: String
+        var threads: Int
+        var queue: Int
+        var maxFrame: Int
+        var cacheDir: String
+        var cacheSize: Int
+        var peers: PeerPolicy
+        var logLevel: Int
+    }
+
+    func settings() throws -> Settings {
+        let env = Self.env
+        func int(_ flag: Int?, _ name: String, _ def: Int, _ range: ClosedRange<Int>, _ option: String) throws -> Int {
+            let v: Int
+            if let flag {
+                v = flag
+            } else if let s = env[name], !s.isEmpty {
+                guard let n = Int(s) else { throw ValidationError("\(name)='\(s)' is not a number") }
+                v = n
+            } else {
+                v = def
+            }
+            guard range.contains(v) else { throw ValidationError("\(option) must be in \(range.lowerBound)...\(range.upperBound)") }
+            return v
+        }
+        let model = self.model ?? env["VIST2_MODEL"].flatMap { $0.isEmpty ? nil : $0 } ?? "default"
+        let socket =
+            self.socket ?? env["VIST2_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? {
+                if let d = env["RUNTIME_DIRECTORY"], !d.isEmpty { return d.split(separator: ":")[0] + "/vist2.sock" }
+                if let d = env["XDG_RUNTIME_DIR"], !d.isEmpty { return d + "/vist2/vist2.sock" }
+                return "/run/vist2/vist2.sock"
+            }()
+        guard socket.utf8.count < 108 else { throw ValidationError("--socket path is longer than a Unix socket allows (107 bytes)") }
+        let threads = try int(threads, "VIST2_THREADS", LanguageModel.defaultThreads, 1...256, "--threads")
+        let queue = try int(queue, "VIST2_QUEUE", 16, 1...10_000, "--queue")
+        let maxFrame = try int(maxFrame, "VIST2_MAX_FRAME", Frame.defaultMaxPayload, 1024...Frame.hardMaxPayload, "--max-frame")
+        let cacheDir =
+            cacheDir ?? env["VIST2_CACHE_DIR"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? {
+                if let d = env["CACHE_DIRECTORY"], !d.isEmpty { return String(d.split(separator: ":")[0]) }
+                if let d = env["XDG_CACHE_HOME"], !d.isEmpty { return d + "/vist2" }
+                return NSHomeDirectory() + "/.cache/vist2"
+            }()
+        let sizeText = cacheSize ?? env["VIST2_CACHE_SIZE"].flatMap { $0.isEmpty ? nil : $0 } ?? "2G"
+        guard let size = Self.parseSize(sizeText) else {
+            throw ValidationError("--cache-size '\(sizeText)' is not a size (e.g. 2G, 512M, 0)")
+        }
+        var peers = PeerPolicy.sameUser
+        let users =
+            allowUser + (env["VIST2_ALLOW_USERS"] ?? "").split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
+        let groups =
+            allowGroup + (env["VIST2_ALLOW_GROUPS"] ?? "").split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
+        for u in users where !u.isEmpty {
+            guard let id = PeerPolicy.uid(u) else { throw ValidationError("--allow-user: no user '\(u)'") }
+            peers.users.insert(id)
+        }
+        for g in groups where !g.isEmpty {
+            guard let id = PeerPolicy.gid(g) else { throw ValidationError("--allow-group: no group '\(g)'") }
+            peers.groups.insert(id)
+        }
+        let levelText = (logLevel ?? env["VIST2_LOG_LEVEL"] ?? "info").lowercased()
+        guard let level = ["error", "warning", "info", "debug"].firstIndex(of: levelText) else {
+            throw ValidationError("--log-level must be error, warning, info or debug")
+        }
+        return Settings(
+            model: model, socket: socket, threads: threads, queue: queue, maxFrame: maxFrame, cacheDir: cacheDir, cacheSize: size,
+            peers: peers, logLevel: level)
     }
 
     func run() throws {
-        let path =
-            socket
-            ?? {
-                if let d = ProcessInfo.processInfo.environment["RUNTIME_DIRECTORY"], !d.isEmpty { return d + "/vist2.sock" }
-                if let d = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"], !d.isEmpty { return d + "/vist2/vist2.sock" }
-                return "/run/vist2/vist2.sock"
-            }()
-        log("loading model \(model)")
-        let loaded: ServerContext.Model
-        switch Self.load(model, threads: threads ?? LanguageModel.defaultThreads) {
-        case .success(let m): loaded = m
+        let s: Settings
+        do { s = try settings() } catch let e as ValidationError { throw e }
+        let logger = Logger(level: s.logLevel)
+        let inherited: Int32?
+        switch Result(catching: { () throws(Systemd.ActivationError) in try Systemd.listenFD() }) {
+        case .success(let fd): inherited = fd
         case .failure(let e):
-            log("error [\(e.code)]: \(e.description)")
+            logger.error(e.description)
             throw ExitCode(1)
         }
-        let server = UnixServer(
-            context: ServerContext(model: loaded, modelName: model, queueCapacity: queue, maxFrame: maxFrame), socketPath: path)
+        logger.info("loading model \(s.model)")
+        Systemd.notify("STATUS=loading model \(s.model)\nEXTEND_TIMEOUT_USEC=60000000")
+        // Keep extending the start timeout while loading (hashing a large backbone takes a while).
+        let loading = DispatchSource.makeTimerSource(queue: .global())
+        loading.schedule(deadline: .now() + 20, repeating: 20)
+        loading.setEventHandler { Systemd.notify("EXTEND_TIMEOUT_USEC=60000000") }
+        loading.resume()
+        let loaded: ServerContext.Model
+        let result = Self.load(s.model, threads: s.threads)
+        loading.cancel()
+        switch result {
+        case .success(let m): loaded = m
+        case .failure(let e):
+            logger.error("[\(e.code)] \(e.description)")
+            Systemd.notify("STATUS=failed to load \(s.model): \(e.description)")
+            throw ExitCode(1)
+        }
+        var cache: CacheStore? = nil
+        if case .vist2(let vm) = loaded, s.cacheSize > 0 {
+            do {
+                cache = try CacheStore(
+                    directory: URL(fileURLWithPath: s.cacheDir), budget: s.cacheSize,
+                    identity: .init(fingerprint: vm.fingerprintBytes, renderConfig: vm.renderConfigHash),
+                    log: { logger.warning($0) })
+                logger.info("cache \(s.cacheDir): \(cache!.stats.entries) entries, \(cache!.stats.bytes) of \(s.cacheSize) bytes")
+            } catch {
+                // Serving without a cache beats not serving.
+                logger.warning("cache disabled: cannot use \(s.cacheDir): \(error)")
+            }
+        }
+        var limits = ServerContext.Limits()
+        limits.queueCapacity = s.queue
+        limits.maxFrame = s.maxFrame
+        let context = ServerContext(
+            model: loaded, modelName: s.model, limits: limits, cache: cache, peers: s.peers, log: { logger.info($0) })
+        let server = UnixServer(context: context, socketPath: s.socket, inheritedFD: inherited)
         do {
             try server.start()
         } catch {
-            log("error: \(error)")
+            logger.error("\(error)")
             throw ExitCode(1)
         }
-        log("listening on \(path)")
+        let where_ = inherited.map { "\(Systemd.boundPath($0)) (socket from systemd)" } ?? s.socket
+        logger.info("listening on \(where_)")
+        Systemd.notify("READY=1\nSTATUS=serving \(s.model) on \(where_)")
+        var watchdog: DispatchSourceTimer? = nil
+        if let period = Systemd.watchdogPeriod() {
+            let t = DispatchSource.makeTimerSource(queue: .global())
+            t.schedule(deadline: .now(), repeating: period)
+            // The keep-alive goes out only while the engine's queue is not wedged: a job running
+            // for longer than the watchdog interval is normal (long generations), so the check is
+            // that the worker thread is alive and answering.
+            t.setEventHandler { if context.worker.isResponsive { Systemd.notify("WATCHDOG=1") } }
+            t.resume()
+            watchdog = t
+        }
         signal(SIGTERM, SIG_IGN)
         signal(SIGINT, SIG_IGN)
         signal(SIGPIPE, SIG_IGN)
         let done = DispatchSemaphore(value: 0)
         var sources: [DispatchSourceSignal] = []
         for sig in [SIGTERM, SIGINT] {
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { done.signal() }
-            s.resume()
-            sources.append(s)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            src.setEventHandler { done.signal() }
+            src.resume()
+            sources.append(src)
         }
         done.wait()
-        log("stopping: finishing queued requests")
+        logger.info("stopping: finishing queued requests")
+        Systemd.notify("STOPPING=1\nSTATUS=draining")
         server.stop()
-        log("stopped")
+        watchdog?.cancel()
+        logger.info("stopped")
     }
 
     static func load(_ name: String, threads: Int) -> Result<ServerContext.Model, EngineError> {
@@ -92,8 +242,23 @@ struct Vist2d: ParsableCommand {
             return .language(try LanguageModel(url: url, threads: threads))
         }
     }
+}
 
-    func log(_ s: String) { FileHandle.standardError.write(Data("vist2d: \(s)\n".utf8)) }
+/// Lines on stderr for journald, with the sd-daemon(3) priority prefix when running under
+/// systemd (JOURNAL_STREAM set), so `journalctl -p warning` works.
+struct Logger: Sendable {
+    let level: Int
+    let journal = ProcessInfo.processInfo.environment["JOURNAL_STREAM"] != nil
+
+    func write(_ l: Int, _ prio: Int, _ s: String) {
+        guard l <= level else { return }
+        let prefix = journal ? "<\(prio)>" : "vist2d: "
+        FileHandle.standardError.write(Data((prefix + s + "\n").utf8))
+    }
+    func error(_ s: String) { write(0, 3, "error: " + s) }
+    func warning(_ s: String) { write(1, 4, "warning: " + s) }
+    func info(_ s: String) { write(2, 6, s) }
+    func debug(_ s: String) { write(3, 7, s) }
 }
 
 Vist2d.main()

@@ -95,7 +95,7 @@ struct CLITests {
         let out = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-render-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: out) }
         let r = try vist2ctl([
-            "render", "--model", Self.tinyVIST2, "--out", out, "--raw", "--json", "/usr/share/common-licenses/Apache-2.0",
+            "render", "--local", "--model", Self.tinyVIST2, "--out", out, "--raw", "--json", "/usr/share/common-licenses/Apache-2.0",
         ])
         #expect(r.status == 0, "\(r.err)")
         let j = try json(r.out)
@@ -114,7 +114,7 @@ struct CLITests {
         #expect(
             list.compactMap { $0["text"] as? String }.joined()
                 == (try String(contentsOfFile: "/usr/share/common-licenses/Apache-2.0", encoding: .utf8)))
-        let bad = try vist2ctl(["render", "--model", "default", "/usr/share/common-licenses/Apache-2.0"])
+        let bad = try vist2ctl(["render", "--local", "--model", "default", "/usr/share/common-licenses/Apache-2.0"])
         #expect(bad.status != 0 && bad.err.contains("not a VIST2 model directory"))
     }
 

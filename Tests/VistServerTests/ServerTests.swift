@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import VistCache
 import VistEngine
 
 @testable import VistClient
@@ -10,23 +11,56 @@ import VistEngine
 /// An in-process daemon on a temporary socket, serving the tiny VIST2 model of the engine tests.
 final class TestDaemon {
     let dir: URL
+    let cacheDir: URL
     let server: UnixServer
+    let logs = LogLines()
     var path: String { server.socketPath }
+    var context: ServerContext { server.context }
 
     static let modelDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("VistEngineTests/Fixtures/tiny-vist2")
 
-    init(queue: Int = 8, maxFrame: Int = 1 << 16) throws {
+    /// `cacheDir`: reuse another daemon's cache directory (a restart); `model`: another model.
+    init(
+        queue: Int = 8, maxFrame: Int = 1 << 16, cacheDir: URL? = nil, cacheBudget: Int = 1 << 30, peers: PeerPolicy = .sameUser,
+        maxPendingOutput: Int = 64 << 20, model: VIST2Model? = nil
+    ) throws {
         dir = URL(fileURLWithPath: "/tmp").appendingPathComponent("v2d-\(UUID().uuidString.prefix(8))")
-        let model = try VIST2Model(directory: Self.modelDir, threads: 1)
-        let ctx = ServerContext(model: .vist2(model), modelName: "tiny", queueCapacity: queue, maxFrame: maxFrame)
+        self.cacheDir = cacheDir ?? dir.appendingPathComponent("cache")
+        let model = try model ?? VIST2Model(directory: Self.modelDir, threads: 1)
+        let logs = self.logs
+        let store = try CacheStore(
+            directory: self.cacheDir, budget: cacheBudget,
+            identity: .init(fingerprint: model.fingerprintBytes, renderConfig: model.renderConfigHash), log: { logs.add($0) })
+        var limits = ServerContext.Limits()
+        limits.queueCapacity = queue
+        limits.maxFrame = maxFrame
+        limits.maxPendingOutput = maxPendingOutput
+        let ctx = ServerContext(model: .vist2(model), modelName: "tiny", limits: limits, cache: store, peers: peers, log: { logs.add($0) })
         server = UnixServer(context: ctx, socketPath: dir.appendingPathComponent("vist2.sock").path)
         try server.start()
     }
 
+    func stop() { server.stop() }
+
     deinit {
         server.stop()
         try? FileManager.default.removeItem(at: dir)
+    }
+}
+
+final class LogLines: @unchecked Sendable {
+    let lock = NSLock()
+    var lines: [String] = []
+    func add(_ s: String) {
+        lock.lock()
+        lines.append(s)
+        lock.unlock()
+    }
+    var all: [String] {
+        lock.lock()
+        defer { lock.unlock() }
+        return lines
     }
 }
 

@@ -74,6 +74,13 @@ const char *vk_simd_path(void);
 /// Force the scalar path (tests compare the paths); returns the previous setting.
 int vk_force_scalar(int on);
 
+// ---- checksums ----------------------------------------------------------------------------
+
+/// CRC-32C of n bytes, continuing from `crc` (0 to start): hardware (SSE4.2) when available.
+uint32_t vk_crc32c(uint32_t crc, const void *data, size_t n);
+/// The same with the byte table only (tests compare the two).
+uint32_t vk_crc32c_portable(uint32_t crc, const void *data, size_t n);
+
 // ---- thread pool ---------------------------------------------------------------------------
 
 /// A fixed pool of `n` threads including the caller: `vk_pool_run` runs `fn(ctx, ith, n)` for

@@ -141,3 +141,11 @@ public struct VIST2Config: Codable, Sendable, Equatable {
 
 /// A hex SHA-256 of data.
 func sha256Hex<D: DataProtocol>(_ data: D) -> String { SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined() }
+
+func hexBytes(_ s: String) -> [UInt8] {
+    var out: [UInt8] = []
+    var it = s.utf8.makeIterator()
+    func nib(_ c: UInt8) -> UInt8 { c >= 97 ? c - 87 : (c >= 65 ? c - 55 : c - 48) }
+    while let a = it.next(), let b = it.next() { out.append(nib(a) << 4 | nib(b)) }
+    return out
+}

@@ -14,6 +14,11 @@ public struct VIST2Request: Sendable {
     /// gives), in order; `documents` then hold just the current chunk's text. The engine never
     /// sees the text of these chunks.
     public var images: [[Float]] = []
+    /// The persistent block cache to read and fill (the daemon's), if any.
+    public var cache: VIST2BlockCache? = nil
+    /// Called after each finished chunk of the documents is in the KV cache (done, total);
+    /// returning false cancels the request.
+    public var progress: (@Sendable (Int, Int) -> Bool)? = nil
 
     public init(generation: GenerationRequest, documents: [String] = [], fullText: Bool = false) {
         self.generation = generation
@@ -53,6 +58,27 @@ public struct VIST2Result: Sendable, Codable {
     public var chunks: Int
     /// Chunk-boundary swaps during generation.
     public var swaps: Int
+    /// Of the documents' finished chunks: rendered and encoded now, aligner outputs from the
+    /// chunk cache, visual blocks whose KV came from the prefix cache.
+    public var chunks_encoded: Int = 0
+    public var chunk_cache_hits: Int = 0
+    public var prefix_cache_hits: Int = 0
+}
+
+/// What `VIST2Generator.compress` reports.
+public struct CompressionResult: Sendable, Codable, Equatable {
+    /// Chunks of the documents, including the trailing one that a generation reads as text.
+    public var chunks: Int
+    public var text_tokens: Int
+    /// Visual tokens of the finished chunks (all but the trailing one).
+    public var visual_tokens: Int
+    public var ratio: Double
+    public var chunks_encoded: Int
+    public var chunk_cache_hits: Int
+    public var prefix_cache_hits: Int
+    public var render_ms: Double
+    public var vision_ms: Double
+    public var elapsed_ms: Double
 }
 
 /// Runs VIST2 inference as VIST2.md section 4 describes:
@@ -159,15 +185,9 @@ public struct VIST2Generator {
             if !ids.isEmpty { tf.forward(ids, cache: cache, logits: logits ? .last : .none) }
             peakKV = max(peakKV, cache.bytesUsed)
         }
-        let startRow = model.visionStart.map { tf.embedding(of: $0) } ?? []
-        let endRow = model.visionEnd.map { tf.embedding(of: $0) } ?? []
         func prefillEmbeddings(_ e: [Float], count: Int) {
             let dim = lm.config.dim, v = model.visualTokens
-            for b in 0..<count {
-                // One block: [vision_start] m visual tokens [vision_end], bidirectional inside.
-                tf.forward(
-                    embeddings: startRow + e[(b * v * dim)..<((b + 1) * v * dim)] + endRow, cache: cache, causal: false, logits: .none)
-            }
+            for b in 0..<count { prefillBlock(e[(b * v * dim)..<((b + 1) * v * dim)], kv: cache) }
             blocks += count
             peakKV = max(peakKV, cache.bytesUsed)
         }
@@ -188,7 +208,18 @@ public struct VIST2Generator {
         prefillText(start, logits: current.isEmpty && finished.isEmpty)
         // The chunker's last chunk is never empty, so with documents T_cur has text and the first
         // generated token is predicted from T_cur's last token.
-        prefillBlocks(finished)
+        var docStats = BlockStats()
+        guard
+            prefillDocumentBlocks(
+                finished, root: model.prefixRoot(start), kv: cache, cache: req.cache, stats: &docStats,
+                progress: req.progress ?? { _, _ in true })
+        else {
+            throw .cancelled
+        }
+        blocks += finished.count
+        renderNs += docStats.renderNs
+        visionNs += docStats.visionNs
+        peakKV = max(peakKV, cache.bytesUsed)
         if !req.images.isEmpty {
             let t = DispatchTime.now().uptimeNanoseconds
             let e = model.vision.encode(req.images)
@@ -246,6 +277,112 @@ public struct VIST2Generator {
             kv_bytes: peakKV, kv_bytes_final: cache.bytesUsed,
             flops: tf.flops - flops0 + blocks * model.vision.flopsPerImage,
             render_ms: Double(renderNs) / 1e6, vision_ms: Double(visionNs) / 1e6, prefill_ms: Double(prefillNs) / 1e6,
-            decode_ms: Double(d.decodeNs) / 1e6, chunks: blocks, swaps: swaps)
+            decode_ms: Double(d.decodeNs) / 1e6, chunks: blocks, swaps: swaps, chunks_encoded: docStats.encoded,
+            chunk_cache_hits: docStats.chunkHits, prefix_cache_hits: docStats.prefixHits)
+    }
+
+    /// One visual block: [vision_start] m visual tokens [vision_end], bidirectional inside.
+    func prefillBlock(_ e: ArraySlice<Float>, kv: KVCache) {
+        let tf = model.language.transformer
+        let startRow = model.visionStart.map { tf.embedding(of: $0) } ?? []
+        let endRow = model.visionEnd.map { tf.embedding(of: $0) } ?? []
+        tf.forward(embeddings: startRow + e + endRow, cache: kv, causal: false, logits: .none)
+    }
+
+    /// Prefills the documents' finished chunks as visual blocks after the entries already in
+    /// `kv` (whose content `root` names), doing as little work as the cache allows: the longest
+    /// run of blocks whose KV is in the prefix cache is copied in; for the rest, aligner outputs
+    /// come from the chunk cache or are rendered and encoded (in batches), each block is
+    /// prefilled, and both levels are filled. The KV entries are the same either way (a cached
+    /// entry is the stored result of the same computation). Returns false when `progress` asks
+    /// to stop.
+    func prefillDocumentBlocks(
+        _ texts: [Substring], root: [UInt8], kv: KVCache, cache: VIST2BlockCache?, stats: inout BlockStats,
+        progress: (Int, Int) -> Bool
+    ) -> Bool {
+        let n = texts.count
+        guard n > 0 else { return true }
+        let dim = model.language.config.dim, m = model.visualTokens, blockSize = model.blockSize
+        let chunkKeys = cache == nil ? [] : texts.map { model.chunkKey($0) }
+        var chain = root
+        var i = 0
+        if let cache {
+            while i < n {
+                let key = model.prefixKey(chain, chunkKeys[i])
+                guard let rows = cache.blockKV(key: key), kv.append(rows: rows, count: blockSize) else { break }
+                chain = key
+                stats.prefixHits += 1
+                i += 1
+                guard progress(i, n) else { return false }
+            }
+        }
+        let batch = 8
+        while i < n {
+            let end = min(n, i + batch)
+            var outputs = [ArraySlice<Float>?](repeating: nil, count: end - i)
+            if let cache {
+                for j in i..<end {
+                    if let e = cache.alignerOutput(key: chunkKeys[j]), e.count == m * dim {
+                        outputs[j - i] = e[...]
+                        stats.chunkHits += 1
+                    }
+                }
+            }
+            let missing = (i..<end).filter { outputs[$0 - i] == nil }
+            if !missing.isEmpty {
+                let (e, r, v) = model.encodeChunks(missing.map { texts[$0] })
+                stats.renderNs += r
+                stats.visionNs += v
+                stats.encoded += missing.count
+                for (b, j) in missing.enumerated() {
+                    let slice = e[(b * m * dim)..<((b + 1) * m * dim)]
+                    outputs[j - i] = slice
+                    cache?.storeAlignerOutput(key: chunkKeys[j], slice)
+                }
+            }
+            for j in i..<end {
+                let at = kv.count
+                prefillBlock(outputs[j - i]!, kv: kv)
+                if let cache {
+                    chain = model.prefixKey(chain, chunkKeys[j])
+                    cache.storeBlockKV(key: chain, kv.rows(from: at, count: blockSize))
+                }
+                guard progress(j + 1, n) else { return false }
+            }
+            i = end
+        }
+        return true
+    }
+
+    /// Gets documents ready for generation without generating: everything a generation over
+    /// them with this instruction would prefill before its first text token (the instruction,
+    /// then every finished chunk as a visual block), through the cache, so that the generation
+    /// that follows (or any after a restart) finds it there.
+    public func compress(
+        documents: [String], instruction: String = "", chat: Bool = false, cache: VIST2BlockCache?,
+        progress: (Int, Int) -> Bool = { _, _ in true }
+    ) throws(EngineError) -> CompressionResult {
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        let lm = model.language, tok = lm.tokenizer
+        let text = documents.joined(separator: "\n")
+        let prompt = chat ? lm.chatPrompt(instruction) : instruction
+        let start = tok.encode(prompt, addSpecial: true, parseSpecial: chat)
+        let chunks = model.chunker.chunks(text)
+        let finished = chunks.dropLast().map(\.text)
+        let m = model.blockSize
+        let need = start.count + finished.count * m + 1
+        guard need <= lm.config.contextLength else { throw .contextOverflow(needed: need, limit: lm.config.contextLength) }
+        let kv = lm.transformer.makeCache(capacity: need)
+        if !start.isEmpty { lm.transformer.forward(start, cache: kv, logits: .none) }
+        var stats = BlockStats()
+        guard prefillDocumentBlocks(finished, root: model.prefixRoot(start), kv: kv, cache: cache, stats: &stats, progress: progress)
+        else { throw .cancelled }
+        let finishedTokens = chunks.dropLast().map(\.tokens).reduce(0, +)
+        let visual = finished.count * model.visualTokens
+        return CompressionResult(
+            chunks: chunks.count, text_tokens: chunks.map(\.tokens).reduce(0, +), visual_tokens: visual,
+            ratio: visual > 0 ? Double(finishedTokens) / Double(visual) : 0, chunks_encoded: stats.encoded,
+            chunk_cache_hits: stats.chunkHits, prefix_cache_hits: stats.prefixHits, render_ms: Double(stats.renderNs) / 1e6,
+            vision_ms: Double(stats.visionNs) / 1e6, elapsed_ms: Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6)
     }
 }

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import VistFormats
 import VistKernels
@@ -26,6 +27,10 @@ public final class VIST2Model: @unchecked Sendable {
     public var blockSize: Int { visualTokens + (visionStart == nil ? 0 : 1) + (visionEnd == nil ? 0 : 1) }
     /// Text tokens per chunk (L).
     public var chunkLength: Int { config.chunk.length }
+    /// The fingerprint as 32 bytes, and a sha256 of the render config (canonical JSON): the
+    /// identity every persistent cache entry carries in its header.
+    public var fingerprintBytes: [UInt8] { hexBytes(fingerprint) }
+    public let renderConfigHash: [UInt8]
 
     public init(directory: URL, threads: Int = LanguageModel.defaultThreads) throws(EngineError) {
         self.directory = directory
@@ -78,6 +83,43 @@ public final class VIST2Model: @unchecked Sendable {
         visionEnd = try special(config.specialTokens?.visionEnd, "vision_end")
         chunker = Chunker(renderer: renderer, maxTokens: config.chunk.length) { tokenizer.encode(String($0), addSpecial: false).count }
         fingerprint = Self.fingerprint(files: [configPath, visionPath] + Self.backboneFiles(backboneURL))
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        renderConfigHash = Array(SHA256.hash(data: (try? enc.encode(config.render)) ?? Data()))
+    }
+
+    // MARK: cache keys (DAEMON.md, persistent caches)
+
+    /// Key of a chunk's aligner output: its text, the render config and the model. It does not
+    /// depend on where the chunk sits, so it survives edits elsewhere in the document.
+    public func chunkKey(_ text: Substring) -> [UInt8] {
+        var h = SHA256()
+        h.update(data: Array("vist2/chunk/v1\0".utf8))
+        h.update(data: fingerprintBytes)
+        h.update(data: renderConfigHash)
+        h.update(data: Array(text.utf8))
+        return Array(h.finalize())
+    }
+
+    /// Root of the prefix chain: the model and the text prefilled before the first visual block
+    /// (visual tokens attend to it, and its length sets the blocks' positions).
+    public func prefixRoot(_ instruction: [Int32]) -> [UInt8] {
+        var h = SHA256()
+        h.update(data: Array("vist2/prefix/v1\0".utf8))
+        h.update(data: fingerprintBytes)
+        var n = UInt32(instruction.count).littleEndian
+        withUnsafeBytes(of: &n) { h.update(bufferPointer: $0) }
+        instruction.withUnsafeBytes { h.update(bufferPointer: $0) }
+        return Array(h.finalize())
+    }
+
+    /// Key of the KV entries of chunk i's visual block: hash(key of block i-1, chunk key i), so
+    /// it names the instruction and every chunk up to and including i.
+    public func prefixKey(_ previous: [UInt8], _ chunk: [UInt8]) -> [UInt8] {
+        var h = SHA256()
+        h.update(data: previous)
+        h.update(data: chunk)
+        return Array(h.finalize())
     }
 
     /// Whether `url` is a directory whose config.json says `"model_type": "vist2"`.

@@ -1222,6 +1222,51 @@ void   vist2__v1__cache_evict_request__free_unpacked
   assert(message->base.descriptor == &vist2__v1__cache_evict_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   vist2__v1__cache_evict_result__init
+                     (Vist2__V1__CacheEvictResult         *message)
+{
+  static const Vist2__V1__CacheEvictResult init_value = VIST2__V1__CACHE_EVICT_RESULT__INIT;
+  *message = init_value;
+}
+size_t vist2__v1__cache_evict_result__get_packed_size
+                     (const Vist2__V1__CacheEvictResult *message)
+{
+  assert(message->base.descriptor == &vist2__v1__cache_evict_result__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t vist2__v1__cache_evict_result__pack
+                     (const Vist2__V1__CacheEvictResult *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &vist2__v1__cache_evict_result__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t vist2__v1__cache_evict_result__pack_to_buffer
+                     (const Vist2__V1__CacheEvictResult *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &vist2__v1__cache_evict_result__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Vist2__V1__CacheEvictResult *
+       vist2__v1__cache_evict_result__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Vist2__V1__CacheEvictResult *)
+     protobuf_c_message_unpack (&vist2__v1__cache_evict_result__descriptor,
+                                allocator, len, data);
+}
+void   vist2__v1__cache_evict_result__free_unpacked
+                     (Vist2__V1__CacheEvictResult *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &vist2__v1__cache_evict_result__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   vist2__v1__cache_stats_request__init
                      (Vist2__V1__CacheStatsRequest         *message)
 {
@@ -1654,7 +1699,7 @@ const ProtobufCMessageDescriptor vist2__v1__client_message__descriptor =
   (ProtobufCMessageInit) vist2__v1__client_message__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__server_message__field_descriptors[16] =
+static const ProtobufCFieldDescriptor vist2__v1__server_message__field_descriptors[17] =
 {
   {
     "request_id",
@@ -1848,9 +1893,22 @@ static const ProtobufCFieldDescriptor vist2__v1__server_message__field_descripto
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "cache_evict_result",
+    17,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Vist2__V1__ServerMessage, body_case),
+    offsetof(Vist2__V1__ServerMessage, cache_evict_result),
+    &vist2__v1__cache_evict_result__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__server_message__field_indices_by_name[] = {
   15,   /* field[15] = ack */
+  16,   /* field[16] = cache_evict_result */
   11,   /* field[11] = cache_list */
   12,   /* field[12] = cache_stats */
   5,   /* field[5] = compress_progress */
@@ -1870,7 +1928,7 @@ static const unsigned vist2__v1__server_message__field_indices_by_name[] = {
 static const ProtobufCIntRange vist2__v1__server_message__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 16 }
+  { 0, 17 }
 };
 const ProtobufCMessageDescriptor vist2__v1__server_message__descriptor =
 {
@@ -1880,7 +1938,7 @@ const ProtobufCMessageDescriptor vist2__v1__server_message__descriptor =
   "Vist2__V1__ServerMessage",
   "vist2.v1",
   sizeof(Vist2__V1__ServerMessage),
-  16,
+  17,
   vist2__v1__server_message__field_descriptors,
   vist2__v1__server_message__field_indices_by_name,
   1,  vist2__v1__server_message__number_ranges,
@@ -2547,7 +2605,7 @@ const ProtobufCMessageDescriptor vist2__v1__document_info__descriptor =
   (ProtobufCMessageInit) vist2__v1__document_info__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__compress_request__field_descriptors[1] =
+static const ProtobufCFieldDescriptor vist2__v1__compress_request__field_descriptors[3] =
 {
   {
     "document_id",
@@ -2561,14 +2619,40 @@ static const ProtobufCFieldDescriptor vist2__v1__compress_request__field_descrip
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "instruction",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CompressRequest, instruction),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "chat",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CompressRequest, chat),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__compress_request__field_indices_by_name[] = {
+  2,   /* field[2] = chat */
   0,   /* field[0] = document_id */
+  1,   /* field[1] = instruction */
 };
 static const ProtobufCIntRange vist2__v1__compress_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor vist2__v1__compress_request__descriptor =
 {
@@ -2578,7 +2662,7 @@ const ProtobufCMessageDescriptor vist2__v1__compress_request__descriptor =
   "Vist2__V1__CompressRequest",
   "vist2.v1",
   sizeof(Vist2__V1__CompressRequest),
-  1,
+  3,
   vist2__v1__compress_request__field_descriptors,
   vist2__v1__compress_request__field_indices_by_name,
   1,  vist2__v1__compress_request__number_ranges,
@@ -3022,7 +3106,7 @@ const ProtobufCMessageDescriptor vist2__v1__text_delta__descriptor =
   (ProtobufCMessageInit) vist2__v1__text_delta__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descriptors[19] =
+static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descriptors[22] =
 {
   {
     "text",
@@ -3252,9 +3336,47 @@ static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descript
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "chunks_encoded",
+    20,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateResult, chunks_encoded),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "chunk_cache_hits",
+    21,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateResult, chunk_cache_hits),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "prefix_cache_hits",
+    22,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateResult, prefix_cache_hits),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
+  20,   /* field[20] = chunk_cache_hits */
   17,   /* field[17] = chunks */
+  19,   /* field[19] = chunks_encoded */
   9,   /* field[9] = compression_ratio */
   16,   /* field[16] = decode_ms */
   5,   /* field[5] = decode_tokens_per_s */
@@ -3265,6 +3387,7 @@ static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
   11,   /* field[11] = kv_bytes_final */
   15,   /* field[15] = prefill_ms */
   4,   /* field[4] = prefill_tokens_per_s */
+  21,   /* field[21] = prefix_cache_hits */
   1,   /* field[1] = prompt_tokens */
   13,   /* field[13] = render_ms */
   6,   /* field[6] = stop_reason */
@@ -3277,7 +3400,7 @@ static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
 static const ProtobufCIntRange vist2__v1__generate_result__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 19 }
+  { 0, 22 }
 };
 const ProtobufCMessageDescriptor vist2__v1__generate_result__descriptor =
 {
@@ -3287,7 +3410,7 @@ const ProtobufCMessageDescriptor vist2__v1__generate_result__descriptor =
   "Vist2__V1__GenerateResult",
   "vist2.v1",
   sizeof(Vist2__V1__GenerateResult),
-  19,
+  22,
   vist2__v1__generate_result__field_descriptors,
   vist2__v1__generate_result__field_indices_by_name,
   1,  vist2__v1__generate_result__number_ranges,
@@ -3759,6 +3882,44 @@ const ProtobufCMessageDescriptor vist2__v1__cache_evict_request__descriptor =
   (ProtobufCMessageInit) vist2__v1__cache_evict_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
+static const ProtobufCFieldDescriptor vist2__v1__cache_evict_result__field_descriptors[1] =
+{
+  {
+    "removed",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CacheEvictResult, removed),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned vist2__v1__cache_evict_result__field_indices_by_name[] = {
+  0,   /* field[0] = removed */
+};
+static const ProtobufCIntRange vist2__v1__cache_evict_result__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor vist2__v1__cache_evict_result__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "vist2.v1.CacheEvictResult",
+  "CacheEvictResult",
+  "Vist2__V1__CacheEvictResult",
+  "vist2.v1",
+  sizeof(Vist2__V1__CacheEvictResult),
+  1,
+  vist2__v1__cache_evict_result__field_descriptors,
+  vist2__v1__cache_evict_result__field_indices_by_name,
+  1,  vist2__v1__cache_evict_result__number_ranges,
+  (ProtobufCMessageInit) vist2__v1__cache_evict_result__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
 #define vist2__v1__cache_stats_request__field_descriptors NULL
 #define vist2__v1__cache_stats_request__field_indices_by_name NULL
 #define vist2__v1__cache_stats_request__number_ranges NULL
@@ -4000,7 +4161,7 @@ const ProtobufCMessageDescriptor vist2__v1__error__descriptor =
   (ProtobufCMessageInit) vist2__v1__error__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCEnumValue vist2__v1__error_code__enum_values_by_number[17] =
+static const ProtobufCEnumValue vist2__v1__error_code__enum_values_by_number[18] =
 {
   { "ERROR_CODE_UNSPECIFIED", "VIST2__V1__ERROR_CODE__ERROR_CODE_UNSPECIFIED", 0 },
   { "BAD_REQUEST", "VIST2__V1__ERROR_CODE__BAD_REQUEST", 1 },
@@ -4019,11 +4180,12 @@ static const ProtobufCEnumValue vist2__v1__error_code__enum_values_by_number[17]
   { "INTERNAL", "VIST2__V1__ERROR_CODE__INTERNAL", 14 },
   { "DRAINING", "VIST2__V1__ERROR_CODE__DRAINING", 15 },
   { "PERMISSION_DENIED", "VIST2__V1__ERROR_CODE__PERMISSION_DENIED", 16 },
+  { "UNSUPPORTED", "VIST2__V1__ERROR_CODE__UNSUPPORTED", 17 },
 };
 static const ProtobufCIntRange vist2__v1__error_code__value_ranges[] = {
-{0, 0},{0, 17}
+{0, 0},{0, 18}
 };
-static const ProtobufCEnumValueIndex vist2__v1__error_code__enum_values_by_name[17] =
+static const ProtobufCEnumValueIndex vist2__v1__error_code__enum_values_by_name[18] =
 {
   { "BAD_REQUEST", 1 },
   { "BUSY", 7 },
@@ -4041,6 +4203,7 @@ static const ProtobufCEnumValueIndex vist2__v1__error_code__enum_values_by_name[
   { "TOO_MANY_REQUESTS", 6 },
   { "UNKNOWN_DOCUMENT", 8 },
   { "UNKNOWN_REQUEST", 4 },
+  { "UNSUPPORTED", 17 },
   { "UNSUPPORTED_VERSION", 2 },
 };
 const ProtobufCEnumDescriptor vist2__v1__error_code__descriptor =
@@ -4050,9 +4213,9 @@ const ProtobufCEnumDescriptor vist2__v1__error_code__descriptor =
   "ErrorCode",
   "Vist2__V1__ErrorCode",
   "vist2.v1",
-  17,
+  18,
   vist2__v1__error_code__enum_values_by_number,
-  17,
+  18,
   vist2__v1__error_code__enum_values_by_name,
   1,
   vist2__v1__error_code__value_ranges,

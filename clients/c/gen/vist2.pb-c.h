@@ -42,6 +42,7 @@ typedef struct Vist2__V1__CacheListRequest Vist2__V1__CacheListRequest;
 typedef struct Vist2__V1__CacheEntry Vist2__V1__CacheEntry;
 typedef struct Vist2__V1__CacheList Vist2__V1__CacheList;
 typedef struct Vist2__V1__CacheEvictRequest Vist2__V1__CacheEvictRequest;
+typedef struct Vist2__V1__CacheEvictResult Vist2__V1__CacheEvictResult;
 typedef struct Vist2__V1__CacheStatsRequest Vist2__V1__CacheStatsRequest;
 typedef struct Vist2__V1__CacheStats Vist2__V1__CacheStats;
 typedef struct Vist2__V1__MetricsRequest Vist2__V1__MetricsRequest;
@@ -98,7 +99,11 @@ typedef enum _Vist2__V1__ErrorCode {
   /*
    * peer credentials not allowed
    */
-  VIST2__V1__ERROR_CODE__PERMISSION_DENIED = 16
+  VIST2__V1__ERROR_CODE__PERMISSION_DENIED = 16,
+  /*
+   * the loaded model cannot do this (e.g. compress without a vision encoder)
+   */
+  VIST2__V1__ERROR_CODE__UNSUPPORTED = 17
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(VIST2__V1__ERROR_CODE)
 } Vist2__V1__ErrorCode;
 
@@ -170,7 +175,8 @@ typedef enum {
   VIST2__V1__SERVER_MESSAGE__BODY_CACHE_STATS = 13,
   VIST2__V1__SERVER_MESSAGE__BODY_METRICS = 14,
   VIST2__V1__SERVER_MESSAGE__BODY_ERROR = 15,
-  VIST2__V1__SERVER_MESSAGE__BODY_ACK = 16
+  VIST2__V1__SERVER_MESSAGE__BODY_ACK = 16,
+  VIST2__V1__SERVER_MESSAGE__BODY_CACHE_EVICT_RESULT = 17
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(VIST2__V1__SERVER_MESSAGE__BODY__CASE)
 } Vist2__V1__ServerMessage__BodyCase;
 
@@ -200,6 +206,7 @@ struct  Vist2__V1__ServerMessage
     Vist2__V1__Metrics *metrics;
     Vist2__V1__Error *error;
     Vist2__V1__Ack *ack;
+    Vist2__V1__CacheEvictResult *cache_evict_result;
   };
 };
 #define VIST2__V1__SERVER_MESSAGE__INIT \
@@ -362,14 +369,21 @@ struct  Vist2__V1__DocumentInfo
     , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0 }
 
 
+/*
+ * Prefills the document as a generation over it with this instruction would, filling both
+ * cache levels; a later Generate with the same document and instruction starts from the prefix
+ * cache. The instruction matters because visual blocks attend to it (VIST2.md section 3).
+ */
 struct  Vist2__V1__CompressRequest
 {
   ProtobufCMessage base;
   char *document_id;
+  char *instruction;
+  protobuf_c_boolean chat;
 };
 #define VIST2__V1__COMPRESS_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__compress_request__descriptor) \
-    , (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Vist2__V1__CompressProgress
@@ -483,10 +497,22 @@ struct  Vist2__V1__GenerateResult
   double decode_ms;
   uint32_t chunks;
   uint32_t swaps;
+  /*
+   * of the documents' finished chunks: rendered and encoded now
+   */
+  uint32_t chunks_encoded;
+  /*
+   * aligner outputs from the chunk cache
+   */
+  uint32_t chunk_cache_hits;
+  /*
+   * visual blocks whose KV came from the prefix cache
+   */
+  uint32_t prefix_cache_hits;
 };
 #define VIST2__V1__GENERATE_RESULT__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__generate_result__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 
 struct  Vist2__V1__RenderRequest
@@ -596,6 +622,16 @@ struct  Vist2__V1__CacheEvictRequest
 #define VIST2__V1__CACHE_EVICT_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__cache_evict_request__descriptor) \
     , 0,NULL, 0 }
+
+
+struct  Vist2__V1__CacheEvictResult
+{
+  ProtobufCMessage base;
+  uint32_t removed;
+};
+#define VIST2__V1__CACHE_EVICT_RESULT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__cache_evict_result__descriptor) \
+    , 0 }
 
 
 struct  Vist2__V1__CacheStatsRequest
@@ -1169,6 +1205,25 @@ Vist2__V1__CacheEvictRequest *
 void   vist2__v1__cache_evict_request__free_unpacked
                      (Vist2__V1__CacheEvictRequest *message,
                       ProtobufCAllocator *allocator);
+/* Vist2__V1__CacheEvictResult methods */
+void   vist2__v1__cache_evict_result__init
+                     (Vist2__V1__CacheEvictResult         *message);
+size_t vist2__v1__cache_evict_result__get_packed_size
+                     (const Vist2__V1__CacheEvictResult   *message);
+size_t vist2__v1__cache_evict_result__pack
+                     (const Vist2__V1__CacheEvictResult   *message,
+                      uint8_t             *out);
+size_t vist2__v1__cache_evict_result__pack_to_buffer
+                     (const Vist2__V1__CacheEvictResult   *message,
+                      ProtobufCBuffer     *buffer);
+Vist2__V1__CacheEvictResult *
+       vist2__v1__cache_evict_result__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   vist2__v1__cache_evict_result__free_unpacked
+                     (Vist2__V1__CacheEvictResult *message,
+                      ProtobufCAllocator *allocator);
 /* Vist2__V1__CacheStatsRequest methods */
 void   vist2__v1__cache_stats_request__init
                      (Vist2__V1__CacheStatsRequest         *message);
@@ -1347,6 +1402,9 @@ typedef void (*Vist2__V1__CacheList_Closure)
 typedef void (*Vist2__V1__CacheEvictRequest_Closure)
                  (const Vist2__V1__CacheEvictRequest *message,
                   void *closure_data);
+typedef void (*Vist2__V1__CacheEvictResult_Closure)
+                 (const Vist2__V1__CacheEvictResult *message,
+                  void *closure_data);
 typedef void (*Vist2__V1__CacheStatsRequest_Closure)
                  (const Vist2__V1__CacheStatsRequest *message,
                   void *closure_data);
@@ -1396,6 +1454,7 @@ extern const ProtobufCMessageDescriptor vist2__v1__cache_list_request__descripto
 extern const ProtobufCMessageDescriptor vist2__v1__cache_entry__descriptor;
 extern const ProtobufCMessageDescriptor vist2__v1__cache_list__descriptor;
 extern const ProtobufCMessageDescriptor vist2__v1__cache_evict_request__descriptor;
+extern const ProtobufCMessageDescriptor vist2__v1__cache_evict_result__descriptor;
 extern const ProtobufCMessageDescriptor vist2__v1__cache_stats_request__descriptor;
 extern const ProtobufCMessageDescriptor vist2__v1__cache_stats__descriptor;
 extern const ProtobufCMessageDescriptor vist2__v1__metrics_request__descriptor;

@@ -1,0 +1,196 @@
+import ArgumentParser
+import Foundation
+import VistClient
+import VistProtocol
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+func readDocument(_ path: String, json: Bool) -> String {
+    guard let data = FileManager.default.contents(atPath: path) else { fail("cannot read \(path)", code: "io", json: json) }
+    guard let text = String(data: data, encoding: .utf8) else { fail("\(path) is not valid UTF-8", code: "bad_argument", json: json) }
+    return text
+}
+
+struct Compress: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Compress documents in the daemon, filling its persistent caches.",
+        discussion: """
+            Opens each FILE in the daemon and prefills it as a generation over it with --instruction \
+            would (chunks rendered, encoded and prefilled as visual blocks), so that such a generation \
+            — now, from another client, or after a restart — starts from the cache. Reports chunks, \
+            tokens, ratio and how many chunks came from each cache level. A progress bar is drawn on \
+            stderr when it is a terminal.
+            """)
+
+    @OptionGroup var socketOption: SocketOption
+
+    @Option(help: "The instruction the documents will be used with (visual blocks attend to it).")
+    var instruction = ""
+
+    @Flag(help: "Wrap the instruction in the model's chat template (as generate --chat does).")
+    var chat = false
+
+    @Flag(help: "Print one JSON object per file.")
+    var json = false
+
+    @Argument(help: "UTF-8 text files.")
+    var files: [String]
+
+    func validate() throws {
+        guard !files.isEmpty else { throw ValidationError("name at least one file") }
+    }
+
+    struct Out: Encodable {
+        var file: String
+        var chunks: UInt32
+        var text_tokens: UInt32
+        var visual_tokens: UInt32
+        var ratio: Double
+        var chunks_encoded: UInt32
+        var chunk_cache_hits: UInt32
+        var prefix_cache_hits: UInt32
+        var elapsed_ms: Double
+    }
+
+    func run() throws {
+        let c = try socketOption.connect()
+        let bar = isatty(2) == 1 && !json
+        for file in files {
+            let text = readDocument(file, json: json)
+            do {
+                let doc = try c.openDocument(text: text, path: file)
+                let r = try c.compress(documentID: doc.documentID, instruction: instruction, chat: chat) { p in
+                    guard bar, p.chunksTotal > 0 else { return }
+                    let width = 30
+                    let filled = Int(p.chunksDone) * width / Int(p.chunksTotal)
+                    let line =
+                        "\r\(file) [\(String(repeating: "#", count: filled))\(String(repeating: " ", count: width - filled))] \(p.chunksDone)/\(p.chunksTotal) chunks"
+                    FileHandle.standardError.write(Data(line.utf8))
+                }
+                if bar { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+                try c.closeDocument(id: doc.documentID)
+                let out = Out(
+                    file: file, chunks: r.chunks, text_tokens: r.textTokens, visual_tokens: r.visualTokens, ratio: r.ratio,
+                    chunks_encoded: r.chunksRendered, chunk_cache_hits: r.chunkCacheHits, prefix_cache_hits: r.prefixCacheHits,
+                    elapsed_ms: r.elapsedMs)
+                if json {
+                    printJSON(out)
+                } else {
+                    print(
+                        "\(file): \(r.chunks) chunks, \(r.textTokens) tokens -> \(r.visualTokens) visual tokens (ratio \(String(format: "%.2f", r.ratio))); encoded \(r.chunksRendered), chunk-cache hits \(r.chunkCacheHits), prefix-cache hits \(r.prefixCacheHits); \(String(format: "%.0f", r.elapsedMs)) ms"
+                    )
+                }
+            } catch {
+                fail("\(file): \(error)", code: daemonCode(error), json: json)
+            }
+        }
+    }
+}
+
+struct Cache: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Inspect and trim the daemon's persistent cache.", subcommands: [List.self, Remove.self, Stats.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List entries, most recently used first.")
+        @OptionGroup var socketOption: SocketOption
+        @Option(help: "At most this many entries (0: all).") var limit: UInt32 = 0
+        @Flag(help: "Print JSON.") var json = false
+
+        struct Entry: Encodable {
+            var key: String
+            var level: String
+            var bytes: UInt64
+            var last_used_unix: Int64
+        }
+
+        func run() throws {
+            let c = try socketOption.connect()
+            do {
+                let entries = try c.cacheList(limit: limit).map {
+                    Entry(key: $0.key, level: $0.level, bytes: $0.bytes, last_used_unix: $0.lastUsedUnix)
+                }
+                if json {
+                    printJSON(["entries": entries])
+                } else {
+                    let f = DateFormatter()
+                    f.dateFormat = "yyyy-MM-dd HH:mm:ss"
+                    for e in entries {
+                        print(
+                            "\(e.key)  \(e.level.padding(toLength: 6, withPad: " ", startingAt: 0))  \(String(format: "%10d", e.bytes))  \(f.string(from: Date(timeIntervalSince1970: Double(e.last_used_unix))))"
+                        )
+                    }
+                }
+            } catch { fail("\(error)", code: daemonCode(error), json: json) }
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "rm", abstract: "Remove entries by key, or all of them.")
+        @OptionGroup var socketOption: SocketOption
+        @Flag(help: "Remove every entry.") var all = false
+        @Flag(help: "Print JSON.") var json = false
+        @Argument(help: "Keys (64 hex digits) as `cache ls` shows them.") var keys: [String] = []
+
+        func validate() throws {
+            guard all != !keys.isEmpty else { throw ValidationError("give keys or --all (not both)") }
+        }
+
+        func run() throws {
+            let c = try socketOption.connect()
+            do {
+                let n = try c.cacheEvict(keys: keys, all: all)
+                if json { printJSON(["removed": n]) } else { print("removed \(n) entries") }
+            } catch { fail("\(error)", code: daemonCode(error), json: json) }
+        }
+    }
+
+    struct Stats: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Size, budget, hits, misses, evictions, rejected entries.")
+        @OptionGroup var socketOption: SocketOption
+        @Flag(help: "Print JSON.") var json = false
+
+        struct Out: Encodable {
+            var bytes: UInt64
+            var budget_bytes: UInt64
+            var entries: UInt64
+            var hits: UInt64
+            var misses: UInt64
+            var evictions: UInt64
+            var rejected_damaged: UInt64
+        }
+
+        func run() throws {
+            let c = try socketOption.connect()
+            do {
+                let s = try c.cacheStats()
+                let o = Out(
+                    bytes: s.bytes, budget_bytes: s.budgetBytes, entries: s.entries, hits: s.hits, misses: s.misses, evictions: s.evictions,
+                    rejected_damaged: s.rejectedDamaged)
+                if json {
+                    printJSON(o)
+                } else {
+                    print(
+                        "\(o.entries) entries, \(o.bytes) of \(o.budget_bytes) bytes; \(o.hits) hits, \(o.misses) misses, \(o.evictions) evictions, \(o.rejected_damaged) damaged or foreign entries dropped"
+                    )
+                }
+            } catch { fail("\(error)", code: daemonCode(error), json: json) }
+        }
+    }
+}
+
+struct Metrics: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the daemon's metrics (Prometheus text format).")
+    @OptionGroup var socketOption: SocketOption
+    @Flag(help: "Print JSON: {\"prometheus_text\": ...}.") var json = false
+
+    func run() throws {
+        let c = try socketOption.connect()
+        do {
+            let text = try c.metrics()
+            if json { printJSON(["prometheus_text": text]) } else { print(text, terminator: "") }
+        } catch { fail("\(error)", code: daemonCode(error), json: json) }
+    }
+}
