@@ -9,7 +9,7 @@ SOCK="$WORK/vist2.sock"
 MODEL=Tests/VistEngineTests/Fixtures/tiny-vist2
 .build/release/vist2d --model "$MODEL" --socket "$SOCK" --cache-dir "$WORK/cache" --threads 1 2> "$WORK/vist2d.log" &
 PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 100); do [[ -S "$SOCK" ]] && break; sleep 0.1; done
 head -c 1000 /usr/share/common-licenses/Apache-2.0 > "$WORK/doc.txt"
 

@@ -6,31 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-int vk_png_write_gray8(const char *path, const uint8_t *pixels, int width, int height) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
-    png_infop info = png ? png_create_info_struct(png) : NULL;
-    if (!png || !info) {
-        png_destroy_write_struct(&png, &info);
-        fclose(f);
-        return -2;
-    }
-    if (setjmp(png_jmpbuf(png))) {
-        png_destroy_write_struct(&png, &info);
-        fclose(f);
-        return -2;
-    }
-    png_init_io(png, f);
-    png_set_IHDR(png, info, (png_uint_32)width, (png_uint_32)height, 8, PNG_COLOR_TYPE_GRAY, PNG_INTERLACE_NONE,
-                 PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
-    png_write_info(png, info);
-    for (int y = 0; y < height; y++) png_write_row(png, (png_const_bytep)(pixels + (size_t)y * (size_t)width));
-    png_write_end(png, NULL);
-    png_destroy_write_struct(&png, &info);
-    return fclose(f) == 0 ? 0 : -1;
-}
-
 struct vk_membuf {
     uint8_t *data;
     size_t len, cap;
@@ -86,4 +61,20 @@ int vk_png_encode_gray8(const uint8_t *pixels, int width, int height, uint8_t **
     *out = b.data;
     *out_len = b.len;
     return 0;
+}
+
+int vk_png_write_gray8(const char *path, const uint8_t *pixels, int width, int height) {
+    uint8_t *bytes = NULL;
+    size_t len = 0;
+    int rc = vk_png_encode_gray8(pixels, width, height, &bytes, &len);
+    if (rc != 0) return -2;
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        free(bytes);
+        return -1;
+    }
+    size_t wrote = fwrite(bytes, 1, len, f);
+    free(bytes);
+    int closed = fclose(f);
+    return wrote == len && closed == 0 ? 0 : -1;
 }

@@ -12,6 +12,11 @@ public struct GenerationRequest: Sendable {
     public var stop: [String] = []
     /// Keep generating past end-of-generation tokens (for benchmarks, like llama.cpp's --ignore-eos).
     public var ignoreEOS = false
+    /// Called between decode steps (and between visual blocks of a VIST2 prefill), where the
+    /// engine's run state is free: the daemon runs other clients' requests there so that they
+    /// interleave. Time spent in it is left out of this request's decode speed, and its FLOPs out
+    /// of this request's count.
+    public var yield: (@Sendable () -> Void)? = nil
 
     public init(prompt: String) { self.prompt = prompt }
 
@@ -75,7 +80,7 @@ public struct Generator {
         let prefillNs = DispatchTime.now().uptimeNanoseconds - t0
         let d = DecodeLoop.run(
             tokenizer: tok, prompt: tokens, maxTokens: req.maxTokens, stop: req.stop, stopAtEOS: !req.ignoreEOS, start: t0,
-            pick: { _, history in sampler.sample(tf.logits, vocab: vocab, history: history) },
+            pause: req.yield, pick: { _, history in sampler.sample(tf.logits, vocab: vocab, history: history) },
             step: { next in
                 guard cache.count < cache.capacity else { return .contextFull }
                 tf.forward([next], cache: cache, logits: .last)
@@ -108,8 +113,10 @@ enum DecodeLoop {
     /// plus what was generated so far. `start` is when the request began (for the TTFT).
     static func run(
         tokenizer tok: Tokenizer, prompt: [Int32], maxTokens: Int, stop: [String], stopAtEOS: Bool, start: UInt64,
-        pick: (Int, ArraySlice<Int32>) -> Int32, step: (Int32) -> StopReason?, onText: (String) -> Bool
+        pause: (() -> Void)? = nil, pick: (Int, ArraySlice<Int32>) -> Int32, step: (Int32) -> StopReason?,
+        onText: (String) -> Bool
     ) -> Outcome {
+        var pausedNs: UInt64 = 0
         var history = prompt
         var generated: [Int32] = []
         var out = StreamingText(stops: stop.map { Array($0.utf8) })
@@ -138,6 +145,11 @@ enum DecodeLoop {
                 break
             }
             if generated.count == maxTokens { break }
+            if let pause {
+                let t = DispatchTime.now().uptimeNanoseconds
+                pause()
+                pausedNs += DispatchTime.now().uptimeNanoseconds - t
+            }
             if let r = step(next) {
                 reason = r
                 break
@@ -148,8 +160,8 @@ enum DecodeLoop {
             if !rest.isEmpty { _ = onText(rest) }
         }
         return Outcome(
-            generated: generated, text: out.text, reason: reason, ttftMs: ttft, decodeNs: DispatchTime.now().uptimeNanoseconds - decodeStart
-        )
+            generated: generated, text: out.text, reason: reason, ttftMs: ttft,
+            decodeNs: DispatchTime.now().uptimeNanoseconds - decodeStart - pausedNs)
     }
 }
 

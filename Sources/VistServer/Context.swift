@@ -148,10 +148,10 @@ final class StoreBlockCache: VIST2BlockCache, @unchecked Sendable {
 
     func alignerOutput(key: [UInt8]) -> [Float]? { Self.floats(store.get(.chunk, key: key)) }
     func storeAlignerOutput(key: [UInt8], _ values: ArraySlice<Float>) {
-        values.withUnsafeBytes { store.put(.chunk, key: key, payload: $0) }
+        _ = values.withUnsafeBytes { store.put(.chunk, key: key, payload: $0) }
     }
     func blockKV(key: [UInt8]) -> [Float]? { Self.floats(store.get(.prefix, key: key)) }
     func storeBlockKV(key: [UInt8], _ values: [Float]) {
-        values.withUnsafeBytes { store.put(.prefix, key: key, payload: $0) }
+        _ = values.withUnsafeBytes { store.put(.prefix, key: key, payload: $0) }
     }
 }

@@ -5,7 +5,11 @@ import Synchronization
 /// state is shared); past `capacity` waiting jobs `submit` refuses at once, so a client gets BUSY
 /// instead of hanging. Each job carries a cancel flag the engine checks between decode steps.
 /// Fairness: the next job is the oldest one of the owner (connection) served longest ago, so a
-/// client that queues many requests takes turns with the others instead of going first.
+/// client that queues many requests takes turns with the others instead of going first. And a
+/// long job does not hold the engine for its whole length: between its steps it calls
+/// `yieldToOthers`, which runs one waiting job of another client right there (on the same
+/// thread, while the long job's run state is idle), so a short request waits for at most one
+/// decode step plus the jobs queued before it, not for a 1000-token generation to end.
 public final class EngineWorker: @unchecked Sendable {
     public final class Job: @unchecked Sendable {
         let run: (Job) -> Void
@@ -28,6 +32,7 @@ public final class EngineWorker: @unchecked Sendable {
     private var stopping = false
     private var thread: Thread? = nil
     private var served: [ObjectIdentifier: UInt64] = [:]
+    private var nested: Job? = nil
     private var turn: UInt64 = 0
 
     public init(capacity: Int) {
@@ -70,6 +75,7 @@ public final class EngineWorker: @unchecked Sendable {
         defer { lock.unlock() }
         for j in queue where j.owner == owner { j.cancel() }
         if let r = running, r.owner == owner { r.cancel() }
+        if let n = nested, n.owner == owner { n.cancel() }
         served[owner] = nil
     }
 
@@ -82,6 +88,49 @@ public final class EngineWorker: @unchecked Sendable {
         lock.unlock()
     }
 
+    /// Round robin over owners: the queued job whose owner had its last turn longest ago (never
+    /// served first; oldest job first within an owner). With the lock held.
+    private func pick(excluding owner: ObjectIdentifier?) -> Int? {
+        var pick: Int? = nil
+        var best = UInt64.max
+        for (i, j) in queue.enumerated() where owner == nil || j.owner != owner {
+            let last = j.owner.map { served[$0].map { $0 + 1 } ?? 0 } ?? 0
+            if last < best {
+                best = last
+                pick = i
+            }
+        }
+        return pick
+    }
+
+    /// With the lock held.
+    private func take(at i: Int) -> Job {
+        let job = queue.remove(at: i)
+        turn += 1
+        if let o = job.owner { served[o] = turn }
+        return job
+    }
+
+    /// Called by the running job between its steps: runs one waiting job of another owner to
+    /// completion, if there is one. Nested jobs do not yield further (the depth stays one).
+    public func yieldToOthers(from job: Job) {
+        lock.lock()
+        guard running === job, nested == nil, let i = pick(excluding: job.owner) else {
+            lock.unlock()
+            return
+        }
+        let other = take(at: i)
+        nested = other
+        lock.unlock()
+        other.run(other)
+        lock.lock()
+        nested = nil
+        turn += 1
+        if let o = job.owner { served[o] = turn }
+        lock.broadcast()
+        lock.unlock()
+    }
+
     private func loop() {
         while true {
             lock.lock()
@@ -91,19 +140,7 @@ public final class EngineWorker: @unchecked Sendable {
                 lock.unlock()
                 return
             }
-            // Round robin over owners: the owner with the oldest last turn (never served first).
-            var pick = 0
-            var best = UInt64.max
-            for (i, j) in queue.enumerated() {
-                let last = j.owner.map { served[$0].map { $0 + 1 } ?? 0 } ?? 0
-                if last < best {
-                    best = last
-                    pick = i
-                }
-            }
-            let job = queue.remove(at: pick)
-            turn += 1
-            if let o = job.owner { served[o] = turn }
+            let job = take(at: pick(excluding: nil)!)
             running = job
             lock.unlock()
             job.run(job)

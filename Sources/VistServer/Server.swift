@@ -163,9 +163,10 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         let f: EventLoopFuture<PeerCred> = p.unsafeGetSocketOption(
             level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: SO_PEERCRED))
         // channelActive runs on the channel's loop, where the future is already complete.
-        var out: PeerCred? = nil
-        f.whenSuccess { out = $0 }
-        return out
+        final class Box: @unchecked Sendable { var value: PeerCred? = nil }
+        let box = Box()
+        f.whenSuccess { box.value = $0 }
+        return box.value
     }
 
     func channelRead(context ctx: ChannelHandlerContext, data: NIOAny) {

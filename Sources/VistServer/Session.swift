@@ -315,7 +315,7 @@ public final class Session: @unchecked Sendable {
             return error(id, .unsupported, "the loaded model (\(context.modelName)) has no vision encoder; compress needs a VIST2 model")
         }
         guard let text = texts(id, [c.documentID]) else { return }
-        let cache = context.blockCache, metrics = context.metrics
+        let cache = context.blockCache, metrics = context.metrics, worker = context.worker
         submit(id) { [self] job throws(EngineError) in
             let r = try VIST2Generator(model: model).compress(
                 documents: text, instruction: c.instruction, chat: c.chat, cache: cache,
@@ -326,6 +326,7 @@ public final class Session: @unchecked Sendable {
                             $0.chunksTotal = UInt32(total)
                         }
                     }
+                    worker.yieldToOthers(from: job)
                     return !job.isCancelled
                 })
             metrics.blocks(encoded: r.chunks_encoded, chunkHits: r.chunk_cache_hits, prefixHits: r.prefix_cache_hits)
@@ -434,7 +435,9 @@ public final class Session: @unchecked Sendable {
             var result: Vist2_V1_GenerateResult
             switch ctx.model {
             case .vist2(let m):
-                var vr = VIST2Request(generation: request, documents: docs, fullText: g.fullText)
+                var interleaved = request
+                interleaved.yield = { ctx.worker.yieldToOthers(from: job) }
+                var vr = VIST2Request(generation: interleaved, documents: docs, fullText: g.fullText)
                 vr.cache = ctx.blockCache
                 vr.progress = { _, _ in !job.isCancelled }
                 let r = try VIST2Generator(model: m).generate(vr, onText: onText)
@@ -460,7 +463,9 @@ public final class Session: @unchecked Sendable {
                     prompt: r.prompt_tokens, generated: r.generated_tokens, prefillMs: r.prefill_ms, decodeMs: r.decode_ms,
                     kvPeak: r.kv_bytes, decodeTPS: r.decode_tokens_per_s)
             case .language(let lm):
-                let r = try Generator(model: lm).generate(request, onText: onText)
+                var interleaved = request
+                interleaved.yield = { ctx.worker.yieldToOthers(from: job) }
+                let r = try Generator(model: lm).generate(interleaved, onText: onText)
                 result = Self.common(
                     r.text, r.prompt_tokens, r.generated_tokens, r.ttft_ms, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.stop_reason)
                 ctx.metrics.generation(

@@ -137,6 +137,14 @@ public struct VIST2Generator {
         let docIDs = docText.isEmpty ? [] : tok.encode(docText, addSpecial: false)
         let docTokens = docIDs.count
         let flops0 = tf.flops
+        var foreignFlops = 0  // of other requests run in `yield`
+        let pause: (() -> Void)? = g.yield.map { y in
+            {
+                let f0 = tf.flops
+                y()
+                foreignFlops += tf.flops - f0
+            }
+        }
         var renderNs: UInt64 = 0, visionNs: UInt64 = 0
         let t0 = DispatchTime.now().uptimeNanoseconds
 
@@ -212,7 +220,10 @@ public struct VIST2Generator {
         guard
             prefillDocumentBlocks(
                 finished, root: model.prefixRoot(start), kv: cache, cache: req.cache, stats: &docStats,
-                progress: req.progress ?? { _, _ in true })
+                progress: { done, total in
+                    pause?()
+                    return req.progress?(done, total) ?? true
+                })
         else {
             throw .cancelled
         }
@@ -236,7 +247,7 @@ public struct VIST2Generator {
         var swaps = 0
         let d = DecodeLoop.run(
             tokenizer: tok, prompt: start + current, maxTokens: g.maxTokens, stop: g.stop,
-            stopAtEOS: forced == nil && !g.ignoreEOS, start: t0,
+            stopAtEOS: forced == nil && !g.ignoreEOS, start: t0, pause: pause,
             pick: { index, history in
                 guard let forced else { return sampler.sample(tf.logits, vocab: lm.config.vocabSize, history: history) }
                 forced.observe(index, tf.logits)
@@ -275,7 +286,7 @@ public struct VIST2Generator {
             doc_text_tokens: docTokens, visual_tokens: visual,
             compression_ratio: visual > 0 ? Double(finishedTokens) / Double(visual) : 1,
             kv_bytes: peakKV, kv_bytes_final: cache.bytesUsed,
-            flops: tf.flops - flops0 + blocks * model.vision.flopsPerImage,
+            flops: tf.flops - flops0 - foreignFlops + blocks * model.vision.flopsPerImage,
             render_ms: Double(renderNs) / 1e6, vision_ms: Double(visionNs) / 1e6, prefill_ms: Double(prefillNs) / 1e6,
             decode_ms: Double(d.decodeNs) / 1e6, chunks: blocks, swaps: swaps, chunks_encoded: docStats.encoded,
             chunk_cache_hits: docStats.chunkHits, prefix_cache_hits: docStats.prefixHits)
