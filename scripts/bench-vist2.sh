@@ -44,7 +44,7 @@ ctl, src, dst, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 budget = 8192 - n - 10
 lines = open(src).read().split("\n")
 def tokens(text):
-    return len(json.loads(subprocess.run([ctl, "tokenize", "--json", "--", text], capture_output=True, check=True, text=True).stdout)["ids"])
+    return len(json.loads(subprocess.run([ctl, "tokenize", "--local", "--json", "--", text], capture_output=True, check=True, text=True).stdout)["ids"])
 lo, hi = 1, len(lines)
 while lo < hi:
     mid = (lo + hi + 1) // 2

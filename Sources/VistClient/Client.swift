@@ -215,6 +215,44 @@ public final class VistClient {
         return m.prometheusText
     }
 
+    public func tokenize(_ text: String, parseSpecial: Bool = false, noSpecial: Bool = false) throws -> [Int32] {
+        let body = try request {
+            $0.tokenize = .with {
+                $0.text = text
+                $0.parseSpecial = parseSpecial
+                $0.noSpecial = noSpecial
+            }
+        }
+        guard case .tokenizeResult(let r) = body else { throw unexpected("Tokenize") }
+        return r.ids
+    }
+
+    public func perplexity(documentID: String, ctx: UInt32, onProgress: (Vist2_V1_PerplexityProgress) -> Void = { _ in }) throws
+        -> Vist2_V1_PerplexityResult
+    {
+        let body = try request(
+            {
+                $0.perplexity = .with {
+                    $0.documentID = documentID
+                    $0.ctx = ctx
+                }
+            }, onPartial: { if case .perplexityProgress(let p) = $0.body { onProgress(p) } })
+        guard case .perplexityResult(let r) = body else { throw unexpected("Perplexity") }
+        return r
+    }
+
+    public func bench(prompt: UInt32, generate: UInt32, repetitions: UInt32) throws -> Vist2_V1_BenchResult {
+        let body = try request {
+            $0.bench = .with {
+                $0.promptTokens = prompt
+                $0.generatedTokens = generate
+                $0.repetitions = repetitions
+            }
+        }
+        guard case .benchResult(let r) = body else { throw unexpected("Bench") }
+        return r
+    }
+
     /// Sends a generation and streams its text; returns the final result.
     public func generate(_ g: Vist2_V1_GenerateRequest, id: UInt64? = nil, onText: (String) -> Void = { _ in }) throws
         -> Vist2_V1_GenerateResult

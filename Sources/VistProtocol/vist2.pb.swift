@@ -266,6 +266,30 @@ public nonisolated struct Vist2_V1_ClientMessage: Sendable {
     set {body = .metrics(newValue)}
   }
 
+  public var tokenize: Vist2_V1_TokenizeRequest {
+    get {
+      if case .tokenize(let v)? = body {return v}
+      return Vist2_V1_TokenizeRequest()
+    }
+    set {body = .tokenize(newValue)}
+  }
+
+  public var perplexity: Vist2_V1_PerplexityRequest {
+    get {
+      if case .perplexity(let v)? = body {return v}
+      return Vist2_V1_PerplexityRequest()
+    }
+    set {body = .perplexity(newValue)}
+  }
+
+  public var bench: Vist2_V1_BenchRequest {
+    get {
+      if case .bench(let v)? = body {return v}
+      return Vist2_V1_BenchRequest()
+    }
+    set {body = .bench(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Body: Equatable, Sendable {
@@ -282,6 +306,9 @@ public nonisolated struct Vist2_V1_ClientMessage: Sendable {
     case cacheEvict(Vist2_V1_CacheEvictRequest)
     case cacheStats(Vist2_V1_CacheStatsRequest)
     case metrics(Vist2_V1_MetricsRequest)
+    case tokenize(Vist2_V1_TokenizeRequest)
+    case perplexity(Vist2_V1_PerplexityRequest)
+    case bench(Vist2_V1_BenchRequest)
 
   }
 
@@ -422,6 +449,38 @@ public nonisolated struct Vist2_V1_ServerMessage: Sendable {
     set {body = .cacheEvictResult(newValue)}
   }
 
+  public var tokenizeResult: Vist2_V1_TokenizeResult {
+    get {
+      if case .tokenizeResult(let v)? = body {return v}
+      return Vist2_V1_TokenizeResult()
+    }
+    set {body = .tokenizeResult(newValue)}
+  }
+
+  public var perplexityProgress: Vist2_V1_PerplexityProgress {
+    get {
+      if case .perplexityProgress(let v)? = body {return v}
+      return Vist2_V1_PerplexityProgress()
+    }
+    set {body = .perplexityProgress(newValue)}
+  }
+
+  public var perplexityResult: Vist2_V1_PerplexityResult {
+    get {
+      if case .perplexityResult(let v)? = body {return v}
+      return Vist2_V1_PerplexityResult()
+    }
+    set {body = .perplexityResult(newValue)}
+  }
+
+  public var benchResult: Vist2_V1_BenchResult {
+    get {
+      if case .benchResult(let v)? = body {return v}
+      return Vist2_V1_BenchResult()
+    }
+    set {body = .benchResult(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Body: Equatable, Sendable {
@@ -440,6 +499,10 @@ public nonisolated struct Vist2_V1_ServerMessage: Sendable {
     case error(Vist2_V1_Error)
     case ack(Vist2_V1_Ack)
     case cacheEvictResult(Vist2_V1_CacheEvictResult)
+    case tokenizeResult(Vist2_V1_TokenizeResult)
+    case perplexityProgress(Vist2_V1_PerplexityProgress)
+    case perplexityResult(Vist2_V1_PerplexityResult)
+    case benchResult(Vist2_V1_BenchResult)
 
   }
 
@@ -1082,6 +1145,144 @@ public nonisolated struct Vist2_V1_Metrics: Sendable {
   public init() {}
 }
 
+/// The backbone's tokenizer.
+public nonisolated struct Vist2_V1_TokenizeRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var text: String = String()
+
+  /// read special-token text such as <|im_start|> as those tokens
+  public var parseSpecial: Bool = false
+
+  /// do not add BOS/EOS even if the model asks for them
+  public var noSpecial: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Vist2_V1_TokenizeResult: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var ids: [Int32] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Perplexity of an open document with the backbone, as llama.cpp's llama-perplexity computes it
+/// (docs/PERPLEXITY.md): non-overlapping windows of ctx tokens, the second half of each scored.
+public nonisolated struct Vist2_V1_PerplexityRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var documentID: String = String()
+
+  /// 0: 512
+  public var ctx: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Vist2_V1_PerplexityProgress: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var windowsDone: UInt32 = 0
+
+  public var windowsTotal: UInt32 = 0
+
+  /// so far
+  public var perplexity: Double = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Vist2_V1_PerplexityResult: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var perplexity: Double = 0
+
+  public var tokens: UInt32 = 0
+
+  public var windows: UInt32 = 0
+
+  public var scoredTokens: UInt32 = 0
+
+  public var ctx: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Throughput of the daemon's engine, measured as llama-bench does (pp: one batch from an empty
+/// cache; tg: single-token steps).
+public nonisolated struct Vist2_V1_BenchRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// 0: no pp test
+  public var promptTokens: UInt32 = 0
+
+  /// 0: no tg test (not both 0)
+  public var generatedTokens: UInt32 = 0
+
+  /// 0: 5
+  public var repetitions: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Vist2_V1_BenchResult: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var ppTokens: UInt32 = 0
+
+  public var tgTokens: UInt32 = 0
+
+  public var threads: UInt32 = 0
+
+  public var repetitions: UInt32 = 0
+
+  public var ppTokensPerS: Double = 0
+
+  public var ppStddev: Double = 0
+
+  public var tgTokensPerS: Double = 0
+
+  public var tgStddev: Double = 0
+
+  public var peakRssBytes: UInt64 = 0
+
+  public var modelBytes: UInt64 = 0
+
+  public var simd: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 /// Errors are data. Codes are stable; see PROTOCOL.md.
 public nonisolated struct Vist2_V1_Error: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -1107,7 +1308,7 @@ nonisolated extension Vist2_V1_ErrorCode: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Vist2_V1_ClientMessage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ClientMessage"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{1}hello\0\u{1}status\0\u{3}open_document\0\u{3}update_document\0\u{3}close_document\0\u{1}compress\0\u{1}generate\0\u{1}render\0\u{1}cancel\0\u{3}cache_list\0\u{3}cache_evict\0\u{3}cache_stats\0\u{1}metrics\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{1}hello\0\u{1}status\0\u{3}open_document\0\u{3}update_document\0\u{3}close_document\0\u{1}compress\0\u{1}generate\0\u{1}render\0\u{1}cancel\0\u{3}cache_list\0\u{3}cache_evict\0\u{3}cache_stats\0\u{1}metrics\0\u{1}tokenize\0\u{1}perplexity\0\u{1}bench\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1285,6 +1486,45 @@ nonisolated extension Vist2_V1_ClientMessage: SwiftProtobuf.Message, SwiftProtob
           self.body = .metrics(v)
         }
       }()
+      case 15: try {
+        var v: Vist2_V1_TokenizeRequest?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .tokenize(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .tokenize(v)
+        }
+      }()
+      case 16: try {
+        var v: Vist2_V1_PerplexityRequest?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .perplexity(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .perplexity(v)
+        }
+      }()
+      case 17: try {
+        var v: Vist2_V1_BenchRequest?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .bench(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .bench(v)
+        }
+      }()
       default: break
       }
     }
@@ -1351,6 +1591,18 @@ nonisolated extension Vist2_V1_ClientMessage: SwiftProtobuf.Message, SwiftProtob
       guard case .metrics(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
     }()
+    case .tokenize?: try {
+      guard case .tokenize(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+    }()
+    case .perplexity?: try {
+      guard case .perplexity(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+    }()
+    case .bench?: try {
+      guard case .bench(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -1366,7 +1618,7 @@ nonisolated extension Vist2_V1_ClientMessage: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Vist2_V1_ServerMessage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ServerMessage"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{1}final\0\u{1}hello\0\u{1}status\0\u{1}document\0\u{3}compress_progress\0\u{3}compress_result\0\u{3}text_delta\0\u{3}generate_result\0\u{3}rendered_chunk\0\u{3}render_result\0\u{3}cache_list\0\u{3}cache_stats\0\u{1}metrics\0\u{1}error\0\u{1}ack\0\u{3}cache_evict_result\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{1}final\0\u{1}hello\0\u{1}status\0\u{1}document\0\u{3}compress_progress\0\u{3}compress_result\0\u{3}text_delta\0\u{3}generate_result\0\u{3}rendered_chunk\0\u{3}render_result\0\u{3}cache_list\0\u{3}cache_stats\0\u{1}metrics\0\u{1}error\0\u{1}ack\0\u{3}cache_evict_result\0\u{3}tokenize_result\0\u{3}perplexity_progress\0\u{3}perplexity_result\0\u{3}bench_result\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1571,6 +1823,58 @@ nonisolated extension Vist2_V1_ServerMessage: SwiftProtobuf.Message, SwiftProtob
           self.body = .cacheEvictResult(v)
         }
       }()
+      case 18: try {
+        var v: Vist2_V1_TokenizeResult?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .tokenizeResult(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .tokenizeResult(v)
+        }
+      }()
+      case 19: try {
+        var v: Vist2_V1_PerplexityProgress?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .perplexityProgress(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .perplexityProgress(v)
+        }
+      }()
+      case 20: try {
+        var v: Vist2_V1_PerplexityResult?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .perplexityResult(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .perplexityResult(v)
+        }
+      }()
+      case 21: try {
+        var v: Vist2_V1_BenchResult?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .benchResult(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .benchResult(v)
+        }
+      }()
       default: break
       }
     }
@@ -1647,6 +1951,22 @@ nonisolated extension Vist2_V1_ServerMessage: SwiftProtobuf.Message, SwiftProtob
     case .cacheEvictResult?: try {
       guard case .cacheEvictResult(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
+    }()
+    case .tokenizeResult?: try {
+      guard case .tokenizeResult(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
+    }()
+    case .perplexityProgress?: try {
+      guard case .perplexityProgress(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
+    }()
+    case .perplexityResult?: try {
+      guard case .perplexityResult(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+    }()
+    case .benchResult?: try {
+      guard case .benchResult(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
     }()
     case nil: break
     }
@@ -3024,6 +3344,321 @@ nonisolated extension Vist2_V1_Metrics: SwiftProtobuf.Message, SwiftProtobuf._Me
 
   public static func ==(lhs: Vist2_V1_Metrics, rhs: Vist2_V1_Metrics) -> Bool {
     if lhs.prometheusText != rhs.prometheusText {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Vist2_V1_TokenizeRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".TokenizeRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}text\0\u{3}parse_special\0\u{3}no_special\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.text) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.parseSpecial) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.noSpecial) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.text.isEmpty {
+      try visitor.visitSingularStringField(value: self.text, fieldNumber: 1)
+    }
+    if self.parseSpecial != false {
+      try visitor.visitSingularBoolField(value: self.parseSpecial, fieldNumber: 2)
+    }
+    if self.noSpecial != false {
+      try visitor.visitSingularBoolField(value: self.noSpecial, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Vist2_V1_TokenizeRequest, rhs: Vist2_V1_TokenizeRequest) -> Bool {
+    if lhs.text != rhs.text {return false}
+    if lhs.parseSpecial != rhs.parseSpecial {return false}
+    if lhs.noSpecial != rhs.noSpecial {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Vist2_V1_TokenizeResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".TokenizeResult"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}ids\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedInt32Field(value: &self.ids) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.ids.isEmpty {
+      try visitor.visitPackedInt32Field(value: self.ids, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Vist2_V1_TokenizeResult, rhs: Vist2_V1_TokenizeResult) -> Bool {
+    if lhs.ids != rhs.ids {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Vist2_V1_PerplexityRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PerplexityRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_id\0\u{1}ctx\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.documentID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.ctx) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.documentID.isEmpty {
+      try visitor.visitSingularStringField(value: self.documentID, fieldNumber: 1)
+    }
+    if self.ctx != 0 {
+      try visitor.visitSingularUInt32Field(value: self.ctx, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Vist2_V1_PerplexityRequest, rhs: Vist2_V1_PerplexityRequest) -> Bool {
+    if lhs.documentID != rhs.documentID {return false}
+    if lhs.ctx != rhs.ctx {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Vist2_V1_PerplexityProgress: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PerplexityProgress"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}windows_done\0\u{3}windows_total\0\u{1}perplexity\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.windowsDone) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.windowsTotal) }()
+      case 3: try { try decoder.decodeSingularDoubleField(value: &self.perplexity) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.windowsDone != 0 {
+      try visitor.visitSingularUInt32Field(value: self.windowsDone, fieldNumber: 1)
+    }
+    if self.windowsTotal != 0 {
+      try visitor.visitSingularUInt32Field(value: self.windowsTotal, fieldNumber: 2)
+    }
+    if self.perplexity.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.perplexity, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Vist2_V1_PerplexityProgress, rhs: Vist2_V1_PerplexityProgress) -> Bool {
+    if lhs.windowsDone != rhs.windowsDone {return false}
+    if lhs.windowsTotal != rhs.windowsTotal {return false}
+    if lhs.perplexity != rhs.perplexity {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Vist2_V1_PerplexityResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PerplexityResult"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}perplexity\0\u{1}tokens\0\u{1}windows\0\u{3}scored_tokens\0\u{1}ctx\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularDoubleField(value: &self.perplexity) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.tokens) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.windows) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.scoredTokens) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.ctx) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.perplexity.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.perplexity, fieldNumber: 1)
+    }
+    if self.tokens != 0 {
+      try visitor.visitSingularUInt32Field(value: self.tokens, fieldNumber: 2)
+    }
+    if self.windows != 0 {
+      try visitor.visitSingularUInt32Field(value: self.windows, fieldNumber: 3)
+    }
+    if self.scoredTokens != 0 {
+      try visitor.visitSingularUInt32Field(value: self.scoredTokens, fieldNumber: 4)
+    }
+    if self.ctx != 0 {
+      try visitor.visitSingularUInt32Field(value: self.ctx, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Vist2_V1_PerplexityResult, rhs: Vist2_V1_PerplexityResult) -> Bool {
+    if lhs.perplexity != rhs.perplexity {return false}
+    if lhs.tokens != rhs.tokens {return false}
+    if lhs.windows != rhs.windows {return false}
+    if lhs.scoredTokens != rhs.scoredTokens {return false}
+    if lhs.ctx != rhs.ctx {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Vist2_V1_BenchRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".BenchRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}prompt_tokens\0\u{3}generated_tokens\0\u{1}repetitions\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.promptTokens) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.generatedTokens) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.repetitions) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.promptTokens != 0 {
+      try visitor.visitSingularUInt32Field(value: self.promptTokens, fieldNumber: 1)
+    }
+    if self.generatedTokens != 0 {
+      try visitor.visitSingularUInt32Field(value: self.generatedTokens, fieldNumber: 2)
+    }
+    if self.repetitions != 0 {
+      try visitor.visitSingularUInt32Field(value: self.repetitions, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Vist2_V1_BenchRequest, rhs: Vist2_V1_BenchRequest) -> Bool {
+    if lhs.promptTokens != rhs.promptTokens {return false}
+    if lhs.generatedTokens != rhs.generatedTokens {return false}
+    if lhs.repetitions != rhs.repetitions {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Vist2_V1_BenchResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".BenchResult"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}pp_tokens\0\u{3}tg_tokens\0\u{1}threads\0\u{1}repetitions\0\u{3}pp_tokens_per_s\0\u{3}pp_stddev\0\u{3}tg_tokens_per_s\0\u{3}tg_stddev\0\u{3}peak_rss_bytes\0\u{3}model_bytes\0\u{1}simd\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.ppTokens) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.tgTokens) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.threads) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.repetitions) }()
+      case 5: try { try decoder.decodeSingularDoubleField(value: &self.ppTokensPerS) }()
+      case 6: try { try decoder.decodeSingularDoubleField(value: &self.ppStddev) }()
+      case 7: try { try decoder.decodeSingularDoubleField(value: &self.tgTokensPerS) }()
+      case 8: try { try decoder.decodeSingularDoubleField(value: &self.tgStddev) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.peakRssBytes) }()
+      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.modelBytes) }()
+      case 11: try { try decoder.decodeSingularStringField(value: &self.simd) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.ppTokens != 0 {
+      try visitor.visitSingularUInt32Field(value: self.ppTokens, fieldNumber: 1)
+    }
+    if self.tgTokens != 0 {
+      try visitor.visitSingularUInt32Field(value: self.tgTokens, fieldNumber: 2)
+    }
+    if self.threads != 0 {
+      try visitor.visitSingularUInt32Field(value: self.threads, fieldNumber: 3)
+    }
+    if self.repetitions != 0 {
+      try visitor.visitSingularUInt32Field(value: self.repetitions, fieldNumber: 4)
+    }
+    if self.ppTokensPerS.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.ppTokensPerS, fieldNumber: 5)
+    }
+    if self.ppStddev.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.ppStddev, fieldNumber: 6)
+    }
+    if self.tgTokensPerS.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.tgTokensPerS, fieldNumber: 7)
+    }
+    if self.tgStddev.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.tgStddev, fieldNumber: 8)
+    }
+    if self.peakRssBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.peakRssBytes, fieldNumber: 9)
+    }
+    if self.modelBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.modelBytes, fieldNumber: 10)
+    }
+    if !self.simd.isEmpty {
+      try visitor.visitSingularStringField(value: self.simd, fieldNumber: 11)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Vist2_V1_BenchResult, rhs: Vist2_V1_BenchResult) -> Bool {
+    if lhs.ppTokens != rhs.ppTokens {return false}
+    if lhs.tgTokens != rhs.tgTokens {return false}
+    if lhs.threads != rhs.threads {return false}
+    if lhs.repetitions != rhs.repetitions {return false}
+    if lhs.ppTokensPerS != rhs.ppTokensPerS {return false}
+    if lhs.ppStddev != rhs.ppStddev {return false}
+    if lhs.tgTokensPerS != rhs.tgTokensPerS {return false}
+    if lhs.tgStddev != rhs.tgStddev {return false}
+    if lhs.peakRssBytes != rhs.peakRssBytes {return false}
+    if lhs.modelBytes != rhs.modelBytes {return false}
+    if lhs.simd != rhs.simd {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -100,7 +100,7 @@ public final class ServerContext: @unchecked Sendable {
             $0.serverVersion = Self.serverVersion
             $0.modelName = modelName
             $0.contextLength = UInt32(language.config.contextLength)
-            var caps = ["status", "generate", "cancel", "documents", "metrics", "cache"]
+            var caps = ["status", "generate", "cancel", "documents", "metrics", "cache", "tokenize", "perplexity", "bench"]
             if case .vist2(let m) = model {
                 $0.modelFingerprint = m.fingerprint
                 $0.chunkLength = UInt32(m.chunkLength)

@@ -195,8 +195,73 @@ public final class Session: @unchecked Sendable {
         case .metrics:
             let text = context.metrics.render(context)
             reply(id) { $0.metrics = .with { $0.prometheusText = text } }
+        case .tokenize(let t):
+            tokenize(id, t)
+        case .perplexity(let p):
+            perplexity(id, p)
+        case .bench(let b):
+            bench(id, b)
         case .none:
             error(id, .unknownRequest, "empty or unknown request body")
+        }
+    }
+
+    func tokenize(_ id: UInt64, _ t: Vist2_V1_TokenizeRequest) {
+        let tok = context.language.tokenizer
+        submit(id) { _ throws(EngineError) in
+            let ids = tok.encode(t.text, addSpecial: !t.noSpecial, parseSpecial: t.parseSpecial)
+            return { $0.tokenizeResult = .with { $0.ids = ids } }
+        }
+    }
+
+    func perplexity(_ id: UInt64, _ p: Vist2_V1_PerplexityRequest) {
+        guard let text = texts(id, [p.documentID]) else { return }
+        let lm = context.language
+        let ctx = p.ctx == 0 ? 512 : Int(p.ctx)
+        submit(id) { [self] job throws(EngineError) in
+            let r = try lm.perplexity(text: text[0], ctx: ctx) { done, total, ppl in
+                self.reply(id, final: false) {
+                    $0.perplexityProgress = .with {
+                        $0.windowsDone = UInt32(done)
+                        $0.windowsTotal = UInt32(total)
+                        $0.perplexity = ppl
+                    }
+                }
+            }
+            if job.isCancelled { throw .cancelled }
+            return {
+                $0.perplexityResult = .with {
+                    $0.perplexity = r.perplexity
+                    $0.tokens = UInt32(clamping: r.tokens)
+                    $0.windows = UInt32(clamping: r.windows)
+                    $0.scoredTokens = UInt32(clamping: r.scored_tokens)
+                    $0.ctx = UInt32(clamping: r.ctx)
+                }
+            }
+        }
+    }
+
+    func bench(_ id: UInt64, _ b: Vist2_V1_BenchRequest) {
+        let lm = context.language
+        submit(id) { _ throws(EngineError) in
+            let r = try lm.bench(
+                prompt: Int(b.promptTokens), generate: Int(b.generatedTokens),
+                repetitions: b.repetitions == 0 ? 5 : Int(b.repetitions))
+            return {
+                $0.benchResult = .with {
+                    $0.ppTokens = UInt32(r.pp_tokens)
+                    $0.tgTokens = UInt32(r.tg_tokens)
+                    $0.threads = UInt32(r.threads)
+                    $0.repetitions = UInt32(r.repetitions)
+                    $0.ppTokensPerS = r.pp_tokens_per_s
+                    $0.ppStddev = r.pp_stddev
+                    $0.tgTokensPerS = r.tg_tokens_per_s
+                    $0.tgStddev = r.tg_stddev
+                    $0.peakRssBytes = UInt64(r.peak_rss_bytes)
+                    $0.modelBytes = UInt64(r.model_bytes)
+                    $0.simd = r.simd
+                }
+            }
         }
     }
 
@@ -215,6 +280,9 @@ public final class Session: @unchecked Sendable {
         case .cacheEvict: return "cache_evict"
         case .cacheStats: return "cache_stats"
         case .metrics: return "metrics"
+        case .tokenize: return "tokenize"
+        case .perplexity: return "perplexity"
+        case .bench: return "bench"
         case .none: return "unknown"
         }
     }

@@ -7,7 +7,9 @@ struct Bench: ParsableCommand {
 
     @OptionGroup var modelOptions: ModelOptions
 
-    @Flag(help: "Run the engine in this process.")
+    @OptionGroup var socketOption: SocketOption
+
+    @Flag(help: "Run the engine in this process with --model instead of asking the daemon.")
     var local = false
 
     @Option(name: .short, help: "Prompt tokens (pp).")
@@ -23,7 +25,30 @@ struct Bench: ParsableCommand {
     var json = false
 
     func run() throws {
-        try requireLocal(local, "bench")
+        if !local {
+            guard p >= 0, n >= 0, r >= 0, p <= Int(UInt32.max), n <= Int(UInt32.max), r <= 1000 else {
+                fail("-p, -n and -r must be >= 0 (r <= 1000)", code: "bad_argument", json: json)
+            }
+            let c = try socketOption.connect()
+            do {
+                let b = try c.bench(prompt: UInt32(p), generate: UInt32(n), repetitions: UInt32(r))
+                if json {
+                    printJSON([
+                        "pp_tokens": AnyEncodable(Int(b.ppTokens)), "tg_tokens": AnyEncodable(Int(b.tgTokens)),
+                        "threads": AnyEncodable(Int(b.threads)), "repetitions": AnyEncodable(Int(b.repetitions)),
+                        "pp_tokens_per_s": AnyEncodable(b.ppTokensPerS), "pp_stddev": AnyEncodable(b.ppStddev),
+                        "tg_tokens_per_s": AnyEncodable(b.tgTokensPerS), "tg_stddev": AnyEncodable(b.tgStddev),
+                        "peak_rss_bytes": AnyEncodable(Int(b.peakRssBytes)), "model_bytes": AnyEncodable(Int(b.modelBytes)),
+                        "simd": AnyEncodable(b.simd),
+                    ])
+                } else {
+                    print(String(format: "pp%d: %.1f ± %.1f tokens/s", b.ppTokens, b.ppTokensPerS, b.ppStddev))
+                    print(String(format: "tg%d: %.1f ± %.1f tokens/s", b.tgTokens, b.tgTokensPerS, b.tgStddev))
+                    print("threads \(b.threads), simd \(b.simd) (the daemon's engine)")
+                }
+            } catch { fail("\(error)", code: daemonCode(error), json: json) }
+            return
+        }
         try runReportingErrors(json: json) {
             let model = try modelOptions.load()
             let b = try model.bench(prompt: p, generate: n, repetitions: r)

@@ -13,6 +13,11 @@ struct Perplexity: ParsableCommand {
 
     @OptionGroup var modelOptions: ModelOptions
 
+    @OptionGroup var socketOption: SocketOption
+
+    @Flag(help: "Compute in this process with --model instead of asking the daemon.")
+    var local = false
+
     @Option(name: .long, help: "Window size in tokens.")
     var ctx = 512
 
@@ -23,6 +28,35 @@ struct Perplexity: ParsableCommand {
     var file: String
 
     func run() throws {
+        if !local {
+            let text = readDocument(file, json: json)
+            guard (1...Int(UInt32.max)).contains(ctx) else { fail("--ctx must be positive", code: "bad_argument", json: json) }
+            let c = try socketOption.connect()
+            do {
+                let doc = try c.openDocument(text: text, path: file)
+                let r = try c.perplexity(documentID: doc.documentID, ctx: UInt32(ctx)) { p in
+                    if !json {
+                        FileHandle.standardError.write(
+                            Data("[\(p.windowsDone)/\(p.windowsTotal)] \(String(format: "%.4f", p.perplexity))\n".utf8))
+                    }
+                }
+                try c.closeDocument(id: doc.documentID)
+                if json {
+                    printJSON([
+                        "perplexity": AnyEncodable(r.perplexity), "tokens": AnyEncodable(Int(r.tokens)),
+                        "windows": AnyEncodable(Int(r.windows)),
+                        "scored_tokens": AnyEncodable(Int(r.scoredTokens)), "ctx": AnyEncodable(Int(r.ctx)),
+                    ])
+                } else {
+                    print(
+                        String(
+                            format: "perplexity: %.4f over %d windows of %d tokens (%d scored, %d in the file)", r.perplexity, r.windows,
+                            r.ctx,
+                            r.scoredTokens, r.tokens))
+                }
+            } catch { fail("\(error)", code: daemonCode(error), json: json) }
+            return
+        }
         try runReportingErrors(json: json) {
             guard let data = FileManager.default.contents(atPath: file) else { throw EngineError.io("cannot read \(file)") }
             guard let text = String(data: data, encoding: .utf8) else { throw EngineError.badArgument("\(file) is not valid UTF-8") }

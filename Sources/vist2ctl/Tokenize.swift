@@ -8,6 +8,11 @@ struct Tokenize: ParsableCommand {
 
     @OptionGroup var modelOptions: ModelOptions
 
+    @OptionGroup var socketOption: SocketOption
+
+    @Flag(help: "Tokenize in this process with --model instead of asking the daemon.")
+    var local = false
+
     @Flag(help: "Parse the text of special tokens such as <|im_start|> as those tokens.")
     var parseSpecial = false
 
@@ -21,6 +26,14 @@ struct Tokenize: ParsableCommand {
     var text: String
 
     func run() throws {
+        if !local {
+            let c = try socketOption.connect()
+            do {
+                let ids = try c.tokenize(text, parseSpecial: parseSpecial, noSpecial: noSpecial)
+                if json { printJSON(["ids": ids]) } else { print(ids.map(String.init).joined(separator: " ")) }
+            } catch { fail("\(error)", code: daemonCode(error), json: json) }
+            return
+        }
         try runReportingErrors(json: json) {
             let tokenizer = try modelOptions.loadTokenizer()
             let ids = tokenizer.encode(text, addSpecial: !noSpecial, parseSpecial: parseSpecial)

@@ -76,12 +76,6 @@ func printJSON<T: Encodable>(_ value: T, to stream: Stream = .standardOutput) {
     h.write(Data("\n".utf8))
 }
 
-func requireLocal(_ local: Bool, _ what: String) throws {
-    guard local else {
-        throw ValidationError("\(what) runs in-process only for now; add --local")
-    }
-}
-
 /// One clear line (or a JSON error object) on stderr, then exit status 1.
 func fail(_ message: String, code: String, json: Bool) -> Never {
     // A server error's description carries its code in brackets; the code is printed separately.

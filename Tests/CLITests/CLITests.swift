@@ -59,14 +59,14 @@ struct CLITests {
 
     @Test("tokenize --json prints the ids")
     func tokenize() throws {
-        let r = try vist2ctl(["tokenize", "--json", "Hello world"])
+        let r = try vist2ctl(["tokenize", "--local", "--json", "Hello world"])
         #expect(r.status == 0)
         #expect(try json(r.out)["ids"] as? [Int] == [19556, 905])
     }
 
     @Test("perplexity --json follows llama-perplexity's windows")
     func perplexity() throws {
-        let r = try vist2ctl(["perplexity", "--ctx", "128", "--json", "/usr/share/common-licenses/Apache-2.0"])
+        let r = try vist2ctl(["perplexity", "--local", "--ctx", "128", "--json", "/usr/share/common-licenses/Apache-2.0"])
         #expect(r.status == 0, "\(r.err)")
         let j = try json(r.out)
         let tokens = try #require(j["tokens"] as? Int)
@@ -156,7 +156,9 @@ struct CLITests {
         if !FileManager.default.fileExists(atPath: d.executableURL!.path) {
             d.executableURL = Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("vist2d")
         }
-        d.arguments = ["--model", Self.tinyVIST2, "--socket", sock, "--threads", "1"]
+        d.arguments = [
+            "--model", Self.tinyVIST2, "--socket", sock, "--threads", "1", "--cache-dir", dir.appendingPathComponent("cache").path,
+        ]
         d.standardError = FileHandle.nullDevice
         try d.run()
         defer { if d.isRunning { d.terminate() } }
@@ -171,6 +173,43 @@ struct CLITests {
         let g = try vist2ctl(["generate", "--socket", sock, "--max-tokens", "12", "--temperature", "0", "--json", "Hello"])
         #expect(g.status == 0, "\(g.err)")
         #expect(try json(g.out)["generated_tokens"] as? Int == 12)
+        // Documents: compress fills the cache, generate --doc then reads every block from it.
+        let doc = dir.appendingPathComponent("doc.txt")
+        try Data(try Data(contentsOf: URL(fileURLWithPath: "/usr/share/common-licenses/Apache-2.0")).prefix(1000)).write(to: doc)
+        let c1 = try vist2ctl(["compress", "--socket", sock, "--json", doc.path])
+        #expect(c1.status == 0, "\(c1.err)")
+        let cj = try json(c1.out)
+        let finished = (cj["chunks"] as? Int ?? 0) - 1
+        #expect(finished > 10 && cj["chunks_encoded"] as? Int == finished)
+        let gd = try vist2ctl(["generate", "--socket", sock, "--doc", doc.path, "--max-tokens", "8", "--temperature", "0", "--json", ""])
+        #expect(gd.status == 0, "\(gd.err)")
+        let gj = try json(gd.out)
+        let kvBytes = gj["kv_bytes"] as? Int ?? 0
+        #expect(gj["prefix_cache_hits"] as? Int == finished && gj["mode"] as? String == "vist2" && kvBytes > 0)
+        let st = try vist2ctl(["cache", "stats", "--socket", sock, "--json"])
+        let entries = try json(st.out)["entries"] as? Int
+        #expect(st.status == 0 && entries == 2 * finished)
+        let ls = try vist2ctl(["cache", "ls", "--socket", sock, "--json", "--limit", "2"])
+        let listed = (try json(ls.out)["entries"] as? [Any])?.count
+        #expect(ls.status == 0 && listed == 2)
+        let mt = try vist2ctl(["metrics", "--socket", sock])
+        #expect(mt.status == 0 && mt.out.contains("vist2_cache_hits_total{level=\"prefix\"} \(finished)"))
+        let rd = try vist2ctl(["render", "--socket", sock, "--out", dir.appendingPathComponent("r").path, "--json", doc.path])
+        let rendered = try json(rd.out)["chunks"] as? Int
+        #expect(rd.status == 0 && rendered == finished + 1)
+        let tk = try vist2ctl(["tokenize", "--socket", sock, "--json", "Hello world"])
+        let tkl = try vist2ctl(["tokenize", "--local", "--model", Self.tinyVIST2 + "/backbone", "--json", "Hello world"])
+        #expect(tk.status == 0 && tk.out == tkl.out, "\(tk.err) \(tkl.err)")
+        let bn = try vist2ctl(["bench", "--socket", sock, "-p", "16", "-n", "4", "-r", "1", "--json"])
+        #expect(bn.status == 0, "\(bn.err)")
+        #expect(try json(bn.out)["tg_tokens"] as? Int == 4)
+        let pp = try vist2ctl(["perplexity", "--socket", sock, "--ctx", "64", "--json", doc.path])
+        #expect(pp.status == 0, "\(pp.err)")
+        let ppl = try json(pp.out)["perplexity"] as? Double ?? 0
+        #expect(ppl > 1)
+        let rm = try vist2ctl(["cache", "rm", "--socket", sock, "--all", "--json"])
+        let removed = try json(rm.out)["removed"] as? Int
+        #expect(rm.status == 0 && removed == 2 * finished)
         d.terminate()  // SIGTERM
         d.waitUntilExit()
         #expect(d.terminationStatus == 0)
@@ -209,13 +248,13 @@ struct CLITests {
         #expect(r.status != 0 && r.err.contains("--threads"))
         r = try vist2ctl(["generate", "--socket", "/tmp/no-vist2-here/vist2.sock", "hi"])
         #expect(r.status != 0 && r.err.contains("/tmp/no-vist2-here/vist2.sock") && r.err.contains("vist2d"))
-        r = try vist2ctl(["bench", "-p", "8", "-n", "0"])
-        #expect(r.status != 0 && r.err.contains("--local"))
-        r = try vist2ctl(["perplexity", "--ctx", "100000", "/usr/share/common-licenses/GPL-3"])
+        r = try vist2ctl(["bench", "--socket", "/tmp/no-vist2-here/vist2.sock", "-p", "8", "-n", "0"])
+        #expect(r.status != 0 && r.err.contains("/tmp/no-vist2-here/vist2.sock"))
+        r = try vist2ctl(["perplexity", "--local", "--ctx", "100000", "/usr/share/common-licenses/GPL-3"])
         #expect(r.status != 0 && r.err.contains("--ctx"))
-        r = try vist2ctl(["perplexity", "--ctx", "4096", "/usr/share/common-licenses/Apache-2.0"])
+        r = try vist2ctl(["perplexity", "--local", "--ctx", "4096", "/usr/share/common-licenses/Apache-2.0"])
         #expect(r.status != 0 && r.err.contains("too_few_tokens"))
-        r = try vist2ctl(["perplexity", "/nonexistent.txt"])
+        r = try vist2ctl(["perplexity", "--local", "/nonexistent.txt"])
         #expect(r.status != 0 && r.err.contains("/nonexistent.txt"))
         r = try vist2ctl(["bench", "--local", "-p", "0", "-n", "0"])
         #expect(r.status != 0 && r.err.contains("-p"))

@@ -14,6 +14,62 @@ func binary(_ name: String) -> String {
     return dir.appendingPathComponent(name).path
 }
 
+/// A child process started with posix_spawn and reaped with waitpid on its own pid. (Foundation's
+/// Process stops reaping its children on Linux while a child it started has exec'd into something
+/// long-running, as systemd-socket-activate does, so these tests do not use it.)
+final class Child {
+    let pid: pid_t
+    var status: Int32? = nil
+
+    init(_ argv: [String], env: [String: String] = [:], output: String? = nil) throws {
+        var environment = ProcessInfo.processInfo.environment
+        for (k, v) in env { environment[k] = v }
+        let cArgs = argv.map { strdup($0) } + [nil]
+        let cEnv = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            cArgs.forEach { free($0) }
+            cEnv.forEach { free($0) }
+        }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        let out = output ?? "/dev/null"
+        posix_spawn_file_actions_addopen(&actions, 1, out, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, nil, cArgs, cEnv)
+        try #require(rc == 0, "cannot start \(argv[0]): \(rc)")
+        self.pid = pid
+    }
+
+    /// Waits up to `seconds`; the exit status, or nil if still running.
+    @discardableResult
+    func wait(seconds: Double) -> Int32? {
+        if let status { return status }
+        let end = Date().addingTimeInterval(seconds)
+        repeat {
+            var st: Int32 = 0
+            let r = waitpid(pid, &st, WNOHANG)
+            if r == pid {
+                status = (st & 0x7F) == 0 ? (st >> 8) & 0xFF : 128 + (st & 0x7F)
+                return status
+            }
+            if r < 0 { return -1 }
+            usleep(20_000)
+        } while Date() < end
+        return nil
+    }
+
+    func signal(_ sig: Int32) { if status == nil { kill(pid, sig) } }
+
+    deinit {
+        if wait(seconds: 0) == nil {
+            kill(pid, SIGKILL)
+            wait(seconds: 5)
+        }
+    }
+}
+
 /// A NOTIFY_SOCKET stand-in: a datagram socket collecting what the daemon tells systemd.
 final class NotifyListener {
     let path: String
@@ -66,15 +122,10 @@ extension CLITests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let sock = dir.appendingPathComponent("vist2.sock").path
         let notify = try NotifyListener(path: dir.appendingPathComponent("notify").path)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: tool)
-        p.arguments = [
-            "-l", sock, "-E", "NOTIFY_SOCKET=\(notify.path)", "-E", "WATCHDOG_USEC=400000", "-E", "VIST2_CACHE_DIR=\(dir.path)/cache",
+        let p = try Child([
+            tool, "-l", sock, "-E", "NOTIFY_SOCKET=\(notify.path)", "-E", "WATCHDOG_USEC=400000", "-E", "VIST2_CACHE_DIR=\(dir.path)/cache",
             binary("vist2d"), "--model", CLITests.tinyVIST2, "--threads", "1",
-        ]
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        defer { if p.isRunning { p.terminate() } }
+        ])
         var waited = 0
         while !FileManager.default.fileExists(atPath: sock) && waited < 100 {
             usleep(50_000)
@@ -90,8 +141,8 @@ extension CLITests {
         #expect(lines.contains { $0.hasPrefix("STATUS=serving") && $0.contains("socket from systemd") })
         #expect(lines.contains { $0.hasPrefix("EXTEND_TIMEOUT_USEC=") })
         #expect(lines.contains("WATCHDOG=1"))
-        p.terminate()  // systemd-socket-activate passes SIGTERM on to vist2d
-        p.waitUntilExit()
+        p.signal(SIGTERM)  // to vist2d: systemd-socket-activate exec'd it
+        #expect(p.wait(seconds: 30) == 0)
         // The socket belongs to the service manager: vist2d did not unlink it.
         #expect(FileManager.default.fileExists(atPath: sock))
         let stopping = notify.collect(seconds: 2) { $0.contains("STOPPING=1") }
@@ -115,22 +166,14 @@ extension CLITests {
                 text = text.replacingOccurrences(of: "ExecStart=%h/.local/bin/vist2d", with: "ExecStart=\(binary("vist2d"))")
                 try text.write(to: out.appendingPathComponent(name), atomically: true, encoding: .utf8)
             }
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: analyze)
-            p.arguments =
-                (user ? ["--user"] : []) + [
+            let log = dir.appendingPathComponent("verify-\(user).log").path
+            let p = try Child(
+                [analyze] + (user ? ["--user"] : []) + [
                     "verify", out.appendingPathComponent("vist2d.socket").path, out.appendingPathComponent("vist2d.service").path,
-                ]
-            var env = ProcessInfo.processInfo.environment
-            env["XDG_RUNTIME_DIR"] = dir.appendingPathComponent("rt").path
-            p.environment = env
-            let err = Pipe()
-            p.standardError = err
-            p.standardOutput = err
-            try p.run()
-            let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            p.waitUntilExit()
-            #expect(p.terminationStatus == 0, "\(user ? "user" : "system") units: \(text)")
+                ], env: ["XDG_RUNTIME_DIR": dir.appendingPathComponent("rt").path], output: log)
+            let status = p.wait(seconds: 60)
+            let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            #expect(status == 0, "\(user ? "user" : "system") units: \(text)")
         }
     }
 }

@@ -331,3 +331,96 @@ struct InterleavingTests {
         #expect(longFinal?.generateResult.stopReason == "context")
     }
 }
+
+@Suite("Hostile input", .serialized)
+struct FuzzTests {
+    final class Sink: @unchecked Sendable {
+        let lock = NSLock()
+        var frames = 0
+        var closed = false
+        func add(_ b: [UInt8]) {
+            lock.lock()
+            frames += 1
+            lock.unlock()
+        }
+    }
+
+    @Test("Random bytes, random frames and random messages with absurd fields never crash a session; the daemon keeps serving")
+    func randomInput() throws {
+        let d = try TestDaemon(maxFrame: 4096)
+        var rng = SystemRandomNumberGenerator()
+        func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) } }
+        func randomMessage() -> Vist2_V1_ClientMessage {
+            var m = Vist2_V1_ClientMessage()
+            m.requestID = UInt64.random(in: 0...5, using: &rng)
+            let s = String(decoding: bytes(Int.random(in: 0...40, using: &rng)).map { $0 & 0x7F }, as: UTF8.self)
+            switch Int.random(in: 0...9, using: &rng) {
+            case 0: m.hello = .with { $0.protocolVersion = UInt32.random(in: 0...3, using: &rng) }
+            case 1:
+                m.openDocument = .with {
+                    $0.text = s; $0.path = s
+                }
+            case 2:
+                m.updateDocument = .with {
+                    $0.documentID = s; $0.text = s
+                }
+            case 3:
+                m.compress = .with {
+                    $0.documentID = s; $0.instruction = s
+                }
+            case 4:
+                m.generate = .with {
+                    $0.instruction = s
+                    $0.maxTokens = [0, 1, 3, .max][Int.random(in: 0...3, using: &rng)]
+                    $0.documentIds = [s]
+                    $0.sampling = .with {
+                        $0.temperature = [Float.nan, -1, 0, 1e30][Int.random(in: 0...3, using: &rng)]
+                        $0.topK = UInt32.random(in: 0...UInt32.max, using: &rng)
+                        $0.topP = Float.random(in: -2...2, using: &rng)
+                    }
+                }
+            case 5: m.render = .with { $0.documentID = s }
+            case 6: m.cancel = .with { $0.targetRequestID = UInt64.random(in: 0...UInt64.max, using: &rng) }
+            case 7: m.cacheEvict = .with { $0.keys = [s] }
+            case 8: m.cacheList = .with { $0.limit = UInt32.random(in: 0...UInt32.max, using: &rng) }
+            default: break
+            }
+            return m
+        }
+        for round in 0..<300 {
+            let sink = Sink()
+            let session = Session(context: d.context, send: { sink.add($0) }, close: { sink.closed = true })
+            if round % 2 == 0 {
+                // Raw garbage, possibly a valid-looking header with a lying length.
+                session.receive(bytes(Int.random(in: 1...64, using: &rng)))
+                let n = UInt32.random(in: 0...100_000, using: &rng)
+                let header: [UInt8] = [0x56, 0x32, 1, 0, UInt8(n >> 24), UInt8((n >> 16) & 0xFF), UInt8((n >> 8) & 0xFF), UInt8(n & 0xFF)]
+                session.receive(header + bytes(Int.random(in: 0...64, using: &rng)))
+            } else {
+                var hello = Vist2_V1_ClientMessage()
+                hello.hello = .with { $0.protocolVersion = 1 }
+                var stream = try Frame.encode(try hello.serializedBytes())
+                for _ in 0..<20 {
+                    if Bool.random(using: &rng) {
+                        stream += try Frame.encode(try randomMessage().serializedBytes())
+                    } else {
+                        stream += try Frame.encode(bytes(Int.random(in: 0...200, using: &rng)))  // not protobuf
+                    }
+                }
+                // Delivered in random splits, sometimes cut short.
+                var i = 0
+                let end = Bool.random(using: &rng) ? stream.count : Int.random(in: 0...stream.count, using: &rng)
+                while i < end {
+                    let n = min(end - i, Int.random(in: 1...97, using: &rng))
+                    session.receive(Array(stream[i..<(i + n)]))
+                    i += n
+                }
+            }
+            session.disconnected()
+            d.context.worker.cancelAll(owner: ObjectIdentifier(session))
+        }
+        let c = try VistClient(socketPath: d.path)
+        #expect(try c.status().state == "ready")
+        #expect(try c.generate(generateRequest("after the storm", tokens: 3)).generatedTokens == 3)
+    }
+}

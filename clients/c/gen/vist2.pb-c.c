@@ -1447,6 +1447,321 @@ void   vist2__v1__metrics__free_unpacked
   assert(message->base.descriptor == &vist2__v1__metrics__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   vist2__v1__tokenize_request__init
+                     (Vist2__V1__TokenizeRequest         *message)
+{
+  static const Vist2__V1__TokenizeRequest init_value = VIST2__V1__TOKENIZE_REQUEST__INIT;
+  *message = init_value;
+}
+size_t vist2__v1__tokenize_request__get_packed_size
+                     (const Vist2__V1__TokenizeRequest *message)
+{
+  assert(message->base.descriptor == &vist2__v1__tokenize_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t vist2__v1__tokenize_request__pack
+                     (const Vist2__V1__TokenizeRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &vist2__v1__tokenize_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t vist2__v1__tokenize_request__pack_to_buffer
+                     (const Vist2__V1__TokenizeRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &vist2__v1__tokenize_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Vist2__V1__TokenizeRequest *
+       vist2__v1__tokenize_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Vist2__V1__TokenizeRequest *)
+     protobuf_c_message_unpack (&vist2__v1__tokenize_request__descriptor,
+                                allocator, len, data);
+}
+void   vist2__v1__tokenize_request__free_unpacked
+                     (Vist2__V1__TokenizeRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &vist2__v1__tokenize_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   vist2__v1__tokenize_result__init
+                     (Vist2__V1__TokenizeResult         *message)
+{
+  static const Vist2__V1__TokenizeResult init_value = VIST2__V1__TOKENIZE_RESULT__INIT;
+  *message = init_value;
+}
+size_t vist2__v1__tokenize_result__get_packed_size
+                     (const Vist2__V1__TokenizeResult *message)
+{
+  assert(message->base.descriptor == &vist2__v1__tokenize_result__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t vist2__v1__tokenize_result__pack
+                     (const Vist2__V1__TokenizeResult *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &vist2__v1__tokenize_result__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t vist2__v1__tokenize_result__pack_to_buffer
+                     (const Vist2__V1__TokenizeResult *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &vist2__v1__tokenize_result__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Vist2__V1__TokenizeResult *
+       vist2__v1__tokenize_result__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Vist2__V1__TokenizeResult *)
+     protobuf_c_message_unpack (&vist2__v1__tokenize_result__descriptor,
+                                allocator, len, data);
+}
+void   vist2__v1__tokenize_result__free_unpacked
+                     (Vist2__V1__TokenizeResult *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &vist2__v1__tokenize_result__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   vist2__v1__perplexity_request__init
+                     (Vist2__V1__PerplexityRequest         *message)
+{
+  static const Vist2__V1__PerplexityRequest init_value = VIST2__V1__PERPLEXITY_REQUEST__INIT;
+  *message = init_value;
+}
+size_t vist2__v1__perplexity_request__get_packed_size
+                     (const Vist2__V1__PerplexityRequest *message)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t vist2__v1__perplexity_request__pack
+                     (const Vist2__V1__PerplexityRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t vist2__v1__perplexity_request__pack_to_buffer
+                     (const Vist2__V1__PerplexityRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Vist2__V1__PerplexityRequest *
+       vist2__v1__perplexity_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Vist2__V1__PerplexityRequest *)
+     protobuf_c_message_unpack (&vist2__v1__perplexity_request__descriptor,
+                                allocator, len, data);
+}
+void   vist2__v1__perplexity_request__free_unpacked
+                     (Vist2__V1__PerplexityRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &vist2__v1__perplexity_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   vist2__v1__perplexity_progress__init
+                     (Vist2__V1__PerplexityProgress         *message)
+{
+  static const Vist2__V1__PerplexityProgress init_value = VIST2__V1__PERPLEXITY_PROGRESS__INIT;
+  *message = init_value;
+}
+size_t vist2__v1__perplexity_progress__get_packed_size
+                     (const Vist2__V1__PerplexityProgress *message)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_progress__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t vist2__v1__perplexity_progress__pack
+                     (const Vist2__V1__PerplexityProgress *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_progress__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t vist2__v1__perplexity_progress__pack_to_buffer
+                     (const Vist2__V1__PerplexityProgress *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_progress__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Vist2__V1__PerplexityProgress *
+       vist2__v1__perplexity_progress__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Vist2__V1__PerplexityProgress *)
+     protobuf_c_message_unpack (&vist2__v1__perplexity_progress__descriptor,
+                                allocator, len, data);
+}
+void   vist2__v1__perplexity_progress__free_unpacked
+                     (Vist2__V1__PerplexityProgress *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &vist2__v1__perplexity_progress__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   vist2__v1__perplexity_result__init
+                     (Vist2__V1__PerplexityResult         *message)
+{
+  static const Vist2__V1__PerplexityResult init_value = VIST2__V1__PERPLEXITY_RESULT__INIT;
+  *message = init_value;
+}
+size_t vist2__v1__perplexity_result__get_packed_size
+                     (const Vist2__V1__PerplexityResult *message)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_result__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t vist2__v1__perplexity_result__pack
+                     (const Vist2__V1__PerplexityResult *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_result__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t vist2__v1__perplexity_result__pack_to_buffer
+                     (const Vist2__V1__PerplexityResult *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &vist2__v1__perplexity_result__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Vist2__V1__PerplexityResult *
+       vist2__v1__perplexity_result__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Vist2__V1__PerplexityResult *)
+     protobuf_c_message_unpack (&vist2__v1__perplexity_result__descriptor,
+                                allocator, len, data);
+}
+void   vist2__v1__perplexity_result__free_unpacked
+                     (Vist2__V1__PerplexityResult *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &vist2__v1__perplexity_result__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   vist2__v1__bench_request__init
+                     (Vist2__V1__BenchRequest         *message)
+{
+  static const Vist2__V1__BenchRequest init_value = VIST2__V1__BENCH_REQUEST__INIT;
+  *message = init_value;
+}
+size_t vist2__v1__bench_request__get_packed_size
+                     (const Vist2__V1__BenchRequest *message)
+{
+  assert(message->base.descriptor == &vist2__v1__bench_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t vist2__v1__bench_request__pack
+                     (const Vist2__V1__BenchRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &vist2__v1__bench_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t vist2__v1__bench_request__pack_to_buffer
+                     (const Vist2__V1__BenchRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &vist2__v1__bench_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Vist2__V1__BenchRequest *
+       vist2__v1__bench_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Vist2__V1__BenchRequest *)
+     protobuf_c_message_unpack (&vist2__v1__bench_request__descriptor,
+                                allocator, len, data);
+}
+void   vist2__v1__bench_request__free_unpacked
+                     (Vist2__V1__BenchRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &vist2__v1__bench_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   vist2__v1__bench_result__init
+                     (Vist2__V1__BenchResult         *message)
+{
+  static const Vist2__V1__BenchResult init_value = VIST2__V1__BENCH_RESULT__INIT;
+  *message = init_value;
+}
+size_t vist2__v1__bench_result__get_packed_size
+                     (const Vist2__V1__BenchResult *message)
+{
+  assert(message->base.descriptor == &vist2__v1__bench_result__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t vist2__v1__bench_result__pack
+                     (const Vist2__V1__BenchResult *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &vist2__v1__bench_result__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t vist2__v1__bench_result__pack_to_buffer
+                     (const Vist2__V1__BenchResult *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &vist2__v1__bench_result__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Vist2__V1__BenchResult *
+       vist2__v1__bench_result__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Vist2__V1__BenchResult *)
+     protobuf_c_message_unpack (&vist2__v1__bench_result__descriptor,
+                                allocator, len, data);
+}
+void   vist2__v1__bench_result__free_unpacked
+                     (Vist2__V1__BenchResult *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &vist2__v1__bench_result__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   vist2__v1__error__init
                      (Vist2__V1__Error         *message)
 {
@@ -1492,7 +1807,7 @@ void   vist2__v1__error__free_unpacked
   assert(message->base.descriptor == &vist2__v1__error__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor vist2__v1__client_message__field_descriptors[14] =
+static const ProtobufCFieldDescriptor vist2__v1__client_message__field_descriptors[17] =
 {
   {
     "request_id",
@@ -1662,8 +1977,45 @@ static const ProtobufCFieldDescriptor vist2__v1__client_message__field_descripto
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "tokenize",
+    15,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Vist2__V1__ClientMessage, body_case),
+    offsetof(Vist2__V1__ClientMessage, tokenize),
+    &vist2__v1__tokenize_request__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "perplexity",
+    16,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Vist2__V1__ClientMessage, body_case),
+    offsetof(Vist2__V1__ClientMessage, perplexity),
+    &vist2__v1__perplexity_request__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "bench",
+    17,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Vist2__V1__ClientMessage, body_case),
+    offsetof(Vist2__V1__ClientMessage, bench),
+    &vist2__v1__bench_request__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__client_message__field_indices_by_name[] = {
+  16,   /* field[16] = bench */
   11,   /* field[11] = cache_evict */
   10,   /* field[10] = cache_list */
   12,   /* field[12] = cache_stats */
@@ -1674,15 +2026,17 @@ static const unsigned vist2__v1__client_message__field_indices_by_name[] = {
   1,   /* field[1] = hello */
   13,   /* field[13] = metrics */
   3,   /* field[3] = open_document */
+  15,   /* field[15] = perplexity */
   8,   /* field[8] = render */
   0,   /* field[0] = request_id */
   2,   /* field[2] = status */
+  14,   /* field[14] = tokenize */
   4,   /* field[4] = update_document */
 };
 static const ProtobufCIntRange vist2__v1__client_message__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 14 }
+  { 0, 17 }
 };
 const ProtobufCMessageDescriptor vist2__v1__client_message__descriptor =
 {
@@ -1692,14 +2046,14 @@ const ProtobufCMessageDescriptor vist2__v1__client_message__descriptor =
   "Vist2__V1__ClientMessage",
   "vist2.v1",
   sizeof(Vist2__V1__ClientMessage),
-  14,
+  17,
   vist2__v1__client_message__field_descriptors,
   vist2__v1__client_message__field_indices_by_name,
   1,  vist2__v1__client_message__number_ranges,
   (ProtobufCMessageInit) vist2__v1__client_message__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__server_message__field_descriptors[17] =
+static const ProtobufCFieldDescriptor vist2__v1__server_message__field_descriptors[21] =
 {
   {
     "request_id",
@@ -1905,9 +2259,58 @@ static const ProtobufCFieldDescriptor vist2__v1__server_message__field_descripto
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "tokenize_result",
+    18,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Vist2__V1__ServerMessage, body_case),
+    offsetof(Vist2__V1__ServerMessage, tokenize_result),
+    &vist2__v1__tokenize_result__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "perplexity_progress",
+    19,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Vist2__V1__ServerMessage, body_case),
+    offsetof(Vist2__V1__ServerMessage, perplexity_progress),
+    &vist2__v1__perplexity_progress__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "perplexity_result",
+    20,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Vist2__V1__ServerMessage, body_case),
+    offsetof(Vist2__V1__ServerMessage, perplexity_result),
+    &vist2__v1__perplexity_result__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "bench_result",
+    21,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Vist2__V1__ServerMessage, body_case),
+    offsetof(Vist2__V1__ServerMessage, bench_result),
+    &vist2__v1__bench_result__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__server_message__field_indices_by_name[] = {
   15,   /* field[15] = ack */
+  20,   /* field[20] = bench_result */
   16,   /* field[16] = cache_evict_result */
   11,   /* field[11] = cache_list */
   12,   /* field[12] = cache_stats */
@@ -1919,16 +2322,19 @@ static const unsigned vist2__v1__server_message__field_indices_by_name[] = {
   8,   /* field[8] = generate_result */
   2,   /* field[2] = hello */
   13,   /* field[13] = metrics */
+  18,   /* field[18] = perplexity_progress */
+  19,   /* field[19] = perplexity_result */
   10,   /* field[10] = render_result */
   9,   /* field[9] = rendered_chunk */
   0,   /* field[0] = request_id */
   3,   /* field[3] = status */
   7,   /* field[7] = text_delta */
+  17,   /* field[17] = tokenize_result */
 };
 static const ProtobufCIntRange vist2__v1__server_message__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 17 }
+  { 0, 21 }
 };
 const ProtobufCMessageDescriptor vist2__v1__server_message__descriptor =
 {
@@ -1938,7 +2344,7 @@ const ProtobufCMessageDescriptor vist2__v1__server_message__descriptor =
   "Vist2__V1__ServerMessage",
   "vist2.v1",
   sizeof(Vist2__V1__ServerMessage),
-  17,
+  21,
   vist2__v1__server_message__field_descriptors,
   vist2__v1__server_message__field_indices_by_name,
   1,  vist2__v1__server_message__number_ranges,
@@ -4108,6 +4514,545 @@ const ProtobufCMessageDescriptor vist2__v1__metrics__descriptor =
   vist2__v1__metrics__field_indices_by_name,
   1,  vist2__v1__metrics__number_ranges,
   (ProtobufCMessageInit) vist2__v1__metrics__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor vist2__v1__tokenize_request__field_descriptors[3] =
+{
+  {
+    "text",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__TokenizeRequest, text),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "parse_special",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__TokenizeRequest, parse_special),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "no_special",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__TokenizeRequest, no_special),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned vist2__v1__tokenize_request__field_indices_by_name[] = {
+  2,   /* field[2] = no_special */
+  1,   /* field[1] = parse_special */
+  0,   /* field[0] = text */
+};
+static const ProtobufCIntRange vist2__v1__tokenize_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor vist2__v1__tokenize_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "vist2.v1.TokenizeRequest",
+  "TokenizeRequest",
+  "Vist2__V1__TokenizeRequest",
+  "vist2.v1",
+  sizeof(Vist2__V1__TokenizeRequest),
+  3,
+  vist2__v1__tokenize_request__field_descriptors,
+  vist2__v1__tokenize_request__field_indices_by_name,
+  1,  vist2__v1__tokenize_request__number_ranges,
+  (ProtobufCMessageInit) vist2__v1__tokenize_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor vist2__v1__tokenize_result__field_descriptors[1] =
+{
+  {
+    "ids",
+    1,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_INT32,
+    offsetof(Vist2__V1__TokenizeResult, n_ids),
+    offsetof(Vist2__V1__TokenizeResult, ids),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned vist2__v1__tokenize_result__field_indices_by_name[] = {
+  0,   /* field[0] = ids */
+};
+static const ProtobufCIntRange vist2__v1__tokenize_result__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor vist2__v1__tokenize_result__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "vist2.v1.TokenizeResult",
+  "TokenizeResult",
+  "Vist2__V1__TokenizeResult",
+  "vist2.v1",
+  sizeof(Vist2__V1__TokenizeResult),
+  1,
+  vist2__v1__tokenize_result__field_descriptors,
+  vist2__v1__tokenize_result__field_indices_by_name,
+  1,  vist2__v1__tokenize_result__number_ranges,
+  (ProtobufCMessageInit) vist2__v1__tokenize_result__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor vist2__v1__perplexity_request__field_descriptors[2] =
+{
+  {
+    "document_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityRequest, document_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "ctx",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityRequest, ctx),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned vist2__v1__perplexity_request__field_indices_by_name[] = {
+  1,   /* field[1] = ctx */
+  0,   /* field[0] = document_id */
+};
+static const ProtobufCIntRange vist2__v1__perplexity_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor vist2__v1__perplexity_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "vist2.v1.PerplexityRequest",
+  "PerplexityRequest",
+  "Vist2__V1__PerplexityRequest",
+  "vist2.v1",
+  sizeof(Vist2__V1__PerplexityRequest),
+  2,
+  vist2__v1__perplexity_request__field_descriptors,
+  vist2__v1__perplexity_request__field_indices_by_name,
+  1,  vist2__v1__perplexity_request__number_ranges,
+  (ProtobufCMessageInit) vist2__v1__perplexity_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor vist2__v1__perplexity_progress__field_descriptors[3] =
+{
+  {
+    "windows_done",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityProgress, windows_done),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "windows_total",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityProgress, windows_total),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "perplexity",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityProgress, perplexity),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned vist2__v1__perplexity_progress__field_indices_by_name[] = {
+  2,   /* field[2] = perplexity */
+  0,   /* field[0] = windows_done */
+  1,   /* field[1] = windows_total */
+};
+static const ProtobufCIntRange vist2__v1__perplexity_progress__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor vist2__v1__perplexity_progress__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "vist2.v1.PerplexityProgress",
+  "PerplexityProgress",
+  "Vist2__V1__PerplexityProgress",
+  "vist2.v1",
+  sizeof(Vist2__V1__PerplexityProgress),
+  3,
+  vist2__v1__perplexity_progress__field_descriptors,
+  vist2__v1__perplexity_progress__field_indices_by_name,
+  1,  vist2__v1__perplexity_progress__number_ranges,
+  (ProtobufCMessageInit) vist2__v1__perplexity_progress__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor vist2__v1__perplexity_result__field_descriptors[5] =
+{
+  {
+    "perplexity",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityResult, perplexity),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "tokens",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityResult, tokens),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "windows",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityResult, windows),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "scored_tokens",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityResult, scored_tokens),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "ctx",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__PerplexityResult, ctx),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned vist2__v1__perplexity_result__field_indices_by_name[] = {
+  4,   /* field[4] = ctx */
+  0,   /* field[0] = perplexity */
+  3,   /* field[3] = scored_tokens */
+  1,   /* field[1] = tokens */
+  2,   /* field[2] = windows */
+};
+static const ProtobufCIntRange vist2__v1__perplexity_result__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor vist2__v1__perplexity_result__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "vist2.v1.PerplexityResult",
+  "PerplexityResult",
+  "Vist2__V1__PerplexityResult",
+  "vist2.v1",
+  sizeof(Vist2__V1__PerplexityResult),
+  5,
+  vist2__v1__perplexity_result__field_descriptors,
+  vist2__v1__perplexity_result__field_indices_by_name,
+  1,  vist2__v1__perplexity_result__number_ranges,
+  (ProtobufCMessageInit) vist2__v1__perplexity_result__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor vist2__v1__bench_request__field_descriptors[3] =
+{
+  {
+    "prompt_tokens",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchRequest, prompt_tokens),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "generated_tokens",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchRequest, generated_tokens),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "repetitions",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchRequest, repetitions),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned vist2__v1__bench_request__field_indices_by_name[] = {
+  1,   /* field[1] = generated_tokens */
+  0,   /* field[0] = prompt_tokens */
+  2,   /* field[2] = repetitions */
+};
+static const ProtobufCIntRange vist2__v1__bench_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor vist2__v1__bench_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "vist2.v1.BenchRequest",
+  "BenchRequest",
+  "Vist2__V1__BenchRequest",
+  "vist2.v1",
+  sizeof(Vist2__V1__BenchRequest),
+  3,
+  vist2__v1__bench_request__field_descriptors,
+  vist2__v1__bench_request__field_indices_by_name,
+  1,  vist2__v1__bench_request__number_ranges,
+  (ProtobufCMessageInit) vist2__v1__bench_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor vist2__v1__bench_result__field_descriptors[11] =
+{
+  {
+    "pp_tokens",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, pp_tokens),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "tg_tokens",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, tg_tokens),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "threads",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, threads),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "repetitions",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, repetitions),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pp_tokens_per_s",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, pp_tokens_per_s),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pp_stddev",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, pp_stddev),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "tg_tokens_per_s",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, tg_tokens_per_s),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "tg_stddev",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, tg_stddev),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "peak_rss_bytes",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, peak_rss_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "model_bytes",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, model_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "simd",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__BenchResult, simd),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned vist2__v1__bench_result__field_indices_by_name[] = {
+  9,   /* field[9] = model_bytes */
+  8,   /* field[8] = peak_rss_bytes */
+  5,   /* field[5] = pp_stddev */
+  0,   /* field[0] = pp_tokens */
+  4,   /* field[4] = pp_tokens_per_s */
+  3,   /* field[3] = repetitions */
+  10,   /* field[10] = simd */
+  7,   /* field[7] = tg_stddev */
+  1,   /* field[1] = tg_tokens */
+  6,   /* field[6] = tg_tokens_per_s */
+  2,   /* field[2] = threads */
+};
+static const ProtobufCIntRange vist2__v1__bench_result__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 11 }
+};
+const ProtobufCMessageDescriptor vist2__v1__bench_result__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "vist2.v1.BenchResult",
+  "BenchResult",
+  "Vist2__V1__BenchResult",
+  "vist2.v1",
+  sizeof(Vist2__V1__BenchResult),
+  11,
+  vist2__v1__bench_result__field_descriptors,
+  vist2__v1__bench_result__field_indices_by_name,
+  1,  vist2__v1__bench_result__number_ranges,
+  (ProtobufCMessageInit) vist2__v1__bench_result__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor vist2__v1__error__field_descriptors[2] =

@@ -47,6 +47,13 @@ typedef struct Vist2__V1__CacheStatsRequest Vist2__V1__CacheStatsRequest;
 typedef struct Vist2__V1__CacheStats Vist2__V1__CacheStats;
 typedef struct Vist2__V1__MetricsRequest Vist2__V1__MetricsRequest;
 typedef struct Vist2__V1__Metrics Vist2__V1__Metrics;
+typedef struct Vist2__V1__TokenizeRequest Vist2__V1__TokenizeRequest;
+typedef struct Vist2__V1__TokenizeResult Vist2__V1__TokenizeResult;
+typedef struct Vist2__V1__PerplexityRequest Vist2__V1__PerplexityRequest;
+typedef struct Vist2__V1__PerplexityProgress Vist2__V1__PerplexityProgress;
+typedef struct Vist2__V1__PerplexityResult Vist2__V1__PerplexityResult;
+typedef struct Vist2__V1__BenchRequest Vist2__V1__BenchRequest;
+typedef struct Vist2__V1__BenchResult Vist2__V1__BenchResult;
 typedef struct Vist2__V1__Error Vist2__V1__Error;
 
 
@@ -123,7 +130,10 @@ typedef enum {
   VIST2__V1__CLIENT_MESSAGE__BODY_CACHE_LIST = 11,
   VIST2__V1__CLIENT_MESSAGE__BODY_CACHE_EVICT = 12,
   VIST2__V1__CLIENT_MESSAGE__BODY_CACHE_STATS = 13,
-  VIST2__V1__CLIENT_MESSAGE__BODY_METRICS = 14
+  VIST2__V1__CLIENT_MESSAGE__BODY_METRICS = 14,
+  VIST2__V1__CLIENT_MESSAGE__BODY_TOKENIZE = 15,
+  VIST2__V1__CLIENT_MESSAGE__BODY_PERPLEXITY = 16,
+  VIST2__V1__CLIENT_MESSAGE__BODY_BENCH = 17
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(VIST2__V1__CLIENT_MESSAGE__BODY__CASE)
 } Vist2__V1__ClientMessage__BodyCase;
 
@@ -153,6 +163,9 @@ struct  Vist2__V1__ClientMessage
     Vist2__V1__CacheEvictRequest *cache_evict;
     Vist2__V1__CacheStatsRequest *cache_stats;
     Vist2__V1__MetricsRequest *metrics;
+    Vist2__V1__TokenizeRequest *tokenize;
+    Vist2__V1__PerplexityRequest *perplexity;
+    Vist2__V1__BenchRequest *bench;
   };
 };
 #define VIST2__V1__CLIENT_MESSAGE__INIT \
@@ -176,7 +189,11 @@ typedef enum {
   VIST2__V1__SERVER_MESSAGE__BODY_METRICS = 14,
   VIST2__V1__SERVER_MESSAGE__BODY_ERROR = 15,
   VIST2__V1__SERVER_MESSAGE__BODY_ACK = 16,
-  VIST2__V1__SERVER_MESSAGE__BODY_CACHE_EVICT_RESULT = 17
+  VIST2__V1__SERVER_MESSAGE__BODY_CACHE_EVICT_RESULT = 17,
+  VIST2__V1__SERVER_MESSAGE__BODY_TOKENIZE_RESULT = 18,
+  VIST2__V1__SERVER_MESSAGE__BODY_PERPLEXITY_PROGRESS = 19,
+  VIST2__V1__SERVER_MESSAGE__BODY_PERPLEXITY_RESULT = 20,
+  VIST2__V1__SERVER_MESSAGE__BODY_BENCH_RESULT = 21
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(VIST2__V1__SERVER_MESSAGE__BODY__CASE)
 } Vist2__V1__ServerMessage__BodyCase;
 
@@ -207,6 +224,10 @@ struct  Vist2__V1__ServerMessage
     Vist2__V1__Error *error;
     Vist2__V1__Ack *ack;
     Vist2__V1__CacheEvictResult *cache_evict_result;
+    Vist2__V1__TokenizeResult *tokenize_result;
+    Vist2__V1__PerplexityProgress *perplexity_progress;
+    Vist2__V1__PerplexityResult *perplexity_result;
+    Vist2__V1__BenchResult *bench_result;
   };
 };
 #define VIST2__V1__SERVER_MESSAGE__INIT \
@@ -676,6 +697,130 @@ struct  Vist2__V1__Metrics
 #define VIST2__V1__METRICS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__metrics__descriptor) \
     , (char *)protobuf_c_empty_string }
+
+
+/*
+ * The backbone's tokenizer.
+ */
+struct  Vist2__V1__TokenizeRequest
+{
+  ProtobufCMessage base;
+  char *text;
+  /*
+   * read special-token text such as <|im_start|> as those tokens
+   */
+  protobuf_c_boolean parse_special;
+  /*
+   * do not add BOS/EOS even if the model asks for them
+   */
+  protobuf_c_boolean no_special;
+};
+#define VIST2__V1__TOKENIZE_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__tokenize_request__descriptor) \
+    , (char *)protobuf_c_empty_string, 0, 0 }
+
+
+struct  Vist2__V1__TokenizeResult
+{
+  ProtobufCMessage base;
+  size_t n_ids;
+  int32_t *ids;
+};
+#define VIST2__V1__TOKENIZE_RESULT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__tokenize_result__descriptor) \
+    , 0,NULL }
+
+
+/*
+ * Perplexity of an open document with the backbone, as llama.cpp's llama-perplexity computes it
+ * (docs/PERPLEXITY.md): non-overlapping windows of ctx tokens, the second half of each scored.
+ */
+struct  Vist2__V1__PerplexityRequest
+{
+  ProtobufCMessage base;
+  char *document_id;
+  /*
+   * 0: 512
+   */
+  uint32_t ctx;
+};
+#define VIST2__V1__PERPLEXITY_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__perplexity_request__descriptor) \
+    , (char *)protobuf_c_empty_string, 0 }
+
+
+struct  Vist2__V1__PerplexityProgress
+{
+  ProtobufCMessage base;
+  uint32_t windows_done;
+  uint32_t windows_total;
+  /*
+   * so far
+   */
+  double perplexity;
+};
+#define VIST2__V1__PERPLEXITY_PROGRESS__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__perplexity_progress__descriptor) \
+    , 0, 0, 0 }
+
+
+struct  Vist2__V1__PerplexityResult
+{
+  ProtobufCMessage base;
+  double perplexity;
+  uint32_t tokens;
+  uint32_t windows;
+  uint32_t scored_tokens;
+  uint32_t ctx;
+};
+#define VIST2__V1__PERPLEXITY_RESULT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__perplexity_result__descriptor) \
+    , 0, 0, 0, 0, 0 }
+
+
+/*
+ * Throughput of the daemon's engine, measured as llama-bench does (pp: one batch from an empty
+ * cache; tg: single-token steps).
+ */
+struct  Vist2__V1__BenchRequest
+{
+  ProtobufCMessage base;
+  /*
+   * 0: no pp test
+   */
+  uint32_t prompt_tokens;
+  /*
+   * 0: no tg test (not both 0)
+   */
+  uint32_t generated_tokens;
+  /*
+   * 0: 5
+   */
+  uint32_t repetitions;
+};
+#define VIST2__V1__BENCH_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__bench_request__descriptor) \
+    , 0, 0, 0 }
+
+
+struct  Vist2__V1__BenchResult
+{
+  ProtobufCMessage base;
+  uint32_t pp_tokens;
+  uint32_t tg_tokens;
+  uint32_t threads;
+  uint32_t repetitions;
+  double pp_tokens_per_s;
+  double pp_stddev;
+  double tg_tokens_per_s;
+  double tg_stddev;
+  uint64_t peak_rss_bytes;
+  uint64_t model_bytes;
+  char *simd;
+};
+#define VIST2__V1__BENCH_RESULT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__bench_result__descriptor) \
+    , 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string }
 
 
 /*
@@ -1300,6 +1445,139 @@ Vist2__V1__Metrics *
 void   vist2__v1__metrics__free_unpacked
                      (Vist2__V1__Metrics *message,
                       ProtobufCAllocator *allocator);
+/* Vist2__V1__TokenizeRequest methods */
+void   vist2__v1__tokenize_request__init
+                     (Vist2__V1__TokenizeRequest         *message);
+size_t vist2__v1__tokenize_request__get_packed_size
+                     (const Vist2__V1__TokenizeRequest   *message);
+size_t vist2__v1__tokenize_request__pack
+                     (const Vist2__V1__TokenizeRequest   *message,
+                      uint8_t             *out);
+size_t vist2__v1__tokenize_request__pack_to_buffer
+                     (const Vist2__V1__TokenizeRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Vist2__V1__TokenizeRequest *
+       vist2__v1__tokenize_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   vist2__v1__tokenize_request__free_unpacked
+                     (Vist2__V1__TokenizeRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Vist2__V1__TokenizeResult methods */
+void   vist2__v1__tokenize_result__init
+                     (Vist2__V1__TokenizeResult         *message);
+size_t vist2__v1__tokenize_result__get_packed_size
+                     (const Vist2__V1__TokenizeResult   *message);
+size_t vist2__v1__tokenize_result__pack
+                     (const Vist2__V1__TokenizeResult   *message,
+                      uint8_t             *out);
+size_t vist2__v1__tokenize_result__pack_to_buffer
+                     (const Vist2__V1__TokenizeResult   *message,
+                      ProtobufCBuffer     *buffer);
+Vist2__V1__TokenizeResult *
+       vist2__v1__tokenize_result__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   vist2__v1__tokenize_result__free_unpacked
+                     (Vist2__V1__TokenizeResult *message,
+                      ProtobufCAllocator *allocator);
+/* Vist2__V1__PerplexityRequest methods */
+void   vist2__v1__perplexity_request__init
+                     (Vist2__V1__PerplexityRequest         *message);
+size_t vist2__v1__perplexity_request__get_packed_size
+                     (const Vist2__V1__PerplexityRequest   *message);
+size_t vist2__v1__perplexity_request__pack
+                     (const Vist2__V1__PerplexityRequest   *message,
+                      uint8_t             *out);
+size_t vist2__v1__perplexity_request__pack_to_buffer
+                     (const Vist2__V1__PerplexityRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Vist2__V1__PerplexityRequest *
+       vist2__v1__perplexity_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   vist2__v1__perplexity_request__free_unpacked
+                     (Vist2__V1__PerplexityRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Vist2__V1__PerplexityProgress methods */
+void   vist2__v1__perplexity_progress__init
+                     (Vist2__V1__PerplexityProgress         *message);
+size_t vist2__v1__perplexity_progress__get_packed_size
+                     (const Vist2__V1__PerplexityProgress   *message);
+size_t vist2__v1__perplexity_progress__pack
+                     (const Vist2__V1__PerplexityProgress   *message,
+                      uint8_t             *out);
+size_t vist2__v1__perplexity_progress__pack_to_buffer
+                     (const Vist2__V1__PerplexityProgress   *message,
+                      ProtobufCBuffer     *buffer);
+Vist2__V1__PerplexityProgress *
+       vist2__v1__perplexity_progress__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   vist2__v1__perplexity_progress__free_unpacked
+                     (Vist2__V1__PerplexityProgress *message,
+                      ProtobufCAllocator *allocator);
+/* Vist2__V1__PerplexityResult methods */
+void   vist2__v1__perplexity_result__init
+                     (Vist2__V1__PerplexityResult         *message);
+size_t vist2__v1__perplexity_result__get_packed_size
+                     (const Vist2__V1__PerplexityResult   *message);
+size_t vist2__v1__perplexity_result__pack
+                     (const Vist2__V1__PerplexityResult   *message,
+                      uint8_t             *out);
+size_t vist2__v1__perplexity_result__pack_to_buffer
+                     (const Vist2__V1__PerplexityResult   *message,
+                      ProtobufCBuffer     *buffer);
+Vist2__V1__PerplexityResult *
+       vist2__v1__perplexity_result__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   vist2__v1__perplexity_result__free_unpacked
+                     (Vist2__V1__PerplexityResult *message,
+                      ProtobufCAllocator *allocator);
+/* Vist2__V1__BenchRequest methods */
+void   vist2__v1__bench_request__init
+                     (Vist2__V1__BenchRequest         *message);
+size_t vist2__v1__bench_request__get_packed_size
+                     (const Vist2__V1__BenchRequest   *message);
+size_t vist2__v1__bench_request__pack
+                     (const Vist2__V1__BenchRequest   *message,
+                      uint8_t             *out);
+size_t vist2__v1__bench_request__pack_to_buffer
+                     (const Vist2__V1__BenchRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Vist2__V1__BenchRequest *
+       vist2__v1__bench_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   vist2__v1__bench_request__free_unpacked
+                     (Vist2__V1__BenchRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Vist2__V1__BenchResult methods */
+void   vist2__v1__bench_result__init
+                     (Vist2__V1__BenchResult         *message);
+size_t vist2__v1__bench_result__get_packed_size
+                     (const Vist2__V1__BenchResult   *message);
+size_t vist2__v1__bench_result__pack
+                     (const Vist2__V1__BenchResult   *message,
+                      uint8_t             *out);
+size_t vist2__v1__bench_result__pack_to_buffer
+                     (const Vist2__V1__BenchResult   *message,
+                      ProtobufCBuffer     *buffer);
+Vist2__V1__BenchResult *
+       vist2__v1__bench_result__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   vist2__v1__bench_result__free_unpacked
+                     (Vist2__V1__BenchResult *message,
+                      ProtobufCAllocator *allocator);
 /* Vist2__V1__Error methods */
 void   vist2__v1__error__init
                      (Vist2__V1__Error         *message);
@@ -1417,6 +1695,27 @@ typedef void (*Vist2__V1__MetricsRequest_Closure)
 typedef void (*Vist2__V1__Metrics_Closure)
                  (const Vist2__V1__Metrics *message,
                   void *closure_data);
+typedef void (*Vist2__V1__TokenizeRequest_Closure)
+                 (const Vist2__V1__TokenizeRequest *message,
+                  void *closure_data);
+typedef void (*Vist2__V1__TokenizeResult_Closure)
+                 (const Vist2__V1__TokenizeResult *message,
+                  void *closure_data);
+typedef void (*Vist2__V1__PerplexityRequest_Closure)
+                 (const Vist2__V1__PerplexityRequest *message,
+                  void *closure_data);
+typedef void (*Vist2__V1__PerplexityProgress_Closure)
+                 (const Vist2__V1__PerplexityProgress *message,
+                  void *closure_data);
+typedef void (*Vist2__V1__PerplexityResult_Closure)
+                 (const Vist2__V1__PerplexityResult *message,
+                  void *closure_data);
+typedef void (*Vist2__V1__BenchRequest_Closure)
+                 (const Vist2__V1__BenchRequest *message,
+                  void *closure_data);
+typedef void (*Vist2__V1__BenchResult_Closure)
+                 (const Vist2__V1__BenchResult *message,
+                  void *closure_data);
 typedef void (*Vist2__V1__Error_Closure)
                  (const Vist2__V1__Error *message,
                   void *closure_data);
@@ -1459,6 +1758,13 @@ extern const ProtobufCMessageDescriptor vist2__v1__cache_stats_request__descript
 extern const ProtobufCMessageDescriptor vist2__v1__cache_stats__descriptor;
 extern const ProtobufCMessageDescriptor vist2__v1__metrics_request__descriptor;
 extern const ProtobufCMessageDescriptor vist2__v1__metrics__descriptor;
+extern const ProtobufCMessageDescriptor vist2__v1__tokenize_request__descriptor;
+extern const ProtobufCMessageDescriptor vist2__v1__tokenize_result__descriptor;
+extern const ProtobufCMessageDescriptor vist2__v1__perplexity_request__descriptor;
+extern const ProtobufCMessageDescriptor vist2__v1__perplexity_progress__descriptor;
+extern const ProtobufCMessageDescriptor vist2__v1__perplexity_result__descriptor;
+extern const ProtobufCMessageDescriptor vist2__v1__bench_request__descriptor;
+extern const ProtobufCMessageDescriptor vist2__v1__bench_result__descriptor;
 extern const ProtobufCMessageDescriptor vist2__v1__error__descriptor;
 
 PROTOBUF_C__END_DECLS
