@@ -50,6 +50,7 @@ public final class ServerContext: @unchecked Sendable {
         self.limits = limits
         worker = EngineWorker(capacity: limits.queueCapacity)
         self.cache = cache
+        blockCache = cache.map { StoreBlockCache(store: $0) }
         self.peers = peers
         self.log = log
     }
@@ -66,7 +67,7 @@ public final class ServerContext: @unchecked Sendable {
     }
 
     /// The engine's view of the persistent cache.
-    lazy var blockCache: VIST2BlockCache? = cache.map { StoreBlockCache(store: $0) }
+    let blockCache: VIST2BlockCache?
 
     /// Called when SIGTERM arrives: new work is refused with DRAINING, queued work finishes.
     public func beginDraining() {

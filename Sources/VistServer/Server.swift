@@ -61,14 +61,14 @@ public final class UnixServer: @unchecked Sendable {
             if Self.someoneListens(socketPath) { throw StartError.inUse("another daemon is listening on \(socketPath)") }
             unlink(socketPath)
         }
-        // The socket is created 0600 from the start (no window in which others could connect).
-        let old = umask(0o177)
-        defer { umask(old) }
         do {
             channel = try bootstrap.bind(unixDomainSocketPath: socketPath).wait()
         } catch {
             throw StartError.bind("cannot listen on \(socketPath): \(error)")
         }
+        // Owner only. Until this chmod the socket has the umask's mode, which under any usual
+        // umask lacks the write bit for others that connect(2) needs; and the directory is 0700.
+        chmod(socketPath, 0o600)
     }
 
     /// Stops accepting, drains the engine's queue, closes the socket (and removes it, unless

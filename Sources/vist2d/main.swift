@@ -150,8 +150,7 @@ struct Vist2d: ParsableCommand {
     }
 
     func run() throws {
-        let s: Settings
-        do { s = try settings() } catch let e as ValidationError { throw e }
+        let s = try settings()
         let logger = Logger(level: s.logLevel)
         let inherited: Int32?
         switch Result(catching: { () throws(Systemd.ActivationError) in try Systemd.listenFD() }) {
