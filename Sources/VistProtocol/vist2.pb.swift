@@ -682,6 +682,7 @@ public nonisolated struct Vist2_V1_DocumentInfo: Sendable {
 
   public var bytes: UInt64 = 0
 
+  /// known once the document has been compressed; 0 before
   public var chunks: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()

@@ -383,6 +383,9 @@ struct  Vist2__V1__DocumentInfo
   char *document_id;
   char *path;
   uint64_t bytes;
+  /*
+   * known once the document has been compressed; 0 before
+   */
   uint32_t chunks;
 };
 #define VIST2__V1__DOCUMENT_INFO__INIT \
