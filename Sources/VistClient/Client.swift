@@ -66,9 +66,19 @@ public final class VistClient {
             $0.protocolVersion = 1
             $0.clientName = clientName
         }
-        try send(m)
-        let r = try receive()
+        // The daemon may refuse a peer before reading anything (PERMISSION_DENIED) and close: then
+        // the Hello cannot be written, but its error is waiting to be read.
+        let sendError: Error?
+        do {
+            try send(m)
+            sendError = nil
+        } catch {
+            sendError = error
+        }
+        let r: Vist2_V1_ServerMessage
+        do { r = try receive() } catch { throw sendError ?? error }
         if case .error(let e) = r.body { throw ClientError.server(e.code, e.message) }
+        if let sendError { throw sendError }
         guard case .hello(let h) = r.body else { throw ClientError.protocolError("the daemon did not answer the handshake") }
         hello = h
     }
@@ -89,7 +99,8 @@ public final class VistClient {
     public func sendRaw(_ bytes: [UInt8]) throws {
         var off = 0
         while off < bytes.count {
-            let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            // MSG_NOSIGNAL: a daemon that closed the connection is an error here, not a SIGPIPE.
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if n < 0 {
                 if errno == EINTR { continue }
                 throw ClientError.io("write: \(String(cString: strerror(errno)))")

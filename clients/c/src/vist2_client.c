@@ -50,7 +50,8 @@ int vist2_frame_parse(const uint8_t hdr[VIST2_FRAME_HEADER], uint32_t max_len, u
 
 static int write_all(int fd, const uint8_t *p, size_t n) {
     while (n > 0) {
-        const ssize_t w = write(fd, p, n);
+        /* MSG_NOSIGNAL: a closed daemon is VIST2_EIO, not a SIGPIPE that kills the host editor. */
+        const ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR) continue;
             return VIST2_EIO;
@@ -144,8 +145,11 @@ int vist2_connect(const char *socket_path, const char *client_name, vist2_client
     msg.hello = &hello;
     Vist2__V1__ServerMessage *reply = NULL;
     int rc = vist2_send(c, &msg);
-    if (!rc) rc = vist2_recv(c, &reply);
-    if (!rc && reply->body_case == VIST2__V1__SERVER_MESSAGE__BODY_ERROR) rc = VIST2_ESERVER;
+    /* The daemon may refuse a peer (PERMISSION_DENIED) and close before reading the Hello: its
+     * error reply can still be read after the send failed. */
+    int rrc = vist2_recv(c, &reply);
+    if (!rc) rc = rrc;
+    if (!rrc && reply->body_case == VIST2__V1__SERVER_MESSAGE__BODY_ERROR) rc = VIST2_ESERVER;
     if (!rc && reply->body_case != VIST2__V1__SERVER_MESSAGE__BODY_HELLO) rc = VIST2_EPROTOCOL;
     if (!rc && reply->hello->limits && reply->hello->limits->max_frame_bytes) c->max_frame = reply->hello->limits->max_frame_bytes;
     if (rc) {
