@@ -129,7 +129,11 @@ public final class CacheStore: @unchecked Sendable {
     public static func hex(_ b: [UInt8]) -> String { b.map { String(format: "%02x", $0) }.joined() }
 
     /// The payload stored under `key`, or nil (a miss: absent, damaged or foreign).
-    public func get(_ level: Level, key: [UInt8]) -> [UInt8]? {
+    public func get(_ level: Level, key: [UInt8]) -> [UInt8]? { get(level, key: key) { Array($0) } }
+
+    /// `decode` applied to the payload stored under `key` (read straight from the file's bytes,
+    /// without copying the payload first), or nil on a miss.
+    public func get<T>(_ level: Level, key: [UInt8], decode: (UnsafeRawBufferPointer) -> T) -> T? {
         let k = Self.hex(key)
         let p = path(level, k)
         guard let data = Self.readFile(p) else {
@@ -151,7 +155,7 @@ public final class CacheStore: @unchecked Sendable {
             if index[id] == nil { totalBytes += data.count }
             index[id] = Entry(level: level, key: k, bytes: data.count, lastUsed: Date())
             lock.unlock()
-            return Array(data[payloadRange])
+            return data.withUnsafeBytes { decode(UnsafeRawBufferPointer(rebasing: $0[payloadRange])) }
         case .failure(let why):
             log("cache: ignoring \(level.name) entry \(k): \(why) (removed; recomputed on demand)")
             unlink(p)

@@ -140,18 +140,18 @@ final class StoreBlockCache: VIST2BlockCache, @unchecked Sendable {
     let store: CacheStore
     init(store: CacheStore) { self.store = store }
 
-    static func floats(_ b: [UInt8]?) -> [Float]? {
-        guard let b, b.count % 4 == 0 else { return nil }
+    static func floats(_ b: UnsafeRawBufferPointer) -> [Float]? {
+        guard b.count % 4 == 0 else { return nil }
         var out = [Float](repeating: 0, count: b.count / 4)
-        out.withUnsafeMutableBytes { $0.copyBytes(from: b) }
+        out.withUnsafeMutableBytes { $0.copyMemory(from: b) }
         return out
     }
 
-    func alignerOutput(key: [UInt8]) -> [Float]? { Self.floats(store.get(.chunk, key: key)) }
+    func alignerOutput(key: [UInt8]) -> [Float]? { store.get(.chunk, key: key, decode: Self.floats) ?? nil }
     func storeAlignerOutput(key: [UInt8], _ values: ArraySlice<Float>) {
         _ = values.withUnsafeBytes { store.put(.chunk, key: key, payload: $0) }
     }
-    func blockKV(key: [UInt8]) -> [Float]? { Self.floats(store.get(.prefix, key: key)) }
+    func blockKV(key: [UInt8]) -> [Float]? { store.get(.prefix, key: key, decode: Self.floats) ?? nil }
     func storeBlockKV(key: [UInt8], _ values: [Float]) {
         _ = values.withUnsafeBytes { store.put(.prefix, key: key, payload: $0) }
     }

@@ -1,16 +1,19 @@
 import ArgumentParser
 import Foundation
 import VistClient
+import VistEngine
 import VistProtocol
 
 #if canImport(Glibc)
     import Glibc
 #endif
 
+/// `readText` for the daemon paths, which report failures themselves.
 func readDocument(_ path: String, json: Bool) -> String {
-    guard let data = FileManager.default.contents(atPath: path) else { fail("cannot read \(path)", code: "io", json: json) }
-    guard let text = String(data: data, encoding: .utf8) else { fail("\(path) is not valid UTF-8", code: "bad_argument", json: json) }
-    return text
+    switch Result(catching: { () throws(EngineError) in try readText(path) }) {
+    case .success(let text): return text
+    case .failure(let e): fail(e.description, code: e.code, json: json)
+    }
 }
 
 struct Compress: ParsableCommand {

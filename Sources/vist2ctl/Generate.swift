@@ -79,13 +79,7 @@ struct Generate: ParsableCommand {
             }
             if VIST2Model.isModelDirectory(try ModelStore.resolve(modelOptions.model)) {
                 var docs: [String] = []
-                for path in doc {
-                    guard let data = FileManager.default.contents(atPath: path) else { throw EngineError.io("cannot read \(path)") }
-                    guard let text = String(data: data, encoding: .utf8) else {
-                        throw EngineError.badArgument("\(path) is not valid UTF-8")
-                    }
-                    docs.append(text)
-                }
+                for path in doc { docs.append(try readText(path)) }
                 let model = try modelOptions.loadVIST2()
                 let result = try VIST2Generator(model: model).generate(
                     VIST2Request(generation: req, documents: docs, fullText: fullText), onText: stream)

@@ -58,8 +58,7 @@ struct Perplexity: ParsableCommand {
             return
         }
         try runReportingErrors(json: json) {
-            guard let data = FileManager.default.contents(atPath: file) else { throw EngineError.io("cannot read \(file)") }
-            guard let text = String(data: data, encoding: .utf8) else { throw EngineError.badArgument("\(file) is not valid UTF-8") }
+            let text = try readText(file)
             let model = try modelOptions.load()
             let r = try model.perplexity(text: text, ctx: ctx) { done, total, ppl in
                 if !json { FileHandle.standardError.write(Data("[\(done)/\(total)] \(String(format: "%.4f", ppl))\n".utf8)) }

@@ -63,8 +63,7 @@ struct Render: ParsableCommand {
             return
         }
         try runReportingErrors(json: json) {
-            guard let data = FileManager.default.contents(atPath: file) else { throw EngineError.io("cannot read \(file)") }
-            guard let text = String(data: data, encoding: .utf8) else { throw EngineError.badArgument("\(file) is not valid UTF-8") }
+            let text = try readText(file)
             let model = try modelOptions.loadVIST2()
             do {
                 try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
@@ -120,8 +119,7 @@ struct Render: ParsableCommand {
 
     /// The daemon renders with the model it holds; the PNGs arrive over the socket.
     func runOnDaemon() throws {
-        guard let data = FileManager.default.contents(atPath: file) else { fail("cannot read \(file)", code: "io", json: json) }
-        guard let text = String(data: data, encoding: .utf8) else { fail("\(file) is not valid UTF-8", code: "bad_argument", json: json) }
+        let text = readDocument(file, json: json)
         let c = try socketOption.connect()
         do {
             try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)

@@ -76,6 +76,13 @@ func printJSON<T: Encodable>(_ value: T, to stream: Stream = .standardOutput) {
     h.write(Data("\n".utf8))
 }
 
+/// A UTF-8 text file (a document, a prompt file), or the engine error that says why not.
+func readText(_ path: String) throws(EngineError) -> String {
+    guard let data = FileManager.default.contents(atPath: path) else { throw .io("cannot read \(path)") }
+    guard let text = String(data: data, encoding: .utf8) else { throw .badArgument("\(path) is not valid UTF-8") }
+    return text
+}
+
 /// One clear line (or a JSON error object) on stderr, then exit status 1.
 func fail(_ message: String, code: String, json: Bool) -> Never {
     // A server error's description carries its code in brackets; the code is printed separately.

@@ -29,7 +29,7 @@ public final class VIST2Model: @unchecked Sendable {
     public var chunkLength: Int { config.chunk.length }
     /// The fingerprint as 32 bytes, and a sha256 of the render config (canonical JSON): the
     /// identity every persistent cache entry carries in its header.
-    public var fingerprintBytes: [UInt8] { hexBytes(fingerprint) }
+    public let fingerprintBytes: [UInt8]
     public let renderConfigHash: [UInt8]
 
     public init(directory: URL, threads: Int = LanguageModel.defaultThreads) throws(EngineError) {
@@ -83,6 +83,7 @@ public final class VIST2Model: @unchecked Sendable {
         visionEnd = try special(config.specialTokens?.visionEnd, "vision_end")
         chunker = Chunker(renderer: renderer, maxTokens: config.chunk.length) { tokenizer.encode(String($0), addSpecial: false).count }
         fingerprint = Self.fingerprint(files: [configPath, visionPath] + Self.backboneFiles(backboneURL))
+        fingerprintBytes = hexBytes(fingerprint)
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
         renderConfigHash = Array(SHA256.hash(data: (try? enc.encode(config.render)) ?? Data()))
