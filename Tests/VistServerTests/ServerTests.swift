@@ -167,11 +167,21 @@ struct ServerTests {
             }
             return deltas
         }
-        // Generate and Cancel in one write: the session handles the Cancel right after queueing
-        // the job, so the job stops at its first step (the tiny model makes thousands of tokens
-        // a second, so how many deltas follow a cancel sent after a delta arrived is timing).
+        // Generate and Cancel in one write, while another request of this connection holds the
+        // engine (jobs of one client do not interleave with each other): the Generate is still
+        // queued when its Cancel arrives, whatever the machine's load, so it stops before or at
+        // its first step. (The tiny model makes thousands of tokens a second, so without the
+        // holder how many deltas precede the cancel would depend on scheduling.)
+        var holder = m
+        holder.requestID = 8
+        holder.generate = generateRequest("Hold the engine", tokens: 1 << 20)
+        try c.send(holder)
+        let held = try c.receive()
+        #expect(held.requestID == 8 && !held.final)
         let payloads: [[UInt8]] = [try m.serializedBytes(), try cancel.serializedBytes()]
         try c.sendRaw(try payloads.flatMap { try Frame.encode($0) })
+        // The cancelled request leaves the queue only after the holder has run to the end of the
+        // context (its replies were read and skipped above).
         #expect(try awaitCancelled() < 100)
         // Cancelled mid-stream: it ends CANCELLED, acknowledged, long before its 2000-token budget.
         m.requestID = 9
