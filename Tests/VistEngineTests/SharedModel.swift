@@ -6,7 +6,7 @@ import Testing
 /// The default model, loaded once for the whole test target. The test command fetches it first
 /// (scripts/fetch-model.sh); a missing model fails these tests rather than skipping them.
 enum SharedModel {
-    static let result: Result<LanguageModel, Error> = Result { try LanguageModel(name: "default", threads: 2) }
+    static let result: Result<LanguageModel, Error> = Result { try LanguageModel(name: "smollm2-135m", threads: 2) }
     /// Forward passes share the model's run state; tests that use it take this lock.
     static let lock = NSLock()
 

@@ -245,6 +245,37 @@ struct TinyModelTests {
         }
     }
 
+    @Test(
+        "export-backbone: a GGUF exported as a Hugging Face checkpoint has the original tensors (Q/K un-permuted) and logits",
+        arguments: [Architecture.llama, .qwen3])
+    func exportHuggingFace(arch: Architecture) throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-export-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let tiny = TinyModel(arch: arch, seed: 5)
+        try tiny.writeHF(to: dir)
+        let gguf = dir.appendingPathComponent("tiny.gguf").path
+        try tiny.writeGGUF(to: gguf)
+        let out = dir.appendingPathComponent("exported")
+        try LanguageModel(url: URL(fileURLWithPath: gguf), threads: 1).weights.exportHuggingFace(to: out)
+        let file = try SafetensorsFile(path: out.appendingPathComponent("model.safetensors").path)
+        #expect(Set(file.tensors.keys) == Set(tiny.tensors.keys))
+        for (name, t) in tiny.tensors {
+            let got = try file.floats(name, shape: t.shape)
+            #expect(got == t.data, "\(name) differs after export")
+        }
+        try FileManager.default.copyItem(at: dir.appendingPathComponent("tokenizer.json"), to: out.appendingPathComponent("tokenizer.json"))
+        let m = try LanguageModel(url: out, threads: 1)
+        #expect(m.config.ropeStyle == .halves && m.config.architecture == arch)
+        let ids: [Int32] = [72, 101, 108, 108, 111, 32, 119]
+        let ref = tiny.naiveLogits(ids)
+        let cache = m.transformer.makeCache(capacity: ids.count)
+        m.transformer.forward(ids, cache: cache, logits: .last)
+        let row = UnsafeBufferPointer(start: m.transformer.logits, count: tiny.vocab)
+        let err = (0..<tiny.vocab).map { abs(Double(row[$0]) - ref[ids.count - 1][$0]) / (1 + abs(ref[ids.count - 1][$0])) }.max()!
+        #expect(err < 1e-4)
+    }
+
     /// The format error loading `url` gives, or nil when it loads.
     func loadError(_ url: URL) -> FormatError? {
         let result = Result { () throws(EngineError) -> LanguageModel in try LanguageModel(url: url, threads: 1) }

@@ -29,6 +29,30 @@ struct RendererTests {
         #expect(a.pixels.contains { $0 > 32 && $0 < 224 })
     }
 
+    @Test("Placements say where each drawn character is: its cell holds its ink and nothing else does")
+    func placements() throws {
+        let r = try SketchRenderer(config: testConfig())
+        let text = "ab c\n\tdé\r\nxyz"
+        let img = r.render(text).image
+        let p = r.placements(Substring(text))
+        let scalars = Array(text.unicodeScalars)
+        // Every scalar but the newlines, tab and carriage return, in order.
+        #expect(p.map(\.scalar) == scalars.indices.filter { !["\n", "\t", "\r"].contains(scalars[$0]) })
+        #expect(p.map(\.row) == [0, 0, 0, 0, 1, 1, 2, 2, 2])
+        // Cells of one row follow each other; the tab moves the pen to the next tab stop.
+        #expect(p[1].x == p[0].x + p[0].advance && p[0].x == r.config.margin)
+        #expect(p[4].x == r.config.margin + r.config.tabWidth * p[2].advance)
+        let c = r.config
+        func ink(_ q: SketchRenderer.Placement) -> Bool {
+            let y0 = c.margin + q.row * c.lineHeight
+            return (y0..<(y0 + c.lineHeight)).contains { y in
+                (q.x..<(q.x + q.advance)).contains { x in img.pixels[y * img.width + x] < 160 }
+            }
+        }
+        #expect(p.filter { scalars[$0.scalar] != " " }.allSatisfy(ink))
+        #expect(!ink(p[2]))  // the space
+    }
+
     @Test("A different font file is refused with a clear error")
     func wrongFont() {
         var c = testConfig()

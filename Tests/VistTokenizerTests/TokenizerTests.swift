@@ -9,7 +9,7 @@ import Testing
 /// (scripts/fetch-model.sh); a missing model is a test failure, not a skip.
 enum SharedTokenizer {
     static let result: Result<Tokenizer, Error> = Result {
-        let url = try ModelStore.resolve("default")
+        let url = try ModelStore.resolve("smollm2-135m")
         return try Tokenizer(gguf: GGUFFile(path: url.path))
     }
 }

@@ -15,6 +15,7 @@ import VistRender
 ///       "render": { RenderConfig },
 ///       "chunk": {"length": 392, "ratio": 4},
 ///       "special_tokens": {"vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}   (optional)
+///       "ocr_prompt": "Transcribe:"   (optional: the instruction OCR was trained with)
 ///     }
 ///
 /// Relative paths (backbone, font) are relative to the model directory. The visual tokens per
@@ -73,10 +74,14 @@ public struct VIST2Config: Codable, Sendable, Equatable {
     public var render: RenderConfig
     public var chunk: ChunkSpec
     public var specialTokens: SpecialTokens?
+    /// The instruction the model was trained to transcribe a visual block after (`[ocr_prompt]
+    /// V_i -> T_i`); `vist2ctl eval` measures OCR with it. Absent: no instruction.
+    public var ocrPrompt: String?
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version", modelType = "model_type", backbone, vision, aligner, render, chunk
         case specialTokens = "special_tokens"
+        case ocrPrompt = "ocr_prompt"
     }
 
     public static let currentFormatVersion = 1

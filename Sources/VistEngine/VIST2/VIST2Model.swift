@@ -41,18 +41,7 @@ public final class VIST2Model: @unchecked Sendable {
         } catch {
             throw .format(error)
         }
-        // The backbone: a known name, or a path relative to the model directory.
-        let backboneURL: URL
-        let backbone = config.backbone
-        if ModelStore.known.contains(where: { $0.names.contains(backbone.lowercased()) }) {
-            backboneURL = try ModelStore.resolve(backbone)
-        } else {
-            let p = backbone.hasPrefix("/") ? backbone : directory.appendingPathComponent(backbone).path
-            guard FileManager.default.fileExists(atPath: p) else {
-                throw .modelNotFound("\(configPath): backbone '\(backbone)' not found at \(p)")
-            }
-            backboneURL = URL(fileURLWithPath: p)
-        }
+        let backboneURL = try Self.backboneURL(config: config, directory: directory)
         language = try LanguageModel(url: backboneURL, threads: threads)
         do {
             let file = try SafetensorsFile(path: visionPath)
@@ -121,6 +110,28 @@ public final class VIST2Model: @unchecked Sendable {
         h.update(data: previous)
         h.update(data: chunk)
         return Array(h.finalize())
+    }
+
+    /// The backbone a VIST2 model directory names: a known model name, or a path relative to
+    /// the directory.
+    public static func backboneURL(directory: URL) throws(EngineError) -> URL {
+        let config: VIST2Config
+        do { config = try VIST2Config.load(path: directory.appendingPathComponent("config.json").path) } catch { throw .format(error) }
+        return try backboneURL(config: config, directory: directory)
+    }
+
+    static func backboneURL(config: VIST2Config, directory: URL) throws(EngineError) -> URL {
+        let backbone = config.backbone
+        if ModelStore.known.contains(where: { $0.names.contains(backbone.lowercased()) }) {
+            return try ModelStore.resolve(backbone)
+        }
+        let p = backbone.hasPrefix("/") ? backbone : directory.appendingPathComponent(backbone).path
+        guard FileManager.default.fileExists(atPath: p) else {
+            throw .modelNotFound("\(directory.appendingPathComponent("config.json").path): backbone '\(backbone)' not found at \(p)")
+        }
+        let url = URL(fileURLWithPath: p)
+        guard !isModelDirectory(url) else { throw .badArgument("backbone '\(backbone)' is itself a VIST2 model directory") }
+        return url
     }
 
     /// Whether `url` is a directory whose config.json says `"model_type": "vist2"`.

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Package the best checkpoint of a training run as a model directory with its model card.
+#
+#   bash Training/package.sh WORK_DIR OUT_DIR [--chunks N]
+#
+# Copies WORK_DIR/run/best (config.json, vision.safetensors) to OUT_DIR, measures it with
+# `vist2ctl eval` (the first N chunks, default 8, of held-out text of each kind and of a text
+# outside the corpus), generates samples with and without visual context, and writes
+# OUT_DIR/README.md and OUT_DIR/curves.png (Training/model_card.py). OUT_DIR is replaced only
+# when everything succeeded.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${1:?usage: bash Training/package.sh WORK_DIR OUT_DIR [--chunks N]}"
+OUT="${2:?usage: bash Training/package.sh WORK_DIR OUT_DIR [--chunks N]}"
+CHUNKS=8
+[[ "${3:-}" == "--chunks" ]] && CHUNKS="${4:?--chunks needs a number}"
+PY="$(bash "$ROOT/Training/python.sh")"
+CTL="$ROOT/.build/release/vist2ctl"
+[[ -f "$WORK/run/best/vision.safetensors" ]] || { echo "package.sh: $WORK/run/best has no checkpoint yet" >&2; exit 1; }
+
+STAGE="$(mktemp -d "${OUT%/}.tmp.XXXXXX")"
+trap 'rm -rf "$STAGE"' EXIT
+cp "$WORK/run/best/config.json" "$WORK/run/best/vision.safetensors" "$STAGE/"
+EVAL="$STAGE/.eval"
+mkdir -p "$EVAL"
+
+# Held-out text of each kind (never trained on), and a license text that is not in the corpus.
+"$PY" - "$WORK/corpus/heldout.jsonl" "$EVAL" <<'EOF'
+import json, sys
+src, out = sys.argv[1], sys.argv[2]
+texts = {}
+for line in open(src):
+    r = json.loads(line)
+    kind = r.get("kind", "text")
+    if len(texts.get(kind, "")) < 40000:
+        texts[kind] = texts.get(kind, "") + r["text"] + "\n"
+for kind, t in texts.items():
+    open(f"{out}/heldout-{kind}.txt", "w").write(t)
+EOF
+cp /usr/share/common-licenses/GPL-3 "$EVAL/external-GPL-3.txt"
+
+echo "{" > "$EVAL/evals.json"
+first=1
+for f in "$EVAL"/heldout-*.txt "$EVAL/external-GPL-3.txt"; do
+    label="$(basename "$f" .txt)"
+    echo "eval $label ..." >&2
+    r="$("$CTL" eval --model "$STAGE" --max-chunks "$CHUNKS" --json "$f")"
+    [[ $first == 1 ]] || echo "," >> "$EVAL/evals.json"
+    first=0
+    printf '"%s": {"file": "%s", "result": %s}\n' "$label" "$label" "$r" >> "$EVAL/evals.json"
+done
+echo "}" >> "$EVAL/evals.json"
+
+# Samples: the same question about a document read as visual blocks, as full text, and not at all.
+head -c 9000 /usr/share/common-licenses/GPL-3 > "$EVAL/GPL-3-first-9000.txt"
+Q="Continue the text."
+sample() {  # title, then the vist2ctl arguments
+    local title="$1"
+    shift
+    local out
+    out="$("$CTL" generate --local --model "$STAGE" --max-tokens 80 --temperature 0 "$@" 2>/dev/null | head -c 2000)"
+    "$PY" -c 'import json,sys; print(json.dumps({"title": sys.argv[1], "command": "vist2ctl generate " + " ".join(sys.argv[3:]), "output": sys.argv[2]}))' \
+        "$title" "$out" --max-tokens 80 --temperature 0 "${@//$EVAL\//}"
+}
+{
+    echo "["
+    sample "The first 9,000 characters of the GPL-3 as visual blocks (plus the live last chunk as text)" --doc "$EVAL/GPL-3-first-9000.txt" "$Q"
+    echo ","
+    sample "The same document as full text" --doc "$EVAL/GPL-3-first-9000.txt" --full-text "$Q"
+    echo ","
+    sample "No document" "$Q"
+    echo "]"
+} > "$EVAL/samples.json"
+
+"$PY" "$ROOT/Training/model_card.py" --work "$WORK" --model "$STAGE" --evals "$EVAL/evals.json" --samples "$EVAL/samples.json"
+cp "$EVAL/evals.json" "$STAGE/eval.json"
+rm -rf "$EVAL"
+chmod 755 "$STAGE"
+chmod 644 "$STAGE"/*
+rm -rf "$OUT.old"
+[[ -e "$OUT" ]] && mv "$OUT" "$OUT.old"
+mv "$STAGE" "$OUT"
+rm -rf "$OUT.old"
+trap - EXIT
+echo "packaged $OUT"

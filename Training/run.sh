@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Train (or continue training) the default VIST2 model: every step from a fresh Debian machine.
+#
+#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--tiny]
+#
+# Each step is skipped when its output already exists, so running this again continues the run
+# from its last checkpoint (Training/train.py resumes exactly):
+#   1. Python with the pinned requirements (Training/python.sh), the release build of vist2ctl,
+#      the backbone GGUF.
+#   2. WORK_DIR/backbone: the backbone dequantized by the engine (`vist2ctl export-backbone`).
+#   3. WORK_DIR/corpus: the corpus from named Debian packages (Training/build_corpus.py).
+#   4. WORK_DIR/ds-{train,heldout}: chunks, token ids and sketch images made by the engine's own
+#      chunker, tokenizer and renderer (`vist2ctl dataset`) with the geometry in
+#      Training/configs/vist2-smollm2-135m.json.
+#   5. WORK_DIR/run: run.json (paths, OCR prompt ids, schedule) and the training itself;
+#      WORK_DIR/run/best is the best model directory so far, log.jsonl the loss curve.
+#
+# --tiny is the smoke test CI runs: a corpus of this repository's own Markdown files, a handful
+# of steps of every stage, minutes not hours. It exercises the same code.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--tiny]}"
+shift
+MINUTES=150
+MAX_STEPS=0
+TINY=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+    --minutes) MINUTES="$2"; shift 2 ;;
+    --max-steps) MAX_STEPS="$2"; shift 2 ;;
+    --tiny) TINY=1; shift ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
+PY="$(bash "$ROOT/Training/python.sh")"
+CTL="$ROOT/.build/release/vist2ctl"
+[[ -x "$CTL" ]] || (cd "$ROOT" && swift build -c release --product vist2ctl)
+bash "$ROOT/scripts/fetch-model.sh" >/dev/null
+
+[[ -f "$WORK/backbone/model.safetensors" ]] || "$CTL" export-backbone --model smollm2-135m "$WORK/backbone"
+
+CONFIG="$ROOT/Training/configs/vist2-smollm2-135m.json"
+if [[ ! -f "$WORK/geometry/vision.safetensors" ]]; then
+    # The dataset command needs a model directory for the chunker and renderer; the vision
+    # weights in it are never used (the geometry is all it reads).
+    "$PY" "$ROOT/Training/make_untrained.py" "$WORK/geometry" --config "$CONFIG" >/dev/null
+fi
+
+if [[ $TINY == 1 ]]; then
+    if [[ ! -f "$WORK/corpus/train.jsonl" ]]; then
+        mkdir -p "$WORK/corpus"
+        "$PY" - "$ROOT" "$WORK/corpus" <<'EOF'
+import glob, json, os, sys
+root, out = sys.argv[1], sys.argv[2]
+files = sorted(glob.glob(os.path.join(root, "*.md")) + glob.glob(os.path.join(root, "Training", "*.py")))
+with open(os.path.join(out, "train.jsonl"), "w") as tr, open(os.path.join(out, "heldout.jsonl"), "w") as he:
+    for i, p in enumerate(files):
+        text = open(p, encoding="utf-8").read()
+        (he if i % 4 == 0 else tr).write(json.dumps({"id": os.path.relpath(p, root), "text": text}) + "\n")
+EOF
+    fi
+    MAXC=12
+else
+    [[ -f "$WORK/corpus/train.jsonl" ]] || "$PY" "$ROOT/Training/build_corpus.py" "$WORK/corpus" --install
+    MAXC=0
+fi
+
+for split in train heldout; do
+    if [[ ! -f "$WORK/ds-$split/meta.json" ]]; then
+        "$CTL" dataset --model "$WORK/geometry" --max-chunks "$MAXC" --out "$WORK/ds-$split.tmp" "$WORK/corpus/$split.jsonl"
+        rm -rf "$WORK/ds-$split"
+        mv "$WORK/ds-$split.tmp" "$WORK/ds-$split"
+    fi
+done
+
+mkdir -p "$WORK/run"
+if [[ ! -f "$WORK/run/run.json" ]]; then
+    PROMPT="Transcribe:"
+    IDS="$("$CTL" tokenize --local --model smollm2-135m --no-special --json "$PROMPT")"
+    "$PY" - "$WORK" "$CONFIG" "$PROMPT" "$IDS" "$TINY" <<'EOF'
+import json, sys
+work, config, prompt, ids, tiny = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])["ids"], sys.argv[5] == "1"
+if tiny:
+    schedule = {"steps_A": 4, "steps_B": 2, "steps_C": 2, "batch_A": 2, "batch_B": 1, "batch_C": 1, "eval_every": 4, "eval_chunks": 1}
+else:
+    # A: ~20 min of reading; B: OCR + continuation through the backbone; C: open-ended OLM,
+    # continued by later runs (the run stops after --minutes and resumes from its checkpoint).
+    schedule = {"steps_A": 900, "steps_B": 1200, "steps_C": 1000000, "batch_A": 8, "batch_B": 2, "batch_C": 2,
+                "eval_every": 200, "eval_chunks": 16}
+schedule.update({"lr_A": 1e-3, "lr_B": 3e-4, "lr_C": 2e-4, "warmup": 100 if not tiny else 2, "max_text": 400, "max_blocks": 3,
+                 "ocr_share_B": 0.7, "ocr_share_C": 0.3, "aux_weight": 0.1})
+run = {"backbone": f"{work}/backbone", "train": f"{work}/ds-train", "heldout": f"{work}/ds-heldout", "model_config": config,
+       "ocr_prompt": prompt, "ocr_prompt_ids": ids, "seed": 1, "schedule": schedule}
+json.dump(run, open(f"{work}/run/run.json", "w"), indent=1)
+EOF
+fi
+
+exec "$PY" "$ROOT/Training/train.py" --run "$WORK/run" --minutes "$MINUTES" --max-steps "$MAX_STEPS"
