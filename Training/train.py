@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vist2.data import N_CLASSES, Dataset  # noqa: E402
-from vist2.model import Aligner, Backbone, VisionConfig, VisionEncoder, rope  # noqa: E402
+from vist2.model import Aligner, Backbone, VisionConfig, VisionEncoder, vision_state_dict  # noqa: E402
 
 
 # ---------------------------------------------------------------- model
@@ -91,16 +91,7 @@ class Trainable(nn.Module):
     def export(self, directory, cfg):
         """The engine's model directory: config.json + vision.safetensors (F16)."""
         os.makedirs(directory, exist_ok=True)
-        holder = {}
-        for k, v in self.vision.state_dict().items():
-            k = k.replace("layers.", "encoder.layers.").replace("q_proj", "self_attn.q_proj").replace("k_proj", "self_attn.k_proj")
-            k = k.replace("v_proj", "self_attn.v_proj").replace("out_proj", "self_attn.out_proj")
-            k = k.replace("fc1", "mlp.fc1").replace("fc2", "mlp.fc2")
-            if k.startswith("patch_embedding") or k.startswith("position_embedding"):
-                k = "embeddings." + k
-            holder["vision_model." + k] = v
-        holder["aligner.weight"] = self.aligner.proj.weight
-        holder["aligner.bias"] = self.aligner.proj.bias
+        holder = vision_state_dict(self.vision, self.aligner)
         tmp = os.path.join(directory, "vision.safetensors.tmp")
         save_file({k: v.detach().to(torch.float16).contiguous() for k, v in holder.items()}, tmp)
         os.replace(tmp, os.path.join(directory, "vision.safetensors"))

@@ -190,6 +190,22 @@ class Aligner(nn.Module):
         return torch.tanh(self.proj(x))
 
 
+def vision_state_dict(vision, aligner):
+    """Tensors under Hugging Face SigLIP names, plus aligner.weight / aligner.bias: the layout of
+    a model directory's vision.safetensors."""
+    out = {}
+    for k, v in vision.state_dict().items():
+        k = k.replace("layers.", "encoder.layers.").replace("q_proj", "self_attn.q_proj").replace("k_proj", "self_attn.k_proj")
+        k = k.replace("v_proj", "self_attn.v_proj").replace("out_proj", "self_attn.out_proj")
+        k = k.replace("fc1", "mlp.fc1").replace("fc2", "mlp.fc2")
+        if k.startswith("patch_embedding") or k.startswith("position_embedding"):
+            k = "embeddings." + k
+        out["vision_model." + k] = v
+    out["aligner.weight"] = aligner.proj.weight
+    out["aligner.bias"] = aligner.proj.bias
+    return out
+
+
 # ---------------------------------------------------------------- VIST2
 
 class VIST2(nn.Module):
@@ -226,18 +242,7 @@ class VIST2(nn.Module):
         return tok["model"]["vocab"][text]
 
     def vision_state_dict(self):
-        """Tensors under Hugging Face SigLIP names, plus aligner.weight / aligner.bias."""
-        out = {}
-        for k, v in self.vision.state_dict().items():
-            k = k.replace("layers.", "encoder.layers.").replace("q_proj", "self_attn.q_proj").replace("k_proj", "self_attn.k_proj")
-            k = k.replace("v_proj", "self_attn.v_proj").replace("out_proj", "self_attn.out_proj")
-            k = k.replace("fc1", "mlp.fc1").replace("fc2", "mlp.fc2")
-            if k.startswith("patch_embedding") or k.startswith("position_embedding"):
-                k = "embeddings." + k
-            out["vision_model." + k] = v
-        out["aligner.weight"] = self.aligner.proj.weight
-        out["aligner.bias"] = self.aligner.proj.bias
-        return out
+        return vision_state_dict(self.vision, self.aligner)
 
     def load_vision(self, path):
         sd = load_file(path)
