@@ -83,6 +83,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--evals", required=True)
     ap.add_argument("--samples", required=True)
+    ap.add_argument("--notes", help="Markdown appended to the card as 'Findings' (what the run taught us)")
     args = ap.parse_args()
     run = json.load(open(os.path.join(args.work, "run", "run.json")))
     cfg = json.load(open(os.path.join(args.model, "config.json")))
@@ -183,6 +184,9 @@ def main():
       "rendered but the reading objective lumps them together.")
     w("- The backbone is a 135M-parameter model: its own perplexity bounds what any context can give it.")
     w("- English prose, documentation and Python code only.\n")
+    if args.notes:
+        w("## Findings\n")
+        w(open(args.notes).read().strip() + "\n")
     w("## Reproduce\n")
     w("```")
     w("bash Training/run.sh ~/vist2-train --minutes 150     # again to continue from the checkpoint")

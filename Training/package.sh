@@ -3,6 +3,7 @@
 #
 #   bash Training/package.sh WORK_DIR OUT_DIR [--chunks N]
 #
+# WORK_DIR/notes.md, when present, goes into the card as its "Findings" section.
 # Copies WORK_DIR/run/best (config.json, vision.safetensors) to OUT_DIR, measures it with
 # `vist2ctl eval` (the first N chunks, default 8, of held-out text of each kind and of a text
 # outside the corpus), generates samples with and without visual context, and writes
@@ -73,7 +74,9 @@ sample() {  # title, then the vist2ctl arguments
     echo "]"
 } > "$EVAL/samples.json"
 
-"$PY" "$ROOT/Training/model_card.py" --work "$WORK" --model "$STAGE" --evals "$EVAL/evals.json" --samples "$EVAL/samples.json"
+NOTES=()
+[[ -f "$WORK/notes.md" ]] && NOTES=(--notes "$WORK/notes.md")
+"$PY" "$ROOT/Training/model_card.py" --work "$WORK" --model "$STAGE" --evals "$EVAL/evals.json" --samples "$EVAL/samples.json" "${NOTES[@]}"
 cp "$EVAL/evals.json" "$STAGE/eval.json"
 rm -rf "$EVAL"
 chmod 755 "$STAGE"
