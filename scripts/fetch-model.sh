@@ -26,7 +26,8 @@ DEST="$STORE/$NAME"
 
 check() { [[ -f "$1" ]] && echo "$SHA256  $1" | sha256sum --check --status; }
 
-# The VIST2 model directory: copied when missing or different, replaced atomically.
+# The VIST2 model directory: copied when missing or different; the new copy is made beside the
+# old one and swapped in by two renames.
 install_vist2() {
     local src dst tmp
     src="$(cd "$(dirname "$0")/.." && pwd)/weights/vist2-smollm2-135m"

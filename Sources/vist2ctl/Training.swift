@@ -133,9 +133,14 @@ struct Dataset: ParsableCommand {
             reading: while true {
                 let block = input.readData(ofLength: 1 << 20)
                 pending.append(block)
-                while let nl = pending.firstIndex(of: 0x0A) ?? (block.isEmpty && !pending.isEmpty ? pending.endIndex : nil) {
-                    let lineData = pending[pending.startIndex..<nl]
-                    pending = nl < pending.endIndex ? Data(pending[(nl + 1)...]) : Data()
+                // Whole lines of this block; an unfinished last line waits for the next block
+                // (or ends the input). The rest is kept once per block, not once per line.
+                var start = pending.startIndex
+                while start < pending.endIndex {
+                    let nl = pending[start...].firstIndex(of: 0x0A)
+                    if nl == nil && !block.isEmpty { break }
+                    let lineData = pending[start..<(nl ?? pending.endIndex)]
+                    start = nl.map { $0 + 1 } ?? pending.endIndex
                     lineNo += 1
                     if lineData.allSatisfy({ $0 == 0x20 || $0 == 0x0D }) { continue }
                     guard let line = try? JSONDecoder().decode(Line.self, from: lineData) else {
@@ -157,6 +162,7 @@ struct Dataset: ParsableCommand {
                         if maxChunks > 0 && nChunks >= maxChunks { break reading }
                     }
                 }
+                pending = Data(pending[start...])
                 if block.isEmpty { break }
             }
             try? images.close()

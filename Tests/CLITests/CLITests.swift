@@ -131,7 +131,8 @@ struct CLITests {
             String(data: try! JSONSerialization.data(withJSONObject: $0), encoding: .utf8)!
         }
         let corpus = dir.appendingPathComponent("c.jsonl")
-        try (lines.joined(separator: "\n") + "\n").write(to: corpus, atomically: true, encoding: .utf8)
+        // A blank line between the documents, and no newline after the last one.
+        try lines.joined(separator: "\n\n").write(to: corpus, atomically: true, encoding: .utf8)
         let out = dir.appendingPathComponent("ds").path
         let r = try vist2ctl(["dataset", "--model", Self.tinyVIST2, "--out", out, "--json", corpus.path])
         #expect(r.status == 0, "\(r.err)")
