@@ -26,13 +26,8 @@ struct ExportBackbone: ParsableCommand {
 
     func run() throws {
         try runReportingErrors(json: json) {
-            let url = try ModelStore.resolve(modelOptions.model)
-            let lm: LanguageModel
-            if VIST2Model.isModelDirectory(url) {
-                lm = try VIST2Model(directory: url, threads: 1).language
-            } else {
-                lm = try LanguageModel(url: url, threads: 1)
-            }
+            // A VIST2 model directory's backbone, without loading its vision encoder.
+            let lm = try modelOptions.load()
             let written = Result { () throws(FormatError) in try lm.weights.exportHuggingFace(to: URL(fileURLWithPath: out)) }
             if case .failure(let e) = written { throw EngineError.format(e) }
             let c = lm.config

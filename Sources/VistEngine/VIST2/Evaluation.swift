@@ -1,4 +1,5 @@
 import Foundation
+import VistKernels
 import VistTokenizer
 
 /// How faithfully a VIST2 model reads its own sketch images (VIST2.md section 7), on any text.
@@ -74,14 +75,14 @@ public struct VIST2Evaluator {
         let m = model.blockSize, v = model.visualTokens, dim = lm.config.dim
         let limit = lm.config.contextLength
         let prompt = tok.encode(model.config.ocrPrompt ?? "", addSpecial: false)
-        let startRow = model.visionStart.map { tf.embedding(of: $0) } ?? []
-        let endRow = model.visionEnd.map { tf.embedding(of: $0) } ?? []
+        let generator = VIST2Generator(model: model)
 
-        // The visual tokens of every chunk, encoded in batches of 8.
-        var blocks: [[Float]] = []
+        // The visual tokens of every chunk, encoded in batches of 8; a block is prefilled (with
+        // its boundary tokens, if the model has them) by the generator's own prefillBlock.
+        var blocks: [ArraySlice<Float>] = []
         for s in stride(from: 0, to: chunks.count, by: 8) {
             let e = model.encodeChunks(chunks[s..<min(chunks.count, s + 8)].map(\.text)).embeddings
-            for b in 0..<(e.count / (v * dim)) { blocks.append(startRow + Array(e[(b * v * dim)..<((b + 1) * v * dim)]) + endRow) }
+            for b in 0..<(e.count / (v * dim)) { blocks.append(e[(b * v * dim)..<((b + 1) * v * dim)]) }
         }
         let total = chunks.count + max(0, chunks.count - 1)
         var done = 0
@@ -97,10 +98,11 @@ public struct VIST2Evaluator {
             guard prompt.count + m + n <= limit else { throw .contextOverflow(needed: prompt.count + m + n, limit: limit) }
             let cache = tf.makeCache(capacity: prompt.count + m + n + 1)
             if !prompt.isEmpty { tf.forward(prompt, cache: cache, logits: .none) }
-            tf.forward(embeddings: blocks[i], cache: cache, causal: false, logits: .last)
+            generator.prefillBlock(blocks[i], kv: cache, logits: .last)
+            var greedy = Sampler(.greedy)
             var out: [Int32] = []
             for k in 0..<n {
-                let t = argmax(tf.logits, lm.config.vocabSize)
+                let t = greedy.sample(tf.logits, vocab: lm.config.vocabSize, history: [])
                 out.append(t)
                 if k + 1 < n { tf.forward([t], cache: cache, logits: .last) }
             }
@@ -133,13 +135,17 @@ public struct VIST2Evaluator {
                 tf.forward(target, cache: cache, logits: .all)
                 var s = 0.0
                 // Row r predicts target[r + 1].
-                for r in 0..<(target.count - 1) { s -= logSoftmax(tf.logits + r * lm.config.vocabSize, lm.config.vocabSize, target[r + 1]) }
+                let vocab = lm.config.vocabSize
+                for r in 0..<(target.count - 1) {
+                    let row = tf.logits + r * vocab
+                    s -= Double(row[Int(target[r + 1])]) - Ops.logSumExp(row, n: vocab)
+                }
                 return s
             }
             nll.none += score { _ in }
             nll.text += score { cache in tf.forward(contextText, cache: cache, logits: .none) }
             nll.visual += score { cache in
-                for b in first..<j { tf.forward(embeddings: blocks[b], cache: cache, causal: false, logits: .none) }
+                for b in first..<j { generator.prefillBlock(blocks[b], kv: cache) }
             }
             scored += target.count - 1
             pairs += 1
@@ -153,25 +159,6 @@ public struct VIST2Evaluator {
             ppl_none: ppl.0, ppl_text: ppl.1, ppl_visual: ppl.2, retention: retention, chunks: chunks.count, ocr_chunks: chunks.count,
             pairs: pairs, scored_tokens: scored, context_chunks: contextChunks)
     }
-}
-
-func argmax(_ p: UnsafePointer<Float>, _ n: Int) -> Int32 {
-    var best = 0
-    var v = p[0]
-    for i in 1..<n where p[i] > v {
-        v = p[i]
-        best = i
-    }
-    return Int32(best)
-}
-
-/// log p(target) under softmax(logits), in Double.
-func logSoftmax(_ p: UnsafePointer<Float>, _ n: Int, _ target: Int32) -> Double {
-    var mx = p[0]
-    for i in 1..<n { mx = max(mx, p[i]) }
-    var s = 0.0
-    for i in 0..<n { s += exp(Double(p[i] - mx)) }
-    return Double(p[Int(target)] - mx) - log(s)
 }
 
 /// Levenshtein distance (insertions, deletions, substitutions of one element each).

@@ -293,11 +293,12 @@ public struct VIST2Generator {
     }
 
     /// One visual block: [vision_start] m visual tokens [vision_end], bidirectional inside.
-    func prefillBlock(_ e: ArraySlice<Float>, kv: KVCache) {
+    /// With `logits: .last`, the block's last row predicts the token after it.
+    func prefillBlock(_ e: ArraySlice<Float>, kv: KVCache, logits: LogitRows = .none) {
         let tf = model.language.transformer
         let startRow = model.visionStart.map { tf.embedding(of: $0) } ?? []
         let endRow = model.visionEnd.map { tf.embedding(of: $0) } ?? []
-        tf.forward(embeddings: startRow + e + endRow, cache: kv, causal: false, logits: .none)
+        tf.forward(embeddings: startRow + e + endRow, cache: kv, causal: false, logits: logits)
     }
 
     /// Prefills the documents' finished chunks as visual blocks after the entries already in
