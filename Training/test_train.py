@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Checks of the training code against the PyTorch reference (which the engine's golden tests
-tie to the Swift engine): the batched training forward must give the reference's logits for the
-same interleaved sequence, mask and positions, and the reading targets must land on the right
-cells.
+tie to the Swift engine). Both run the backbone through the reference's batched
+`Backbone.hidden`; what the training code adds — its own construction of the interleaved
+sequence, mask, compressed positions and prediction rows, and padding in a batch — must give
+the reference's logits. Also: the character classes of the reading objective, and (with
+--compare) that a resumed run ends where an uninterrupted one does.
 
     python3 Training/test_train.py
 """
@@ -43,7 +45,7 @@ class TrainingForward(unittest.TestCase):
             ab[:, torch.arange(T), torch.arange(T)] = True
             ab[0] = allowed
             ab[1, : x2.shape[0], : x2.shape[0]] = allowed2
-            h = train.backbone_hidden(bb, xb, pb, ab)
+            h = bb.hidden(xb, pb, ab)
             got = h[0] @ bb.embed.weight.T
         n = len(text)
         # Rows of the text tokens; row r predicts token r + 1.

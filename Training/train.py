@@ -74,16 +74,10 @@ class Trainable(nn.Module):
             # Start the aligner's outputs at the scale of the backbone's token embeddings.
             self.aligner.proj.weight.mul_(0.15)
 
-    def merged(self, pixels):
-        x = self.vision(pixels[:, None])
-        B, P, D = x.shape
-        s = self.merge
-        x = x.view(B, self.gh // s, s, self.gw // s, s, D).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(B, (self.gh // s) * (self.gw // s), s * s * D)
-
     def forward(self, pixels):
-        """-> (visual tokens (B, m, llm_dim), aux logits (B, m, slots, classes))."""
-        x = self.merged(pixels)
+        """-> (visual tokens (B, m, llm_dim), aux logits (B, m, slots, classes)). The reading head
+        sees what the aligner's affine layer sees: each visual token's merged patches."""
+        x = self.aligner.merged(self.vision(pixels[:, None]))
         v = torch.tanh(self.aligner.proj(x))
         aux = self.aux(x).view(x.shape[0], x.shape[1], self.slot_h * self.slot_w, N_CLASSES)
         return v, aux
@@ -97,35 +91,6 @@ class Trainable(nn.Module):
         os.replace(tmp, os.path.join(directory, "vision.safetensors"))
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
-
-
-def backbone_hidden(bb, x, pos, allowed):
-    """Batched forward of the frozen backbone. x (B, T, D); pos (B, T); allowed (B, T, T) bool.
-    Returns the final-normed hidden states (B, T, D)."""
-    B, T, _ = x.shape
-    g = bb.heads // bb.kv_heads
-    bias = torch.zeros(B, 1, T, T, dtype=x.dtype).masked_fill(~allowed[:, None], float("-inf"))
-    hd = bb.head_dim
-    inv = bb.base ** (-torch.arange(0, hd // 2, dtype=torch.float64) * 2 / hd)
-    ang = pos.to(torch.float64)[..., None] * inv
-    cos, sin = ang.cos().to(x.dtype)[:, :, None, :], ang.sin().to(x.dtype)[:, :, None, :]
-
-    def rot(t):
-        a, b = t[..., : hd // 2], t[..., hd // 2:]
-        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-
-    for L in bb.layers:
-        h = L.attn_norm(x)
-        q = rot(L.q_proj(h).view(B, T, bb.heads, hd)).transpose(1, 2)
-        k = rot(L.k_proj(h).view(B, T, bb.kv_heads, hd)).transpose(1, 2)
-        v = L.v_proj(h).view(B, T, bb.kv_heads, hd).transpose(1, 2)
-        k = k.repeat_interleave(g, dim=1)
-        v = v.repeat_interleave(g, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        x = x + L.o_proj(a.transpose(1, 2).reshape(B, T, -1))
-        h = L.ffn_norm(x)
-        x = x + L.down_proj(F.silu(L.gate_proj(h)) * L.up_proj(h))
-    return bb.norm(x)
 
 
 # ---------------------------------------------------------------- sequences
@@ -176,7 +141,7 @@ def lm_loss(bb, seqs, targets):
         bi.append(torch.full((len(r),), b))
     x = torch.stack(xs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h = backbone_hidden(bb, x, pos, allowed)
+        h = bb.hidden(x, pos, allowed)
         sel = h[torch.cat(bi), torch.cat(rows)]
         logits = sel @ bb.embed.weight.T
     return F.cross_entropy(logits.float(), torch.cat(tgt)), int(sum(len(t) for t in tgt))

@@ -31,11 +31,11 @@ class RMSNorm(nn.Module):
 
 
 def rope(x, pos, base):
-    """Rotate-half RoPE (Hugging Face layout). x: (T, heads, hd); pos: (T,) float positions."""
+    """Rotate-half RoPE (Hugging Face layout). x: (..., T, heads, hd); pos: (..., T) positions."""
     hd = x.shape[-1]
     inv = base ** (-torch.arange(0, hd // 2, dtype=torch.float64) * 2 / hd)
-    ang = pos.to(torch.float64)[:, None] * inv[None, :]
-    cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
+    ang = pos.to(torch.float64)[..., None] * inv
+    cos, sin = ang.cos().to(x.dtype)[..., None, :], ang.sin().to(x.dtype)[..., None, :]
     a, b = x[..., : hd // 2], x[..., hd // 2:]
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
@@ -93,27 +93,32 @@ class Backbone(nn.Module):
     def forward(self, x, pos, mask):
         """x: (T, dim) input embeddings; pos: (T,) positions; mask: (T, T) bool, True = may attend.
         Returns logits (T, vocab)."""
-        T = x.shape[0]
+        return self.hidden(x[None], pos[None], mask[None])[0] @ self.output_weight().T
+
+    def output_weight(self):
+        return self.embed.weight if self.tied else self.lm_head
+
+    def hidden(self, x, pos, mask):
+        """Batched: x (B, T, dim), pos (B, T), mask (B, T, T) bool (every row must allow at least
+        one key). Returns the final-normed hidden states (B, T, dim)."""
+        B, T, _ = x.shape
         g = self.heads // self.kv_heads
-        bias = torch.zeros(T, T, dtype=x.dtype).masked_fill(~mask, float("-inf"))
+        bias = torch.zeros(B, 1, T, T, dtype=x.dtype).masked_fill(~mask[:, None], float("-inf"))
         for L in self.layers:
             h = L.attn_norm(x)
-            q = L.q_proj(h).view(T, self.heads, self.head_dim)
-            k = L.k_proj(h).view(T, self.kv_heads, self.head_dim)
-            v = L.v_proj(h).view(T, self.kv_heads, self.head_dim)
+            q = L.q_proj(h).view(B, T, self.heads, self.head_dim)
+            k = L.k_proj(h).view(B, T, self.kv_heads, self.head_dim)
+            v = L.v_proj(h).view(B, T, self.kv_heads, self.head_dim)
             if self.arch == "qwen3":
                 q, k = L.q_norm(q), L.k_norm(k)
-            q, k = rope(q, pos, self.base), rope(k, pos, self.base)
+            q, k = rope(q, pos, self.base).transpose(1, 2), rope(k, pos, self.base).transpose(1, 2)
             k = k.repeat_interleave(g, dim=1)
-            v = v.repeat_interleave(g, dim=1)
-            s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(self.head_dim) + bias
-            a = torch.einsum("hqk,khd->qhd", s.softmax(-1), v).reshape(T, -1)
-            x = x + L.o_proj(a)
+            v = v.transpose(1, 2).repeat_interleave(g, dim=1)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+            x = x + L.o_proj(a.transpose(1, 2).reshape(B, T, -1))
             h = L.ffn_norm(x)
             x = x + L.down_proj(F.silu(L.gate_proj(h)) * L.up_proj(h))
-        x = self.norm(x)
-        w = self.embed.weight if self.tied else self.lm_head
-        return x @ w.T
+        return self.norm(x)
 
 
 # ---------------------------------------------------------------- vision
@@ -182,12 +187,14 @@ class Aligner(nn.Module):
         self.merge, self.grid_h, self.grid_w = merge, grid_h, grid_w
         self.proj = nn.Linear(merge * merge * vision_dim, llm_dim)
 
-    def forward(self, x):  # (B, P, D) -> (B, P/s², llm_dim)
+    def merged(self, x):  # (B, P, D) -> (B, P/s², s²·D): each window's patches, concatenated
         B, P, D = x.shape
         s = self.merge
         x = x.view(B, self.grid_h // s, s, self.grid_w // s, s, D).permute(0, 1, 3, 2, 4, 5)
-        x = x.reshape(B, (self.grid_h // s) * (self.grid_w // s), s * s * D)
-        return torch.tanh(self.proj(x))
+        return x.reshape(B, (self.grid_h // s) * (self.grid_w // s), s * s * D)
+
+    def forward(self, x):  # (B, P, D) -> (B, P/s², llm_dim)
+        return torch.tanh(self.proj(self.merged(x)))
 
 
 def vision_state_dict(vision, aligner):
