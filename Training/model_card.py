@@ -10,6 +10,7 @@ SAMPLES.json is a list of {"title", "command", "output"}. Training/package.sh ma
 import argparse
 import json
 import os
+import sys
 
 import matplotlib
 
@@ -83,6 +84,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--evals", required=True)
     ap.add_argument("--samples", required=True)
+    ap.add_argument("--readings", help="JSON list of {title, text, read, ocr_char_accuracy}: chunks and their transcriptions")
     ap.add_argument("--notes", help="Markdown appended to the card as 'Findings' (what the run taught us)")
     args = ap.parse_args()
     run = json.load(open(os.path.join(args.work, "run", "run.json")))
@@ -92,6 +94,9 @@ def main():
     manifest_path = os.path.join(args.work, "corpus", "manifest.json")
     manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
     ds = {s: json.load(open(os.path.join(args.work, f"ds-{s}", "meta.json"))) for s in ("train", "heldout")}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from vist2.data import Dataset
+    advance = Dataset(os.path.join(args.work, "ds-heldout"), max_chunks=50).advance()
     ev = json.load(open(args.evals))
     samples = json.load(open(args.samples))
     best = json.load(open(os.path.join(args.work, "run", "best", "eval.json")))
@@ -126,20 +131,32 @@ def main():
       "the run from its checkpoint.\n")
     w("![training curves](curves.png)\n")
     w("## How it reads\n")
-    w(f"- Render: {os.path.basename(r['font'])} at {r['pixel_size']} px, {r['line_height']} px lines, margin "
-      f"{r['margin']}, tab width {r['tab_width']}, on a {r['width']}x{r['height']} canvas: ~{(r['width'] - 2 * r['margin']) // 6} "
-      f"columns x {(r['height'] - 2 * r['margin']) // r['line_height']} rows, black on white, antialiased (the project's FreeType renderer).")
+    region = 16 * cfg["aligner"]["merge"]
+    page_w, page_h = (r["tile"], r["tile"]) if r.get("tile") else (r["width"], r["height"])
+    cols, rows = (page_w - 2 * r["margin"]) // advance, (page_h - 2 * r["margin"]) // r["line_height"]
+    if r.get("tile"):
+        layout = (f"in tiled layout: the canvas is cut into {r['tile']}x{r['tile']}-pixel tiles, exactly the region one "
+                  f"visual token sees, and the text flows through them in reading order like through small pages of "
+                  f"{rows} rows x {cols} columns ({(r['width'] // r['tile']) * (r['height'] // r['tile'])} tiles), so each visual "
+                  "token shows a contiguous run of the text")
+    else:
+        layout = f"one page of ~{cols} columns x {rows} rows"
+    w(f"- Render: {os.path.basename(r['font'])} at {r['pixel_size']} px ({advance}-pixel cells), {r['line_height']} px lines, "
+      f"margin {r['margin']}, tab width {r['tab_width']}, on a {r['width']}x{r['height']} canvas {layout}; black on white, "
+      "antialiased (the project's FreeType renderer).")
     w(f"- Vision encoder: ViT with {v['patch_size']}x{v['patch_size']} patches ({(v['image_height'] // 16) * (v['image_width'] // 16)} per image), "
       f"width {v['hidden_size']}, {v['num_layers']} layers, {v['num_heads']} heads, MLP {v['intermediate_size']}, learned "
       "absolute positions, pre-LayerNorm blocks, GELU(tanh), final LayerNorm.")
     w(f"- Aligner: {cfg['aligner']['merge']}x{cfg['aligner']['merge']} neighbouring patches concatenated, then `tanh(x W + b)` "
       f"to the backbone's width: m = {m} visual tokens per chunk of at most L = {cfg['chunk']['length']} text tokens (ratio "
-      f"{cfg['chunk']['ratio']}). One visual token covers a 48x48-pixel region: 4 rows of 8 character cells.")
+      f"{cfg['chunk']['ratio']}). One visual token covers a {region}x{region}-pixel region: "
+      f"{region // r['line_height']} rows of {region // advance} character cells.")
     w(f"- Weights: {n_params / 1e6:.2f} M parameters, {size / 1e6:.1f} MB in F16.")
     w(f"- OCR instruction: `{cfg.get('ocr_prompt', '')}` (the transcription is prompted with it; see conventions).\n")
     w("## Recipe (VIST2.md section 6)\n")
     w(f"- Stage A, reading ({sched['steps_A']} steps, batch {sched['batch_A']} images, lr {sched['lr_A']}): no backbone. A "
-      "linear head on each visual token's merged patch features predicts the character in each of the 32 cells it "
+      f"linear head on each visual token's merged patch features predicts the character in each of the "
+      f"{(region // r['line_height']) * (region // advance)} cells it "
       "covers (97 classes: printable ASCII, other, empty), from the character positions the renderer reports "
       "(`vist2ctl dataset`). This stands in for the paper's large-glyph OCR warm-up: the glyphs are legible at the "
       "shipped geometry, so the curriculum teaches reading first and language second.")
@@ -149,7 +166,9 @@ def main():
     w(f"- Stage C, optical language modelling (lr {sched['lr_C']}, open-ended): `V_0 .. V_k -> T_(k+1)` with k <= "
       f"{sched['max_blocks']} earlier chunks of the same document, the mask and compressed positions of VIST2.md "
       f"section 3, mixed with {int(sched['ocr_share_C'] * 100)}% OCR.")
-    w(f"- Loss: next-token cross-entropy on text tokens only, plus {sched['aux_weight']} x the reading loss in B and C. "
+    scale = (f", plus {sched['scale_weight']} x a scale term, the mean of (RMS of a visual token / RMS of the backbone's "
+             "token embeddings - 1)^2, which keeps the aligner's tanh out of saturation") if sched.get("scale_weight") else ""
+    w(f"- Loss: next-token cross-entropy on text tokens only, plus {sched['aux_weight']} x the reading loss in B and C{scale}. "
       "AdamW (betas 0.9/0.98, weight decay 0.01), gradient clipping at 1, linear warm-up per stage. The best checkpoint "
       "by held-out loss (OCR + OLM) of the latest stage is kept.\n")
     w("## Data\n")
@@ -170,6 +189,17 @@ def main():
     w("- Retention: for each chunk j >= 1 and its (up to 4) previous chunks, the perplexity of chunk j's tokens but the "
       "first, given nothing / the previous chunks' text / only their visual blocks; retention = (ppl_none - ppl_visual) "
       "/ (ppl_none - ppl_text).\n")
+    if args.readings:
+        w("## What it reads\n")
+        w("The first chunk of each held-out text and its greedy transcription from the chunk's sketch image alone "
+          "(`vist2ctl eval --max-chunks 1 --show`); the first 600 characters of each.\n")
+        for rd in json.load(open(args.readings)):
+            w(f"### {rd['title']} (character accuracy {rd['ocr_char_accuracy']:.3f})\n")
+            w("Text:\n\n~~~~")
+            w(rd["text"][:600])
+            w("~~~~\n\nRead:\n\n~~~~")
+            w(rd["read"][:600])
+            w("~~~~\n")
     w("## Samples\n")
     for s in samples:
         w(f"### {s['title']}\n")
@@ -180,7 +210,7 @@ def main():
     w("## Known limits\n")
     w(f"- Trained for hours on 2 CPU cores with a {n_params / 1e6:.1f}M-parameter encoder: far less than the paper's models. "
       "Check the table above before relying on what the model reads from visual blocks.")
-    w("- Only what DejaVu Sans Mono draws at 10 px in a 80-column grid; characters outside printable ASCII are "
+    w(f"- Only what {os.path.basename(r['font'])} draws at {r['pixel_size']} px; characters outside printable ASCII are "
       "rendered but the reading objective lumps them together.")
     w("- The backbone is a 135M-parameter model: its own perplexity bounds what any context can give it.")
     w("- English prose, documentation and Python code only.\n")

@@ -6,7 +6,8 @@
 # WORK_DIR/notes.md, when present, goes into the card as its "Findings" section.
 # Copies WORK_DIR/run/best (config.json, vision.safetensors) to OUT_DIR, measures it with
 # `vist2ctl eval` (the first N chunks, default 8, of held-out text of each kind and of a text
-# outside the corpus), generates samples with and without visual context, and writes
+# outside the corpus), shows what it reads from one chunk of each held-out text, generates
+# samples with and without visual context, and writes
 # OUT_DIR/README.md and OUT_DIR/curves.png (Training/model_card.py). OUT_DIR is replaced only
 # when everything succeeded.
 set -euo pipefail
@@ -74,9 +75,25 @@ sample() {  # title, then the vist2ctl arguments
     echo "]"
 } > "$EVAL/samples.json"
 
+# What the model reads: the first chunk of each held-out text, its text and its transcription
+# from the sketch image alone.
+"$PY" - "$CTL" "$STAGE" "$EVAL" "$EVAL"/heldout-*.txt > "$EVAL/readings.json" <<'EOF'
+import json, os, subprocess, sys
+ctl, model, tmp, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+out = []
+for f in files:
+    run = lambda *a: json.loads(subprocess.run([ctl, *a], check=True, capture_output=True, text=True).stdout)
+    chunk = run("render", "--local", "--model", model, "--out", os.path.join(tmp, "render"), "--json", f)["chunk_list"][0]
+    read = run("eval", "--model", model, "--max-chunks", "1", "--show", "--json", f)
+    out.append({"title": os.path.basename(f)[:-4], "text": chunk["text"], "read": read["transcriptions"][0],
+                "ocr_char_accuracy": read["ocr_char_accuracy"]})
+print(json.dumps(out))
+EOF
+
 NOTES=()
 [[ -f "$WORK/notes.md" ]] && NOTES=(--notes "$WORK/notes.md")
-"$PY" "$ROOT/Training/model_card.py" --work "$WORK" --model "$STAGE" --evals "$EVAL/evals.json" --samples "$EVAL/samples.json" "${NOTES[@]}"
+"$PY" "$ROOT/Training/model_card.py" --work "$WORK" --model "$STAGE" --evals "$EVAL/evals.json" --samples "$EVAL/samples.json" \
+    --readings "$EVAL/readings.json" "${NOTES[@]}"
 cp "$EVAL/evals.json" "$STAGE/eval.json"
 rm -rf "$EVAL"
 chmod 755 "$STAGE"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train (or continue training) the default VIST2 model: every step from a fresh Debian machine.
 #
-#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--tiny]
+#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--tiny]
 #
 # Each step is skipped when its output already exists, so running this again continues the run
 # from its last checkpoint (Training/train.py resumes exactly):
@@ -11,7 +11,8 @@
 #   3. WORK_DIR/corpus: the corpus from named Debian packages (Training/build_corpus.py).
 #   4. WORK_DIR/ds-{train,heldout}: chunks, token ids and sketch images made by the engine's own
 #      chunker, tokenizer and renderer (`vist2ctl dataset`) with the geometry in
-#      Training/configs/vist2-smollm2-135m.json.
+#      Training/configs/vist2-smollm2-135m.json (the shipped model's), or --config FILE
+#      (e.g. Training/configs/vist2-smollm2-135m-tiled.json, see Training/EXPERIMENTS.md).
 #   5. WORK_DIR/run: run.json (paths, OCR prompt ids, schedule) and the training itself;
 #      WORK_DIR/run/best is the best model directory so far, log.jsonl the loss curve.
 #
@@ -20,15 +21,17 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--tiny]}"
+WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--tiny]}"
 shift
 MINUTES=150
 MAX_STEPS=0
 TINY=0
+CONFIG="$ROOT/Training/configs/vist2-smollm2-135m.json"
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --minutes) MINUTES="$2"; shift 2 ;;
     --max-steps) MAX_STEPS="$2"; shift 2 ;;
+    --config) CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --tiny) TINY=1; shift ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -42,7 +45,6 @@ bash "$ROOT/scripts/fetch-model.sh" >/dev/null
 
 [[ -f "$WORK/backbone/model.safetensors" ]] || "$CTL" export-backbone --model smollm2-135m "$WORK/backbone"
 
-CONFIG="$ROOT/Training/configs/vist2-smollm2-135m.json"
 if [[ ! -f "$WORK/geometry/vision.safetensors" ]]; then
     # The dataset command needs a model directory for the chunker and renderer; the vision
     # weights in it are never used (the geometry is all it reads).
@@ -92,7 +94,7 @@ else:
     schedule = {"steps_A": 450, "steps_B": 230, "steps_C": 1000000, "batch_A": 8, "batch_B": 2, "batch_C": 2,
                 "eval_every": 200, "eval_chunks": 16}
 schedule.update({"lr_A": 1e-3, "lr_B": 3e-4, "lr_C": 2e-4, "warmup": 100 if not tiny else 2, "max_text": 400, "max_blocks": 3,
-                 "ocr_share_B": 0.7, "ocr_share_C": 0.3, "aux_weight": 0.1})
+                 "ocr_share_B": 0.7, "ocr_share_C": 0.3, "aux_weight": 0.1, "scale_weight": 0.0})
 run = {"backbone": f"{work}/backbone", "train": f"{work}/ds-train", "heldout": f"{work}/ds-heldout", "model_config": config,
        "ocr_prompt": prompt, "ocr_prompt_ids": ids, "seed": 1, "schedule": schedule}
 json.dump(run, open(f"{work}/run/run.json", "w"), indent=1)

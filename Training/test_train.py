@@ -3,13 +3,15 @@
 tie to the Swift engine). Both run the backbone through the reference's batched
 `Backbone.hidden`; what the training code adds — its own construction of the interleaved
 sequence, mask, compressed positions and prediction rows, and padding in a batch — must give
-the reference's logits. Also: the character classes of the reading objective, and (with
+the reference's logits. Also: the character classes and per-cell targets of the reading objective, and (with
 --compare) that a resumed run ends where an uninterrupted one does.
 
     python3 Training/test_train.py
 """
+import json
 import os
 import sys
+import tempfile
 import unittest
 
 import torch
@@ -17,7 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import train  # noqa: E402
-from vist2.data import char_class  # noqa: E402
+from vist2.data import Dataset, char_class  # noqa: E402
 from vist2.model import VIST2  # noqa: E402
 
 TINY = os.path.join(HERE, "..", "Tests", "VistEngineTests", "Fixtures", "tiny-vist2")
@@ -59,6 +61,26 @@ class TrainingForward(unittest.TestCase):
         # Text never sees the own block of a chunk it is not in; visual blocks never see text.
         self.assertFalse(allowed[P, T - 1].item())
         self.assertTrue(allowed[T - 1, P].item() and allowed[T - 1, 0].item())
+
+    def test_reading_targets(self):
+        # A dataset as `vist2ctl dataset` writes it: cells are [scalar, x, y, advance].
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "meta.json"), "w") as f:
+                json.dump({"chunks": 1, "height": 96, "width": 96}, f)
+            open(os.path.join(d, "images.u8"), "wb").write(bytes(96 * 96))
+            cells = [0, 0, 0, 6, 1, 6, 0, 6, 3, 48, 16, 6, 4, 54, 80, 6]
+            with open(os.path.join(d, "chunks.jsonl"), "w") as f:
+                f.write(json.dumps({"doc": "x", "index": 0, "tokens": [1], "text": "ab\ncd", "cells": cells}) + "\n")
+            ds = Dataset(d)
+            self.assertEqual(ds.advance(), 6)
+            # 48-pixel regions (2 x 2), 3 rows of 16 pixels x 8 cells of 6 per region.
+            t = ds.aux_targets(0, 48, 3, 8, 16)
+            self.assertEqual(tuple(t.shape), (4, 24))
+            want = torch.zeros(4, 24, dtype=torch.long)
+            want[0, 0], want[0, 1] = char_class("a"), char_class("b")
+            want[1, 8] = char_class("c")  # region (0, 1), row 1, cell 0
+            want[3, 17] = char_class("d")  # region (1, 1), row 2, cell 1
+            self.assertTrue(torch.equal(t, want))
 
     def test_char_classes(self):
         self.assertEqual(char_class(" "), 0)

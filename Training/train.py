@@ -10,14 +10,16 @@ RUN_DIR/run.json names everything a run needs (written by Training/make_default.
 
 Stages (steps are optimizer steps; the schedule is in run.json):
   A  read:  the ViT learns to read glyphs with an auxiliary per-cell character objective (a
-            linear head on each visual token's merged patches predicts the 4 x 8 character cells
-            under it). Cheap: no backbone.
+            linear head on each visual token's merged patches predicts the character cells
+            under it, 3 x 8 with the default geometry). Cheap: no backbone.
   B  OCR:   [OCR prompt] V_i -> T_i through the frozen backbone (bf16 autocast), mixed with
             continuation V_i -> T_{i+1}; loss on every text token, the first one predicted at
             the block's last visual token.
   C  OLM:   multi-chunk documents [] V_0 .. V_k -> T_{k+1} with the mask and compressed positions
             of VIST2.md section 3, mixed with OCR.
-The auxiliary reading loss stays on (small weight) in B and C.
+The auxiliary reading loss stays on (small weight) in B and C. With scale_weight > 0, a scale term
+pulls each visual token's RMS towards the RMS of the backbone's token embeddings (off for the
+shipped model; Training/EXPERIMENTS.md).
 
 Checkpoints: RUN_DIR/checkpoint.pt every --checkpoint-minutes (atomic rename) and at the end;
 a run resumes from it exactly (model, optimiser, step, RNG states, data order). Every step
@@ -48,7 +50,7 @@ from vist2.model import Aligner, Backbone, VisionConfig, VisionEncoder, vision_s
 class Trainable(nn.Module):
     """Vision encoder + aligner (what the engine loads) + the auxiliary reading head (training only)."""
 
-    def __init__(self, cfg, llm_dim):
+    def __init__(self, cfg, llm_dim, advance):
         super().__init__()
         vc = VisionConfig(**cfg["vision"])
         self.vc = vc
@@ -56,7 +58,10 @@ class Trainable(nn.Module):
         self.gh, self.gw = vc.image_height // vc.patch_size, vc.image_width // vc.patch_size
         self.vision = VisionEncoder(vc)
         self.aligner = Aligner(vc.hidden_size, llm_dim, self.merge, self.gh, self.gw)
-        self.slot_h, self.slot_w = 4, 8
+        # The reading head's grid: one slot per character cell a visual token's region can hold
+        # (rows of line_height x cells of the font's advance; 3 x 8 for the default geometry).
+        region = vc.patch_size * self.merge
+        self.slot_h, self.slot_w = max(1, region // cfg["render"]["line_height"]), max(1, region // advance)
         self.aux = nn.Linear(self.merge ** 2 * vc.hidden_size, self.slot_h * self.slot_w * N_CLASSES)
 
     def init_weights(self, seed):
@@ -152,7 +157,7 @@ def lm_loss(bb, seqs, targets):
 def aux_loss(model, ds, idx, aux_logits, cfg):
     r = cfg["render"]
     region = 16 * model.merge
-    tg = torch.stack([ds.aux_targets(i, region, model.slot_h, model.slot_w, r["line_height"], r["margin"]) for i in idx])
+    tg = torch.stack([ds.aux_targets(i, region, model.slot_h, model.slot_w, r["line_height"]) for i in idx])
     logits = aux_logits.float().reshape(-1, N_CLASSES)
     t = tg.reshape(-1)
     w = torch.where(t == 0, 0.2, 1.0)
@@ -204,16 +209,24 @@ def step_loss(model, bb, ds, rng, stage, sched, ocr_ids, cfg):
         v, aux = model(ds.pixels(images))
     v = v.float()
     la, acc = aux_loss(model, ds, images, aux, cfg)
+    # Scale: each visual token's RMS against the RMS of the backbone's token embeddings. Left
+    # alone, the aligner's tanh saturates (most outputs near +-1, RMS ~6x a token embedding's),
+    # which starves it of gradient; scale_weight > 0 pulls visual tokens to the scale of text.
+    # (Free visual tokens optimised for OCR settle at ~3x, Training/capacity.py; see
+    # Training/EXPERIMENTS.md before using it.)
+    ratio = v.pow(2).mean(-1).sqrt() / bb.embed_rms
+    ls = (ratio - 1).pow(2).mean()
+    sw = sched.get("scale_weight", 0.0)
     if stage == "A":
-        return la, {"aux": la.item(), "aux_acc": acc}
+        return la + sw * ls, {"aux": la.item(), "aux_acc": acc, "v_rms": ratio.mean().item()}
     seqs, targets = [], []
     for instr, slots, text in specs:
         e, p, a, r = build(bb, list(instr), [v[s] for s in slots], text, m)
         seqs.append((e, p, a, r))
         targets.append(text)
     ll, n = lm_loss(bb, seqs, targets)
-    loss = ll + sched.get("aux_weight", 0.1) * la
-    return loss, {"lm": ll.item(), "aux": la.item(), "aux_acc": acc, "tokens": n}
+    loss = ll + sched.get("aux_weight", 0.1) * la + sw * ls
+    return loss, {"lm": ll.item(), "aux": la.item(), "aux_acc": acc, "v_rms": ratio.mean().item(), "tokens": n}
 
 
 @torch.no_grad()
@@ -294,9 +307,10 @@ def main():
     bb = Backbone(run["backbone"])
     for p in bb.parameters():
         p.requires_grad_(False)
+    bb.embed_rms = bb.embed.weight.pow(2).mean().sqrt().item()
     train = Dataset(run["train"], run.get("max_train_chunks", 0))
     held = Dataset(run["heldout"], run.get("max_heldout_chunks", 0))
-    model = Trainable(cfg, bb.dim)
+    model = Trainable(cfg, bb.dim, train.advance())
     model.init_weights(run.get("seed", 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
     ckpt = os.path.join(args.run, "checkpoint.pt")

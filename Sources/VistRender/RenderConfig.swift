@@ -18,6 +18,13 @@ public struct RenderConfig: Codable, Sendable, Equatable {
     public var margin: Int
     /// Tab stops every `tabWidth` space advances.
     public var tabWidth: Int
+    /// Tiled layout when set: the canvas is cut into `tile` x `tile` pixel squares, read left to
+    /// right, top to bottom, and text flows through them like through small pages (each with
+    /// `margin` on every side): a line that reaches a tile's right edge continues on the tile's
+    /// next row, and the row after a tile's last continues in the next tile. With `tile` equal to
+    /// the region one visual token sees (patch size x aligner merge), every visual token shows a
+    /// contiguous run of the text in reading order. Unset (the default): one page, the canvas.
+    public var tile: Int?
 
     enum CodingKeys: String, CodingKey {
         case font
@@ -26,10 +33,13 @@ public struct RenderConfig: Codable, Sendable, Equatable {
         case lineHeight = "line_height"
         case width, height, margin
         case tabWidth = "tab_width"
+        case tile
     }
 
-    public init(font: String, fontSHA256: String, pixelSize: Int, lineHeight: Int, width: Int, height: Int, margin: Int, tabWidth: Int = 4)
-    {
+    public init(
+        font: String, fontSHA256: String, pixelSize: Int, lineHeight: Int, width: Int, height: Int, margin: Int, tabWidth: Int = 4,
+        tile: Int? = nil
+    ) {
         self.font = font
         self.fontSHA256 = fontSHA256
         self.pixelSize = pixelSize
@@ -38,6 +48,7 @@ public struct RenderConfig: Codable, Sendable, Equatable {
         self.height = height
         self.margin = margin
         self.tabWidth = tabWidth
+        self.tile = tile
     }
 
     /// Checks every field, naming the one at fault.
@@ -52,14 +63,27 @@ public struct RenderConfig: Codable, Sendable, Equatable {
         guard width >= 16, height >= 16, width % 16 == 0, height % 16 == 0, width <= 4096, height <= 4096 else {
             throw .badConfig("render.width and render.height must be multiples of 16 in 16...4096, got \(width)x\(height)")
         }
-        guard margin >= 0, 2 * margin + pixelSize <= min(width, height), 2 * margin + lineHeight <= height else {
-            throw .badConfig("render.margin \(margin) leaves no room for text on a \(width)x\(height) canvas")
+        if let tile {
+            guard tile >= 16, tile % 16 == 0, width % tile == 0, height % tile == 0 else {
+                throw .badConfig("render.tile must be a multiple of 16 that divides the \(width)x\(height) canvas, got \(tile)")
+            }
+        }
+        guard margin >= 0, 2 * margin + pixelSize <= min(pageWidth, pageHeight), 2 * margin + lineHeight <= pageHeight else {
+            throw .badConfig("render.margin \(margin) leaves no room for text on a \(pageWidth)x\(pageHeight) page")
         }
         guard (1...16).contains(tabWidth) else { throw .badConfig("render.tab_width must be in 1...16, got \(tabWidth)") }
     }
 
-    /// Text rows that fit on the canvas.
-    public var rows: Int { (height - 2 * margin) / lineHeight }
+    /// One page: a tile, or the whole canvas.
+    public var pageWidth: Int { tile ?? width }
+    public var pageHeight: Int { tile ?? height }
+    /// Pages on the canvas, read left to right, top to bottom.
+    public var pagesPerRow: Int { width / pageWidth }
+    public var pages: Int { pagesPerRow * (height / pageHeight) }
+    /// Text rows on one page.
+    public var rowsPerPage: Int { (pageHeight - 2 * margin) / lineHeight }
+    /// Text rows that fit on the canvas (pages x rows per page).
+    public var rows: Int { pages * rowsPerPage }
 }
 
 public enum RenderError: Error, CustomStringConvertible, Sendable, Equatable {

@@ -49,12 +49,14 @@ public struct GrayImage: Sendable, Equatable {
 
 /// Renders text into sketch images as a `RenderConfig` says.
 ///
-/// Layout: the pen starts at the top-left margin; each line's baseline is `ascender` below the
-/// top of its row and rows are `lineHeight` apart. `\n` starts a new row, `\t` advances to the
-/// next multiple of `tabWidth` space advances, `\r` takes no space (CRLF renders like LF), and a
-/// glyph that would cross the right margin wraps to the next row (indentation is kept because
-/// spaces and tabs are laid out like any other character). Text that needs more rows than the
-/// canvas has does not fit; the chunker never asks for that.
+/// Layout: text flows through pages — the whole canvas, or with `tile` set, the canvas's tiles
+/// left to right, top to bottom. On a page the pen starts at the top-left margin; each line's
+/// baseline is `ascender` below the top of its row and rows are `lineHeight` apart; the row after
+/// a page's last is the next page's first. `\n` starts a new row, `\t` advances to the next
+/// multiple of `tabWidth` space advances, `\r` takes no space (CRLF renders like LF), and a
+/// glyph that would cross the page's right margin wraps to the next row (indentation is kept
+/// because spaces and tabs are laid out like any other character). Ink is clipped to its page.
+/// Text that needs more rows than the canvas has does not fit; the chunker never asks for that.
 public final class SketchRenderer: @unchecked Sendable {
     public let config: RenderConfig
     let font: Font
@@ -80,12 +82,13 @@ public final class SketchRenderer: @unchecked Sendable {
     }
 
     /// Lays out `text`, calling `place` for each scalar that fits and is drawn with its glyph,
-    /// pen position (x, row) and index among the text's scalars.
+    /// pen position (x on its page, row counted over all pages) and index among the text's
+    /// scalars.
     @discardableResult
     func layout(_ scalars: some Collection<Unicode.Scalar>, place: (Glyph, Int, Int, Int) -> Void = { _, _, _, _ in }) -> Fit {
         let c = config
         let maxRows = c.rows
-        let right = c.width - c.margin
+        let right = c.pageWidth - c.margin
         let tab = max(1, c.tabWidth * font.spaceAdvance)
         var x = c.margin, row = 0, placed = 0, missing = 0
         var used = 0  // rows that hold at least one glyph or newline start
@@ -133,14 +136,15 @@ public final class SketchRenderer: @unchecked Sendable {
         let c = config
         var img = GrayImage(width: c.width, height: c.height)
         let f = layout(text.unicodeScalars) { g, x, row, _ in
-            let baseline = c.margin + font.ascender + row * c.lineHeight
-            let ox = x + g.left, oy = baseline - g.top
+            let (px0, py0) = origin(row: row)
+            let baseline = py0 + c.margin + font.ascender + (row % c.rowsPerPage) * c.lineHeight
+            let ox = px0 + x + g.left, oy = baseline - g.top
             for gy in 0..<g.rows {
                 let py = oy + gy
-                guard py >= 0, py < c.height else { continue }
+                guard py >= py0, py < py0 + c.pageHeight else { continue }
                 for gx in 0..<g.width {
                     let px = ox + gx
-                    guard px >= 0, px < c.width else { continue }
+                    guard px >= px0, px < px0 + c.pageWidth else { continue }
                     let ink = g.coverage[gy * g.width + gx]
                     let i = py * c.width + px
                     img.pixels[i] = min(img.pixels[i], 255 - ink)
@@ -152,21 +156,35 @@ public final class SketchRenderer: @unchecked Sendable {
 
     public func render(_ text: String) -> (image: GrayImage, fit: Fit) { render(Substring(text)) }
 
-    /// Where a drawn scalar lands: its index among the text's Unicode scalars, its cell's left
-    /// edge and width in pixels (the pen position and advance) and its row (top at
-    /// margin + row * line_height). Newlines, tabs and carriage returns draw nothing and are
-    /// not listed. For training targets that need to know which pixels show which character.
+    /// The canvas pixel where the page holding `row` starts.
+    func origin(row: Int) -> (x: Int, y: Int) {
+        let c = config, page = row / c.rowsPerPage
+        return ((page % c.pagesPerRow) * c.pageWidth, (page / c.pagesPerRow) * c.pageHeight)
+    }
+
+    /// Where a drawn scalar lands: its index among the text's Unicode scalars, its cell on the
+    /// canvas — left edge `x` and width `advance` (the pen position and advance), top `y` and
+    /// height line_height (its row's box) — and its row, counted over all pages. Newlines, tabs
+    /// and carriage returns draw nothing and are not listed. For training targets that need to
+    /// know which pixels show which character.
     public struct Placement: Sendable, Equatable {
         public var scalar: Int
         public var x: Int
+        public var y: Int
         public var advance: Int
         public var row: Int
     }
 
     /// The placements of the scalars of `text` that fit, in order.
     public func placements(_ text: Substring) -> [Placement] {
+        let c = config
         var out: [Placement] = []
-        layout(text.unicodeScalars) { g, x, row, i in out.append(Placement(scalar: i, x: x, advance: g.advance, row: row)) }
+        layout(text.unicodeScalars) { g, x, row, i in
+            let o = origin(row: row)
+            out.append(
+                Placement(
+                    scalar: i, x: o.x + x, y: o.y + c.margin + (row % c.rowsPerPage) * c.lineHeight, advance: g.advance, row: row))
+        }
         return out
     }
 }

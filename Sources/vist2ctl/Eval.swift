@@ -23,6 +23,9 @@ struct Eval: ParsableCommand {
     @Option(name: .long, help: "Evaluate only the first N chunks (0 = all).")
     var maxChunks = 0
 
+    @Flag(help: "Also print each chunk's transcription (JSON: \"transcriptions\").")
+    var show = false
+
     @Flag(help: "Print one JSON object.")
     var json = false
 
@@ -39,8 +42,9 @@ struct Eval: ParsableCommand {
             let text = try readText(file)
             let model = try modelOptions.loadVIST2()
             let tty = isatty(2) != 0 && !json
-            let r = try VIST2Evaluator(model: model).evaluate(text: text, contextChunks: contextChunks, maxChunks: maxChunks) {
-                done, total in
+            let r = try VIST2Evaluator(model: model).evaluate(
+                text: text, contextChunks: contextChunks, maxChunks: maxChunks, keepTranscriptions: show
+            ) { done, total in
                 if tty { FileHandle.standardError.write(Data("\r\(done)/\(total)".utf8)) }
                 return true
             }
@@ -50,6 +54,7 @@ struct Eval: ParsableCommand {
                 return
             }
             func f(_ x: Double) -> String { String(format: "%.3f", x) }
+            for (i, t) in (r.transcriptions ?? []).enumerated() { print("--- chunk \(i) as read from its sketch image\n\(t)") }
             print(
                 "chunks               \(r.chunks) (\(r.pairs) scored pairs, \(r.scored_tokens) tokens, \(r.context_chunks) context chunks)")
             print("ocr_char_accuracy    \(f(r.ocr_char_accuracy))")

@@ -52,8 +52,9 @@ struct Dataset: ParsableCommand {
             writes this), cuts each text with the model's chunker and writes to OUT: \
             images.u8 (each chunk's sketch image, height x width gray bytes, 255 = paper; the \
             vision encoder reads x/127.5 - 1), chunks.jsonl (per chunk: doc, index, token ids, \
-            text, and the placement of every drawn character as [scalar index, x, advance, row] \
-            quadruples flattened) and meta.json (geometry, counts, the model fingerprint). \
+            text, and the cell of every drawn character as [scalar index, x, y, advance] \
+            quadruples flattened: left and top edge in canvas pixels and width; the height is \
+            the line height) and meta.json (geometry, counts, the model fingerprint). \
             Chunks are written in document order; --max-chunks stops after that many.
             """)
 
@@ -96,6 +97,8 @@ struct Dataset: ParsableCommand {
         var width: Int
         var line_height: Int
         var margin: Int
+        /// The tile size of a tiled layout (the page is the canvas when absent).
+        var tile: Int?
         var model_fingerprint: String
         var chunk_length: Int
         var visual_tokens: Int
@@ -146,7 +149,7 @@ struct Dataset: ParsableCommand {
                         let img = model.renderer.render(c.text).image
                         let ids = model.language.tokenizer.encode(String(c.text), addSpecial: false)
                         var cells: [Int] = []
-                        for p in model.renderer.placements(c.text) { cells += [p.scalar, p.x, p.advance, p.row] }
+                        for p in model.renderer.placements(c.text) { cells += [p.scalar, p.x, p.y, p.advance] }
                         try write(images, Data(img.pixels))
                         var rec =
                             (try? enc.encode(Record(doc: line.id, index: i, tokens: ids, text: String(c.text), cells: cells))) ?? Data()
@@ -165,7 +168,8 @@ struct Dataset: ParsableCommand {
             let r = model.config.render
             let meta = Meta(
                 chunks: nChunks, documents: nDocs, tokens: nTokens, height: r.height, width: r.width, line_height: r.lineHeight,
-                margin: r.margin, model_fingerprint: model.fingerprint, chunk_length: model.chunkLength, visual_tokens: model.visualTokens)
+                margin: r.margin, tile: r.tile, model_fingerprint: model.fingerprint, chunk_length: model.chunkLength,
+                visual_tokens: model.visualTokens)
             guard fm.createFile(atPath: out + "/meta.json", contents: (try? enc.encode(meta)) ?? Data()) else {
                 throw EngineError.io("cannot write \(out)/meta.json")
             }

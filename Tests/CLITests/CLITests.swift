@@ -113,6 +113,14 @@ struct CLITests {
         } else {
             #expect(j["retention"] is NSNull)
         }
+        #expect(!j.keys.contains("transcriptions"))
+        // --show: one transcription per chunk, the same numbers.
+        let shown = try json(
+            try vist2ctl(["eval", "--model", Self.tinyVIST2, "--context-chunks", "2", "--max-chunks", "5", "--show", "--json", doc.path])
+                .out)
+        #expect((shown["transcriptions"] as? [String])?.count == 5 && shown["ocr_char_accuracy"] as? Double == acc)
+        let text5 = try vist2ctl(["eval", "--model", Self.tinyVIST2, "--max-chunks", "2", "--show", doc.path])
+        #expect(text5.status == 0 && text5.out.contains("--- chunk 1 as read from its sketch image"))
         let plain = try vist2ctl(["eval", "--model", "smollm2-135m", "--json", doc.path])
         #expect(plain.status == 1 && plain.err.contains("not a VIST2 model directory"))
         let bad = try vist2ctl(["eval", "--model", Self.tinyVIST2, "--context-chunks", "0", doc.path])
@@ -146,7 +154,7 @@ struct CLITests {
         #expect(records.filter { $0["doc"] as? String == "a" }.compactMap { $0["text"] as? String }.joined() == String(text.prefix(900)))
         let last = records[n - 1]
         #expect(last["text"] as? String == "short\ttext\n" && last["index"] as? Int == 0)
-        // Token ids are the backbone's; cells are [scalar, x, advance, row] of the 9 drawn characters.
+        // Token ids are the backbone's; cells are [scalar, x, y, advance] of the 9 drawn characters.
         let tk = try json(try vist2ctl(["tokenize", "--local", "--model", Self.tinyVIST2, "--no-special", "--json", "short\ttext\n"]).out)
         #expect((last["tokens"] as? [Int]) == (tk["ids"] as? [Int]))
         let cells = try #require(last["cells"] as? [Int])

@@ -209,5 +209,10 @@ struct VIST2Tests {
             try error {
                 var r = $0["render"] as! [String: Any]; r["width"] = 256; $0["render"] = r
             }.contains("render canvas"))
+        // A tiled layout's tile must be the region one visual token sees.
+        #expect(
+            try error {
+                var r = $0["render"] as! [String: Any]; r["tile"] = 64; $0["render"] = r
+            }.contains("render.tile"))
     }
 }

@@ -43,14 +43,57 @@ struct RendererTests {
         #expect(p[1].x == p[0].x + p[0].advance && p[0].x == r.config.margin)
         #expect(p[4].x == r.config.margin + r.config.tabWidth * p[2].advance)
         let c = r.config
+        #expect(p.allSatisfy { $0.y == c.margin + $0.row * c.lineHeight })
         func ink(_ q: SketchRenderer.Placement) -> Bool {
-            let y0 = c.margin + q.row * c.lineHeight
-            return (y0..<(y0 + c.lineHeight)).contains { y in
+            (q.y..<(q.y + c.lineHeight)).contains { y in
                 (q.x..<(q.x + q.advance)).contains { x in img.pixels[y * img.width + x] < 160 }
             }
         }
         #expect(p.filter { scalars[$0.scalar] != " " }.allSatisfy(ink))
         #expect(!ink(p[2]))  // the space
+    }
+
+    @Test("Tiled layout: text flows through the tiles in reading order, each tile a small page")
+    func tiled() throws {
+        // 96x64 in 32-pixel tiles: 3 x 2 pages of 2 rows (line height 16) of 5 cells (advance 6).
+        var c = testConfig(width: 96, height: 64)
+        c.margin = 0
+        c.lineHeight = 16
+        c.tile = 32
+        let r = try SketchRenderer(config: c)
+        #expect(c.pages == 6 && c.rowsPerPage == 2 && c.rows == 12)
+        let text = "abcdefgh\nij\n\nklmnopqrstu"
+        let p = r.placements(Substring(text))
+        let at = { (ch: Character) in p.first { Array(text.unicodeScalars)[$0.scalar] == ch.unicodeScalars.first! }! }
+        #expect(p[0].advance == 6)
+        // "abcde" fills page 0's first row, "fgh" wraps to its second row, "ij" starts page 1,
+        // an empty row ends page 1, "klmno" "pqrst" fill page 2 and "u" starts page 3 (the
+        // second row of pages: left edge, y = 32).
+        #expect((at("a").x, at("a").y) == (0, 0) && (at("e").x, at("e").y) == (24, 0))
+        #expect((at("f").x, at("f").y) == (0, 16) && (at("h").x, at("h").y) == (12, 16))
+        #expect((at("i").x, at("i").y) == (32, 0) && (at("k").x, at("k").y) == (64, 0) && (at("p").x, at("p").y) == (64, 16))
+        #expect((at("u").x, at("u").y) == (0, 32) && at("u").row == 6)
+        // Each character's ink lies in its own cell and nothing is drawn outside the cells.
+        let img = r.render(text).image
+        var inCell = [Bool](repeating: false, count: img.pixels.count)
+        for q in p {
+            for y in q.y..<(q.y + c.lineHeight) { for x in q.x..<(q.x + q.advance) { inCell[y * img.width + x] = true } }
+        }
+        #expect(img.pixels.indices.allSatisfy { inCell[$0] || img.pixels[$0] == 255 })
+        #expect(
+            p.allSatisfy { q in
+                (q.y..<(q.y + c.lineHeight)).contains { y in (q.x..<(q.x + q.advance)).contains { img.pixels[y * 96 + $0] < 160 } }
+            })
+        // Twelve rows fit, a thirteenth does not.
+        #expect(r.fit(Substring(String(repeating: "x\n", count: 12))).complete)
+        let over = r.fit(Substring(String(repeating: "x\n", count: 12) + "y"))
+        #expect(!over.complete && over.scalars == 24)
+        // A tile must be a multiple of 16 dividing the canvas.
+        for bad in [40, 48, 0] {
+            var b = c
+            b.tile = bad
+            #expect(throws: RenderError.self) { try b.validate() }
+        }
     }
 
     @Test("A different font file is refused with a clear error")

@@ -1,5 +1,6 @@
 """Training examples written by `vist2ctl dataset` (the engine's own chunker, tokenizer and
-renderer): images.u8 (N x H x W gray bytes), chunks.jsonl (doc, index, tokens, text, cells) and
+renderer): images.u8 (N x H x W gray bytes), chunks.jsonl (doc, index, tokens, text, cells: [scalar,
+x, y, advance] per drawn character) and
 meta.json. Nothing here renders or tokenizes; it only reads what the engine wrote.
 """
 import json
@@ -56,7 +57,12 @@ class Dataset:
         a = np.stack([self.images[i] for i in idx]).astype(np.float32)
         return torch.from_numpy(a / 127.5 - 1.0)
 
-    def aux_targets(self, i, region, slot_h, slot_w, line_height, margin):
+    def advance(self):
+        """The most common cell width (the font's advance; the config pins a monospace font)."""
+        w = np.concatenate([c[:, 3] for c in self.cells[:200] if len(c)] or [np.zeros(1, np.int32)])
+        return max(1, int(np.bincount(w).argmax()))
+
+    def aux_targets(self, i, region, slot_h, slot_w, line_height):
         """Per visual-token region (rows x cols of `region` pixels), a grid of slot_h x slot_w
         character classes: the character whose cell centre falls in each slot (0 if none).
         Returns a (regions, slot_h * slot_w) int64 tensor."""
@@ -67,13 +73,15 @@ class Dataset:
             return torch.from_numpy(out)
         text = self.texts[i]
         scalars = c[:, 0]
-        cx = c[:, 1] + c[:, 2] // 2
-        cy = margin + c[:, 3] * line_height + line_height // 2
+        # Cells are [scalar, x, y, advance]: left and top edge in canvas pixels, width; the
+        # height is the line height.
+        cx = c[:, 1] + c[:, 3] // 2
+        cy = c[:, 2] + line_height // 2
         ok = (cx < gw * region) & (cy < gh * region)
         cls = np.fromiter((char_class(text[s]) for s in scalars), dtype=np.int64, count=len(scalars))
         reg = (cy // region) * gw + cx // region
         sub_h = region // slot_h
         sub_w = region // slot_w
-        slot = ((cy % region) // sub_h) * slot_w + (cx % region) // sub_w
+        slot = np.minimum((cy % region) // sub_h, slot_h - 1) * slot_w + np.minimum((cx % region) // sub_w, slot_w - 1)
         out[reg[ok], slot[ok]] = cls[ok]
         return torch.from_numpy(out)

@@ -25,9 +25,12 @@ public struct VIST2Evaluation: Sendable, Codable, Equatable {
     public var pairs: Int
     public var scored_tokens: Int
     public var context_chunks: Int
+    /// Each chunk's greedy transcription, when asked for (`keepTranscriptions`).
+    public var transcriptions: [String]?
 
     enum CodingKeys: String, CodingKey {
         case ocr_char_accuracy, ppl_none, ppl_text, ppl_visual, retention, chunks, ocr_chunks, pairs, scored_tokens, context_chunks
+        case transcriptions
     }
 
     /// Every key is always present; a retention that cannot be computed is null.
@@ -43,6 +46,7 @@ public struct VIST2Evaluation: Sendable, Codable, Equatable {
         try c.encode(pairs, forKey: .pairs)
         try c.encode(scored_tokens, forKey: .scored_tokens)
         try c.encode(context_chunks, forKey: .context_chunks)
+        try c.encodeIfPresent(transcriptions, forKey: .transcriptions)
     }
 }
 
@@ -61,9 +65,11 @@ public struct VIST2Evaluator {
     public init(model: VIST2Model) { self.model = model }
 
     /// `progress(done, total)` after each unit of work (a transcribed chunk or a scored pair);
-    /// returning false stops with `EngineError.cancelled`.
+    /// returning false stops with `EngineError.cancelled`. `keepTranscriptions` returns each
+    /// chunk's transcription too.
     public func evaluate(
-        text: String, contextChunks: Int = 4, maxChunks: Int = 0, progress: (Int, Int) -> Bool = { _, _ in true }
+        text: String, contextChunks: Int = 4, maxChunks: Int = 0, keepTranscriptions: Bool = false,
+        progress: (Int, Int) -> Bool = { _, _ in true }
     ) throws(EngineError) -> VIST2Evaluation {
         guard (1...64).contains(contextChunks) else { throw .badArgument("context chunks must be in 1...64, got \(contextChunks)") }
         guard maxChunks >= 0 else { throw .badArgument("max chunks must be >= 0") }
@@ -93,6 +99,7 @@ public struct VIST2Evaluator {
 
         // OCR.
         var distance = 0, reference = 0
+        var transcriptions: [String] = []
         for (i, c) in chunks.enumerated() {
             let n = ids[i].count
             guard prompt.count + m + n <= limit else { throw .contextOverflow(needed: prompt.count + m + n, limit: limit) }
@@ -107,7 +114,9 @@ public struct VIST2Evaluator {
                 if k + 1 < n { tf.forward([t], cache: cache, logits: .last) }
             }
             let want = Array(c.text.unicodeScalars)
-            let got = Array(tok.decode(out).unicodeScalars)
+            let decoded = tok.decode(out)
+            if keepTranscriptions { transcriptions.append(decoded) }
+            let got = Array(decoded.unicodeScalars)
             distance += editDistance(want, got)
             reference += want.count
             try step()
@@ -157,7 +166,7 @@ public struct VIST2Evaluator {
         return VIST2Evaluation(
             ocr_char_accuracy: reference > 0 ? max(0, 1 - Double(distance) / Double(reference)) : 0,
             ppl_none: ppl.0, ppl_text: ppl.1, ppl_visual: ppl.2, retention: retention, chunks: chunks.count, ocr_chunks: chunks.count,
-            pairs: pairs, scored_tokens: scored, context_chunks: contextChunks)
+            pairs: pairs, scored_tokens: scored, context_chunks: contextChunks, transcriptions: keepTranscriptions ? transcriptions : nil)
     }
 }
 

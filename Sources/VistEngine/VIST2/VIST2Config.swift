@@ -138,6 +138,10 @@ public struct VIST2Config: Codable, Sendable, Equatable {
             throw bad("render canvas \(render.width)x\(render.height) must equal the vision image size \(v.imageWidth)x\(v.imageHeight)")
         }
         do { try render.validate() } catch { throw bad(error.description) }
+        if let tile = render.tile, tile != v.patchSize * s {
+            throw bad(
+                "render.tile \(tile) must equal the region one visual token sees, vision.patch_size x aligner.merge = \(v.patchSize * s)")
+        }
         guard chunk.ratio >= 1, chunk.length == chunk.ratio * visualTokens else {
             throw bad("chunk.length \(chunk.length) must equal chunk.ratio \(chunk.ratio) x visual tokens per chunk \(visualTokens)")
         }
