@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train (or continue training) the default VIST2 model: every step from a fresh Debian machine.
 #
-#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--tiny]
+#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--tiny]
 #
 # Each step is skipped when its output already exists, so running this again continues the run
 # from its last checkpoint (Training/train.py resumes exactly):
@@ -15,23 +15,27 @@
 #      (e.g. Training/configs/vist2-smollm2-135m-tiled.json, see Training/EXPERIMENTS.md).
 #   5. WORK_DIR/run: run.json (paths, OCR prompt ids, schedule) and the training itself;
 #      WORK_DIR/run/best is the best model directory so far, log.jsonl the loss curve.
+#      --init MODEL_DIR starts a new run from a model directory's encoder and aligner (e.g.
+#      weights/vist2-smollm2-135m; edit run.json's steps_A/steps_B to skip stages).
 #
 # --tiny is the smoke test CI runs: a corpus of this repository's own Markdown files, a handful
 # of steps of every stage, minutes not hours. It exercises the same code.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--tiny]}"
+WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--tiny]}"
 shift
 MINUTES=150
 MAX_STEPS=0
 TINY=0
 CONFIG="$ROOT/Training/configs/vist2-smollm2-135m.json"
+INIT=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --minutes) MINUTES="$2"; shift 2 ;;
     --max-steps) MAX_STEPS="$2"; shift 2 ;;
     --config) CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --init) INIT=(--init "$2"); shift 2 ;;
     --tiny) TINY=1; shift ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -101,4 +105,4 @@ json.dump(run, open(f"{work}/run/run.json", "w"), indent=1)
 EOF
 fi
 
-exec "$PY" "$ROOT/Training/train.py" --run "$WORK/run" --minutes "$MINUTES" --max-steps "$MAX_STEPS"
+exec "$PY" "$ROOT/Training/train.py" --run "$WORK/run" --minutes "$MINUTES" --max-steps "$MAX_STEPS" "${INIT[@]}"

@@ -82,6 +82,21 @@ class TrainingForward(unittest.TestCase):
             want[3, 17] = char_class("d")  # region (1, 1), row 2, cell 1
             self.assertTrue(torch.equal(t, want))
 
+    def test_init_from_model_directory(self):
+        # A new run can start from a model directory: its encoder and aligner, bit for bit.
+        with open(os.path.join(TINY, "config.json")) as f:
+            cfg = json.load(f)
+        ref = VIST2(TINY)
+        model = train.Trainable(cfg, ref.backbone.dim, 5)
+        model.init_weights(1)
+        model.load_model_dir(TINY, cfg)
+        got = train.vision_state_dict(model.vision, model.aligner)
+        for k, v in ref.vision_state_dict().items():
+            self.assertTrue(torch.equal(got[k], v), k)
+        other = dict(cfg, aligner={"merge": cfg["aligner"]["merge"] + 1})
+        with self.assertRaises(ValueError):
+            model.load_model_dir(TINY, other)
+
     def test_char_classes(self):
         self.assertEqual(char_class(" "), 0)
         self.assertEqual(char_class("!"), 1)

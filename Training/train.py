@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vist2.data import N_CLASSES, Dataset  # noqa: E402
-from vist2.model import Aligner, Backbone, VisionConfig, VisionEncoder, vision_state_dict  # noqa: E402
+from vist2.model import Aligner, Backbone, VisionConfig, VisionEncoder, load_vision, vision_state_dict  # noqa: E402
 
 
 # ---------------------------------------------------------------- model
@@ -86,6 +86,15 @@ class Trainable(nn.Module):
         v = torch.tanh(self.aligner.proj(x))
         aux = self.aux(x).view(x.shape[0], x.shape[1], self.slot_h * self.slot_w, N_CLASSES)
         return v, aux
+
+    def load_model_dir(self, directory, cfg):
+        """Vision encoder and aligner from a model directory whose geometry and sizes are cfg's."""
+        with open(os.path.join(directory, "config.json")) as f:
+            other = json.load(f)
+        for key in ("vision", "aligner", "render", "chunk"):
+            if other.get(key) != cfg.get(key):
+                raise ValueError(f"{directory}: config.json's {key} differs from the run's model config")
+        load_vision(self.vision, self.aligner, os.path.join(directory, "vision.safetensors"))
 
     def export(self, directory, cfg):
         """The engine's model directory: config.json + vision.safetensors (F16)."""
@@ -293,6 +302,8 @@ def main():
     ap.add_argument("--checkpoint-minutes", type=float, default=5)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this step (0 = the schedule's end)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--init", help="a new run starts from this model directory's vision encoder and aligner (same "
+                    "geometry and sizes; the reading head starts fresh); ignored when the run has a checkpoint")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -317,6 +328,9 @@ def main():
     step, rng, best = 0, random.Random(run.get("seed", 1)), {}
     torch.manual_seed(run.get("seed", 1))
     elapsed0 = 0.0
+    if args.init and not os.path.exists(ckpt):
+        model.load_model_dir(args.init, cfg)
+        print(f"initialised from {args.init}", flush=True)
     if os.path.exists(ckpt):
         st = torch.load(ckpt, weights_only=False)
         model.load_state_dict(st["model"])

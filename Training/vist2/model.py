@@ -213,6 +213,20 @@ def vision_state_dict(vision, aligner):
     return out
 
 
+def load_vision(vision, aligner, path):
+    """Loads a model directory's vision.safetensors into the encoder and aligner."""
+    sd = load_file(path)
+    names = vision_state_dict(vision, aligner)
+    missing = [k for k in names if k not in sd]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}")
+    with torch.no_grad():
+        for k, p in names.items():
+            if tuple(sd[k].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(p.shape)}")
+            p.copy_(sd[k].float())
+
+
 # ---------------------------------------------------------------- VIST2
 
 class VIST2(nn.Module):
@@ -252,13 +266,7 @@ class VIST2(nn.Module):
         return vision_state_dict(self.vision, self.aligner)
 
     def load_vision(self, path):
-        sd = load_file(path)
-        names = self.vision_state_dict()
-        missing = [k for k in names if k not in sd]
-        assert not missing, f"{path} lacks {missing}"
-        with torch.no_grad():
-            for k, p in names.items():
-                p.copy_(sd[k].float())
+        load_vision(self.vision, self.aligner, path)
 
     def encode(self, images):
         """images: (B, H, W) normalised pixels -> (B, m, dim) visual tokens."""
