@@ -11,7 +11,7 @@ RUN_DIR/run.json names everything a run needs (written by Training/make_default.
 Stages (steps are optimizer steps; the schedule is in run.json):
   A  read:  the ViT learns to read glyphs with an auxiliary per-cell character objective (a
             linear head on each visual token's merged patches predicts the character cells
-            under it, 3 x 8 with the default geometry). Cheap: no backbone.
+            under it: 4 x 8 with the shipped geometry, 3 x 8 tiled). Cheap: no backbone.
   B  OCR:   [OCR prompt] V_i -> T_i through the frozen backbone (bf16 autocast), mixed with
             continuation V_i -> T_{i+1}; loss on every text token, the first one predicted at
             the block's last visual token.
@@ -59,7 +59,7 @@ class Trainable(nn.Module):
         self.vision = VisionEncoder(vc)
         self.aligner = Aligner(vc.hidden_size, llm_dim, self.merge, self.gh, self.gw)
         # The reading head's grid: one slot per character cell a visual token's region can hold
-        # (rows of line_height x cells of the font's advance; 3 x 8 for the default geometry).
+        # (rows of line_height x cells of the font's advance: 4 x 8 for the shipped geometry).
         region = vc.patch_size * self.merge
         self.slot_h, self.slot_w = max(1, region // cfg["render"]["line_height"]), max(1, region // advance)
         self.aux = nn.Linear(self.merge ** 2 * vc.hidden_size, self.slot_h * self.slot_w * N_CLASSES)
