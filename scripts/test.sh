@@ -32,6 +32,13 @@ mkdir "$SMOKE/fresh" && cp "$SMOKE/run/run.json" "$SMOKE/fresh/"
 "$PY" Training/train.py --run "$SMOKE/fresh" --minutes 10
 "$PY" Training/test_train.py --compare "$SMOKE/run/checkpoint.pt" "$SMOKE/fresh/checkpoint.pt"
 .build/release/vist2ctl eval --model "$SMOKE/run/best" --max-chunks 2 --json README.md
+# A run started from the shipped weights (--init), and the capacity probe (2 steps, 32 tokens).
+mkdir "$SMOKE/init" && cp "$SMOKE/run/run.json" "$SMOKE/init/"
+"$PY" Training/train.py --run "$SMOKE/init" --max-steps 1 --init weights/vist2-smollm2-135m > "$SMOKE/init.log"
+grep -q "initialised from" "$SMOKE/init.log"
+IDS="$("$PY" -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["ocr_prompt_ids"])))' "$SMOKE/run/run.json")"
+"$PY" Training/capacity.py --backbone "$SMOKE/backbone" --data "$SMOKE/ds-heldout" --ocr-ids "$IDS" --chunks 1 --steps 2 --tokens 32 \
+    | "$PY" -c 'import json, sys; r = json.load(sys.stdin)[0]; assert 0 <= r["argmax_token_accuracy"] <= 1 and len(r["loss_curve"]) == 2, r'
 rm -rf "$SMOKE"
 .build/release/vist2ctl eval --model default --max-chunks 2 --json README.md
 
