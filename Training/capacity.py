@@ -50,7 +50,7 @@ def main():
     ds = Dataset(args.data, max_chunks=args.chunks)
     m = ds.meta["visual_tokens"]
     ocr = [int(t) for t in args.ocr_ids.split(",")]
-    e_rms = bb.embed.weight.pow(2).mean().sqrt().item()
+    e_rms = bb.embed_rms
     results = []
     for i in range(ds.n):
         text = ds.tokens[i][: args.tokens].tolist()

@@ -318,7 +318,6 @@ def main():
     bb = Backbone(run["backbone"])
     for p in bb.parameters():
         p.requires_grad_(False)
-    bb.embed_rms = bb.embed.weight.pow(2).mean().sqrt().item()
     train = Dataset(run["train"], run.get("max_train_chunks", 0))
     held = Dataset(run["heldout"], run.get("max_heldout_chunks", 0))
     model = Trainable(cfg, bb.dim, train.advance())

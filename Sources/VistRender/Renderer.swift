@@ -136,8 +136,8 @@ public final class SketchRenderer: @unchecked Sendable {
         let c = config
         var img = GrayImage(width: c.width, height: c.height)
         let f = layout(text.unicodeScalars) { g, x, row, _ in
-            let (px0, py0) = origin(row: row)
-            let baseline = py0 + c.margin + font.ascender + (row % c.rowsPerPage) * c.lineHeight
+            let (px0, py0, top) = box(row: row)
+            let baseline = top + font.ascender
             let ox = px0 + x + g.left, oy = baseline - g.top
             for gy in 0..<g.rows {
                 let py = oy + gy
@@ -156,10 +156,11 @@ public final class SketchRenderer: @unchecked Sendable {
 
     public func render(_ text: String) -> (image: GrayImage, fit: Fit) { render(Substring(text)) }
 
-    /// The canvas pixel where the page holding `row` starts.
-    func origin(row: Int) -> (x: Int, y: Int) {
+    /// Where `row` lies on the canvas: the top-left pixel of its page and the top of the row.
+    func box(row: Int) -> (pageX: Int, pageY: Int, top: Int) {
         let c = config, page = row / c.rowsPerPage
-        return ((page % c.pagesPerRow) * c.pageWidth, (page / c.pagesPerRow) * c.pageHeight)
+        let pageY = (page / c.pagesPerRow) * c.pageHeight
+        return ((page % c.pagesPerRow) * c.pageWidth, pageY, pageY + c.margin + (row % c.rowsPerPage) * c.lineHeight)
     }
 
     /// Where a drawn scalar lands: its index among the text's Unicode scalars, its cell on the
@@ -177,13 +178,10 @@ public final class SketchRenderer: @unchecked Sendable {
 
     /// The placements of the scalars of `text` that fit, in order.
     public func placements(_ text: Substring) -> [Placement] {
-        let c = config
         var out: [Placement] = []
         layout(text.unicodeScalars) { g, x, row, i in
-            let o = origin(row: row)
-            out.append(
-                Placement(
-                    scalar: i, x: o.x + x, y: o.y + c.margin + (row % c.rowsPerPage) * c.lineHeight, advance: g.advance, row: row))
+            let b = box(row: row)
+            out.append(Placement(scalar: i, x: b.pageX + x, y: b.top, advance: g.advance, row: row))
         }
         return out
     }

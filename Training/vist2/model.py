@@ -62,6 +62,8 @@ class Backbone(nn.Module):
         sd = load_file(os.path.join(directory, "model.safetensors"))
         self.embed = nn.Embedding(self.vocab, self.dim)
         self.embed.weight.data = sd["model.embed_tokens.weight"].float()
+        # The RMS of the token embeddings: the scale of what the backbone reads at its input.
+        self.embed_rms = self.embed.weight.pow(2).mean().sqrt().item()
         self.layers = nn.ModuleList()
         for i in range(self.layers_n):
             p = f"model.layers.{i}."
