@@ -7,7 +7,7 @@ the chunk's tokens are the backbone's most likely next token given them (teacher
 backbone through this interface: if free vectors cannot be read, no vision encoder's can.
 
     python3 Training/capacity.py --backbone WORK/backbone --data WORK/ds-heldout --ocr-ids 1,2 \
-        [--chunks 2] [--steps 150] [--tokens 400]
+        [--chunks 2] [--steps 150] [--tokens 400] [--causal]
 """
 import argparse
 import json
@@ -24,10 +24,10 @@ from vist2.model import Backbone  # noqa: E402
 
 
 @torch.no_grad()
-def argmax_accuracy(bb, ocr_ids, v, text, m):
+def argmax_accuracy(bb, ocr_ids, v, text, m, causal):
     """Teacher-forced: the fraction of positions whose most likely token is the chunk's. At 1.0
     greedy decoding reproduces the chunk exactly (by induction over the positions)."""
-    x, pos, allowed, rows = train.build(bb, ocr_ids, [v], text, m)
+    x, pos, allowed, rows = train.build(bb, ocr_ids, [v], text, m, causal)
     h = bb.hidden(x[None], pos[None], allowed[None])[0]
     pred = (h[rows] @ bb.embed.weight.T).argmax(-1)
     return (pred == torch.as_tensor(text)).float().mean().item()
@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--tokens", type=int, default=400, help="transcribe at most this many tokens of each chunk")
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--causal", action="store_true", help="causal attention inside the block (block_attention \"causal\")")
     args = ap.parse_args()
     torch.manual_seed(0)
     bb = Backbone(args.backbone)
@@ -59,7 +60,7 @@ def main():
         t0, curve = time.time(), []
         for s in range(args.steps):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = train.lm_loss(bb, [train.build(bb, ocr, [torch.tanh(z)], text, m)], [text])
+                loss, _ = train.lm_loss(bb, [train.build(bb, ocr, [torch.tanh(z)], text, m, args.causal)], [text])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -67,7 +68,7 @@ def main():
                 curve.append((s, round(loss.item(), 4)))
                 print(f"chunk {i} step {s} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", file=sys.stderr)
         v = torch.tanh(z).detach()
-        acc = argmax_accuracy(bb, ocr, v, text, m)
+        acc = argmax_accuracy(bb, ocr, v, text, m, args.causal)
         results.append({"chunk": i, "tokens": len(text), "loss_curve": curve, "argmax_token_accuracy": acc,
                         "rms_over_embedding_rms": v.pow(2).mean().sqrt().item() / e_rms, "seconds": round(time.time() - t0)})
     print(json.dumps(results, indent=1))

@@ -7,6 +7,8 @@ Writes (committed) Tests/VistEngineTests/Fixtures/tiny-vist2/:
   config.json, vision.safetensors           the VIST2 model (ViT 2 layers, D=32, merge 2)
   backbone/{config.json,model.safetensors,tokenizer.json}   a tiny random Llama, byte-level vocab
   golden.json, golden.f32                  the scenario and the reference logits
+  golden-boundary.*, golden-causal.*       the same with boundary tokens around each block, and
+                                           with those and causal attention inside each block
 
 Scenario: an instruction, a document cut by the engine's chunker (all chunks but the last become
 images), then a teacher-forced continuation that fills the last chunk to L tokens and goes
@@ -143,20 +145,23 @@ def main():
     write_vist2(OUT, gen)
     torch.set_grad_enabled(False)
     scenario(args, OUT, "golden")
-    # The same model with boundary tokens around each block (config patched in a copy).
-    with tempfile.TemporaryDirectory() as t:
-        import shutil
-        d = os.path.join(t, "m")
-        shutil.copytree(OUT, d)
-        with open(os.path.join(d, "config.json")) as f:
-            cfg = json.load(f)
-        cfg["special_tokens"] = BOUNDARY
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-        scenario(args, d, "golden-boundary", write_to=OUT)
+    # The same model with boundary tokens around each block, and with those and causal
+    # attention inside each block (config patched in a copy; the golden names the patch).
+    for name, patch in (("golden-boundary", {"special_tokens": BOUNDARY}),
+                        ("golden-causal", {"special_tokens": BOUNDARY, "block_attention": "causal"})):
+        with tempfile.TemporaryDirectory() as t:
+            import shutil
+            d = os.path.join(t, "m")
+            shutil.copytree(OUT, d)
+            with open(os.path.join(d, "config.json")) as f:
+                cfg = json.load(f)
+            cfg.update(patch)
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=1)
+            scenario(args, d, name, write_to=OUT)
 
 
-# Boundary tokens for the second scenario: the tiny vocabulary's only control token, and a byte.
+# Boundary tokens for the patched scenarios: the tiny vocabulary's only control token, and a byte.
 BOUNDARY = {"vision_start": "<|endoftext|>", "vision_end": "#"}
 
 
@@ -188,11 +193,13 @@ def scenario(args, model_dir, name, write_to=None):
     rows = logits[len0 - 1: len0 - 1 + len(cont)].float().numpy()
     rows.astype("<f4").tofile(os.path.join(write_to, name + ".f32"))
     P = len(INSTRUCTION.encode("utf-8"))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
     golden = {"magic": "vist2-golden", "version": 1, "generator": "Training/make_tiny_golden.py",
               "torch": torch.__version__, "instruction": INSTRUCTION, "document": DOCUMENT,
               "continuation": CONTINUATION, "chunk_length": L, "visual_tokens": model.m,
               "document_chunks": len(doc_chunks), "rows": rows.shape[0], "vocab": rows.shape[1],
-              "special_tokens": json.load(open(os.path.join(model_dir, "config.json"))).get("special_tokens"),
+              "special_tokens": cfg.get("special_tokens"), "block_attention": cfg.get("block_attention"),
               "kv_after_swaps": [P + (len(finished) + s + 1) * model.block for s in range(len(texts) - 1)]}
     with open(os.path.join(write_to, name + ".json"), "w") as f:
         json.dump(golden, f, indent=1)

@@ -20,15 +20,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import train  # noqa: E402
 from vist2.data import Dataset, char_class  # noqa: E402
-from vist2.model import VIST2  # noqa: E402
+from vist2.model import VIST2, causal_blocks  # noqa: E402
 
 TINY = os.path.join(HERE, "..", "Tests", "VistEngineTests", "Fixtures", "tiny-vist2")
 
 
 class TrainingForward(unittest.TestCase):
     def test_batched_forward_matches_reference(self):
+        self.check_batched_forward(causal=False)
+
+    def test_batched_forward_matches_reference_causal_blocks(self):
+        self.check_batched_forward(causal=True)
+
+    def check_batched_forward(self, causal):
         torch.manual_seed(0)
         ref = VIST2(TINY)
+        ref.causal_blocks = causal  # what block_attention "causal" in config.json sets
         bb = ref.backbone
         H, W = ref.config["vision"]["image_height"], ref.config["vision"]["image_width"]
         images = [torch.rand(H, W) * 2 - 1 for _ in range(2)]
@@ -37,9 +44,9 @@ class TrainingForward(unittest.TestCase):
         with torch.no_grad():
             want, _ = ref(instr, [{"image": images[0]}, {"image": images[1]}, {"text": text}])
             blocks = [ref.encode(im[None])[0] for im in images]
-            x, pos, allowed, rows = train.build(bb, instr.tolist(), blocks, text.tolist(), ref.m)
+            x, pos, allowed, rows = train.build(bb, instr.tolist(), blocks, text.tolist(), ref.m, causal)
             # The training code's batched forward (with a padded second sequence in the batch).
-            x2, pos2, allowed2, _ = train.build(bb, [], blocks[:1], text[:3].tolist(), ref.m)
+            x2, pos2, allowed2, _ = train.build(bb, [], blocks[:1], text[:3].tolist(), ref.m, causal)
             T = x.shape[0]
             xb = torch.stack([x, torch.nn.functional.pad(x2, (0, 0, 0, T - x2.shape[0]))])
             pb = torch.stack([pos.float(), torch.nn.functional.pad(pos2.float(), (0, T - pos2.shape[0]))])
@@ -61,6 +68,16 @@ class TrainingForward(unittest.TestCase):
         # Text never sees the own block of a chunk it is not in; visual blocks never see text.
         self.assertFalse(allowed[P, T - 1].item())
         self.assertTrue(allowed[T - 1, P].item() and allowed[T - 1, 0].item())
+        # Inside a block: the first visual token sees the last one only with bidirectional blocks.
+        self.assertEqual(allowed[P, P + m - 1].item(), not causal)
+        self.assertTrue(allowed[P + m - 1, P].item())
+        return want
+
+    def test_causal_blocks_change_the_logits(self):
+        self.assertFalse(torch.allclose(self.check_batched_forward(False), self.check_batched_forward(True)))
+        with self.assertRaises(ValueError):
+            causal_blocks({"block_attention": "sideways"})
+        self.assertFalse(causal_blocks({}))
 
     def test_reading_targets(self):
         # A dataset as `vist2ctl dataset` writes it: cells are [scalar, x, y, advance].

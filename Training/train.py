@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vist2.data import N_CLASSES, Dataset  # noqa: E402
-from vist2.model import Aligner, Backbone, VisionConfig, VisionEncoder, load_vision, vision_state_dict  # noqa: E402
+from vist2.model import Aligner, Backbone, VisionConfig, VisionEncoder, causal_blocks, load_vision, vision_state_dict  # noqa: E402
 
 
 # ---------------------------------------------------------------- model
@@ -109,12 +109,13 @@ class Trainable(nn.Module):
 
 # ---------------------------------------------------------------- sequences
 
-def build(bb, instr, blocks, text, m):
+def build(bb, instr, blocks, text, m, causal=False):
     """One sequence of VIST2.md section 3: instruction ids, visual blocks (list of (m, D)
     tensors), then the text ids of the chunk after them. Returns embeddings, positions, the
     allowed-attention matrix, and for each text token the index of the row whose output
     predicts it (the first from the last visual token, or the instruction's last token if
-    there are no blocks)."""
+    there are no blocks). causal: a block's tokens attend to the block causally (the config's
+    block_attention "causal") instead of bidirectionally."""
     P, k, n = len(instr), len(blocks), len(text)
     parts = [bb.embed(torch.as_tensor(instr, dtype=torch.long))] if P else []
     parts += blocks
@@ -129,7 +130,7 @@ def build(bb, instr, blocks, text, m):
     qc, kc = chunk[:, None], chunk[None, :]
     qi, ki = idx[:, None], idx[None, :]
     allowed = ((kk == 0) & ((qk != 0) | (ki <= qi))) | ((kk == 2) & (kc < qc)) | ((qk == 1) & (kk == 1) & (ki <= qi)) | (
-        (qk == 2) & (kk == 2) & (kc == qc))
+        (qk == 2) & (kk == 2) & (kc == qc) & ((ki <= qi) | (not causal)))
     first_pred = P + k * m - 1
     pred_rows = torch.tensor([first_pred] + list(range(P + k * m, T - 1)))
     return x, pos, allowed, pred_rows
@@ -230,7 +231,7 @@ def step_loss(model, bb, ds, rng, stage, sched, ocr_ids, cfg):
         return la + sw * ls, {"aux": la.item(), "aux_acc": acc, "v_rms": ratio.mean().item()}
     seqs, targets = [], []
     for instr, slots, text in specs:
-        e, p, a, r = build(bb, list(instr), [v[s] for s in slots], text, m)
+        e, p, a, r = build(bb, list(instr), [v[s] for s in slots], text, m, causal_blocks(cfg))
         seqs.append((e, p, a, r))
         targets.append(text)
     ll, n = lm_loss(bb, seqs, targets)
@@ -240,30 +241,39 @@ def step_loss(model, bb, ds, rng, stage, sched, ocr_ids, cfg):
 
 @torch.no_grad()
 def evaluate(model, bb, ds, cfg, ocr_ids, n_eval, stage):
-    """Held-out: aux accuracy, OCR loss (teacher-forced) and OLM loss over fixed chunks."""
+    """Held-out: aux accuracy, OCR loss (teacher-forced) and OLM loss over fixed chunks. With
+    each, the same loss with all visual tokens zero ("blind": the backbone's guess from the
+    prompt and the text so far alone), so that the log shows what the visual tokens add: a
+    loss near its blind value means the backbone reads nothing from them."""
     model.eval()
     m = model.gh * model.gw // model.merge ** 2
     rng = random.Random(1234)
     idx = [rng.randrange(ds.n) for _ in range(n_eval)]
-    accs, ocr, olm = [], [], []
+    accs, ocr, olm, ocr_blind, olm_blind = [], [], [], [], []
+
+    def loss(instr, v, text):
+        return lm_loss(bb, [build(bb, instr, [v], text, m, causal_blocks(cfg))], [text])[0].item()
+
     for i in idx:
         v, aux = model(ds.pixels([i]))
         accs.append(aux_loss(model, ds, [i], aux, cfg)[1])
         if stage != "A":
-            l, _ = lm_loss(bb, [build(bb, list(ocr_ids), [v[0]], ds.tokens[i], m)], [ds.tokens[i]])
-            ocr.append(l.item())
+            ocr.append(loss(list(ocr_ids), v[0], ds.tokens[i]))
+            ocr_blind.append(loss(list(ocr_ids), torch.zeros_like(v[0]), ds.tokens[i]))
     if stage != "A":
         fol = [ds.followers[rng.randrange(len(ds.followers))] for _ in range(n_eval)] if ds.followers else []
         for j in fol:
             v, _ = model(ds.pixels([j - 1]))
-            l, _ = lm_loss(bb, [build(bb, [], [v[0]], ds.tokens[j], m)], [ds.tokens[j]])
-            olm.append(l.item())
+            olm.append(loss([], v[0], ds.tokens[j]))
+            olm_blind.append(loss([], torch.zeros_like(v[0]), ds.tokens[j]))
     model.train()
     out = {"aux_acc": float(np.mean(accs))}
     if ocr:
         out["ocr_loss"] = float(np.mean(ocr))
+        out["ocr_blind"] = float(np.mean(ocr_blind))
     if olm:
         out["olm_loss"] = float(np.mean(olm))
+        out["olm_blind"] = float(np.mean(olm_blind))
     return out
 
 

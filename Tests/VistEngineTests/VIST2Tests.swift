@@ -19,6 +19,7 @@ struct TinyVIST2Golden: Decodable {
     let vocab: Int
     let kv_after_swaps: [Int]
     let special_tokens: [String: String]?
+    let block_attention: String?
 
     static let directory: URL = Bundle.module.url(forResource: "Fixtures/tiny-vist2", withExtension: nil)!
 
@@ -47,18 +48,37 @@ struct VIST2Tests {
 
     @Test("With boundary tokens around each block, logits and KV counts still match the reference")
     func goldenBoundaryTokens() throws {
-        let (g, _) = try TinyVIST2Golden.load("golden-boundary")
+        try checkPatchedGolden("golden-boundary")
+    }
+
+    @Test("With causal attention inside each block (block_attention \"causal\"), logits still match the reference")
+    func goldenCausalBlocks() throws {
+        let (g, _) = try TinyVIST2Golden.load("golden-causal")
+        #expect(g.block_attention == "causal")
+        try checkPatchedGolden("golden-causal")
+        // And the two attentions really differ on this model.
+        let (bidirectional, _) = try TinyVIST2Golden.load("golden-boundary")
+        #expect(bidirectional.block_attention == nil)
+        #expect(try TinyVIST2Golden.load("golden-causal").1 != TinyVIST2Golden.load("golden-boundary").1)
+    }
+
+    /// The tiny model with the golden's config patch (boundary tokens, block attention) applied
+    /// in a copy, checked against that golden.
+    func checkPatchedGolden(_ name: String) throws {
+        let (g, _) = try TinyVIST2Golden.load(name)
         let special = try #require(g.special_tokens)
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-bt-\(UUID().uuidString)")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-patched-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: dir) }
         try FileManager.default.copyItem(at: TinyVIST2Golden.directory, to: dir)
         let cfgURL = dir.appendingPathComponent("config.json")
         var cfg = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: cfgURL)) as? [String: Any])
         cfg["special_tokens"] = special
+        if let a = g.block_attention { cfg["block_attention"] = a }
         try JSONSerialization.data(withJSONObject: cfg).write(to: cfgURL)
         let model = try VIST2Model(directory: dir, threads: 2)
         #expect(model.blockSize == model.visualTokens + 2)
-        try checkGolden(model: model, name: "golden-boundary")
+        #expect(model.config.causalBlocks == (g.block_attention == "causal"))
+        try checkGolden(model: model, name: name)
     }
 
     func checkGolden(model: VIST2Model, name: String) throws {
@@ -214,5 +234,7 @@ struct VIST2Tests {
             try error {
                 var r = $0["render"] as! [String: Any]; r["tile"] = 64; $0["render"] = r
             }.contains("render.tile"))
+        #expect(try error { $0["block_attention"] = "sideways" }.contains("block_attention"))
+        #expect(try error { $0["block_attention"] = "causal" } == "accepted")
     }
 }

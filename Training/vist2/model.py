@@ -231,6 +231,14 @@ def load_vision(vision, aligner, path):
 
 # ---------------------------------------------------------------- VIST2
 
+def causal_blocks(cfg):
+    """A config's `block_attention`: False for "bidirectional" (the default), True for "causal"."""
+    a = cfg.get("block_attention", "bidirectional")
+    if a not in ("bidirectional", "causal"):
+        raise ValueError(f'block_attention must be "bidirectional" or "causal", got {a!r}')
+    return a == "causal"
+
+
 class VIST2(nn.Module):
     def __init__(self, model_dir):
         super().__init__()
@@ -252,6 +260,7 @@ class VIST2(nn.Module):
         self.vision_start = self.token_id(bdir, st.get("vision_start"))
         self.vision_end = self.token_id(bdir, st.get("vision_end"))
         self.block = self.m + (self.vision_start is not None) + (self.vision_end is not None)
+        self.causal_blocks = causal_blocks(cfg)
 
     @staticmethod
     def token_id(backbone_dir, text):
@@ -287,8 +296,8 @@ class VIST2(nn.Module):
 
         Mask (query may attend key): instruction tokens are causal among themselves and visible
         to all; a text token of T_i sees the instruction, V_j for j < i and T_i causally; a
-        visual token of V_i sees the instruction, V_j for j < i and all of V_i. Positions: the
-        instruction 0..P-1; V_i and T_i both start at P + i*b, b = m plus the optional boundary
+        visual token of V_i sees the instruction, V_j for j < i and all of V_i (with
+        block_attention "causal": V_i's tokens up to itself). Positions: the instruction 0..P-1; V_i and T_i both start at P + i*b, b = m plus the optional boundary
         tokens, which belong to the block.
         """
         P = instruction.shape[0]
@@ -323,7 +332,7 @@ class VIST2(nn.Module):
         instr_key = (k_k == 0) & ((q_k != 0) | (k_i <= q_i))
         earlier_vis = (k_k == 2) & (k_c < q_c)
         own_text = (q_k == 1) & (k_k == 1) & (k_c == q_c) & (k_i <= q_i)
-        own_vis = (q_k == 2) & (k_k == 2) & (k_c == q_c)
+        own_vis = (q_k == 2) & (k_k == 2) & (k_c == q_c) & ((k_i <= q_i) | (not self.causal_blocks))
         mask = instr_key | earlier_vis | own_text | own_vis
         logits = self.backbone(x, pos.to(x.dtype), mask)
         return logits[kind == 1], (kind, chunk, pos)

@@ -77,11 +77,20 @@ public struct VIST2Config: Codable, Sendable, Equatable {
     /// The instruction the model was trained to transcribe a visual block after (`[ocr_prompt]
     /// V_i -> T_i`); `vist2ctl eval` measures OCR with it. Absent: no instruction.
     public var ocrPrompt: String?
+    /// How the tokens of one visual block attend to each other: "bidirectional" (VIST2.md
+    /// section 3; the default when absent) or "causal" (each visual token sees the block's
+    /// earlier ones only, as a causal backbone sees text: Training/EXPERIMENTS.md). Either way a
+    /// block depends only on pixels, the instruction and earlier blocks, so its KV is cacheable.
+    public var blockAttention: String?
+
+    /// Whether visual blocks are prefilled causally (`block_attention` "causal").
+    public var causalBlocks: Bool { blockAttention == "causal" }
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version", modelType = "model_type", backbone, vision, aligner, render, chunk
         case specialTokens = "special_tokens"
         case ocrPrompt = "ocr_prompt"
+        case blockAttention = "block_attention"
     }
 
     public static let currentFormatVersion = 1
@@ -141,6 +150,9 @@ public struct VIST2Config: Codable, Sendable, Equatable {
         if let tile = render.tile, tile != v.patchSize * s {
             throw bad(
                 "render.tile \(tile) must equal the region one visual token sees, vision.patch_size x aligner.merge = \(v.patchSize * s)")
+        }
+        if let a = blockAttention, a != "bidirectional", a != "causal" {
+            throw bad("block_attention must be \"bidirectional\" or \"causal\", got \"\(a)\"")
         }
         guard chunk.ratio >= 1, chunk.length == chunk.ratio * visualTokens else {
             throw bad("chunk.length \(chunk.length) must equal chunk.ratio \(chunk.ratio) x visual tokens per chunk \(visualTokens)")

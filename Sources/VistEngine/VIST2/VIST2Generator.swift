@@ -292,13 +292,14 @@ public struct VIST2Generator {
             chunk_cache_hits: docStats.chunkHits, prefix_cache_hits: docStats.prefixHits)
     }
 
-    /// One visual block: [vision_start] m visual tokens [vision_end], bidirectional inside.
+    /// One visual block: [vision_start] m visual tokens [vision_end], bidirectional inside (or
+    /// causal, with the config's `block_attention` "causal").
     /// With `logits: .last`, the block's last row predicts the token after it.
     func prefillBlock(_ e: ArraySlice<Float>, kv: KVCache, logits: LogitRows = .none) {
         let tf = model.language.transformer
         let startRow = model.visionStart.map { tf.embedding(of: $0) } ?? []
         let endRow = model.visionEnd.map { tf.embedding(of: $0) } ?? []
-        tf.forward(embeddings: startRow + e + endRow, cache: kv, causal: false, logits: logits)
+        tf.forward(embeddings: startRow + e + endRow, cache: kv, causal: model.config.causalBlocks, logits: logits)
     }
 
     /// Prefills the documents' finished chunks as visual blocks after the entries already in
