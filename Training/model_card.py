@@ -58,10 +58,11 @@ def plot(steps, evals, path):
     lm = [r for r in steps if "lm" in r]
     if lm:
         ax.plot([r["step"] for r in lm], smooth([r["lm"] for r in lm]), label="train LM loss (smoothed)", lw=1)
-    for key, label in (("ocr_loss", "held-out OCR loss"), ("olm_loss", "held-out OLM loss")):
+    for key, label, style in (("ocr_loss", "held-out OCR loss", "o-"), ("olm_loss", "held-out OLM loss", "o-"),
+                              ("ocr_blind", "OCR, visual tokens zeroed", "x--"), ("olm_blind", "OLM, visual tokens zeroed", "x--")):
         pts = [r for r in evals if key in r["eval"]]
         if pts:
-            ax.plot([r["step"] for r in pts], [r["eval"][key] for r in pts], "o-", label=label, ms=3)
+            ax.plot([r["step"] for r in pts], [r["eval"][key] for r in pts], style, label=label, ms=3)
     ax.set_title("Through the frozen backbone: cross-entropy (nats/token)")
     ax.set_xlabel("step")
     ax.legend()

@@ -39,6 +39,14 @@ grep -q "initialised from" "$SMOKE/init.log"
 IDS="$("$PY" -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["ocr_prompt_ids"])))' "$SMOKE/run/run.json")"
 "$PY" Training/capacity.py --backbone "$SMOKE/backbone" --data "$SMOKE/ds-heldout" --ocr-ids "$IDS" --chunks 1 --steps 2 --tokens 32 \
     | "$PY" -c 'import json, sys; r = json.load(sys.stdin)[0]; assert 0 <= r["argmax_token_accuracy"] <= 1 and len(r["loss_curve"]) == 2, r'
+# Held-out evaluations report the blind losses (visual tokens zeroed) beside the real ones.
+grep -q '"ocr_blind"' "$SMOKE/run/log.jsonl"
+# The interface probes (Training/EXPERIMENTS.md, section 4), a few tokens each.
+"$PY" Training/interface_probe.py constructions --backbone "$SMOKE/backbone" --data "$SMOKE/ds-heldout" --ocr-ids "$IDS" \
+    --chunks 1 --tokens 16 | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert len(r) == 8, r'
+"$PY" Training/interface_probe.py teacher --backbone "$SMOKE/backbone" --data "$SMOKE/ds-train" --heldout "$SMOKE/ds-heldout" \
+    --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 2 --start first --causal \
+    | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert r["steps"] == 2 and len(r["curve"]) == 2, r'
 rm -rf "$SMOKE"
 .build/release/vist2ctl eval --model default --max-chunks 2 --json README.md
 

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""What can the frozen backbone read through a visual block, independent of any vision encoder?
+Two probes on held-out chunks, both with the OCR sequence of Training/train.py ([OCR prompt]
+V -> T, the VIST2 mask and positions), teacher-forced, loss in nats per text token:
+
+  constructions  No training. The block is built from the chunk's own token embeddings: one
+                 token per visual token ("r1": the text itself, so an upper bound for any block),
+                 the first token of every 2 or 4, and all-zero ("blind": what the backbone guesses
+                 from the prompt and the text so far alone). Each with the block's tokens
+                 attending bidirectionally (VIST2.md section 3) and causally (block_attention
+                 "causal").
+  teacher        A text-side encoder with perfect input: an MLP from the ids of each group of
+                 --group consecutive tokens to one visual token, trained through the frozen
+                 backbone on the training chunks (no pixels, nothing to read). How fast does an
+                 encoder that needs no reading learn a code the backbone reads? With --start
+                 first: a linear map that starts at the "first token of each group" code.
+
+    python3 Training/interface_probe.py constructions --backbone WORK/backbone --data WORK/ds-heldout --ocr-ids 8241,83,6842,42
+    python3 Training/interface_probe.py teacher --backbone WORK/backbone --data WORK/ds-train \\
+        --heldout WORK/ds-heldout --ocr-ids 8241,83,6842,42 --group 4 --minutes 12 [--causal] [--lr 1e-3]
+
+Results: Training/EXPERIMENTS.md, section 4.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train  # noqa: E402
+from vist2.data import Dataset  # noqa: E402
+from vist2.model import Backbone  # noqa: E402
+
+
+def heldout_chunks(ds, n):
+    """The held-out chunks train.py's evaluation uses (same seed)."""
+    rng = random.Random(1234)
+    return [rng.randrange(ds.n) for _ in range(n)]
+
+
+def ocr_loss(bb, ocr, v, ids, causal):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return train.lm_loss(bb, [train.build(bb, ocr, [v], ids, v.shape[0], causal)], [ids])[0]
+
+
+@torch.no_grad()
+def constructions(bb, ds, ocr, n, tokens):
+    E = bb.embed.weight
+    res = {}
+    for i in heldout_chunks(ds, n):
+        ids = ds.tokens[i][:tokens].tolist()
+        t = torch.tensor(ids)
+        blocks = {"r1 (the text itself)": E[t], "r2, first token of each 2": E[t[0::2]],
+                  "r4, first token of each 4": E[t[0::4]], "blind (r4, zeros)": torch.zeros((len(ids) + 3) // 4, bb.dim)}
+        for name, v in blocks.items():
+            for causal in (False, True):
+                key = f"{name}, {'causal' if causal else 'bidirectional'}"
+                res.setdefault(key, []).append(ocr_loss(bb, ocr, v, ids, causal).item())
+    return {k: round(float(np.mean(v)), 4) for k, v in res.items()}
+
+
+class Teacher(nn.Module):
+    """One visual token from the ids of `group` consecutive tokens: tanh(MLP(concatenated
+    frozen token embeddings)); the last group is padded with zeros."""
+
+    def __init__(self, embed, group, hidden=1024):
+        super().__init__()
+        self.embed, self.group = embed, group
+        self.inp = nn.Linear(group * embed.shape[1], hidden)
+        self.out = nn.Linear(hidden, embed.shape[1])
+        with torch.no_grad():
+            self.out.weight.mul_(0.5)
+
+    def forward(self, ids):
+        g = self.group
+        n = (len(ids) + g - 1) // g
+        slots = torch.full((n * g,), -1, dtype=torch.long)
+        slots[: len(ids)] = torch.as_tensor(ids)
+        slots = slots.view(n, g)
+        e = self.embed[slots.clamp(min=0)] * (slots >= 0)[..., None]
+        return torch.tanh(self.out(F.gelu(self.inp(e.flatten(1)))))
+
+
+class LinearTeacher(nn.Module):
+    """tanh(sum over the group's positions p of W_p e_p + b), starting at W_0 = I, W_p = 0 for p > 0,
+    b = 0: the "first token of each group" code, which the backbone reads from the start."""
+
+    def __init__(self, embed, group):
+        super().__init__()
+        self.embed, self.group = embed, group
+        d = embed.shape[1]
+        w = torch.zeros(group, d, d)
+        w[0] = torch.eye(d)
+        self.w = nn.Parameter(w)
+        self.b = nn.Parameter(torch.zeros(d))
+
+    def forward(self, ids):
+        g = self.group
+        n = (len(ids) + g - 1) // g
+        slots = torch.full((n * g,), -1, dtype=torch.long)
+        slots[: len(ids)] = torch.as_tensor(ids)
+        slots = slots.view(n, g)
+        e = self.embed[slots.clamp(min=0)] * (slots >= 0)[..., None]  # (n, g, d)
+        return torch.tanh(torch.einsum("ngd,gde->ne", e, self.w) + self.b)
+
+
+def teacher(bb, train_ds, held, ocr, args):
+    torch.manual_seed(0)
+    if args.start == "first":
+        model = LinearTeacher(bb.embed.weight.detach(), args.group)
+    else:
+        model = Teacher(bb.embed.weight.detach(), args.group)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = random.Random(1)
+    hidx = heldout_chunks(held, args.chunks)
+
+    @torch.no_grad()
+    def evaluate(step):
+        ids = [held.tokens[i][: args.tokens].tolist() for i in hidx]
+        rec = {"step": step, "heldout_ocr": float(np.mean([ocr_loss(bb, ocr, model(t).float(), t, args.causal).item() for t in ids])),
+               "blind": float(np.mean([ocr_loss(bb, ocr, torch.zeros_like(model(t)), t, args.causal).item() for t in ids]))}
+        print(json.dumps(rec), file=sys.stderr, flush=True)
+        return rec
+
+    curve = [evaluate(0)]
+    t0, step = time.time(), 0
+    while time.time() - t0 < args.minutes * 60 and (args.steps == 0 or step < args.steps):
+        step += 1
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, step / 30)
+        seqs, targets = [], []
+        for _ in range(2):
+            ids = train_ds.tokens[rng.randrange(train_ds.n)][: args.tokens].tolist()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                v = model(ids).float()
+            seqs.append(train.build(bb, ocr, [v], ids, v.shape[0], args.causal))
+            targets.append(ids)
+        loss, _ = train.lm_loss(bb, seqs, targets)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0:
+            curve.append(evaluate(step))
+    curve.append(evaluate(step))
+    return {"group": args.group, "causal": args.causal, "start": args.start, "lr": args.lr, "steps": step, "curve": curve}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("probe", choices=("constructions", "teacher"))
+    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--data", required=True, help="held-out dataset (constructions) or training dataset (teacher)")
+    ap.add_argument("--heldout", help="teacher: the held-out dataset")
+    ap.add_argument("--ocr-ids", required=True, help="token ids of the OCR prompt, comma-separated")
+    ap.add_argument("--chunks", type=int, default=12, help="held-out chunks to measure on")
+    ap.add_argument("--tokens", type=int, default=400, help="at most this many tokens of each chunk")
+    ap.add_argument("--group", type=int, default=4, help="teacher: tokens per visual token")
+    ap.add_argument("--causal", action="store_true", help="teacher: causal attention inside the block")
+    ap.add_argument("--start", choices=("random", "first"), default="random",
+                    help="teacher: an MLP from random weights, or a linear map starting at the first-token code")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--minutes", type=float, default=12)
+    ap.add_argument("--steps", type=int, default=0, help="teacher: stop after this many steps (0 = only --minutes)")
+    args = ap.parse_args()
+    bb = Backbone(args.backbone)
+    for p in bb.parameters():
+        p.requires_grad_(False)
+    ocr = [int(t) for t in args.ocr_ids.split(",")]
+    if args.probe == "constructions":
+        out = constructions(bb, Dataset(args.data), ocr, args.chunks, args.tokens)
+    else:
+        if not args.heldout:
+            ap.error("teacher needs --heldout")
+        out = teacher(bb, Dataset(args.data), Dataset(args.heldout), ocr, args)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
