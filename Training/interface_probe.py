@@ -66,6 +66,16 @@ def constructions(bb, ds, ocr, n, tokens):
     return {k: round(float(np.mean(v)), 4) for k, v in res.items()}
 
 
+def grouped(embed, ids, g):
+    """(ceil(len/g), g, d): the embeddings of each group of g consecutive ids, the last group
+    padded with zero vectors."""
+    n = (len(ids) + g - 1) // g
+    slots = torch.full((n * g,), -1, dtype=torch.long)
+    slots[: len(ids)] = torch.as_tensor(ids)
+    slots = slots.view(n, g)
+    return embed[slots.clamp(min=0)] * (slots >= 0)[..., None]
+
+
 class Teacher(nn.Module):
     """One visual token from the ids of `group` consecutive tokens: tanh(MLP(concatenated
     frozen token embeddings)); the last group is padded with zeros."""
@@ -79,13 +89,7 @@ class Teacher(nn.Module):
             self.out.weight.mul_(0.5)
 
     def forward(self, ids):
-        g = self.group
-        n = (len(ids) + g - 1) // g
-        slots = torch.full((n * g,), -1, dtype=torch.long)
-        slots[: len(ids)] = torch.as_tensor(ids)
-        slots = slots.view(n, g)
-        e = self.embed[slots.clamp(min=0)] * (slots >= 0)[..., None]
-        return torch.tanh(self.out(F.gelu(self.inp(e.flatten(1)))))
+        return torch.tanh(self.out(F.gelu(self.inp(grouped(self.embed, ids, self.group).flatten(1)))))
 
 
 class LinearTeacher(nn.Module):
@@ -102,13 +106,7 @@ class LinearTeacher(nn.Module):
         self.b = nn.Parameter(torch.zeros(d))
 
     def forward(self, ids):
-        g = self.group
-        n = (len(ids) + g - 1) // g
-        slots = torch.full((n * g,), -1, dtype=torch.long)
-        slots[: len(ids)] = torch.as_tensor(ids)
-        slots = slots.view(n, g)
-        e = self.embed[slots.clamp(min=0)] * (slots >= 0)[..., None]  # (n, g, d)
-        return torch.tanh(torch.einsum("ngd,gde->ne", e, self.w) + self.b)
+        return torch.tanh(torch.einsum("ngd,gde->ne", grouped(self.embed, ids, self.group), self.w) + self.b)
 
 
 def teacher(bb, train_ds, held, ocr, args):
