@@ -151,7 +151,8 @@ def main():
     w(f"- Aligner: {cfg['aligner']['merge']}x{cfg['aligner']['merge']} neighbouring patches concatenated, then `tanh(x W + b)` "
       f"to the backbone's width: m = {m} visual tokens per chunk of at most L = {cfg['chunk']['length']} text tokens (ratio "
       f"{cfg['chunk']['ratio']}). One visual token covers a {region}x{region}-pixel region: "
-      f"{region // r['line_height']} rows of {region // advance} character cells.")
+      f"{region // r['line_height']} rows of {region // advance} character cells. Inside a visual block the tokens attend "
+      + ("causally (`block_attention` \"causal\")." if cfg.get("block_attention") == "causal" else "to each other in both directions."))
     w(f"- Weights: {n_params / 1e6:.2f} M parameters, {size / 1e6:.1f} MB in F16.")
     w(f"- OCR instruction: `{cfg.get('ocr_prompt', '')}` (the transcription is prompted with it; see conventions).\n")
     w("## Recipe (VIST2.md section 6)\n")
