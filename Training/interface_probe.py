@@ -13,7 +13,8 @@ V -> T, the VIST2 mask and positions), teacher-forced, loss in nats per text tok
                  --group consecutive tokens to one visual token, trained through the frozen
                  backbone on the training chunks (no pixels, nothing to read). How fast does an
                  encoder that needs no reading learn a code the backbone reads? With --start
-                 first: a linear map that starts at the "first token of each group" code.
+                 first: a linear map that starts at the "first token of each group" code (with
+                 --start zero: the same map starting at zero, the blind code).
 
     python3 Training/interface_probe.py constructions --backbone WORK/backbone --data WORK/ds-heldout --ocr-ids 8241,83,6842,42
     python3 Training/interface_probe.py teacher --backbone WORK/backbone --data WORK/ds-train \\
@@ -93,15 +94,17 @@ class Teacher(nn.Module):
 
 
 class LinearTeacher(nn.Module):
-    """tanh(sum over the group's positions p of W_p e_p + b), starting at W_0 = I, W_p = 0 for p > 0,
-    b = 0: the "first token of each group" code, which the backbone reads from the start."""
+    """tanh(sum over the group's positions p of W_p e_p + b), starting (first=True) at W_0 = I,
+    W_p = 0 for p > 0, b = 0: the "first token of each group" code, which the backbone reads
+    from the start; or (first=False) at W = 0, the blind code."""
 
-    def __init__(self, embed, group):
+    def __init__(self, embed, group, first=True):
         super().__init__()
         self.embed, self.group = embed, group
         d = embed.shape[1]
         w = torch.zeros(group, d, d)
-        w[0] = torch.eye(d)
+        if first:
+            w[0] = torch.eye(d)
         self.w = nn.Parameter(w)
         self.b = nn.Parameter(torch.zeros(d))
 
@@ -111,8 +114,8 @@ class LinearTeacher(nn.Module):
 
 def teacher(bb, train_ds, held, ocr, args):
     torch.manual_seed(0)
-    if args.start == "first":
-        model = LinearTeacher(bb.embed.weight.detach(), args.group)
+    if args.start in ("first", "zero"):
+        model = LinearTeacher(bb.embed.weight.detach(), args.group, first=args.start == "first")
     else:
         model = Teacher(bb.embed.weight.detach(), args.group)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -162,8 +165,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=400, help="at most this many tokens of each chunk")
     ap.add_argument("--group", type=int, default=4, help="teacher: tokens per visual token")
     ap.add_argument("--causal", action="store_true", help="teacher: causal attention inside the block")
-    ap.add_argument("--start", choices=("random", "first"), default="random",
-                    help="teacher: an MLP from random weights, or a linear map starting at the first-token code")
+    ap.add_argument("--start", choices=("random", "first", "zero"), default="random",
+                    help="teacher: an MLP from random weights, or a linear map starting at the first-token code or at zero")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--minutes", type=float, default=12)
     ap.add_argument("--steps", type=int, default=0, help="teacher: stop after this many steps (0 = only --minutes)")
