@@ -40,12 +40,6 @@ from vist2.data import Dataset  # noqa: E402
 from vist2.model import Backbone  # noqa: E402
 
 
-def heldout_chunks(ds, n):
-    """The held-out chunks train.py's evaluation uses (same seed)."""
-    rng = random.Random(1234)
-    return [rng.randrange(ds.n) for _ in range(n)]
-
-
 def ocr_loss(bb, ocr, v, ids, causal):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return train.lm_loss(bb, [train.build(bb, ocr, [v], ids, v.shape[0], causal)], [ids])[0]
@@ -55,7 +49,7 @@ def ocr_loss(bb, ocr, v, ids, causal):
 def constructions(bb, ds, ocr, n, tokens):
     E = bb.embed.weight
     res = {}
-    for i in heldout_chunks(ds, n):
+    for i in train.eval_chunks(ds, n)[0]:
         ids = ds.tokens[i][:tokens].tolist()
         t = torch.tensor(ids)
         blocks = {"r1 (the text itself)": E[t], "r2, first token of each 2": E[t[0::2]],
@@ -120,13 +114,15 @@ def teacher(bb, train_ds, held, ocr, args):
         model = Teacher(bb.embed.weight.detach(), args.group)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(1)
-    hidx = heldout_chunks(held, args.chunks)
+    held_ids = [held.tokens[i][: args.tokens].tolist() for i in train.eval_chunks(held, args.chunks)[0]]
+    with torch.no_grad():  # the backbone is frozen: the blind loss is the same at every evaluation
+        blind = float(np.mean([ocr_loss(bb, ocr, torch.zeros((len(t) + args.group - 1) // args.group, bb.dim), t, args.causal).item()
+                               for t in held_ids]))
 
     @torch.no_grad()
     def evaluate(step):
-        ids = [held.tokens[i][: args.tokens].tolist() for i in hidx]
-        rec = {"step": step, "heldout_ocr": float(np.mean([ocr_loss(bb, ocr, model(t).float(), t, args.causal).item() for t in ids])),
-               "blind": float(np.mean([ocr_loss(bb, ocr, torch.zeros_like(model(t)), t, args.causal).item() for t in ids]))}
+        rec = {"step": step, "heldout_ocr": float(np.mean([ocr_loss(bb, ocr, model(t).float(), t, args.causal).item() for t in held_ids])),
+               "blind": blind}
         print(json.dumps(rec), file=sys.stderr, flush=True)
         return rec
 

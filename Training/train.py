@@ -239,41 +239,60 @@ def step_loss(model, bb, ds, rng, stage, sched, ocr_ids, cfg):
     return loss, {"lm": ll.item(), "aux": la.item(), "aux_acc": acc, "v_rms": ratio.mean().item(), "tokens": n}
 
 
+def eval_chunks(ds, n):
+    """The fixed held-out chunks of every evaluation: n chunks to read and transcribe, and n
+    chunks with a predecessor in their document for OLM (each predicted from the one before)."""
+    rng = random.Random(1234)
+    idx = [rng.randrange(ds.n) for _ in range(n)]
+    fol = [ds.followers[rng.randrange(len(ds.followers))] for _ in range(n)] if ds.followers else []
+    return idx, fol
+
+
+def sequence_loss(bb, instr, v, text, m, causal):
+    """Mean cross-entropy over the text of one sequence: instruction ids, one visual block v, text."""
+    return lm_loss(bb, [build(bb, instr, [v], text, m, causal)], [text])[0].item()
+
+
 @torch.no_grad()
-def evaluate(model, bb, ds, cfg, ocr_ids, n_eval, stage):
-    """Held-out: aux accuracy, OCR loss (teacher-forced) and OLM loss over fixed chunks. With
-    each, the same loss with all visual tokens zero ("blind": the backbone's guess from the
-    prompt and the text so far alone), so that the log shows what the visual tokens add: a
-    loss near its blind value means the backbone reads nothing from them."""
+def blind_losses(bb, ds, cfg, ocr_ids, n_eval, m):
+    """evaluate()'s OCR and OLM losses with every visual token zero ("blind": the backbone's guess
+    from the prompt and the text so far alone). A loss near its blind value means the backbone
+    reads nothing from the visual tokens. The backbone is frozen and the chunks are fixed, so a
+    run computes these once."""
+    idx, fol = eval_chunks(ds, n_eval)
+    causal, zeros = causal_blocks(cfg), torch.zeros(m, bb.dim)
+    out = {"ocr_blind": float(np.mean([sequence_loss(bb, list(ocr_ids), zeros, ds.tokens[i], m, causal) for i in idx]))}
+    if fol:
+        out["olm_blind"] = float(np.mean([sequence_loss(bb, [], zeros, ds.tokens[j], m, causal) for j in fol]))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, bb, ds, cfg, ocr_ids, n_eval, stage, blind=None):
+    """Held-out: aux accuracy, OCR loss (teacher-forced) and OLM loss over fixed chunks, and
+    with them `blind` (blind_losses()) so that the log shows what the visual tokens add."""
     model.eval()
     m = model.gh * model.gw // model.merge ** 2
-    rng = random.Random(1234)
-    idx = [rng.randrange(ds.n) for _ in range(n_eval)]
-    accs, ocr, olm, ocr_blind, olm_blind = [], [], [], [], []
-
-    def loss(instr, v, text):
-        return lm_loss(bb, [build(bb, instr, [v], text, m, causal_blocks(cfg))], [text])[0].item()
-
+    idx, fol = eval_chunks(ds, n_eval)
+    causal = causal_blocks(cfg)
+    accs, ocr, olm = [], [], []
     for i in idx:
         v, aux = model(ds.pixels([i]))
         accs.append(aux_loss(model, ds, [i], aux, cfg)[1])
         if stage != "A":
-            ocr.append(loss(list(ocr_ids), v[0], ds.tokens[i]))
-            ocr_blind.append(loss(list(ocr_ids), torch.zeros_like(v[0]), ds.tokens[i]))
+            ocr.append(sequence_loss(bb, list(ocr_ids), v[0], ds.tokens[i], m, causal))
     if stage != "A":
-        fol = [ds.followers[rng.randrange(len(ds.followers))] for _ in range(n_eval)] if ds.followers else []
         for j in fol:
             v, _ = model(ds.pixels([j - 1]))
-            olm.append(loss([], v[0], ds.tokens[j]))
-            olm_blind.append(loss([], torch.zeros_like(v[0]), ds.tokens[j]))
+            olm.append(sequence_loss(bb, [], v[0], ds.tokens[j], m, causal))
     model.train()
     out = {"aux_acc": float(np.mean(accs))}
     if ocr:
         out["ocr_loss"] = float(np.mean(ocr))
-        out["ocr_blind"] = float(np.mean(ocr_blind))
     if olm:
         out["olm_loss"] = float(np.mean(olm))
-        out["olm_blind"] = float(np.mean(olm_blind))
+    if stage != "A" and blind:
+        out.update(blind)
     return out
 
 
@@ -359,9 +378,14 @@ def main():
         return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best, "rng": rng.getstate(),
                 "torch_rng": torch.get_rng_state(), "elapsed": elapsed0 + time.time() - t0, "run": run}
 
+    blind = {}
+
     def do_eval():
         st_ = stage_at(max(step - 1, 0), sched)
-        ev = evaluate(model, bb, held, cfg, ocr_ids, sched.get("eval_chunks", 16), st_)
+        if st_ != "A" and not blind:
+            m = model.gh * model.gw // model.merge ** 2
+            blind.update(blind_losses(bb, held, cfg, ocr_ids, sched.get("eval_chunks", 16), m))
+        ev = evaluate(model, bb, held, cfg, ocr_ids, sched.get("eval_chunks", 16), st_, blind)
         rec = {"step": step, "stage": st_, "eval": ev, "hours": (elapsed0 + time.time() - t0) / 3600}
         log.write(json.dumps(rec) + "\n")
         log.flush()
