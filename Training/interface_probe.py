@@ -14,7 +14,10 @@ V -> T, the VIST2 mask and positions), teacher-forced, loss in nats per text tok
                  backbone on the training chunks (no pixels, nothing to read). How fast does an
                  encoder that needs no reading learn a code the backbone reads? With --start
                  first: a linear map that starts at the "first token of each group" code (with
-                 --start zero: the same map starting at zero, the blind code).
+                 --start zero: the same map starting at zero, the blind code). --curriculum 2:200
+                 trains on groups of 2 for 200 steps before --group (VIST2.md's ratio
+                 curriculum); --adapter RANK also trains a low-rank "visual expert" in the
+                 backbone's projections, on the visual rows only (not part of the engine's model).
 
     python3 Training/interface_probe.py constructions --backbone WORK/backbone --data WORK/ds-heldout --ocr-ids 8241,83,6842,42
     python3 Training/interface_probe.py teacher --backbone WORK/backbone --data WORK/ds-train \\
@@ -40,9 +43,49 @@ from vist2.data import Dataset  # noqa: E402
 from vist2.model import Backbone  # noqa: E402
 
 
-def ocr_loss(bb, ocr, v, ids, causal):
+def ocr_loss(bb, ocr, v, ids, causal, adapters=None):
+    seq = train.build(bb, ocr, [v], ids, v.shape[0], causal)
+    if adapters:
+        adapters.mark([seq], len(ocr))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return train.lm_loss(bb, [train.build(bb, ocr, [v], ids, v.shape[0], causal)], [ids])[0]
+        return train.lm_loss(bb, [seq], [ids])[0]
+
+
+class _Adapted(nn.Module):
+    def __init__(self, lin, rank, owner):
+        super().__init__()
+        self.lin, self.owner = lin, [owner]  # a list: the owner is not a submodule
+        self.a = nn.Parameter(torch.randn(rank, lin.in_features) / lin.in_features ** 0.5)
+        self.b = nn.Parameter(torch.zeros(lin.out_features, rank))
+
+    def forward(self, x):
+        d = (x @ self.a.T.to(x.dtype)) @ self.b.T.to(x.dtype)
+        return self.lin(x) + d * self.owner[0].rows[..., None].to(d.dtype)
+
+
+class VisualAdapters(nn.Module):
+    """A low-rank "visual expert" in every projection of every layer of the frozen backbone:
+    W x + B A x on the visual rows only (B starts at zero). Text rows are computed by the backbone
+    exactly and read the visual rows' adapted keys and values. Not part of the engine's model:
+    a probe of whether reaching deeper than the input embeddings speeds up learning a code."""
+
+    def __init__(self, bb, rank):
+        super().__init__()
+        self.rows = None
+        self.wrapped = nn.ModuleList()
+        for L in bb.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                w = _Adapted(getattr(L, name), rank, self)
+                setattr(L, name, w)
+                self.wrapped.append(w)
+
+    def mark(self, seqs, prompt):
+        """The visual rows of a padded batch of OCR sequences from train.build: one block right
+        after the prompt, ending at the row that predicts the first text token."""
+        rows = torch.zeros(len(seqs), max(s[0].shape[0] for s in seqs))
+        for b, (_, _, _, pred) in enumerate(seqs):
+            rows[b, prompt: int(pred[0]) + 1] = 1
+        self.rows = rows
 
 
 @torch.no_grad()
@@ -61,13 +104,13 @@ def constructions(bb, ds, ocr, n, tokens):
     return {k: round(float(np.mean(v)), 4) for k, v in res.items()}
 
 
-def grouped(embed, ids, g):
-    """(ceil(len/g), g, d): the embeddings of each group of g consecutive ids, the last group
-    padded with zero vectors."""
+def grouped(embed, ids, g, width=None):
+    """(ceil(len/g), width, d): the embeddings of each group of g consecutive ids, the last group
+    padded with zero vectors, and every group padded with zero vectors to width (default g)."""
     n = (len(ids) + g - 1) // g
     slots = torch.full((n * g,), -1, dtype=torch.long)
     slots[: len(ids)] = torch.as_tensor(ids)
-    slots = slots.view(n, g)
+    slots = F.pad(slots.view(n, g), (0, (width or g) - g), value=-1)
     return embed[slots.clamp(min=0)] * (slots >= 0)[..., None]
 
 
@@ -83,8 +126,9 @@ class Teacher(nn.Module):
         with torch.no_grad():
             self.out.weight.mul_(0.5)
 
-    def forward(self, ids):
-        return torch.tanh(self.out(F.gelu(self.inp(grouped(self.embed, ids, self.group).flatten(1)))))
+    def forward(self, ids, g=None):
+        """g < group: groups of g tokens, the missing slots zero (the curriculum's lower ratios)."""
+        return torch.tanh(self.out(F.gelu(self.inp(grouped(self.embed, ids, g or self.group, self.group).flatten(1)))))
 
 
 class LinearTeacher(nn.Module):
@@ -102,8 +146,9 @@ class LinearTeacher(nn.Module):
         self.w = nn.Parameter(w)
         self.b = nn.Parameter(torch.zeros(d))
 
-    def forward(self, ids):
-        return torch.tanh(torch.einsum("ngd,gde->ne", grouped(self.embed, ids, self.group), self.w) + self.b)
+    def forward(self, ids, g=None):
+        """g < group: groups of g tokens (only W_0 .. W_{g-1} take part)."""
+        return torch.tanh(torch.einsum("ngd,gde->ne", grouped(self.embed, ids, g or self.group, self.group), self.w) + self.b)
 
 
 def teacher(bb, train_ds, held, ocr, args):
@@ -112,17 +157,37 @@ def teacher(bb, train_ds, held, ocr, args):
         model = LinearTeacher(bb.embed.weight.detach(), args.group, first=args.start == "first")
     else:
         model = Teacher(bb.embed.weight.detach(), args.group)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    adapters = VisualAdapters(bb, args.adapter) if args.adapter else None
+    params = list(model.parameters()) + ([p for p in adapters.parameters() if p.requires_grad] if adapters else [])  # not the backbone's
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(1)
     held_ids = [held.tokens[i][: args.tokens].tolist() for i in train.eval_chunks(held, args.chunks)[0]]
-    with torch.no_grad():  # the backbone is frozen: the blind loss is the same at every evaluation
-        blind = float(np.mean([ocr_loss(bb, ocr, torch.zeros((len(t) + args.group - 1) // args.group, bb.dim), t, args.causal).item()
-                               for t in held_ids]))
+    with torch.no_grad():  # the frozen backbone (adapters start at zero): the same at every evaluation
+        blind = float(np.mean([ocr_loss(bb, ocr, torch.zeros((len(t) + args.group - 1) // args.group, bb.dim), t, args.causal,
+                                        adapters).item() for t in held_ids]))
+
+    # The curriculum: (group size, steps) stages below --group, then --group to the end.
+    stages = [(int(g), int(n)) for g, n in (item.split(":") for item in args.curriculum.split(","))] if args.curriculum else []
+    for g, _ in stages:
+        if not 1 <= g < args.group:
+            raise SystemExit(f"--curriculum: group sizes must be 1 .. {args.group - 1}, got {g}")
+
+    def group_at(step):
+        for g, n in stages:
+            if step <= n:
+                return g
+            step -= n
+        return args.group
+
+    def held_loss(g):
+        return float(np.mean([ocr_loss(bb, ocr, model(t, g).float(), t, args.causal, adapters).item() for t in held_ids]))
 
     @torch.no_grad()
     def evaluate(step):
-        rec = {"step": step, "heldout_ocr": float(np.mean([ocr_loss(bb, ocr, model(t).float(), t, args.causal).item() for t in held_ids])),
-               "blind": blind}
+        rec = {"step": step, "heldout_ocr": held_loss(args.group), "blind": blind}
+        if stages and group_at(max(step, 1)) != args.group:
+            rec["group_now"] = group_at(max(step, 1))
+            rec["heldout_ocr_now"] = held_loss(rec["group_now"])
         print(json.dumps(rec), file=sys.stderr, flush=True)
         return rec
 
@@ -133,21 +198,25 @@ def teacher(bb, train_ds, held, ocr, args):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, step / 30)
         seqs, targets = [], []
+        g = group_at(step)
         for _ in range(2):
             ids = train_ds.tokens[rng.randrange(train_ds.n)][: args.tokens].tolist()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                v = model(ids).float()
+                v = model(ids, g).float()
             seqs.append(train.build(bb, ocr, [v], ids, v.shape[0], args.causal))
             targets.append(ids)
+        if adapters:
+            adapters.mark(seqs, len(ocr))
         loss, _ = train.lm_loss(bb, seqs, targets)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 100 == 0:
             curve.append(evaluate(step))
     curve.append(evaluate(step))
-    return {"group": args.group, "causal": args.causal, "start": args.start, "lr": args.lr, "steps": step, "curve": curve}
+    return {"group": args.group, "curriculum": stages, "adapter": args.adapter, "causal": args.causal, "start": args.start, "lr": args.lr,
+            "steps": step, "curve": curve}
 
 
 def main():
@@ -163,6 +232,10 @@ def main():
     ap.add_argument("--causal", action="store_true", help="teacher: causal attention inside the block")
     ap.add_argument("--start", choices=("random", "first", "zero"), default="random",
                     help="teacher: an MLP from random weights, or a linear map starting at the first-token code or at zero")
+    ap.add_argument("--curriculum", default="",
+                    help="teacher: train first with smaller groups, e.g. 2:200 (groups of 2 for 200 steps), then --group")
+    ap.add_argument("--adapter", type=int, default=0, metavar="RANK",
+                    help="teacher: also train a low-rank adapter of this rank on the backbone's visual rows (not in the engine)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--minutes", type=float, default=12)
     ap.add_argument("--steps", type=int, default=0, help="teacher: stop after this many steps (0 = only --minutes)")

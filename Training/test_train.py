@@ -18,6 +18,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import interface_probe  # noqa: E402
 import train  # noqa: E402
 from vist2.data import Dataset, char_class  # noqa: E402
 from vist2.model import VIST2, causal_blocks  # noqa: E402
@@ -78,6 +79,31 @@ class TrainingForward(unittest.TestCase):
         with self.assertRaises(ValueError):
             causal_blocks({"block_attention": "sideways"})
         self.assertFalse(causal_blocks({}))
+
+    def test_visual_adapters_touch_only_visual_rows(self):
+        # interface_probe.py --adapter: the low-rank adapters change the visual rows' computation
+        # and, through their keys and values, what the text reads; rows that cannot see the block
+        # (the prompt) are the frozen backbone's exactly; at B = 0 nothing changes.
+        torch.manual_seed(0)
+        ref = VIST2(TINY)
+        bb = ref.backbone
+        prompt, text = [5, 9, 17], [40, 41, 42, 43]
+        block = torch.randn(ref.m, bb.dim) * 0.1
+        seq = train.build(bb, prompt, [block], text, ref.m, True)
+        x, pos, allowed, _ = seq
+        with torch.no_grad():
+            frozen = bb.hidden(x[None], pos[None].float(), allowed[None])[0]
+            adapters = interface_probe.VisualAdapters(bb, 2)
+            adapters.mark([seq], len(prompt))
+            self.assertEqual(adapters.rows[0].tolist(), [0] * 3 + [1] * ref.m + [0] * 4)
+            self.assertTrue(torch.equal(bb.hidden(x[None], pos[None].float(), allowed[None])[0], frozen))
+            for w in adapters.wrapped:
+                w.b.normal_()
+            got = bb.hidden(x[None], pos[None].float(), allowed[None])[0]
+        P, m = len(prompt), ref.m
+        self.assertTrue(torch.equal(got[:P], frozen[:P]))
+        self.assertFalse(torch.allclose(got[P:P + m], frozen[P:P + m]))
+        self.assertFalse(torch.allclose(got[P + m:], frozen[P + m:]))
 
     def test_reading_targets(self):
         # A dataset as `vist2ctl dataset` writes it: cells are [scalar, x, y, advance].

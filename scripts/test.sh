@@ -41,12 +41,15 @@ IDS="$("$PY" -c 'import json, sys; print(",".join(map(str, json.load(open(sys.ar
     | "$PY" -c 'import json, sys; r = json.load(sys.stdin)[0]; assert 0 <= r["argmax_token_accuracy"] <= 1 and len(r["loss_curve"]) == 2, r'
 # Held-out evaluations report the blind losses (visual tokens zeroed) beside the real ones.
 grep -q '"ocr_blind"' "$SMOKE/run/log.jsonl"
-# The interface probes (Training/EXPERIMENTS.md, section 4), a few tokens each.
+# The interface probes (Training/EXPERIMENTS.md, sections 4 and 5), a few tokens each.
 "$PY" Training/interface_probe.py constructions --backbone "$SMOKE/backbone" --data "$SMOKE/ds-heldout" --ocr-ids "$IDS" \
     --chunks 1 --tokens 16 | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert len(r) == 8, r'
 "$PY" Training/interface_probe.py teacher --backbone "$SMOKE/backbone" --data "$SMOKE/ds-train" --heldout "$SMOKE/ds-heldout" \
     --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 2 --start first --causal \
     | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert r["steps"] == 2 and len(r["curve"]) == 2, r'
+"$PY" Training/interface_probe.py teacher --backbone "$SMOKE/backbone" --data "$SMOKE/ds-train" --heldout "$SMOKE/ds-heldout" \
+    --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 2 --start first --causal --curriculum 2:1 --adapter 2 \
+    | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert r["curve"][0]["group_now"] == 2 and r["adapter"] == 2, r'
 rm -rf "$SMOKE"
 .build/release/vist2ctl eval --model default --max-chunks 2 --json README.md
 
