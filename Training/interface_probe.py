@@ -166,11 +166,7 @@ def teacher(bb, train_ds, held, ocr, args):
         blind = float(np.mean([ocr_loss(bb, ocr, torch.zeros((len(t) + args.group - 1) // args.group, bb.dim), t, args.causal,
                                         adapters).item() for t in held_ids]))
 
-    # The curriculum: (group size, steps) stages below --group, then --group to the end.
-    stages = [(int(g), int(n)) for g, n in (item.split(":") for item in args.curriculum.split(","))] if args.curriculum else []
-    for g, _ in stages:
-        if not 1 <= g < args.group:
-            raise SystemExit(f"--curriculum: group sizes must be 1 .. {args.group - 1}, got {g}")
+    stages = args.curriculum  # (group size, steps) stages below --group, then --group to the end
 
     def group_at(step):
         for g, n in stages:
@@ -195,8 +191,8 @@ def teacher(bb, train_ds, held, ocr, args):
     t0, step = time.time(), 0
     while time.time() - t0 < args.minutes * 60 and (args.steps == 0 or step < args.steps):
         step += 1
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, step / 30)
+        for pg in opt.param_groups:
+            pg["lr"] = args.lr * min(1.0, step / 30)
         seqs, targets = [], []
         g = group_at(step)
         for _ in range(2):
@@ -219,6 +215,23 @@ def teacher(bb, train_ds, held, ocr, args):
             "steps": step, "curve": curve}
 
 
+def curriculum(text):
+    """--curriculum: comma-separated GROUP:STEPS stages, both positive integers."""
+    stages = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 2 or not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected GROUP:STEPS with positive integers (e.g. 2:200), got {item!r}")
+        stages.append((int(parts[0]), int(parts[1])))
+    return stages
+
+
+def nonnegative(text):
+    if not text.isdecimal():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("probe", choices=("constructions", "teacher"))
@@ -232,14 +245,16 @@ def main():
     ap.add_argument("--causal", action="store_true", help="teacher: causal attention inside the block")
     ap.add_argument("--start", choices=("random", "first", "zero"), default="random",
                     help="teacher: an MLP from random weights, or a linear map starting at the first-token code or at zero")
-    ap.add_argument("--curriculum", default="",
-                    help="teacher: train first with smaller groups, e.g. 2:200 (groups of 2 for 200 steps), then --group")
-    ap.add_argument("--adapter", type=int, default=0, metavar="RANK",
+    ap.add_argument("--curriculum", type=curriculum, default=[],
+                    help="teacher: train first with smaller groups, e.g. 2:200 (groups of 2 for 200 steps) or 1:50,2:200; then --group")
+    ap.add_argument("--adapter", type=nonnegative, default=0, metavar="RANK",
                     help="teacher: also train a low-rank adapter of this rank on the backbone's visual rows (not in the engine)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--minutes", type=float, default=12)
     ap.add_argument("--steps", type=int, default=0, help="teacher: stop after this many steps (0 = only --minutes)")
     args = ap.parse_args()
+    if any(g >= args.group for g, _ in args.curriculum):
+        ap.error(f"--curriculum: group sizes must be smaller than --group {args.group}")
     bb = Backbone(args.backbone)
     for p in bb.parameters():
         p.requires_grad_(False)
