@@ -181,9 +181,9 @@ def teacher(bb, train_ds, held, ocr, args):
     @torch.no_grad()
     def evaluate(step):
         rec = {"step": step, "heldout_ocr": held_loss(args.group), "blind": blind}
-        if stages and group_at(max(step, 1)) != args.group:
-            rec["group_now"] = group_at(max(step, 1))
-            rec["heldout_ocr_now"] = held_loss(rec["group_now"])
+        now = group_at(max(step, 1))  # the group size the next step trains at
+        if now != args.group:
+            rec["group_now"], rec["heldout_ocr_now"] = now, held_loss(now)
         print(json.dumps(rec), file=sys.stderr, flush=True)
         return rec
 
