@@ -6,9 +6,9 @@ import VistKernels
 public final class KVCache: @unchecked Sendable {
     public let layers: Int
     public let kvDim: Int
-    public let capacity: Int
-    let keys: UnsafeMutablePointer<Float>  // (layers, capacity, kvDim)
-    let values: UnsafeMutablePointer<Float>  // (layers, capacity, kvDim)
+    public private(set) var capacity: Int
+    private(set) var keys: UnsafeMutablePointer<Float>  // (layers, capacity, kvDim)
+    private(set) var values: UnsafeMutablePointer<Float>  // (layers, capacity, kvDim)
     /// Number of positions filled.
     public internal(set) var count = 0
 
@@ -24,6 +24,25 @@ public final class KVCache: @unchecked Sendable {
     deinit {
         keys.deallocate()
         values.deallocate()
+    }
+
+    /// Grows the cache to hold `n` positions (keeping what it holds); nothing happens when it
+    /// already does. Generation plans its capacity up front and grows only when a chunk swap
+    /// turns out to need more blocks than planned.
+    public func reserve(_ n: Int) {
+        guard n > capacity else { return }
+        let total = layers * n * kvDim
+        let k = UnsafeMutablePointer<Float>.allocate(capacity: total)
+        let v = UnsafeMutablePointer<Float>.allocate(capacity: total)
+        for l in 0..<layers {
+            (k + l * n * kvDim).update(from: keys(layer: l), count: count * kvDim)
+            (v + l * n * kvDim).update(from: values(layer: l), count: count * kvDim)
+        }
+        keys.deallocate()
+        values.deallocate()
+        keys = k
+        values = v
+        capacity = n
     }
 
     func keys(layer: Int) -> UnsafeMutablePointer<Float> { keys + layer * capacity * kvDim }

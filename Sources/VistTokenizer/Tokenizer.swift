@@ -34,8 +34,12 @@ public final class Tokenizer: @unchecked Sendable {
     /// Special tokens matched in raw text before BPE, longest first (llama.cpp's cache_special_tokens).
     let specialTokens: [(text: String, id: Int32)]
 
+    /// Token ids of recently seen words: at most `cachedWords` words of at most `cachedWordBytes`
+    /// bytes each, so the cache stays under a few MB whatever the daemon is asked to tokenize.
     private var cache: [String: [Int32]] = [:]
     private let cacheLock = NSLock()
+    static let cachedWords = 50_000
+    static let cachedWordBytes = 48
 
     public var vocabularySize: Int { tokens.count }
 
@@ -211,10 +215,13 @@ public final class Tokenizer: @unchecked Sendable {
                     }
                 }
             }
-            cacheLock.lock()
-            if cache.count > 100_000 { cache.removeAll(keepingCapacity: true) }
-            cache[w] = ids
-            cacheLock.unlock()
+            // Only short words are worth remembering (they repeat); a long one would pin its bytes.
+            if w.utf8.count <= Self.cachedWordBytes {
+                cacheLock.lock()
+                if cache.count >= Self.cachedWords { cache.removeAll(keepingCapacity: true) }
+                cache[w] = ids
+                cacheLock.unlock()
+            }
             out.append(contentsOf: ids)
         }
     }

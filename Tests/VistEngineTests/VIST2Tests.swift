@@ -237,4 +237,26 @@ struct VIST2Tests {
         #expect(try error { $0["block_attention"] = "sideways" }.contains("block_attention"))
         #expect(try error { $0["block_attention"] = "causal" } == "accepted")
     }
+
+    @Test("Generated short lines that re-chunk into several images per swap grow the KV cache, then end cleanly at the context")
+    func swapsThatNeedMoreBlocksThanPlanned() throws {
+        let model = try Self.model.get()
+        let tok = model.language.tokenizer
+        // One number per line: a chunk of L tokens holds more lines than a canvas has rows, so
+        // every swap becomes several images, more blocks than the generation planned for.
+        let text = (1...400).map { "\($0)\n" }.joined()
+        let ids = tok.encode(text, addSpecial: false)
+        let L = model.chunkLength
+        #expect(model.chunker.chunks(tok.decode(ids[0..<L])).count > 1)
+        var swaps: [Int] = []
+        let req = VIST2Request(generation: GenerationRequest(prompt: "Count."))
+        let some = try VIST2Generator(model: model).teacherForce(
+            req, tokens: Array(ids[0...(6 * L)]), observe: { _, _ in }, onSwap: { swaps.append($0) })
+        #expect(some.generated_tokens == 6 * L + 1 && some.stop_reason == .maxTokens && swaps.count == 6)
+        #expect(some.chunks > swaps.count)
+        // Far past what the context holds: the generation stops at the context, no trap.
+        let all = try VIST2Generator(model: model).teacherForce(req, tokens: ids, observe: { _, _ in })
+        #expect(all.stop_reason == .contextFull && all.generated_tokens < ids.count)
+        #expect(all.kv_bytes <= model.language.config.contextLength * 2 * model.language.config.layers * model.language.config.kvDim * 4)
+    }
 }

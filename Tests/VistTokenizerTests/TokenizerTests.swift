@@ -136,3 +136,59 @@ struct TokenizerStageTests {
                 == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n")
     }
 }
+
+/// The BPE merge loop as its definition states it (rescan every pair, merge the lowest rank,
+/// leftmost on ties): quadratic, kept here as the reference the heap-based `BPE.merge` must equal.
+func naiveMerge(_ bpe: BPE, _ word: String) -> [String] {
+    var symbols = word.unicodeScalars.map { String($0) }
+    while symbols.count > 1 {
+        var best = Int.max
+        var at = -1
+        for i in 0..<(symbols.count - 1) {
+            if let r = bpe.ranks[BPE.Pair(left: symbols[i], right: symbols[i + 1])], r < best {
+                best = r
+                at = i
+            }
+        }
+        if at < 0 { break }
+        symbols[at] += symbols[at + 1]
+        symbols.remove(at: at + 1)
+    }
+    return symbols
+}
+
+@Suite("BPE merging")
+struct BPEMergeTests {
+    @Test("The heap-based merge equals the definition on random words, runs of one letter and overlapping ties")
+    func equalsTheDefinition() throws {
+        let tok = try SharedTokenizer.result.get()
+        var rng = SystemRandomNumberGenerator()
+        let alphabet = Array("aabbeeilnrst  \n\n\t.,é日😀0123")
+        var words = ["aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "\n\n\n\n\n\n\n\n\n\n\n", "abababababab", "        ", "0000000000"]
+        for _ in 0..<300 {
+            words.append(String((0..<Int.random(in: 1...40, using: &rng)).map { _ in alphabet.randomElement(using: &rng)! }))
+        }
+        for w in words {
+            let byteLevel = ByteLevel.encode(w.utf8)
+            #expect(tok.bpe.merge(byteLevel) == naiveMerge(tok.bpe, byteLevel), "\(w.debugDescription)")
+        }
+    }
+
+    @Test("100k identical letters or newlines tokenize within 2x the time of 100k ordinary words (no quadratic merge)")
+    func longPreTokensAreNotQuadratic() throws {
+        let tok = try SharedTokenizer.result.get()
+        let vocabulary = ["the", "model", "reads", "its", "visual", "history", "and", "writes", "text", "in", "chunks", "of", "four"]
+        let ordinary = (0..<100_000).map { vocabulary[$0 % vocabulary.count] + String($0 % 97) }.joined(separator: " ")
+        func seconds(_ text: String) -> (Double, Int) {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            let n = tok.encode(text, addSpecial: false).count
+            return (Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9, n)
+        }
+        let (words, wordTokens) = seconds(ordinary)
+        let (letters, letterTokens) = seconds(String(repeating: "a", count: 100_000))
+        let (newlines, _) = seconds(String(repeating: "\n", count: 100_000))
+        #expect(wordTokens > 100_000 && letterTokens > 1000)
+        #expect(letters < 2 * words, "100k letters: \(letters) s, 100k words: \(words) s")
+        #expect(newlines < 2 * words, "100k newlines: \(newlines) s, 100k words: \(words) s")
+    }
+}

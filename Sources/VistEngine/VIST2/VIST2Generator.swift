@@ -254,7 +254,12 @@ public struct VIST2Generator {
                 return forced.tokens[index]
             },
             step: { next in
-                guard cache.count < cache.capacity else { return .contextFull }
+                if cache.count >= cache.capacity {
+                    // Planned room is used up (swaps made more blocks than planned): grow, up to
+                    // the backbone's context.
+                    guard cache.capacity < limit else { return .contextFull }
+                    cache.reserve(min(limit, cache.capacity + L + 1))
+                }
                 current.append(next)
                 tf.forward([next], cache: cache, logits: .last)
                 peakKV = max(peakKV, cache.bytesUsed)
@@ -262,19 +267,27 @@ public struct VIST2Generator {
                 // Chunk boundary: evict T_cur's text, prefill its image instead. The logits of the
                 // next token were computed above, from T_cur's last token.
                 let text = tok.decode(current)
+                // Generated text that does not fit one canvas becomes several images (short
+                // lines fill a canvas's rows long before L tokens), so a swap can need more
+                // blocks than planned. (Tokens that decode to no text at all still leave an
+                // image: a blank one.)
+                let chunks = model.chunker.chunks(text)
+                let pieces = chunks.isEmpty ? [Substring("")] : chunks.map(\.text)
+                // The blocks and the next token must fit the backbone's context; if they do not,
+                // generation ends here with what it has written (stop reason "context").
+                let needed = base + pieces.count * m + 1
+                guard needed <= limit else { return .contextFull }
+                if needed > cache.capacity { cache.reserve(min(limit, max(needed + L, cache.capacity + cache.capacity / 2))) }
                 let saved = Array(UnsafeBufferPointer(start: tf.logits, count: lm.config.vocabSize))
                 cache.truncate(to: base)
-                // Generated text that does not fit one canvas becomes several images.
-                // (Tokens that decode to no text at all still leave an image: a blank one.)
-                let pieces = model.chunker.chunks(text)
-                prefillBlocks(pieces.isEmpty ? [Substring("")] : pieces.map(\.text))
+                prefillBlocks(pieces)
                 finishedTokens += current.count
                 base = cache.count
                 current = []
                 swaps += 1
                 forced?.onSwap(cache.count)
                 saved.withUnsafeBufferPointer { tf.logits.update(from: $0.baseAddress!, count: saved.count) }
-                return cache.count + 1 >= cache.capacity ? .contextFull : nil
+                return nil
             }, onText: onText)
         let steps = max(0, d.generated.count - 1)
         let visual = blocks * model.visualTokens
