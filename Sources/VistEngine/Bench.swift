@@ -21,7 +21,10 @@ public struct BenchResult: Sendable, Codable {
 }
 
 extension LanguageModel {
-    public func bench(prompt: Int, generate: Int, repetitions: Int) throws(EngineError) -> BenchResult {
+    /// `step` is called after every timed or warm-up pass and every generated token; returning
+    /// false stops with `.cancelled` (the daemon yields to other clients there, outside the
+    /// timed sections).
+    public func bench(prompt: Int, generate: Int, repetitions: Int, step: () -> Bool = { true }) throws(EngineError) -> BenchResult {
         guard prompt >= 0, generate >= 0, prompt + generate > 0 else { throw .badArgument("-p and -n must be >= 0 and not both 0") }
         guard prompt <= config.contextLength, generate <= config.contextLength else {
             throw .contextOverflow(needed: max(prompt, generate), limit: config.contextLength)
@@ -45,6 +48,7 @@ extension LanguageModel {
                 tf.forward(toks, cache: cache, logits: .last)
                 let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
                 if r > 0 { pp.append(Double(prompt) / dt) }
+                guard step() else { throw .cancelled }
             }
         }
         var tg: [Double] = []
@@ -53,9 +57,15 @@ extension LanguageModel {
             for r in 0...repetitions {
                 let toks = randomTokens(generate)
                 cache.truncate(to: 0)
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                for t in toks { tf.forward([t], cache: cache, logits: .last) }
-                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                // Time spent in `step` (other clients' work) is left out of the measurement.
+                var elapsed: UInt64 = 0
+                for t in toks {
+                    let t0 = DispatchTime.now().uptimeNanoseconds
+                    tf.forward([t], cache: cache, logits: .last)
+                    elapsed += DispatchTime.now().uptimeNanoseconds - t0
+                    guard step() else { throw .cancelled }
+                }
+                let dt = Double(elapsed) / 1e9
                 if r > 0 { tg.append(Double(generate) / dt) }
             }
         }

@@ -21,9 +21,11 @@ public struct PerplexityResult: Sendable, Codable {
 }
 
 extension LanguageModel {
-    public func perplexity(text: String, ctx: Int, progress: (Int, Int, Double) -> Void = { _, _, _ in }) throws(EngineError)
-        -> PerplexityResult
-    {
+    /// `step` is called after every forward batch (at most `maxBatch` tokens); returning false
+    /// stops the computation with `.cancelled` (the daemon yields to other clients there).
+    public func perplexity(
+        text: String, ctx: Int, progress: (Int, Int, Double) -> Void = { _, _, _ in }, step: () -> Bool = { true }
+    ) throws(EngineError) -> PerplexityResult {
         guard ctx >= 4, ctx <= config.contextLength else {
             throw .badArgument("--ctx must be in 4...\(config.contextLength), got \(ctx)")
         }
@@ -61,6 +63,7 @@ extension LanguageModel {
                     }
                 }
                 start = end
+                guard step() else { throw .cancelled }
             }
             progress(w + 1, windows, exp(nll / Double(count)))
         }

@@ -72,6 +72,9 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
 
   /// the loaded model cannot do this (e.g. compress without a vision encoder)
   case unsupported // = 17
+
+  /// no Hello, no request or no whole frame in time; sent with request id 0, then the connection closes
+  case timeout // = 18
   case UNRECOGNIZED(Int)
 
   public init() {
@@ -98,6 +101,7 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
     case 15: self = .draining
     case 16: self = .permissionDenied
     case 17: self = .unsupported
+    case 18: self = .timeout
     default: self = .UNRECOGNIZED(rawValue)
     }
   }
@@ -122,6 +126,7 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
     case .draining: return 15
     case .permissionDenied: return 16
     case .unsupported: return 17
+    case .timeout: return 18
     case .UNRECOGNIZED(let i): return i
     }
   }
@@ -146,6 +151,7 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
     .draining,
     .permissionDenied,
     .unsupported,
+    .timeout,
   ]
 
 }
@@ -526,48 +532,75 @@ public nonisolated struct Vist2_V1_Hello: Sendable {
   public init() {}
 }
 
-public nonisolated struct Vist2_V1_HelloReply: Sendable {
+public nonisolated struct Vist2_V1_HelloReply: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var protocolVersion: UInt32 = 0
+  public var protocolVersion: UInt32 {
+    get {_storage._protocolVersion}
+    set {_uniqueStorage()._protocolVersion = newValue}
+  }
 
-  public var serverVersion: String = String()
+  public var serverVersion: String {
+    get {_storage._serverVersion}
+    set {_uniqueStorage()._serverVersion = newValue}
+  }
 
-  public var modelName: String = String()
+  public var modelName: String {
+    get {_storage._modelName}
+    set {_uniqueStorage()._modelName = newValue}
+  }
 
   /// sha256 hex of the model's files
-  public var modelFingerprint: String = String()
+  public var modelFingerprint: String {
+    get {_storage._modelFingerprint}
+    set {_uniqueStorage()._modelFingerprint = newValue}
+  }
 
   /// L, text tokens per chunk
-  public var chunkLength: UInt32 = 0
+  public var chunkLength: UInt32 {
+    get {_storage._chunkLength}
+    set {_uniqueStorage()._chunkLength = newValue}
+  }
 
   /// r
-  public var chunkRatio: UInt32 = 0
+  public var chunkRatio: UInt32 {
+    get {_storage._chunkRatio}
+    set {_uniqueStorage()._chunkRatio = newValue}
+  }
 
   /// m, per chunk
-  public var visualTokens: UInt32 = 0
+  public var visualTokens: UInt32 {
+    get {_storage._visualTokens}
+    set {_uniqueStorage()._visualTokens = newValue}
+  }
 
-  public var contextLength: UInt32 = 0
+  public var contextLength: UInt32 {
+    get {_storage._contextLength}
+    set {_uniqueStorage()._contextLength = newValue}
+  }
 
   public var limits: Vist2_V1_Limits {
-    get {_limits ?? Vist2_V1_Limits()}
-    set {_limits = newValue}
+    get {_storage._limits ?? Vist2_V1_Limits()}
+    set {_uniqueStorage()._limits = newValue}
   }
   /// Returns true if `limits` has been explicitly set.
-  public var hasLimits: Bool {self._limits != nil}
+  public var hasLimits: Bool {_storage._limits != nil}
   /// Clears the value of `limits`. Subsequent reads from it will return its default value.
-  public mutating func clearLimits() {self._limits = nil}
+  public mutating func clearLimits() {_uniqueStorage()._limits = nil}
 
   /// e.g. "generate", "compress", "render", "cache", "metrics"
-  public var capabilities: [String] = []
+  public var capabilities: [String] {
+    get {_storage._capabilities}
+    set {_uniqueStorage()._capabilities = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _limits: Vist2_V1_Limits? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Vist2_V1_Limits: Sendable {
@@ -586,6 +619,37 @@ public nonisolated struct Vist2_V1_Limits: Sendable {
   public var maxDocumentBytes: UInt64 = 0
 
   public var maxTokens: UInt32 = 0
+
+  /// document_ids of one Generate; repeats are refused
+  public var maxDocumentsPerRequest: UInt32 = 0
+
+  /// open per connection
+  public var maxDocuments: UInt32 = 0
+
+  /// text of all documents open on one connection
+  public var maxConnectionDocumentBytes: UInt64 = 0
+
+  /// text of all documents open on the daemon
+  public var maxTotalDocumentBytes: UInt64 = 0
+
+  public var maxConnections: UInt32 = 0
+
+  /// Hello must arrive within this
+  public var handshakeTimeoutMs: UInt32 = 0
+
+  /// a connection with nothing in flight that sends nothing is closed
+  public var idleTimeoutMs: UInt32 = 0
+
+  /// a frame must be complete this long after its first byte
+  public var frameTimeoutMs: UInt32 = 0
+
+  /// replies a connection leaves unread before it is closed
+  public var maxPendingOutputBytes: UInt64 = 0
+
+  public var maxStopStrings: UInt32 = 0
+
+  /// per stop string
+  public var maxStopBytes: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -607,7 +671,7 @@ public nonisolated struct Vist2_V1_Status: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// "loading", "ready", "draining"
+  /// "loading", "ready", "draining", "stalled"
   public var state: String = String()
 
   public var queueLength: UInt32 = 0
@@ -623,6 +687,10 @@ public nonisolated struct Vist2_V1_Status: Sendable {
   public var modelName: String = String()
 
   public var modelFingerprint: String = String()
+
+  /// Seconds since the engine last made progress (a step, a block, a window) while it has work;
+  /// 0 when idle. The state is "stalled" past the daemon's stall limit.
+  public var engineStalledSeconds: Double = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1304,7 +1372,7 @@ public nonisolated struct Vist2_V1_Error: Sendable {
 fileprivate nonisolated let _protobuf_package = "vist2.v1"
 
 nonisolated extension Vist2_V1_ErrorCode: SwiftProtobuf._ProtoNameProviding {
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_CODE_UNSPECIFIED\0\u{1}BAD_REQUEST\0\u{1}UNSUPPORTED_VERSION\0\u{1}HANDSHAKE_REQUIRED\0\u{1}UNKNOWN_REQUEST\0\u{1}DUPLICATE_REQUEST_ID\0\u{1}TOO_MANY_REQUESTS\0\u{1}BUSY\0\u{1}UNKNOWN_DOCUMENT\0\u{1}DOCUMENT_TOO_LARGE\0\u{1}CONTEXT_OVERFLOW\0\u{1}CANCELLED\0\u{1}NOT_FOUND\0\u{1}FRAME_TOO_LARGE\0\u{1}INTERNAL\0\u{1}DRAINING\0\u{1}PERMISSION_DENIED\0\u{1}UNSUPPORTED\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_CODE_UNSPECIFIED\0\u{1}BAD_REQUEST\0\u{1}UNSUPPORTED_VERSION\0\u{1}HANDSHAKE_REQUIRED\0\u{1}UNKNOWN_REQUEST\0\u{1}DUPLICATE_REQUEST_ID\0\u{1}TOO_MANY_REQUESTS\0\u{1}BUSY\0\u{1}UNKNOWN_DOCUMENT\0\u{1}DOCUMENT_TOO_LARGE\0\u{1}CONTEXT_OVERFLOW\0\u{1}CANCELLED\0\u{1}NOT_FOUND\0\u{1}FRAME_TOO_LARGE\0\u{1}INTERNAL\0\u{1}DRAINING\0\u{1}PERMISSION_DENIED\0\u{1}UNSUPPORTED\0\u{1}TIMEOUT\0")
 }
 
 nonisolated extension Vist2_V1_ClientMessage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
@@ -2022,76 +2090,130 @@ nonisolated extension Vist2_V1_HelloReply: SwiftProtobuf.Message, SwiftProtobuf.
   public static let protoMessageName: String = _protobuf_package + ".HelloReply"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}server_version\0\u{3}model_name\0\u{3}model_fingerprint\0\u{3}chunk_length\0\u{3}chunk_ratio\0\u{3}visual_tokens\0\u{3}context_length\0\u{1}limits\0\u{1}capabilities\0")
 
+  fileprivate class _StorageClass {
+    var _protocolVersion: UInt32 = 0
+    var _serverVersion: String = String()
+    var _modelName: String = String()
+    var _modelFingerprint: String = String()
+    var _chunkLength: UInt32 = 0
+    var _chunkRatio: UInt32 = 0
+    var _visualTokens: UInt32 = 0
+    var _contextLength: UInt32 = 0
+    var _limits: Vist2_V1_Limits? = nil
+    var _capabilities: [String] = []
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _protocolVersion = source._protocolVersion
+      _serverVersion = source._serverVersion
+      _modelName = source._modelName
+      _modelFingerprint = source._modelFingerprint
+      _chunkLength = source._chunkLength
+      _chunkRatio = source._chunkRatio
+      _visualTokens = source._visualTokens
+      _contextLength = source._contextLength
+      _limits = source._limits
+      _capabilities = source._capabilities
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.serverVersion) }()
-      case 3: try { try decoder.decodeSingularStringField(value: &self.modelName) }()
-      case 4: try { try decoder.decodeSingularStringField(value: &self.modelFingerprint) }()
-      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.chunkLength) }()
-      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.chunkRatio) }()
-      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.visualTokens) }()
-      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.contextLength) }()
-      case 9: try { try decoder.decodeSingularMessageField(value: &self._limits) }()
-      case 10: try { try decoder.decodeRepeatedStringField(value: &self.capabilities) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._protocolVersion) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._serverVersion) }()
+        case 3: try { try decoder.decodeSingularStringField(value: &_storage._modelName) }()
+        case 4: try { try decoder.decodeSingularStringField(value: &_storage._modelFingerprint) }()
+        case 5: try { try decoder.decodeSingularUInt32Field(value: &_storage._chunkLength) }()
+        case 6: try { try decoder.decodeSingularUInt32Field(value: &_storage._chunkRatio) }()
+        case 7: try { try decoder.decodeSingularUInt32Field(value: &_storage._visualTokens) }()
+        case 8: try { try decoder.decodeSingularUInt32Field(value: &_storage._contextLength) }()
+        case 9: try { try decoder.decodeSingularMessageField(value: &_storage._limits) }()
+        case 10: try { try decoder.decodeRepeatedStringField(value: &_storage._capabilities) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.protocolVersion != 0 {
-      try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 1)
-    }
-    if !self.serverVersion.isEmpty {
-      try visitor.visitSingularStringField(value: self.serverVersion, fieldNumber: 2)
-    }
-    if !self.modelName.isEmpty {
-      try visitor.visitSingularStringField(value: self.modelName, fieldNumber: 3)
-    }
-    if !self.modelFingerprint.isEmpty {
-      try visitor.visitSingularStringField(value: self.modelFingerprint, fieldNumber: 4)
-    }
-    if self.chunkLength != 0 {
-      try visitor.visitSingularUInt32Field(value: self.chunkLength, fieldNumber: 5)
-    }
-    if self.chunkRatio != 0 {
-      try visitor.visitSingularUInt32Field(value: self.chunkRatio, fieldNumber: 6)
-    }
-    if self.visualTokens != 0 {
-      try visitor.visitSingularUInt32Field(value: self.visualTokens, fieldNumber: 7)
-    }
-    if self.contextLength != 0 {
-      try visitor.visitSingularUInt32Field(value: self.contextLength, fieldNumber: 8)
-    }
-    try { if let v = self._limits {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
-    } }()
-    if !self.capabilities.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.capabilities, fieldNumber: 10)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._protocolVersion != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._protocolVersion, fieldNumber: 1)
+      }
+      if !_storage._serverVersion.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._serverVersion, fieldNumber: 2)
+      }
+      if !_storage._modelName.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._modelName, fieldNumber: 3)
+      }
+      if !_storage._modelFingerprint.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._modelFingerprint, fieldNumber: 4)
+      }
+      if _storage._chunkLength != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._chunkLength, fieldNumber: 5)
+      }
+      if _storage._chunkRatio != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._chunkRatio, fieldNumber: 6)
+      }
+      if _storage._visualTokens != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._visualTokens, fieldNumber: 7)
+      }
+      if _storage._contextLength != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._contextLength, fieldNumber: 8)
+      }
+      try { if let v = _storage._limits {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+      } }()
+      if !_storage._capabilities.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._capabilities, fieldNumber: 10)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Vist2_V1_HelloReply, rhs: Vist2_V1_HelloReply) -> Bool {
-    if lhs.protocolVersion != rhs.protocolVersion {return false}
-    if lhs.serverVersion != rhs.serverVersion {return false}
-    if lhs.modelName != rhs.modelName {return false}
-    if lhs.modelFingerprint != rhs.modelFingerprint {return false}
-    if lhs.chunkLength != rhs.chunkLength {return false}
-    if lhs.chunkRatio != rhs.chunkRatio {return false}
-    if lhs.visualTokens != rhs.visualTokens {return false}
-    if lhs.contextLength != rhs.contextLength {return false}
-    if lhs._limits != rhs._limits {return false}
-    if lhs.capabilities != rhs.capabilities {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._protocolVersion != rhs_storage._protocolVersion {return false}
+        if _storage._serverVersion != rhs_storage._serverVersion {return false}
+        if _storage._modelName != rhs_storage._modelName {return false}
+        if _storage._modelFingerprint != rhs_storage._modelFingerprint {return false}
+        if _storage._chunkLength != rhs_storage._chunkLength {return false}
+        if _storage._chunkRatio != rhs_storage._chunkRatio {return false}
+        if _storage._visualTokens != rhs_storage._visualTokens {return false}
+        if _storage._contextLength != rhs_storage._contextLength {return false}
+        if _storage._limits != rhs_storage._limits {return false}
+        if _storage._capabilities != rhs_storage._capabilities {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2099,7 +2221,7 @@ nonisolated extension Vist2_V1_HelloReply: SwiftProtobuf.Message, SwiftProtobuf.
 
 nonisolated extension Vist2_V1_Limits: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Limits"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}max_frame_bytes\0\u{3}max_requests_in_flight\0\u{3}queue_capacity\0\u{3}max_document_bytes\0\u{3}max_tokens\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}max_frame_bytes\0\u{3}max_requests_in_flight\0\u{3}queue_capacity\0\u{3}max_document_bytes\0\u{3}max_tokens\0\u{3}max_documents_per_request\0\u{3}max_documents\0\u{3}max_connection_document_bytes\0\u{3}max_total_document_bytes\0\u{3}max_connections\0\u{3}handshake_timeout_ms\0\u{3}idle_timeout_ms\0\u{3}frame_timeout_ms\0\u{3}max_pending_output_bytes\0\u{3}max_stop_strings\0\u{3}max_stop_bytes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2112,6 +2234,17 @@ nonisolated extension Vist2_V1_Limits: SwiftProtobuf.Message, SwiftProtobuf._Mes
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.queueCapacity) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.maxDocumentBytes) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.maxTokens) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.maxDocumentsPerRequest) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.maxDocuments) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.maxConnectionDocumentBytes) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.maxTotalDocumentBytes) }()
+      case 10: try { try decoder.decodeSingularUInt32Field(value: &self.maxConnections) }()
+      case 11: try { try decoder.decodeSingularUInt32Field(value: &self.handshakeTimeoutMs) }()
+      case 12: try { try decoder.decodeSingularUInt32Field(value: &self.idleTimeoutMs) }()
+      case 13: try { try decoder.decodeSingularUInt32Field(value: &self.frameTimeoutMs) }()
+      case 14: try { try decoder.decodeSingularUInt64Field(value: &self.maxPendingOutputBytes) }()
+      case 15: try { try decoder.decodeSingularUInt32Field(value: &self.maxStopStrings) }()
+      case 16: try { try decoder.decodeSingularUInt32Field(value: &self.maxStopBytes) }()
       default: break
       }
     }
@@ -2133,6 +2266,39 @@ nonisolated extension Vist2_V1_Limits: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if self.maxTokens != 0 {
       try visitor.visitSingularUInt32Field(value: self.maxTokens, fieldNumber: 5)
     }
+    if self.maxDocumentsPerRequest != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxDocumentsPerRequest, fieldNumber: 6)
+    }
+    if self.maxDocuments != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxDocuments, fieldNumber: 7)
+    }
+    if self.maxConnectionDocumentBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxConnectionDocumentBytes, fieldNumber: 8)
+    }
+    if self.maxTotalDocumentBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxTotalDocumentBytes, fieldNumber: 9)
+    }
+    if self.maxConnections != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxConnections, fieldNumber: 10)
+    }
+    if self.handshakeTimeoutMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.handshakeTimeoutMs, fieldNumber: 11)
+    }
+    if self.idleTimeoutMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.idleTimeoutMs, fieldNumber: 12)
+    }
+    if self.frameTimeoutMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.frameTimeoutMs, fieldNumber: 13)
+    }
+    if self.maxPendingOutputBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxPendingOutputBytes, fieldNumber: 14)
+    }
+    if self.maxStopStrings != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxStopStrings, fieldNumber: 15)
+    }
+    if self.maxStopBytes != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxStopBytes, fieldNumber: 16)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2142,6 +2308,17 @@ nonisolated extension Vist2_V1_Limits: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if lhs.queueCapacity != rhs.queueCapacity {return false}
     if lhs.maxDocumentBytes != rhs.maxDocumentBytes {return false}
     if lhs.maxTokens != rhs.maxTokens {return false}
+    if lhs.maxDocumentsPerRequest != rhs.maxDocumentsPerRequest {return false}
+    if lhs.maxDocuments != rhs.maxDocuments {return false}
+    if lhs.maxConnectionDocumentBytes != rhs.maxConnectionDocumentBytes {return false}
+    if lhs.maxTotalDocumentBytes != rhs.maxTotalDocumentBytes {return false}
+    if lhs.maxConnections != rhs.maxConnections {return false}
+    if lhs.handshakeTimeoutMs != rhs.handshakeTimeoutMs {return false}
+    if lhs.idleTimeoutMs != rhs.idleTimeoutMs {return false}
+    if lhs.frameTimeoutMs != rhs.frameTimeoutMs {return false}
+    if lhs.maxPendingOutputBytes != rhs.maxPendingOutputBytes {return false}
+    if lhs.maxStopStrings != rhs.maxStopStrings {return false}
+    if lhs.maxStopBytes != rhs.maxStopBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2168,7 +2345,7 @@ nonisolated extension Vist2_V1_StatusRequest: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Vist2_V1_Status: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Status"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}state\0\u{3}queue_length\0\u{1}clients\0\u{3}documents_open\0\u{3}cache_bytes\0\u{3}uptime_seconds\0\u{3}model_name\0\u{3}model_fingerprint\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}state\0\u{3}queue_length\0\u{1}clients\0\u{3}documents_open\0\u{3}cache_bytes\0\u{3}uptime_seconds\0\u{3}model_name\0\u{3}model_fingerprint\0\u{3}engine_stalled_seconds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2184,6 +2361,7 @@ nonisolated extension Vist2_V1_Status: SwiftProtobuf.Message, SwiftProtobuf._Mes
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.uptimeSeconds) }()
       case 7: try { try decoder.decodeSingularStringField(value: &self.modelName) }()
       case 8: try { try decoder.decodeSingularStringField(value: &self.modelFingerprint) }()
+      case 9: try { try decoder.decodeSingularDoubleField(value: &self.engineStalledSeconds) }()
       default: break
       }
     }
@@ -2214,6 +2392,9 @@ nonisolated extension Vist2_V1_Status: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if !self.modelFingerprint.isEmpty {
       try visitor.visitSingularStringField(value: self.modelFingerprint, fieldNumber: 8)
     }
+    if self.engineStalledSeconds.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.engineStalledSeconds, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2226,6 +2407,7 @@ nonisolated extension Vist2_V1_Status: SwiftProtobuf.Message, SwiftProtobuf._Mes
     if lhs.uptimeSeconds != rhs.uptimeSeconds {return false}
     if lhs.modelName != rhs.modelName {return false}
     if lhs.modelFingerprint != rhs.modelFingerprint {return false}
+    if lhs.engineStalledSeconds != rhs.engineStalledSeconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import VistCache
 import VistEngine
 import VistProtocol
@@ -12,18 +13,7 @@ public final class ServerContext: @unchecked Sendable {
         case language(LanguageModel)
     }
 
-    public struct Limits: Sendable {
-        public var queueCapacity = 16
-        public var maxFrame = Frame.defaultMaxPayload
-        /// Requests in flight per connection.
-        public var maxInFlight = 16
-        /// Documents open per connection.
-        public var maxDocuments = 256
-        /// Bytes of unsent replies a connection may accumulate (a client that stops reading)
-        /// before it is closed and its requests cancelled.
-        public var maxPendingOutput = 64 << 20
-        public init() {}
-    }
+    public typealias Limits = ServerLimits
 
     public let model: Model
     public let modelName: String
@@ -39,7 +29,11 @@ public final class ServerContext: @unchecked Sendable {
     let lock = NSLock()
     var clients = 0
     var documentsOpen = 0
+    /// Bytes of the text of every open document (`limits.maxTotalDocumentBytes`).
+    var documentBytes = 0
     var draining = false
+    /// Bytes of replies queued on all connections and not yet written (`limits.maxTotalPendingOutput`).
+    let pendingOutput = Atomic<Int>(0)
 
     public init(
         model: Model, modelName: String, limits: Limits = Limits(), cache: CacheStore? = nil, peers: PeerPolicy = .sameUser,
@@ -56,8 +50,6 @@ public final class ServerContext: @unchecked Sendable {
     }
 
     public var maxFrame: Int { limits.maxFrame }
-    /// Largest max_tokens a request may ask for.
-    public var maxTokens: Int { 1 << 20 }
 
     var language: LanguageModel {
         switch model {
@@ -82,17 +74,43 @@ public final class ServerContext: @unchecked Sendable {
         return draining
     }
 
-    func adjust(clients dc: Int = 0, documents dd: Int = 0) {
+    func adjust(clients dc: Int = 0, documents dd: Int = 0, bytes db: Int = 0) {
         lock.lock()
         clients += dc
         documentsOpen += dd
+        documentBytes += db
         lock.unlock()
+    }
+
+    /// Counts a new connection unless `limits.maxConnections` are open.
+    func admitConnection() -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        guard clients < limits.maxConnections else { return false }
+        clients += 1
+        return true
+    }
+
+    /// Takes `delta` more bytes of document text (negative: gives them back); false, and nothing
+    /// taken, when that would pass `limits.maxTotalDocumentBytes`.
+    func reserveDocumentBytes(_ delta: Int) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        guard delta <= 0 || documentBytes + delta <= limits.maxTotalDocumentBytes else { return false }
+        documentBytes += delta
+        return true
     }
 
     func counts() -> (clients: Int, documents: Int) {
         lock.lock()
         defer { lock.unlock() }
         return (clients, documentsOpen)
+    }
+
+    var openDocumentBytes: Int {
+        lock.lock()
+        defer { lock.unlock() }
+        return documentBytes
     }
 
     func helloReply() -> Vist2_V1_HelloReply {
@@ -109,12 +127,24 @@ public final class ServerContext: @unchecked Sendable {
                 $0.visualTokens = UInt32(m.visualTokens)
                 caps += ["compress", "render"]
             }
+            let l = limits
             $0.limits = .with {
-                $0.maxFrameBytes = UInt32(limits.maxFrame)
-                $0.maxRequestsInFlight = UInt32(limits.maxInFlight)
-                $0.queueCapacity = UInt32(worker.capacity)
-                $0.maxDocumentBytes = UInt64(limits.maxFrame)
-                $0.maxTokens = UInt32(maxTokens)
+                $0.maxFrameBytes = UInt32(clamping: l.maxFrame)
+                $0.maxRequestsInFlight = UInt32(clamping: l.maxInFlight)
+                $0.queueCapacity = UInt32(clamping: worker.capacity)
+                $0.maxDocumentBytes = UInt64(l.maxDocumentBytes)
+                $0.maxTokens = UInt32(clamping: l.maxTokens)
+                $0.maxDocumentsPerRequest = UInt32(clamping: l.maxDocumentsPerRequest)
+                $0.maxDocuments = UInt32(clamping: l.maxDocuments)
+                $0.maxConnectionDocumentBytes = UInt64(l.maxConnectionDocumentBytes)
+                $0.maxTotalDocumentBytes = UInt64(l.maxTotalDocumentBytes)
+                $0.maxConnections = UInt32(clamping: l.maxConnections)
+                $0.handshakeTimeoutMs = l.handshakeTimeout.milliseconds
+                $0.idleTimeoutMs = l.idleTimeout.milliseconds
+                $0.frameTimeoutMs = l.frameTimeout.milliseconds
+                $0.maxPendingOutputBytes = UInt64(l.maxPendingOutput)
+                $0.maxStopStrings = UInt32(clamping: l.maxStopStrings)
+                $0.maxStopBytes = UInt32(clamping: l.maxStopBytes)
             }
             $0.capabilities = caps
         }
@@ -122,8 +152,10 @@ public final class ServerContext: @unchecked Sendable {
 
     func status() -> Vist2_V1_Status {
         let c = counts()
+        let stalled = worker.stalledSeconds
         return .with {
-            $0.state = isDraining ? "draining" : "ready"
+            $0.state = isDraining ? "draining" : stalled > limits.stallTimeout.asSeconds ? "stalled" : "ready"
+            $0.engineStalledSeconds = stalled
             $0.queueLength = UInt32(worker.queueLength)
             $0.clients = UInt32(c.clients)
             $0.documentsOpen = UInt32(c.documents)

@@ -1,3 +1,4 @@
+import Dispatch
 import Foundation
 import Synchronization
 
@@ -54,12 +55,24 @@ public final class EngineWorker: @unchecked Sendable {
         return true
     }
 
-    /// For the watchdog: taking the worker's lock blocks if the worker is deadlocked, and then
-    /// no keep-alive is sent and systemd restarts the daemon.
-    public var isResponsive: Bool {
+    /// When the engine last made progress (uptime ns): a job started or ended, or a running job
+    /// reported a step through `heartbeat` (every decode step, visual block, perplexity window
+    /// and bench run does, through `yieldToOthers` or directly).
+    private let lastProgress = Atomic<UInt64>(DispatchTime.now().uptimeNanoseconds)
+
+    /// A running job made progress.
+    public func heartbeat() { lastProgress.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed) }
+
+    /// For the watchdog and Status: seconds since the engine last made progress while it has
+    /// work (a running or queued job); 0 when idle. A stuck engine (a job that stopped making
+    /// progress, or a worker that no longer takes jobs) shows here as a growing number.
+    public var stalledSeconds: Double {
         lock.lock()
+        let busy = running != nil || !queue.isEmpty
         lock.unlock()
-        return true
+        guard busy else { return 0 }
+        let now = DispatchTime.now().uptimeNanoseconds, last = lastProgress.load(ordering: .relaxed)
+        return now > last ? Double(now - last) / 1e9 : 0
     }
 
     /// Jobs waiting (not counting the running one).
@@ -79,13 +92,30 @@ public final class EngineWorker: @unchecked Sendable {
         served[owner] = nil
     }
 
-    /// Finishes the queued jobs, then stops the thread (SIGTERM drain).
-    public func drain() {
+    /// Stops taking new jobs and lets the queued and running ones finish until `deadline`; then
+    /// cancels what is left (queued jobs end at once with their CANCELLED reply, running ones at
+    /// their next step) and waits up to `grace` more for them. Returns the jobs that were
+    /// cancelled, or nil if some job was still running after the grace period (SIGTERM drain).
+    @discardableResult
+    public func drain(deadline: Duration, grace: Duration = .seconds(10)) -> Int? {
         lock.lock()
+        defer { lock.unlock() }
         stopping = true
         lock.broadcast()
-        while running != nil || !queue.isEmpty { lock.wait() }
-        lock.unlock()
+        func waitIdle(_ d: Duration) -> Bool {
+            let until = Date().addingTimeInterval(d.asSeconds)
+            while running != nil || !queue.isEmpty {
+                if !lock.wait(until: until) { return running == nil && queue.isEmpty }
+            }
+            return true
+        }
+        if waitIdle(deadline) { return 0 }
+        var cancelled = 0
+        for j in queue + [running, nested].compactMap({ $0 }) where !j.isCancelled {
+            j.cancel()
+            cancelled += 1
+        }
+        return waitIdle(grace) ? cancelled : nil
     }
 
     /// Round robin over owners: the queued job whose owner had its last turn longest ago (never
@@ -114,6 +144,7 @@ public final class EngineWorker: @unchecked Sendable {
     /// Called by the running job between its steps: runs one waiting job of another owner to
     /// completion, if there is one. Nested jobs do not yield further (the depth stays one).
     public func yieldToOthers(from job: Job) {
+        heartbeat()
         lock.lock()
         guard running === job, nested == nil, let i = pick(excluding: job.owner) else {
             lock.unlock()
@@ -140,11 +171,17 @@ public final class EngineWorker: @unchecked Sendable {
                 lock.unlock()
                 return
             }
-            let job = take(at: pick(excluding: nil)!)
+            guard let next = pick(excluding: nil) else {
+                lock.unlock()
+                continue
+            }
+            let job = take(at: next)
             running = job
+            heartbeat()
             lock.unlock()
             job.run(job)
             lock.lock()
+            heartbeat()
             running = nil
             lock.broadcast()
             lock.unlock()

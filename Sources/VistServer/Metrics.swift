@@ -12,6 +12,8 @@ public final class ServerMetrics: @unchecked Sendable {
     var prefillSeconds = 0.0
     var connections = 0
     var peersRejected = 0
+    var connectionsRefused = 0
+    var timeouts = 0
     var chunksEncoded = 0
     var chunkHits = 0
     var prefixHits = 0
@@ -48,6 +50,7 @@ public final class ServerMetrics: @unchecked Sendable {
     func render(_ ctx: ServerContext) -> String {
         let c = ctx.counts()
         let cache = ctx.cache?.stats
+        let documentBytes = ctx.openDocumentBytes, stalled = ctx.worker.stalledSeconds
         lock.lock()
         defer { lock.unlock() }
         var out = ""
@@ -71,6 +74,14 @@ public final class ServerMetrics: @unchecked Sendable {
         metric("vist2_clients", "gauge", "Connected clients.", [("", Double(c.clients))])
         metric("vist2_connections_total", "counter", "Connections accepted.", [("", Double(connections))])
         metric("vist2_peers_rejected_total", "counter", "Connections refused by the peer-credential check.", [("", Double(peersRejected))])
+        metric(
+            "vist2_connections_refused_total", "counter", "Connections refused because the connection limit was reached.",
+            [("", Double(connectionsRefused))])
+        metric("vist2_timeouts_total", "counter", "Connections closed by the handshake, frame or idle timeout.", [("", Double(timeouts))])
+        metric("vist2_document_bytes", "gauge", "Bytes of text of all open documents.", [("", Double(documentBytes))])
+        metric(
+            "vist2_engine_stalled_seconds", "gauge", "Seconds since the engine last made progress while it has work (0 when idle).",
+            [("", stalled)])
         metric("vist2_documents_open", "gauge", "Documents open over all connections.", [("", Double(c.documents))])
         metric(
             "vist2_prompt_tokens_total", "counter", "Positions prefilled for generations (text and visual).", [("", Double(promptTokens))])

@@ -71,13 +71,18 @@ public final class UnixServer: @unchecked Sendable {
         chmod(socketPath, 0o600)
     }
 
-    /// Stops accepting, drains the engine's queue, closes the socket (and removes it, unless
-    /// systemd owns it).
+    /// Stops accepting, lets the engine's queue drain for `limits.drainTimeout`, cancels what is
+    /// left (every request still gets its final reply), closes the socket (and removes it,
+    /// unless systemd owns it).
     public func stop() {
         guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
         context.beginDraining()
         try? channel?.close().wait()
-        context.worker.drain()
+        switch context.worker.drain(deadline: context.limits.drainTimeout) {
+        case 0: break
+        case let n?: context.log("drain: cancelled \(n) requests still running or queued after \(context.limits.drainTimeout)")
+        case nil: context.log("drain: a request did not stop after being cancelled; exiting without it")
+        }
         try? group.syncShutdownGracefully()
         if inheritedFD == nil { unlink(socketPath) }
     }
@@ -107,21 +112,30 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
     let context: ServerContext
     var session: Session?
     var counted = false
+    var timer: RepeatedTask?
 
     init(context: ServerContext) { self.context = context }
 
     func channelActive(context ctx: ChannelHandlerContext) {
         let channel = ctx.channel
         let pending = Atomic<Int>(0)
-        let limit = context.limits.maxPendingOutput
+        let limits = context.limits
+        let shared = context
         let log = context.log
         let s = Session(
             context: context,
             send: { bytes in
-                let now = pending.add(bytes.count, ordering: .relaxed).newValue
-                if now > limit {
-                    // The peer stopped reading: drop it rather than buffer without bound.
-                    if now - bytes.count <= limit { log("closing a connection that left \(now) bytes of replies unread") }
+                let mine = pending.add(bytes.count, ordering: .relaxed).newValue
+                let all = shared.pendingOutput.add(bytes.count, ordering: .relaxed).newValue
+                // The peer stopped reading: drop it rather than buffer without bound. Past the
+                // daemon-wide bound, the connections holding more than their share go first.
+                let over = mine > limits.maxPendingOutput || (all > limits.maxTotalPendingOutput && mine > limits.pendingOutputShare)
+                if over {
+                    pending.subtract(bytes.count, ordering: .relaxed)
+                    shared.pendingOutput.subtract(bytes.count, ordering: .relaxed)
+                    if mine - bytes.count <= limits.maxPendingOutput {
+                        log("closing a connection that left \(mine) bytes of replies unread (\(all) over all connections)")
+                    }
                     channel.eventLoop.execute { channel.close(promise: nil) }
                     return
                 }
@@ -129,15 +143,27 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
                     var buf = channel.allocator.buffer(capacity: bytes.count)
                     buf.writeBytes(bytes)
                     let p = channel.eventLoop.makePromise(of: Void.self)
-                    p.futureResult.whenComplete { _ in pending.subtract(bytes.count, ordering: .relaxed) }
+                    p.futureResult.whenComplete { _ in
+                        pending.subtract(bytes.count, ordering: .relaxed)
+                        shared.pendingOutput.subtract(bytes.count, ordering: .relaxed)
+                    }
                     channel.writeAndFlush(buf, promise: p)
                 }
             },
             close: { channel.eventLoop.execute { channel.close(promise: nil) } })
         session = s
-        context.adjust(clients: 1)
         context.metrics.with { $0.connections += 1 }
+        guard context.admitConnection() else {
+            context.metrics.with { $0.connectionsRefused += 1 }
+            log("refused a connection: \(limits.maxConnections) are open")
+            s.refuse(.busy, "the daemon serves at most \(limits.maxConnections) connections at once; retry later")
+            ctx.fireChannelActive()
+            return
+        }
         counted = true
+        // The connection's timeouts (handshake, frame, idle), checked on its own event loop.
+        let tick = TimeAmount.nanoseconds(Int64(limits.timerTick.asSeconds * 1e9))
+        timer = channel.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in s.checkTimeouts() }
         if let cred = Self.peerCredentials(channel) {
             if !context.peers.allows(uid: cred.uid, gid: cred.gid) {
                 context.metrics.with { $0.peersRejected += 1 }
@@ -175,6 +201,8 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelInactive(context ctx: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
         session?.disconnected()
         if let s = session { context.worker.cancelAll(owner: ObjectIdentifier(s)) }
         if counted {

@@ -1,3 +1,4 @@
+import Dispatch
 import Foundation
 import SwiftProtobuf
 import VistCache
@@ -26,7 +27,15 @@ public final class Session: @unchecked Sendable {
     let lock = NSLock()
     var inFlight: [UInt64: EngineWorker.Job] = [:]
     var documents: [String: Document] = [:]
+    /// Bytes of the text of this connection's open documents (`limits.maxConnectionDocumentBytes`).
+    var documentBytes = 0
     var closed = false
+    /// Uptime (ns) when the connection opened, when it last sent a byte, and when the frame now
+    /// being received began (nil between frames): the handshake, idle and frame timeouts.
+    let openedAt = DispatchTime.now().uptimeNanoseconds
+    var lastReceived = DispatchTime.now().uptimeNanoseconds
+    var frameStartedAt: UInt64? = nil
+    var limits: ServerLimits { context.limits }
 
     public init(context: ServerContext, send: @escaping @Sendable ([UInt8]) -> Void, close: @escaping @Sendable () -> Void) {
         self.context = context
@@ -40,9 +49,18 @@ public final class Session: @unchecked Sendable {
         m.requestID = id
         m.final = final
         fill(&m)
-        if let bytes: [UInt8] = try? m.serializedBytes(), let framed = try? Frame.encode(bytes, maxPayload: Frame.hardMaxPayload) {
-            send(framed)
+        // A reply must fit the client's frame limit (the server's, announced in HelloReply). One
+        // that does not is replaced by an INTERNAL error, so the request still gets its final
+        // reply; nothing is dropped silently.
+        let framed: [UInt8]
+        do {
+            framed = try Frame.encode(try m.serializedBytes(), maxPayload: limits.maxFrame)
+        } catch {
+            context.log("could not send a reply to request \(id): \(error)")
+            guard final, m.error.code != .internal else { return }
+            return self.error(id, .internal, "the reply could not be sent: \(error)")
         }
+        send(framed)
     }
 
     func error(_ id: UInt64, _ code: Vist2_V1_ErrorCode, _ message: String) {
@@ -56,8 +74,11 @@ public final class Session: @unchecked Sendable {
     }
 
     /// Refuses a peer before anything is read from it.
-    public func deny(_ message: String) {
-        error(0, .permissionDenied, message)
+    public func deny(_ message: String) { refuse(.permissionDenied, message) }
+
+    /// Answers `code` (request id 0) and closes the connection.
+    func refuse(_ code: Vist2_V1_ErrorCode, _ message: String) {
+        error(0, code, message)
         closed = true
         close()
     }
@@ -65,9 +86,18 @@ public final class Session: @unchecked Sendable {
     /// Bytes from the peer. A framing error is answered once and closes the connection.
     public func receive(_ bytes: [UInt8]) {
         guard !closed else { return }
+        let now = DispatchTime.now().uptimeNanoseconds
+        lastReceived = now
+        if frameStartedAt == nil && !bytes.isEmpty { frameStartedAt = now }
         let payloads: [[UInt8]]
         do {
             payloads = try decoder.feed(bytes)
+            // Between frames again, or a new frame begun by the bytes after the last whole one.
+            if decoder.bufferedBytes == 0 {
+                frameStartedAt = nil
+            } else if !payloads.isEmpty {
+                frameStartedAt = now
+            }
         } catch {
             if case .tooLarge = error {
                 self.error(0, .frameTooLarge, error.description)
@@ -88,16 +118,47 @@ public final class Session: @unchecked Sendable {
         }
     }
 
+    /// Checks the connection's timeouts (called every `limits.timerTick` on its event loop):
+    /// no Hello within `handshakeTimeout`, a frame not complete `frameTimeout` after its first
+    /// byte, or nothing received for `idleTimeout` with nothing in flight. A breach gets TIMEOUT
+    /// (request id 0) and closes the connection.
+    public func checkTimeouts(now: UInt64 = DispatchTime.now().uptimeNanoseconds) {
+        guard !closed else { return }
+        func over(_ since: UInt64, _ d: Duration) -> Bool { now > since && Double(now - since) / 1e9 >= d.asSeconds }
+        let why: String
+        if !greeted && over(openedAt, limits.handshakeTimeout) {
+            why = "no Hello within \(limits.handshakeTimeout)"
+        } else if let f = frameStartedAt, over(f, limits.frameTimeout) {
+            why = "a frame was not complete \(limits.frameTimeout) after its first byte"
+        } else if limits.idleTimeout > .zero && over(lastReceived, limits.idleTimeout) && inFlightCount == 0 {
+            why = "idle for \(limits.idleTimeout) with nothing in flight"
+        } else {
+            return
+        }
+        context.metrics.with { $0.timeouts += 1 }
+        error(0, .timeout, why + "; closing the connection")
+        closed = true
+        close()
+    }
+
+    var inFlightCount: Int {
+        lock.lock()
+        defer { lock.unlock() }
+        return inFlight.count
+    }
+
     /// The connection went away: its requests stop, its documents close.
     public func disconnected() {
         closed = true
         lock.lock()
         let jobs = Array(inFlight.values)
         let docs = documents.count
+        let bytes = documentBytes
         documents = [:]
+        documentBytes = 0
         lock.unlock()
         for j in jobs { j.cancel() }
-        context.adjust(documents: -docs)
+        context.adjust(documents: -docs, bytes: -bytes)
     }
 
     func handle(_ m: Vist2_V1_ClientMessage) {
@@ -138,18 +199,16 @@ public final class Session: @unchecked Sendable {
         case .openDocument(let o):
             openDocument(id, o)
         case .updateDocument(let u):
-            lock.lock()
-            let known = documents[u.documentID] != nil
-            if known { documents[u.documentID] = Document(path: documents[u.documentID]!.path, text: u.text) }
-            lock.unlock()
-            guard known else { return error(id, .unknownDocument, "no document '\(u.documentID)' is open on this connection") }
-            reply(id) { $0.document = info(u.documentID) }
+            updateDocument(id, u)
         case .closeDocument(let c):
             lock.lock()
-            let removed = documents.removeValue(forKey: c.documentID) != nil
+            let removed = documents.removeValue(forKey: c.documentID)
+            if let removed { documentBytes -= removed.text.utf8.count }
             lock.unlock()
-            guard removed else { return error(id, .unknownDocument, "no document '\(c.documentID)' is open on this connection") }
-            context.adjust(documents: -1)
+            guard let removed else {
+                return error(id, .unknownDocument, "no document '\(c.documentID.prefix(64))' is open on this connection")
+            }
+            context.adjust(documents: -1, bytes: -removed.text.utf8.count)
             reply(id) { $0.ack = Vist2_V1_Ack() }
         case .compress(let c):
             compress(id, c)
@@ -158,7 +217,8 @@ public final class Session: @unchecked Sendable {
         case .render(let r):
             render(id, r)
         case .cacheList(let l):
-            let entries = context.cache?.list(limit: l.limit == 0 ? Int.max : Int(l.limit)) ?? []
+            let limit = min(l.limit == 0 ? Int.max : Int(l.limit), limits.maxCacheListEntries)
+            let entries = context.cache?.list(limit: limit) ?? []
             reply(id) {
                 $0.cacheList = .with {
                     $0.entries = entries.map { e in
@@ -218,16 +278,23 @@ public final class Session: @unchecked Sendable {
         guard let text = texts(id, [p.documentID]) else { return }
         let lm = context.language
         let ctx = p.ctx == 0 ? 512 : Int(p.ctx)
+        let worker = context.worker
         submit(id) { [self] job throws(EngineError) in
-            let r = try lm.perplexity(text: text[0], ctx: ctx) { done, total, ppl in
-                self.reply(id, final: false) {
-                    $0.perplexityProgress = .with {
-                        $0.windowsDone = UInt32(done)
-                        $0.windowsTotal = UInt32(total)
-                        $0.perplexity = ppl
+            let r = try lm.perplexity(
+                text: text[0], ctx: ctx,
+                progress: { done, total, ppl in
+                    self.reply(id, final: false) {
+                        $0.perplexityProgress = .with {
+                            $0.windowsDone = UInt32(done)
+                            $0.windowsTotal = UInt32(total)
+                            $0.perplexity = ppl
+                        }
                     }
-                }
-            }
+                },
+                step: {
+                    worker.yieldToOthers(from: job)
+                    return !job.isCancelled
+                })
             if job.isCancelled { throw .cancelled }
             return {
                 $0.perplexityResult = .with {
@@ -243,10 +310,15 @@ public final class Session: @unchecked Sendable {
 
     func bench(_ id: UInt64, _ b: Vist2_V1_BenchRequest) {
         let lm = context.language
-        submit(id) { _ throws(EngineError) in
+        let worker = context.worker
+        submit(id) { job throws(EngineError) in
             let r = try lm.bench(
                 prompt: Int(b.promptTokens), generate: Int(b.generatedTokens),
-                repetitions: b.repetitions == 0 ? 5 : Int(b.repetitions))
+                repetitions: b.repetitions == 0 ? 5 : Int(b.repetitions),
+                step: {
+                    worker.yieldToOthers(from: job)
+                    return !job.isCancelled
+                })
             return {
                 $0.benchResult = .with {
                     $0.ppTokens = UInt32(r.pp_tokens)
@@ -301,26 +373,82 @@ public final class Session: @unchecked Sendable {
 
     func openDocument(_ id: UInt64, _ o: Vist2_V1_OpenDocument) {
         guard o.path.utf8.count <= 4096 else { return error(id, .badRequest, "path longer than 4096 bytes") }
+        let size = o.text.utf8.count
         lock.lock()
-        let full = documents.count >= context.limits.maxDocuments
-        var docID = ""
-        if !full {
-            repeat { docID = String(format: "d%016llx", UInt64.random(in: 0...UInt64.max)) } while documents[docID] != nil
-            documents[docID] = Document(path: o.path, text: o.text)
-        }
+        let full = documents.count >= limits.maxDocuments
         lock.unlock()
-        guard !full else { return error(id, .tooManyRequests, "at most \(context.limits.maxDocuments) documents open per connection") }
+        guard !full else { return error(id, .tooManyRequests, "at most \(limits.maxDocuments) documents open per connection") }
+        guard takeDocumentBytes(id, size) else { return }
+        lock.lock()
+        var docID = ""
+        repeat { docID = String(format: "d%016llx", UInt64.random(in: 0...UInt64.max)) } while documents[docID] != nil
+        documents[docID] = Document(path: o.path, text: o.text)
+        lock.unlock()
         context.adjust(documents: 1)
         reply(id) { $0.document = info(docID) }
     }
 
-    /// The texts of `ids`, or an error reply sent.
+    func updateDocument(_ id: UInt64, _ u: Vist2_V1_UpdateDocument) {
+        lock.lock()
+        let old = documents[u.documentID]
+        lock.unlock()
+        guard let old else { return error(id, .unknownDocument, "no document '\(u.documentID.prefix(64))' is open on this connection") }
+        let oldSize = old.text.utf8.count, size = u.text.utf8.count
+        guard takeDocumentBytes(id, size - oldSize, replacing: oldSize) else { return }
+        lock.lock()
+        documents[u.documentID] = Document(path: old.path, text: u.text)
+        lock.unlock()
+        reply(id) { $0.document = info(u.documentID) }
+    }
+
+    /// Accounts `delta` more bytes of document text to this connection and the daemon, or
+    /// replies DOCUMENT_TOO_LARGE (this document, or this connection's documents, over their
+    /// limit) or BUSY (the daemon's documents over theirs) and returns false. `replacing`: the
+    /// size of the text being replaced, for the per-document check.
+    func takeDocumentBytes(_ id: UInt64, _ delta: Int, replacing: Int = 0) -> Bool {
+        let size = replacing + delta
+        guard size <= limits.maxDocumentBytes else {
+            error(id, .documentTooLarge, "the document has \(size) bytes; at most \(limits.maxDocumentBytes) are accepted")
+            return false
+        }
+        lock.lock()
+        let mine = documentBytes
+        lock.unlock()
+        guard delta <= 0 || mine + delta <= limits.maxConnectionDocumentBytes else {
+            error(
+                id, .documentTooLarge,
+                "this connection's documents would hold \(mine + delta) bytes; at most \(limits.maxConnectionDocumentBytes) are accepted (close some)"
+            )
+            return false
+        }
+        guard context.reserveDocumentBytes(delta) else {
+            error(id, .busy, "the daemon holds its limit of \(limits.maxTotalDocumentBytes) bytes of open documents; retry later")
+            return false
+        }
+        lock.lock()
+        documentBytes += delta
+        lock.unlock()
+        return true
+    }
+
+    /// The texts of `ids`, or an error reply sent. A request names at most
+    /// `limits.maxDocumentsPerRequest` documents, each once, so what it reads is bounded by the
+    /// connection's document bytes.
     func texts(_ id: UInt64, _ ids: [String]) -> [String]? {
+        guard ids.count <= limits.maxDocumentsPerRequest else {
+            error(id, .badRequest, "a request may read at most \(limits.maxDocumentsPerRequest) documents, \(ids.count) were given")
+            return nil
+        }
+        var seen = Set<String>()
+        for d in ids where !seen.insert(d).inserted {
+            error(id, .badRequest, "document '\(d.prefix(64))' is listed more than once")
+            return nil
+        }
         lock.lock()
         let found = ids.map { documents[$0]?.text }
         lock.unlock()
         if let i = found.firstIndex(where: { $0 == nil }) {
-            error(id, .unknownDocument, "no document '\(ids[i])' is open on this connection")
+            error(id, .unknownDocument, "no document '\(ids[i].prefix(64))' is open on this connection")
             return nil
         }
         return found.map { $0! }
@@ -470,13 +598,13 @@ public final class Session: @unchecked Sendable {
         req.chat = g.chat
         // A VIST2 model can write past the backbone's context (finished chunks shrink to visual
         // tokens), so the bound is a sanity limit, not the context.
-        let maxTokens = context.maxTokens
-        guard g.maxTokens <= UInt32(maxTokens) else {
+        let maxTokens = limits.maxTokens
+        guard g.maxTokens <= UInt32(clamping: maxTokens) else {
             return error(id, .badRequest, "max_tokens \(g.maxTokens) is over the limit of \(maxTokens)")
         }
         req.maxTokens = Int(g.maxTokens == 0 ? 128 : g.maxTokens)
-        guard g.stop.count <= 16, g.stop.allSatisfy({ $0.utf8.count <= 256 }) else {
-            return error(id, .badRequest, "at most 16 stop strings of at most 256 bytes")
+        guard g.stop.count <= limits.maxStopStrings, g.stop.allSatisfy({ $0.utf8.count <= limits.maxStopBytes }) else {
+            return error(id, .badRequest, "at most \(limits.maxStopStrings) stop strings of at most \(limits.maxStopBytes) bytes")
         }
         req.stop = g.stop
         if g.hasSampling {

@@ -20,14 +20,16 @@ struct Vist2d: ParsableCommand {
         discussion: """
             Every flag has an environment variable, read when the flag is not given (for systemd units):
               VIST2_MODEL, VIST2_SOCKET, VIST2_THREADS, VIST2_QUEUE, VIST2_MAX_FRAME, VIST2_CACHE_DIR,
-              VIST2_CACHE_SIZE, VIST2_ALLOW_USERS and VIST2_ALLOW_GROUPS (comma-separated), VIST2_LOG_LEVEL.
+              VIST2_CACHE_SIZE, VIST2_MAX_CONNECTIONS, VIST2_IDLE_TIMEOUT, VIST2_DRAIN_TIMEOUT, VIST2_ALLOW_USERS and
+              VIST2_ALLOW_GROUPS (comma-separated), VIST2_LOG_LEVEL.
             Also read: VIST2_MODELS (model store), XDG_RUNTIME_DIR and RUNTIME_DIRECTORY (socket directory),
             XDG_CACHE_HOME and CACHE_DIRECTORY (cache directory), NOTIFY_SOCKET and WATCHDOG_USEC (readiness,
             status and keep-alives for Type=notify units), LISTEN_PID/LISTEN_FDS (socket activation: the
             passed socket is served as is and never unlinked).
             Peers: a client is served if its uid (SO_PEERCRED) is the daemon's own, root's, or listed in
             --allow-user, or if its primary or supplementary groups include one listed in --allow-group.
-            SIGTERM and SIGINT stop accepting, finish queued requests and exit 0.
+            SIGTERM and SIGINT stop accepting, give running and queued requests --drain-timeout seconds, cancel the
+            rest (each still gets its final reply) and exit 0. Every limit: Protocols/PROTOCOL.md, "Limits".
             """)
 
     @Option(help: "Model name or path (a VIST2 model directory or a plain GGUF / HF model). [VIST2_MODEL]")
@@ -54,6 +56,18 @@ struct Vist2d: ParsableCommand {
 
     @Option(help: "Persistent cache budget, e.g. 2G, 512M, 0 to disable (default 2G). [VIST2_CACHE_SIZE]")
     var cacheSize: String?
+
+    @Option(help: "Connections served at once; past it a client gets BUSY (default 512). [VIST2_MAX_CONNECTIONS]")
+    var maxConnections: Int?
+
+    @Option(
+        help:
+            "Seconds a connection with nothing in flight may stay silent before it is closed, 0 for never (default 3600). [VIST2_IDLE_TIMEOUT]"
+    )
+    var idleTimeout: Int?
+
+    @Option(help: "Seconds SIGTERM waits for running requests before cancelling them (default 30). [VIST2_DRAIN_TIMEOUT]")
+    var drainTimeout: Int?
 
     @Option(help: "Also serve this user (name or uid); repeatable. [VIST2_ALLOW_USERS]")
     var allowUser: [String] = []
@@ -87,6 +101,7 @@ struct Vist2d: ParsableCommand {
         var cacheSize: Int
         var peers: PeerPolicy
         var logLevel: Int
+        var limits: ServerLimits
     }
 
     func settings() throws -> Settings {
@@ -116,6 +131,12 @@ struct Vist2d: ParsableCommand {
         let threads = try int(threads, "VIST2_THREADS", LanguageModel.defaultThreads, 1...256, "--threads")
         let queue = try int(queue, "VIST2_QUEUE", 16, 1...10_000, "--queue")
         let maxFrame = try int(maxFrame, "VIST2_MAX_FRAME", Frame.defaultMaxPayload, 1024...Frame.hardMaxPayload, "--max-frame")
+        var limits = ServerLimits()
+        limits.queueCapacity = queue
+        limits.maxFrame = maxFrame
+        limits.maxConnections = try int(maxConnections, "VIST2_MAX_CONNECTIONS", limits.maxConnections, 1...1_000_000, "--max-connections")
+        limits.idleTimeout = .seconds(try int(idleTimeout, "VIST2_IDLE_TIMEOUT", 3600, 0...(365 * 86400), "--idle-timeout"))
+        limits.drainTimeout = .seconds(try int(drainTimeout, "VIST2_DRAIN_TIMEOUT", 30, 0...86400, "--drain-timeout"))
         let cacheDir =
             cacheDir ?? env["VIST2_CACHE_DIR"].flatMap { $0.isEmpty ? nil : $0 }
             ?? {
@@ -146,7 +167,7 @@ struct Vist2d: ParsableCommand {
         }
         return Settings(
             model: model, socket: socket, threads: threads, queue: queue, maxFrame: maxFrame, cacheDir: cacheDir, cacheSize: size,
-            peers: peers, logLevel: level)
+            peers: peers, logLevel: level, limits: limits)
     }
 
     func run() throws {
@@ -189,11 +210,8 @@ struct Vist2d: ParsableCommand {
                 logger.warning("cache disabled: cannot use \(s.cacheDir): \(error)")
             }
         }
-        var limits = ServerContext.Limits()
-        limits.queueCapacity = s.queue
-        limits.maxFrame = s.maxFrame
         let context = ServerContext(
-            model: loaded, modelName: s.model, limits: limits, cache: cache, peers: s.peers, log: { logger.info($0) })
+            model: loaded, modelName: s.model, limits: s.limits, cache: cache, peers: s.peers, log: { logger.info($0) })
         let server = UnixServer(context: context, socketPath: s.socket, inheritedFD: inherited)
         do {
             try server.start()
@@ -208,10 +226,23 @@ struct Vist2d: ParsableCommand {
         if let period = Systemd.watchdogPeriod() {
             let t = DispatchSource.makeTimerSource(queue: .global())
             t.schedule(deadline: .now(), repeating: period)
-            // The keep-alive goes out only while the engine's queue is not wedged: a job running
-            // for longer than the watchdog interval is normal (long generations), so the check is
-            // that the worker thread is alive and answering.
-            t.setEventHandler { if context.worker.isResponsive { Systemd.notify("WATCHDOG=1") } }
+            // The keep-alive goes out only while the engine makes progress: a job running for
+            // longer than the watchdog interval is normal (long generations), but each of its
+            // steps reports progress; an engine with work and no progress for the stall limit is
+            // stuck, and then systemd restarts the daemon.
+            let stall = s.limits.stallTimeout.asSeconds
+            var reported = false
+            t.setEventHandler {
+                let stalled = context.worker.stalledSeconds
+                if stalled < stall {
+                    Systemd.notify("WATCHDOG=1")
+                    reported = false
+                } else if !reported {
+                    logger.error("the engine has made no progress for \(Int(stalled)) s; withholding the watchdog keep-alive")
+                    Systemd.notify("STATUS=engine stalled for \(Int(stalled)) s")
+                    reported = true
+                }
+            }
             t.resume()
             watchdog = t
         }

@@ -270,7 +270,7 @@ struct DocumentTests {
             #expect(w.submit(EngineWorker.Job(owner: ObjectIdentifier(owner)) { _ in order.add(name) }))
         }
         gate.signal()
-        w.drain()
+        w.drain(deadline: .seconds(60))
         // a was served last (the blocker), so b and c go first, then turns alternate.
         #expect(order.all == ["b1", "c1", "a1", "b2", "a2", "a3"])
     }
@@ -297,7 +297,7 @@ struct DocumentTests {
             #expect(w.submit(EngineWorker.Job(owner: ObjectIdentifier(owner)) { _ in order.add(name) }))
         }
         queued.signal()
-        w.drain()
+        w.drain(deadline: .seconds(60))
         // b's jobs run between the long job's steps, one per step; a's own next job waits its turn.
         #expect(order.all == ["long0", "b1", "long1", "b2", "long2", "long-end", "a2"])
     }
@@ -311,7 +311,7 @@ struct InterleavingTests {
         let long = try VistClient(socketPath: d.path)
         var m = Vist2_V1_ClientMessage()
         m.requestID = 1
-        m.generate = generateRequest("A long story", tokens: 1 << 20)  // runs until the context is full
+        m.generate = generateRequest("A long story", tokens: 60_000)  // runs until the context is full
         try long.send(m)
         let first = try long.receive()
         #expect(first.requestID == 1 && !first.final)

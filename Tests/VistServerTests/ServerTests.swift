@@ -23,7 +23,7 @@ final class TestDaemon {
     /// `cacheDir`: reuse another daemon's cache directory (a restart); `model`: another model.
     init(
         queue: Int = 8, maxFrame: Int = 1 << 16, cacheDir: URL? = nil, cacheBudget: Int = 1 << 30, peers: PeerPolicy = .sameUser,
-        maxPendingOutput: Int = 64 << 20, model: VIST2Model? = nil
+        maxPendingOutput: Int = 64 << 20, model: VIST2Model? = nil, limits configure: (inout ServerContext.Limits) -> Void = { _ in }
     ) throws {
         dir = URL(fileURLWithPath: "/tmp").appendingPathComponent("v2d-\(UUID().uuidString.prefix(8))")
         self.cacheDir = cacheDir ?? dir.appendingPathComponent("cache")
@@ -36,6 +36,7 @@ final class TestDaemon {
         limits.queueCapacity = queue
         limits.maxFrame = maxFrame
         limits.maxPendingOutput = maxPendingOutput
+        configure(&limits)
         let ctx = ServerContext(model: .vist2(model), modelName: "tiny", limits: limits, cache: store, peers: peers, log: { logs.add($0) })
         server = UnixServer(context: ctx, socketPath: dir.appendingPathComponent("vist2.sock").path)
         try server.start()
@@ -174,7 +175,7 @@ struct ServerTests {
         // holder how many deltas precede the cancel would depend on scheduling.)
         var holder = m
         holder.requestID = 8
-        holder.generate = generateRequest("Hold the engine", tokens: 1 << 20)
+        holder.generate = generateRequest("Hold the engine", tokens: 60_000)
         try c.send(holder)
         let held = try c.receive()
         #expect(held.requestID == 8 && !held.final)

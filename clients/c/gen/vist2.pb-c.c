@@ -2557,7 +2557,7 @@ const ProtobufCMessageDescriptor vist2__v1__hello_reply__descriptor =
   (ProtobufCMessageInit) vist2__v1__hello_reply__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__limits__field_descriptors[5] =
+static const ProtobufCFieldDescriptor vist2__v1__limits__field_descriptors[16] =
 {
   {
     "max_frame_bytes",
@@ -2619,18 +2619,161 @@ static const ProtobufCFieldDescriptor vist2__v1__limits__field_descriptors[5] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "max_documents_per_request",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, max_documents_per_request),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "max_documents",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, max_documents),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "max_connection_document_bytes",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, max_connection_document_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "max_total_document_bytes",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, max_total_document_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "max_connections",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, max_connections),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "handshake_timeout_ms",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, handshake_timeout_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "idle_timeout_ms",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, idle_timeout_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "frame_timeout_ms",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, frame_timeout_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "max_pending_output_bytes",
+    14,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, max_pending_output_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "max_stop_strings",
+    15,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, max_stop_strings),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "max_stop_bytes",
+    16,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Limits, max_stop_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__limits__field_indices_by_name[] = {
+  12,   /* field[12] = frame_timeout_ms */
+  10,   /* field[10] = handshake_timeout_ms */
+  11,   /* field[11] = idle_timeout_ms */
+  7,   /* field[7] = max_connection_document_bytes */
+  9,   /* field[9] = max_connections */
   3,   /* field[3] = max_document_bytes */
+  6,   /* field[6] = max_documents */
+  5,   /* field[5] = max_documents_per_request */
   0,   /* field[0] = max_frame_bytes */
+  13,   /* field[13] = max_pending_output_bytes */
   1,   /* field[1] = max_requests_in_flight */
+  15,   /* field[15] = max_stop_bytes */
+  14,   /* field[14] = max_stop_strings */
   4,   /* field[4] = max_tokens */
+  8,   /* field[8] = max_total_document_bytes */
   2,   /* field[2] = queue_capacity */
 };
 static const ProtobufCIntRange vist2__v1__limits__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 16 }
 };
 const ProtobufCMessageDescriptor vist2__v1__limits__descriptor =
 {
@@ -2640,7 +2783,7 @@ const ProtobufCMessageDescriptor vist2__v1__limits__descriptor =
   "Vist2__V1__Limits",
   "vist2.v1",
   sizeof(Vist2__V1__Limits),
-  5,
+  16,
   vist2__v1__limits__field_descriptors,
   vist2__v1__limits__field_indices_by_name,
   1,  vist2__v1__limits__number_ranges,
@@ -2665,7 +2808,7 @@ const ProtobufCMessageDescriptor vist2__v1__status_request__descriptor =
   (ProtobufCMessageInit) vist2__v1__status_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__status__field_descriptors[8] =
+static const ProtobufCFieldDescriptor vist2__v1__status__field_descriptors[9] =
 {
   {
     "state",
@@ -2763,11 +2906,24 @@ static const ProtobufCFieldDescriptor vist2__v1__status__field_descriptors[8] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "engine_stalled_seconds",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__Status, engine_stalled_seconds),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__status__field_indices_by_name[] = {
   4,   /* field[4] = cache_bytes */
   2,   /* field[2] = clients */
   3,   /* field[3] = documents_open */
+  8,   /* field[8] = engine_stalled_seconds */
   7,   /* field[7] = model_fingerprint */
   6,   /* field[6] = model_name */
   1,   /* field[1] = queue_length */
@@ -2777,7 +2933,7 @@ static const unsigned vist2__v1__status__field_indices_by_name[] = {
 static const ProtobufCIntRange vist2__v1__status__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor vist2__v1__status__descriptor =
 {
@@ -2787,7 +2943,7 @@ const ProtobufCMessageDescriptor vist2__v1__status__descriptor =
   "Vist2__V1__Status",
   "vist2.v1",
   sizeof(Vist2__V1__Status),
-  8,
+  9,
   vist2__v1__status__field_descriptors,
   vist2__v1__status__field_indices_by_name,
   1,  vist2__v1__status__number_ranges,
@@ -5106,7 +5262,7 @@ const ProtobufCMessageDescriptor vist2__v1__error__descriptor =
   (ProtobufCMessageInit) vist2__v1__error__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCEnumValue vist2__v1__error_code__enum_values_by_number[18] =
+static const ProtobufCEnumValue vist2__v1__error_code__enum_values_by_number[19] =
 {
   { "ERROR_CODE_UNSPECIFIED", "VIST2__V1__ERROR_CODE__ERROR_CODE_UNSPECIFIED", 0 },
   { "BAD_REQUEST", "VIST2__V1__ERROR_CODE__BAD_REQUEST", 1 },
@@ -5126,11 +5282,12 @@ static const ProtobufCEnumValue vist2__v1__error_code__enum_values_by_number[18]
   { "DRAINING", "VIST2__V1__ERROR_CODE__DRAINING", 15 },
   { "PERMISSION_DENIED", "VIST2__V1__ERROR_CODE__PERMISSION_DENIED", 16 },
   { "UNSUPPORTED", "VIST2__V1__ERROR_CODE__UNSUPPORTED", 17 },
+  { "TIMEOUT", "VIST2__V1__ERROR_CODE__TIMEOUT", 18 },
 };
 static const ProtobufCIntRange vist2__v1__error_code__value_ranges[] = {
-{0, 0},{0, 18}
+{0, 0},{0, 19}
 };
-static const ProtobufCEnumValueIndex vist2__v1__error_code__enum_values_by_name[18] =
+static const ProtobufCEnumValueIndex vist2__v1__error_code__enum_values_by_name[19] =
 {
   { "BAD_REQUEST", 1 },
   { "BUSY", 7 },
@@ -5145,6 +5302,7 @@ static const ProtobufCEnumValueIndex vist2__v1__error_code__enum_values_by_name[
   { "INTERNAL", 14 },
   { "NOT_FOUND", 12 },
   { "PERMISSION_DENIED", 16 },
+  { "TIMEOUT", 18 },
   { "TOO_MANY_REQUESTS", 6 },
   { "UNKNOWN_DOCUMENT", 8 },
   { "UNKNOWN_REQUEST", 4 },
@@ -5158,9 +5316,9 @@ const ProtobufCEnumDescriptor vist2__v1__error_code__descriptor =
   "ErrorCode",
   "Vist2__V1__ErrorCode",
   "vist2.v1",
-  18,
+  19,
   vist2__v1__error_code__enum_values_by_number,
-  18,
+  19,
   vist2__v1__error_code__enum_values_by_name,
   1,
   vist2__v1__error_code__value_ranges,

@@ -110,7 +110,11 @@ typedef enum _Vist2__V1__ErrorCode {
   /*
    * the loaded model cannot do this (e.g. compress without a vision encoder)
    */
-  VIST2__V1__ERROR_CODE__UNSUPPORTED = 17
+  VIST2__V1__ERROR_CODE__UNSUPPORTED = 17,
+  /*
+   * no Hello, no request or no whole frame in time; sent with request id 0, then the connection closes
+   */
+  VIST2__V1__ERROR_CODE__TIMEOUT = 18
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(VIST2__V1__ERROR_CODE)
 } Vist2__V1__ErrorCode;
 
@@ -304,10 +308,48 @@ struct  Vist2__V1__Limits
   uint32_t queue_capacity;
   uint64_t max_document_bytes;
   uint32_t max_tokens;
+  /*
+   * document_ids of one Generate; repeats are refused
+   */
+  uint32_t max_documents_per_request;
+  /*
+   * open per connection
+   */
+  uint32_t max_documents;
+  /*
+   * text of all documents open on one connection
+   */
+  uint64_t max_connection_document_bytes;
+  /*
+   * text of all documents open on the daemon
+   */
+  uint64_t max_total_document_bytes;
+  uint32_t max_connections;
+  /*
+   * Hello must arrive within this
+   */
+  uint32_t handshake_timeout_ms;
+  /*
+   * a connection with nothing in flight that sends nothing is closed
+   */
+  uint32_t idle_timeout_ms;
+  /*
+   * a frame must be complete this long after its first byte
+   */
+  uint32_t frame_timeout_ms;
+  /*
+   * replies a connection leaves unread before it is closed
+   */
+  uint64_t max_pending_output_bytes;
+  uint32_t max_stop_strings;
+  /*
+   * per stop string
+   */
+  uint32_t max_stop_bytes;
 };
 #define VIST2__V1__LIMITS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__limits__descriptor) \
-    , 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 
 struct  Vist2__V1__StatusRequest
@@ -323,7 +365,7 @@ struct  Vist2__V1__Status
 {
   ProtobufCMessage base;
   /*
-   * "loading", "ready", "draining"
+   * "loading", "ready", "draining", "stalled"
    */
   char *state;
   uint32_t queue_length;
@@ -333,10 +375,15 @@ struct  Vist2__V1__Status
   uint64_t uptime_seconds;
   char *model_name;
   char *model_fingerprint;
+  /*
+   * Seconds since the engine last made progress (a step, a block, a window) while it has work;
+   * 0 when idle. The state is "stalled" past the daemon's stall limit.
+   */
+  double engine_stalled_seconds;
 };
 #define VIST2__V1__STATUS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__status__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Vist2__V1__OpenDocument
