@@ -16,6 +16,9 @@ swift test -c release -Xswiftc -enable-testing --skip-build 2>&1 | tee .build/te
 # independent Python client against a live vist2d.
 make -C clients/c test
 bash scripts/live-test.sh
+# The shipped system units under a real systemd 252 booted in a container (root only; ~1 min the
+# first time on a machine, while it builds the container's tree, then ~10 s).
+if [[ "$(id -u)" == 0 ]]; then bash scripts/systemd-test.sh; else echo "skipping scripts/systemd-test.sh: needs root"; fi
 
 # The training code: its forward against the PyTorch reference, then a smoke run of every stage
 # on a tiny configuration (this repository's own Markdown as the corpus, a few steps through the
