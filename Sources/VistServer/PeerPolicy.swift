@@ -19,12 +19,14 @@ public struct PeerPolicy: Sendable, Equatable {
     /// The daemon's own user and root.
     public static var sameUser: PeerPolicy { PeerPolicy(users: [getuid(), 0], groups: []) }
 
-    /// A peer is allowed if its uid is listed, or its gid or one of its user's supplementary
-    /// groups is.
-    public func allows(uid: UInt32, gid: UInt32) -> Bool {
+    /// A peer is allowed if its uid is listed, or its gid or one of its supplementary groups is.
+    /// `supplementary` are the groups the peer held when it connected (SO_PEERGROUPS), checked
+    /// without asking the user database; only when the kernel could not give them (nil) are the
+    /// user's groups looked up through NSS.
+    public func allows(uid: UInt32, gid: UInt32, supplementary: [UInt32]? = nil) -> Bool {
         if users.contains(uid) || groups.contains(gid) { return true }
         guard !groups.isEmpty else { return false }
-        return Self.groups(ofUID: uid, primary: gid).contains { groups.contains($0) }
+        return (supplementary ?? Self.groups(ofUID: uid, primary: gid)).contains { groups.contains($0) }
     }
 
     static func groups(ofUID uid: UInt32, primary: UInt32) -> [UInt32] {

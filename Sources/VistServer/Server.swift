@@ -16,6 +16,8 @@ public final class UnixServer: @unchecked Sendable {
     let group: MultiThreadedEventLoopGroup
     var channel: Channel?
     let stopped = Atomic<Bool>(false)
+    /// The socket path's lock file, held while serving (-1: none).
+    var lockFD: Int32 = -1
 
     public init(context: ServerContext, socketPath: String, inheritedFD: Int32? = nil, eventLoops: Int = 1) {
         self.context = context
@@ -35,9 +37,10 @@ public final class UnixServer: @unchecked Sendable {
         }
     }
 
-    /// With an inherited socket: serves it as it is. Otherwise probes for a stale socket (a file
-    /// nobody answers on is removed; a live daemon is an error), creates the directory 0700,
-    /// binds, and restricts the socket to its owner (0600).
+    /// With an inherited socket: serves it as it is. Otherwise creates the directory 0700, takes
+    /// the socket path's lock (`PATH.lock`; held by another daemon: an error), probes for a stale
+    /// socket (a socket nobody answers on is removed; a live daemon is an error; anything that is
+    /// not a socket is left alone and refused), binds, and restricts the socket to its owner (0600).
     public func start() throws {
         let ctx = context
         let bootstrap = ServerBootstrap(group: group)
@@ -57,7 +60,34 @@ public final class UnixServer: @unchecked Sendable {
         if !dir.isEmpty && !FileManager.default.fileExists(atPath: dir) {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         }
-        if FileManager.default.fileExists(atPath: socketPath) {
+        // One daemon per socket path: a lock file beside it, held for the daemon's life, so two
+        // daemons starting at the same moment cannot both decide the socket is stale.
+        let lockPath = socketPath + ".lock"
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw StartError.bind("cannot open \(lockPath): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw StartError.inUse("another daemon holds \(lockPath) (it is serving or starting on \(socketPath))")
+        }
+        lockFD = fd
+        do {
+            try bindLocked(bootstrap)
+        } catch {
+            close(fd)
+            lockFD = -1
+            throw error
+        }
+    }
+
+    /// `start` once the socket path's lock is held.
+    private func bindLocked(_ bootstrap: ServerBootstrap) throws {
+        // A stale socket (nobody answers on it) is removed; anything else at the path is left
+        // alone and refused: a live daemon, or a file that is not a socket.
+        var st = stat()
+        if lstat(socketPath, &st) == 0 {
+            guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+                throw StartError.bind("\(socketPath) exists and is not a socket; not removing it")
+            }
             if Self.someoneListens(socketPath) { throw StartError.inUse("another daemon is listening on \(socketPath)") }
             unlink(socketPath)
         }
@@ -84,7 +114,11 @@ public final class UnixServer: @unchecked Sendable {
         case nil: context.log("drain: a request did not stop after being cancelled; exiting without it")
         }
         try? group.syncShutdownGracefully()
-        if inheritedFD == nil { unlink(socketPath) }
+        if inheritedFD == nil && lockFD >= 0 { unlink(socketPath) }
+        if lockFD >= 0 {
+            close(lockFD)
+            lockFD = -1
+        }
     }
 
     static func someoneListens(_ path: String) -> Bool {
@@ -165,7 +199,7 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         let tick = TimeAmount.nanoseconds(Int64(limits.timerTick.asSeconds * 1e9))
         timer = channel.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in s.checkTimeouts() }
         if let cred = Self.peerCredentials(channel) {
-            if !context.peers.allows(uid: cred.uid, gid: cred.gid) {
+            if !context.peers.allows(uid: cred.uid, gid: cred.gid, supplementary: Self.peerGroups(channel)) {
                 context.metrics.with { $0.peersRejected += 1 }
                 log("refused a client: uid \(cred.uid) gid \(cred.gid) pid \(cred.pid) is not an allowed user or group")
                 s.deny("uid \(cred.uid) is not allowed to use this daemon (see vist2d --allow-user / --allow-group)")
@@ -183,6 +217,34 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         var uid: UInt32 = 0
         var gid: UInt32 = 0
     }
+
+    /// Room for 128 supplementary groups (Linux's SO_PEERGROUPS fills a gid_t array; NIO
+    /// zero-fills the buffer first).
+    struct PeerGroups {
+        var low = SIMD64<UInt32>()
+        var high = SIMD64<UInt32>()
+    }
+
+    /// The supplementary groups the peer had when it connected (SO_PEERGROUPS, Linux 4.13+), or
+    /// nil when the kernel cannot say (older kernels; more than 128 groups). Zero entries are the
+    /// unfilled rest of the buffer: group 0 counts only as a peer's primary group.
+    static func peerGroups(_ channel: Channel) -> [UInt32]? {
+        #if os(Linux)
+            guard let p = channel as? SocketOptionProvider else { return nil }
+            let f: EventLoopFuture<PeerGroups> = p.unsafeGetSocketOption(
+                level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: Self.soPeerGroups))
+            final class Box: @unchecked Sendable { var value: PeerGroups? = nil }
+            let box = Box()
+            f.whenSuccess { box.value = $0 }
+            guard let g = box.value else { return nil }
+            return (0..<64).flatMap { [g.low[$0], g.high[$0]] }.filter { $0 != 0 }
+        #else
+            return nil
+        #endif
+    }
+
+    /// SO_PEERGROUPS from <asm-generic/socket.h> (Glibc does not export it to Swift).
+    static let soPeerGroups: Int32 = 59
 
     static func peerCredentials(_ channel: Channel) -> PeerCred? {
         guard let p = channel as? SocketOptionProvider else { return nil }

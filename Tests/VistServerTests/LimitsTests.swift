@@ -243,3 +243,63 @@ struct LimitsTests {
         #expect(l.handshakeTimeoutMs == 10_000 && l.idleTimeoutMs == 3_600_000 && l.maxTokens == 65536)
     }
 }
+
+@Suite("The socket path and the peers", .serialized)
+struct SocketPathTests {
+    @Test("A file that is not a socket is never removed; a second daemon on a path is refused by its lock even before it binds")
+    func stalePathsAndLocks() throws {
+        let d = try TestDaemon()
+        let dir = d.dir.appendingPathComponent("other")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let file = dir.appendingPathComponent("vist2.sock").path
+        try Data("precious".utf8).write(to: URL(fileURLWithPath: file))
+        do {
+            try UnixServer(context: d.context, socketPath: file).start()
+            Issue.record("a daemon started over a regular file")
+        } catch { #expect("\(error)".contains("not a socket")) }
+        #expect(try String(contentsOfFile: file, encoding: .utf8) == "precious")
+        // The lock: a second server on the live daemon's path fails on the lock, and the live
+        // socket stays in place and served.
+        do {
+            try UnixServer(context: d.context, socketPath: d.path).start()
+            Issue.record("two daemons on one socket")
+        } catch { #expect("\(error)".contains(".lock")) }
+        #expect(try VistClient(socketPath: d.path).status().state == "ready")
+        // A stale socket (its daemon gone without cleaning up) is replaced.
+        let stale = dir.appendingPathComponent("stale.sock").path
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in for (i, b) in stale.utf8.enumerated() { p[i] = b } }
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        close(fd)
+        let fresh = UnixServer(context: d.context, socketPath: stale)
+        try fresh.start()
+        fresh.stop()
+    }
+
+    @Test("Supplementary groups come from the connection's credentials (SO_PEERGROUPS), not the user database")
+    func peerGroupsFromTheKernel() throws {
+        let policy = PeerPolicy(users: [], groups: [4242])
+        #expect(policy.allows(uid: 9999, gid: 1, supplementary: [7, 4242]))
+        #expect(!policy.allows(uid: 9999, gid: 1, supplementary: [7]))
+        #expect(policy.allows(uid: 9999, gid: 4242, supplementary: []))
+        // A connection made while this process holds a supplementary group that the user
+        // database does not give it (possible as root): the daemon sees it on the connection.
+        guard getuid() == 0 else { return }
+        var n = getgroups(0, nil)
+        var saved = [gid_t](repeating: 0, count: Int(max(n, 1)))
+        n = getgroups(n, &saved)
+        let d = try TestDaemon(peers: PeerPolicy(users: [], groups: [4242]))
+        var probe: [gid_t] = [4242]
+        #expect(setgroups(1, &probe) == 0)
+        let client = Result { try VistClient(socketPath: d.path) }
+        #expect(setgroups(Int(max(n, 0)), &saved) == 0)
+        #expect(try client.get().status().state == "ready")
+        // Without the group: refused (root is allowed only as the daemon's own user or root,
+        // which this policy does not list).
+        #expect(throws: (any Error).self) { _ = try VistClient(socketPath: d.path) }
+    }
+}
