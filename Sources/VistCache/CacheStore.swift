@@ -28,8 +28,25 @@ import Foundation
 /// another model's or render config's entry, an unknown version — is a miss, logged once per
 /// file and removed, never served. Recency is the file's modification time (touched on every
 /// hit), so LRU order survives restarts; after each write the least recently used entries go
-/// until the total is within the budget.
+/// until the total is within the budget (a recency list in memory: no sorting per write).
+///
+/// One process per directory: the store holds an exclusive lock on `<directory>/lock` from
+/// `init` to `close`, so a second daemon on the same cache refuses to start instead of deleting
+/// the first one's temporary files and evicting its entries. Nothing under the directory is
+/// followed through a symbolic link, and no read allocates more than `maxEntryBytes`.
 public final class CacheStore: @unchecked Sendable {
+    public enum OpenError: Error, CustomStringConvertible {
+        /// Another process holds the directory's lock.
+        case locked(String)
+        case unusable(String)
+
+        public var description: String {
+            switch self {
+            case .locked(let s), .unusable(let s): return s
+            }
+        }
+    }
+
     public enum Level: UInt32, Sendable, CaseIterable {
         case chunk = 1
         case prefix = 2
@@ -82,24 +99,49 @@ public final class CacheStore: @unchecked Sendable {
     public let directory: URL
     public let budget: Int
     public let identity: Identity
+    /// Largest entry file read or written (header included); a larger file is damaged.
+    public let maxEntryBytes: Int
     let log: @Sendable (String) -> Void
     let lock = NSLock()
-    var index: [String: Entry] = [:]  // "level/keyhex"
+    var index = Recency()  // by "level/keyhex"
     var counters = Stats()
     var totalBytes = 0
+    /// The directory lock's descriptor; -1 once closed (then every lookup misses and nothing is stored).
+    var lockFD: Int32 = -1
 
-    /// Opens (creating if needed, mode 0700) the store and indexes what is there by name, size
-    /// and modification time; entry contents are only checked when read. Leftover temporary
-    /// files of an interrupted write are removed.
-    public init(directory: URL, budget: Int, identity: Identity, log: @escaping @Sendable (String) -> Void = { _ in }) throws {
+    /// Opens (creating if needed, mode 0700) the store, takes its lock, and indexes what is
+    /// there by name, size and modification time; entry contents are only checked when read.
+    /// Leftover temporary files of an interrupted write are removed. Throws `.locked` when
+    /// another process uses the directory.
+    public init(
+        directory: URL, budget: Int, identity: Identity, maxEntryBytes: Int = 256 << 20,
+        log: @escaping @Sendable (String) -> Void = { _ in }
+    ) throws {
         self.directory = directory
         self.budget = max(0, budget)
         self.identity = identity
+        self.maxEntryBytes = max(Self.headerSize, maxEntryBytes)
         self.log = log
         let fm = FileManager.default
+        try fm.createDirectory(at: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let lockPath = directory.appendingPathComponent("lock").path
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw OpenError.unusable("cannot open \(lockPath): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            Glibc.close(fd)
+            throw OpenError.locked("another process (a second vist2d?) is using the cache directory \(directory.path)")
+        }
+        lockFD = fd
+        var found: [(String, Entry)] = []
         for level in Level.allCases {
             let dir = directory.appendingPathComponent(level.name)
-            try fm.createDirectory(at: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            try? fm.createDirectory(at: dir, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o700])
+            var st = stat()
+            guard lstat(dir.path, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+                Glibc.close(fd)
+                lockFD = -1
+                throw OpenError.unusable("\(dir.path) is not a directory (a symbolic link is not followed)")
+            }
             for name in (try? fm.contentsOfDirectory(atPath: dir.path)) ?? [] {
                 let path = dir.appendingPathComponent(name).path
                 if name.hasPrefix(".tmp-") {
@@ -107,19 +149,38 @@ public final class CacheStore: @unchecked Sendable {
                     continue
                 }
                 guard name.hasSuffix(".v2c"), name.count == 64 + 4 else { continue }
-                var st = stat()
-                guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
+                guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
                 let key = String(name.dropLast(4))
                 let e = Entry(
                     level: level, key: key, bytes: Int(st.st_size),
                     lastUsed: Date(timeIntervalSince1970: Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9))
-                index["\(level.name)/\(key)"] = e
+                found.append(("\(level.name)/\(key)", e))
                 totalBytes += e.bytes
             }
         }
+        // Oldest first, so the most recently used ends at the front of the recency list.
+        for (id, e) in found.sorted(by: { $0.1.lastUsed < $1.1.lastUsed }) { index.touch(id, e) }
         lock.lock()
         evictToBudget(keeping: nil)
         lock.unlock()
+    }
+
+    deinit { close() }
+
+    /// Releases the directory's lock (another process may then open it); afterwards every
+    /// lookup misses and nothing is stored. The daemon closes its cache when it stops.
+    public func close() {
+        lock.lock()
+        defer { lock.unlock() }
+        guard lockFD >= 0 else { return }
+        Glibc.close(lockFD)
+        lockFD = -1
+    }
+
+    var isOpen: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return lockFD >= 0
     }
 
     func path(_ level: Level, _ key: String) -> String {
@@ -136,24 +197,28 @@ public final class CacheStore: @unchecked Sendable {
     public func get<T>(_ level: Level, key: [UInt8], decode: (UnsafeRawBufferPointer) -> T) -> T? {
         let k = Self.hex(key)
         let p = path(level, k)
-        guard let data = Self.readFile(p) else {
+        let id = "\(level.name)/\(k)"
+        guard isOpen, let data = readFile(p) else {
             lock.lock()
             counters.misses += 1
-            if let e = index.removeValue(forKey: "\(level.name)/\(k)") { totalBytes -= e.bytes }
+            if let e = index.remove(id) { totalBytes -= e.bytes }
             lock.unlock()
             return nil
         }
         switch validate(data, level: level, key: key) {
         case .success(let payloadRange):
-            var now = timespec()
-            clock_gettime(CLOCK_REALTIME, &now)
-            var times = [now, now]
-            _ = utimensat(AT_FDCWD, p, &times, 0)
             lock.lock()
             counters.hits += 1
-            let id = "\(level.name)/\(k)"
-            if index[id] == nil { totalBytes += data.count }
-            index[id] = Entry(level: level, key: k, bytes: data.count, lastUsed: Date())
+            // Only an entry still indexed is touched: one evicted while it was being read stays
+            // evicted (its file is gone), instead of coming back as a ghost that counts bytes.
+            if var e = index.entry(id) {
+                e.lastUsed = Date()
+                index.touch(id, e)
+                var now = timespec()
+                clock_gettime(CLOCK_REALTIME, &now)
+                var times = [now, now]
+                _ = utimensat(AT_FDCWD, p, &times, AT_SYMLINK_NOFOLLOW)
+            }
             lock.unlock()
             return data.withUnsafeBytes { decode(UnsafeRawBufferPointer(rebasing: $0[payloadRange])) }
         case .failure(let why):
@@ -162,7 +227,7 @@ public final class CacheStore: @unchecked Sendable {
             lock.lock()
             counters.misses += 1
             counters.rejectedDamaged += 1
-            if let e = index.removeValue(forKey: "\(level.name)/\(k)") { totalBytes -= e.bytes }
+            if let e = index.remove(id) { totalBytes -= e.bytes }
             lock.unlock()
             return nil
         }
@@ -204,7 +269,7 @@ public final class CacheStore: @unchecked Sendable {
     public func put(_ level: Level, key: [UInt8], payload: UnsafeRawBufferPointer) -> Bool {
         let k = Self.hex(key)
         let total = Self.headerSize + payload.count
-        if total > budget { return false }
+        if total > budget || total > maxEntryBytes || !isOpen { return false }
         var header = [UInt8](repeating: 0, count: Self.headerSize)
         header.replaceSubrange(0..<8, with: Self.magic)
         Self.put32(&header, 8, Self.formatVersion)
@@ -219,9 +284,9 @@ public final class CacheStore: @unchecked Sendable {
         let dir = directory.appendingPathComponent(level.name).path
         let tmp = dir + "/.tmp-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         let ok: Bool = {
-            let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
             guard fd >= 0 else { return false }
-            defer { close(fd) }
+            defer { Glibc.close(fd) }
             let wroteHeader = header.withUnsafeBytes { Self.writeAll(fd, $0) }
             guard wroteHeader, Self.writeAll(fd, payload), fsync(fd) == 0 else { return false }
             return true
@@ -238,12 +303,12 @@ public final class CacheStore: @unchecked Sendable {
         let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dfd >= 0 {
             fsync(dfd)
-            close(dfd)
+            Glibc.close(dfd)
         }
         lock.lock()
         let id = "\(level.name)/\(k)"
-        if let old = index[id] { totalBytes -= old.bytes }
-        index[id] = Entry(level: level, key: k, bytes: total, lastUsed: Date())
+        if let old = index.entry(id) { totalBytes -= old.bytes }
+        index.touch(id, Entry(level: level, key: k, bytes: total, lastUsed: Date()))
         totalBytes += total
         counters.writes += 1
         evictToBudget(keeping: id)
@@ -253,11 +318,9 @@ public final class CacheStore: @unchecked Sendable {
 
     /// With the lock held.
     func evictToBudget(keeping: String?) {
-        guard totalBytes > budget else { return }
-        let order = index.sorted { $0.value.lastUsed < $1.value.lastUsed }
-        for (id, e) in order where totalBytes > budget && id != keeping {
+        while totalBytes > budget, let (id, e) = index.leastRecent(skipping: keeping) {
             unlink(path(e.level, e.key))
-            index[id] = nil
+            index.remove(id)
             totalBytes -= e.bytes
             counters.evictions += 1
         }
@@ -267,7 +330,7 @@ public final class CacheStore: @unchecked Sendable {
     public func list(limit: Int = .max) -> [Entry] {
         lock.lock()
         defer { lock.unlock() }
-        return Array(index.values.sorted { $0.lastUsed > $1.lastUsed }.prefix(max(0, limit)))
+        return index.mostRecent(max(0, limit))
     }
 
     /// Removes the entries whose key (hex) is given; returns how many existed.
@@ -277,7 +340,7 @@ public final class CacheStore: @unchecked Sendable {
         var n = 0
         for k in keys {
             for level in Level.allCases {
-                if let e = index.removeValue(forKey: "\(level.name)/\(k.lowercased())") {
+                if let e = index.remove("\(level.name)/\(k.lowercased())") {
                     unlink(path(level, e.key))
                     totalBytes -= e.bytes
                     n += 1
@@ -290,11 +353,11 @@ public final class CacheStore: @unchecked Sendable {
     public func evictAll() -> Int {
         lock.lock()
         defer { lock.unlock() }
-        let n = index.count
-        for e in index.values { unlink(path(e.level, e.key)) }
-        index = [:]
+        let all = index.mostRecent(.max)
+        for e in all { unlink(path(e.level, e.key)) }
+        index = Recency()
         totalBytes = 0
-        return n
+        return all.count
     }
 
     public var stats: Stats {
@@ -309,13 +372,15 @@ public final class CacheStore: @unchecked Sendable {
 
     // MARK: bytes
 
-    static func readFile(_ path: String) -> [UInt8]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+    /// The bytes of a regular file (never through a symbolic link), or nil; a file larger than
+    /// `maxEntryBytes` comes back as its header only, which then fails validation as damaged.
+    func readFile(_ path: String) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else { return nil }
-        defer { close(fd) }
+        defer { Glibc.close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return nil }
-        let n = Int(st.st_size)
+        let n = st.st_size > maxEntryBytes ? Self.headerSize : Int(st.st_size)
         var out = [UInt8](repeating: 0, count: n)
         var got = 0
         let ok = out.withUnsafeMutableBytes { p -> Bool in

@@ -114,6 +114,8 @@ public final class UnixServer: @unchecked Sendable {
         case nil: context.log("drain: a request did not stop after being cancelled; exiting without it")
         }
         try? group.syncShutdownGracefully()
+        // Nothing writes to the cache any more: let another daemon open it.
+        context.cache?.close()
         if inheritedFD == nil && lockFD >= 0 { unlink(socketPath) }
         if lockFD >= 0 {
             close(lockFD)

@@ -205,6 +205,11 @@ struct Vist2d: ParsableCommand {
                     identity: .init(fingerprint: vm.fingerprintBytes, renderConfig: vm.renderConfigHash),
                     log: { logger.warning($0) })
                 logger.info("cache \(s.cacheDir): \(cache!.stats.entries) entries, \(cache!.stats.bytes) of \(s.cacheSize) bytes")
+            } catch CacheStore.OpenError.locked(let why) {
+                // Two daemons on one cache would evict each other's entries: refuse to start.
+                logger.error("\(why); stop it or give this one another --cache-dir")
+                Systemd.notify("STATUS=cache directory \(s.cacheDir) is in use by another process")
+                throw ExitCode(1)
             } catch {
                 // Serving without a cache beats not serving.
                 logger.warning("cache disabled: cannot use \(s.cacheDir): \(error)")

@@ -293,6 +293,19 @@ struct CLITests {
         #expect(pp.status == 0, "\(pp.err)")
         let ppl = try json(pp.out)["perplexity"] as? Double ?? 0
         #expect(ppl > 1)
+        // A second daemon on the same cache directory refuses to start, and says why.
+        let second = Process()
+        second.executableURL = d.executableURL
+        second.arguments = [
+            "--model", Self.tinyVIST2, "--socket", dir.appendingPathComponent("second.sock").path, "--threads", "1",
+            "--cache-dir", dir.appendingPathComponent("cache").path,
+        ]
+        let secondErr = Pipe()
+        second.standardError = secondErr
+        try second.run()
+        second.waitUntilExit()
+        let why = String(decoding: secondErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(second.terminationStatus == 1 && why.contains("using the cache directory"), "\(why)")
         let rm = try vist2ctl(["cache", "rm", "--socket", sock, "--all", "--json"])
         let removed = try json(rm.out)["removed"] as? Int
         #expect(rm.status == 0 && removed == 2 * finished)

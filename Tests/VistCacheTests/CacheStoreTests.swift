@@ -46,6 +46,7 @@ import Testing
         #expect(put(s, .chunk, key(9), payload))
         #expect(s.get(.chunk, key: key(9)) == payload)
         #expect(s.get(.prefix, key: key(9)) == nil)  // levels are separate
+        s.close()
         let s2 = try CacheStore(directory: dir, budget: 1 << 20, identity: identity)
         #expect(s2.stats.entries == 1)
         #expect(s2.get(.chunk, key: key(9)) == payload)
@@ -113,12 +114,75 @@ import Testing
         #expect(s.get(.prefix, key: key(1)) != nil)
         #expect(s.get(.prefix, key: key(4)) != nil)
         // A smaller budget on reopen evicts down to it, oldest first.
+        s.close()
         let s2 = try CacheStore(directory: dir, budget: entry, identity: identity)
         #expect(s2.stats.entries == 1)
         // Too large for the budget: not stored.
         #expect(!put(s2, .prefix, key(9), [UInt8](repeating: 0, count: 2 * entry)))
         #expect(s2.evictAll() == 1)
         #expect(s2.stats.bytes == 0)
+    }
+
+    @Test func oneProcessPerDirectory() throws {
+        let dir = tempDir()
+        let s = try CacheStore(directory: dir, budget: 1 << 20, identity: identity)
+        #expect(put(s, .chunk, key(1), [1, 2, 3]))
+        do {
+            _ = try CacheStore(directory: dir, budget: 1 << 20, identity: identity)
+            Issue.record("two stores opened one directory")
+        } catch CacheStore.OpenError.locked(let why) {
+            #expect(why.contains(dir.path))
+        }
+        s.close()
+        #expect(s.get(.chunk, key: key(1)) == nil && !put(s, .chunk, key(2), [1]))  // closed: inert
+        let s2 = try CacheStore(directory: dir, budget: 1 << 20, identity: identity)
+        #expect(s2.get(.chunk, key: key(1)) == [1, 2, 3])
+    }
+
+    @Test func symlinksAreNotFollowedAndReadsAreBounded() throws {
+        let dir = tempDir()
+        let s = try CacheStore(directory: dir, budget: 1 << 30, identity: identity, maxEntryBytes: 1 << 16)
+        let file = { (k: UInt8) in dir.appendingPathComponent("chunk/\(CacheStore.hex(self.key(k))).v2c").path }
+        // A valid entry reached through a symbolic link is not read.
+        #expect(put(s, .chunk, key(1), [7, 7, 7]))
+        try FileManager.default.moveItem(atPath: file(1), toPath: dir.appendingPathComponent("elsewhere").path)
+        try FileManager.default.createSymbolicLink(atPath: file(1), withDestinationPath: dir.appendingPathComponent("elsewhere").path)
+        #expect(s.get(.chunk, key: key(1)) == nil)
+        // A file claiming a huge size (sparse) is damaged, not allocated.
+        #expect(put(s, .chunk, key(2), [1]))
+        #expect(truncate(file(2), 8 << 30) == 0)
+        #expect(s.get(.chunk, key: key(2)) == nil && s.stats.rejectedDamaged == 1)
+        // Nor is a level directory that is a symbolic link.
+        s.close()
+        let other = tempDir()
+        try FileManager.default.removeItem(at: dir.appendingPathComponent("prefix"))
+        try FileManager.default.createSymbolicLink(atPath: dir.appendingPathComponent("prefix").path, withDestinationPath: other.path)
+        #expect(throws: CacheStore.OpenError.self) { _ = try CacheStore(directory: dir, budget: 1 << 20, identity: identity) }
+    }
+
+    @Test func aHitOnAnEntryEvictedMeanwhileDoesNotBringItBack() throws {
+        let dir = tempDir()
+        let s = try CacheStore(directory: dir, budget: 1 << 20, identity: identity)
+        let file = dir.appendingPathComponent("prefix/\(CacheStore.hex(key(3))).v2c").path
+        #expect(put(s, .prefix, key(3), [3, 3]))
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: file))
+        #expect(s.evict(keys: [CacheStore.hex(key(3))]) == 1)
+        // As if a reader had read the file just before the eviction unlinked it.
+        try bytes.write(to: URL(fileURLWithPath: file))
+        #expect(s.get(.prefix, key: key(3)) == [3, 3])
+        #expect(s.stats.entries == 0 && s.stats.bytes == 0 && s.list().isEmpty)
+    }
+
+    @Test func evictionOrderOverManyEntries() throws {
+        let entry = CacheStore.headerSize + 10
+        let s = try CacheStore(directory: tempDir(), budget: 100 * entry, identity: identity)
+        for k in 0..<150 { #expect(put(s, .chunk, key(UInt8(k)), [UInt8](repeating: 1, count: 10))) }
+        // The 50 oldest went; a hit moves an entry to the front of the order.
+        #expect(s.stats.entries == 100 && s.stats.evictions == 50)
+        #expect(s.get(.chunk, key: key(49)) == nil && s.get(.chunk, key: key(50)) != nil)
+        #expect(put(s, .chunk, key(200), [UInt8](repeating: 1, count: 10)))
+        #expect(s.get(.chunk, key: key(50)) != nil && s.get(.chunk, key: key(51)) == nil)
+        #expect(s.list(limit: 2).map(\.key) == [CacheStore.hex(key(50)), CacheStore.hex(key(200))])
     }
 
     @Test func evictByKey() throws {

@@ -146,6 +146,7 @@ struct DocumentTests {
         let ca = try VistClient(socketPath: a.path)
         _ = try ca.compress(documentID: try ca.openDocument(text: smallDoc).documentID)
         let other = try VIST2Model(directory: dir, threads: 1)
+        a.stop()  // one daemon per cache directory (its lock)
         let b = try TestDaemon(cacheDir: a.cacheDir, model: other)
         #expect(other.fingerprint != (try VIST2Model(directory: TestDaemon.modelDir, threads: 1)).fingerprint)
         // Plant model A's entries under the names model B looks up.
