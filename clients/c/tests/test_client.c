@@ -43,6 +43,21 @@ static void send_server(int fd, Vist2__V1__ServerMessage *m) {
     free(buf);
 }
 
+/* The same in one write. */
+static void send_whole(int fd, Vist2__V1__ServerMessage *m) {
+    size_t n = vist2__v1__server_message__get_packed_size(m);
+    uint8_t *buf = malloc(VIST2_FRAME_HEADER + n);
+    vist2_frame_header(buf, (uint32_t)n);
+    vist2__v1__server_message__pack(m, buf + VIST2_FRAME_HEADER);
+    size_t off = 0;
+    while (off < VIST2_FRAME_HEADER + n) {
+        ssize_t w = write(fd, buf + off, VIST2_FRAME_HEADER + n - off);
+        if (w <= 0) break;
+        off += (size_t)w;
+    }
+    free(buf);
+}
+
 static Vist2__V1__ClientMessage *recv_client(int fd) {
     uint8_t hdr[VIST2_FRAME_HEADER];
     uint32_t n;
@@ -98,10 +113,35 @@ static void fake_daemon(int listener) {
     fm.generate_result = &gr;
     send_server(fd, &fm);
     vist2__v1__client_message__free_unpacked(m, NULL);
-    /* An oversized frame, then nothing. */
-    uint8_t big[VIST2_FRAME_HEADER];
-    vist2_frame_header(big, 1u << 20);
-    (void)!write(fd, big, sizeof big);
+    /* A reply larger than the daemon's own frame limit (64 KiB): the client's limit is its own. */
+    static char large[100 << 10];
+    memset(large, 'x', sizeof large - 1);
+    d.text = large;
+    send_whole(fd, &dm);
+    /* Silence past the client's timeout, then a small reply: the client timed out between
+     * frames and can go on. */
+    usleep(600 * 1000);
+    d.text = "late";
+    send_whole(fd, &dm);
+    /* Half a frame, then silence: the client times out inside a frame. */
+    uint8_t half[VIST2_FRAME_HEADER + 3];
+    vist2_frame_header(half, 10);
+    (void)!write(fd, half, sizeof half);
+    uint8_t sink[64];
+    while (read(fd, sink, sizeof sink) > 0) {
+    }
+    close(fd);
+
+    /* Second connection: a frame over the limit the client set for itself. */
+    fd = accept(listener, NULL, NULL);
+    m = recv_client(fd);
+    if (!m || m->body_case != VIST2__V1__CLIENT_MESSAGE__BODY_HELLO) _exit(4);
+    vist2__v1__client_message__free_unpacked(m, NULL);
+    send_server(fd, &r);
+    d.text = large;
+    send_whole(fd, &dm);
+    while (read(fd, sink, sizeof sink) > 0) {
+    }
     close(fd);
     _exit(0);
 }
@@ -131,7 +171,6 @@ int main(void) {
     CHECK(listen(listener, 4) == 0);
     pid_t pid = fork();
     if (pid == 0) fake_daemon(listener);
-    close(listener);
 
     vist2_client *c = NULL;
     Vist2__V1__ServerMessage *hello = NULL;
@@ -163,10 +202,29 @@ int main(void) {
         vist2__v1__server_message__free_unpacked(r, NULL);
     }
     CHECK(strcmp(text, "Hello, world") == 0 && finals == 1);
-    /* The daemon's limit (64 KiB) applies: the 1 MiB frame is refused before allocation. */
+    /* 100 KiB: over the daemon's frame limit, within the client's own. */
     Vist2__V1__ServerMessage *r = NULL;
-    CHECK(vist2_recv(c, &r) == VIST2_ETOOLARGE && r == NULL);
+    CHECK(vist2_recv(c, &r) == VIST2_OK && r && strlen(r->text_delta->text) == (100 << 10) - 1);
+    if (r) vist2__v1__server_message__free_unpacked(r, NULL);
+    /* A timeout between frames: reported, and the connection still works. */
+    vist2_set_timeout(c, 200);
+    CHECK(vist2_recv(c, &r) == VIST2_ETIMEOUT && r == NULL);
+    vist2_set_timeout(c, 5000);
+    CHECK(vist2_recv(c, &r) == VIST2_OK && r && strcmp(r->text_delta->text, "late") == 0);
+    if (r) vist2__v1__server_message__free_unpacked(r, NULL);
+    /* A timeout inside a frame: the stream is out of step, the connection is failed for good. */
+    vist2_set_timeout(c, 300);
+    CHECK(vist2_recv(c, &r) == VIST2_ETIMEOUT && r == NULL);
+    CHECK(vist2_recv(c, &r) == VIST2_EBROKEN);
+    CHECK(vist2_send(c, &m) == VIST2_EBROKEN);
     vist2_close(c);
+    /* The client's own receive limit: refused before allocation, then the connection is failed. */
+    CHECK(vist2_connect(path, "test", &c, NULL) == VIST2_OK);
+    vist2_set_max_recv(c, 1 << 10);
+    CHECK(vist2_recv(c, &r) == VIST2_ETOOLARGE && r == NULL);
+    CHECK(vist2_recv(c, &r) == VIST2_EBROKEN);
+    vist2_close(c);
+    close(listener);
     int status = 0;
     waitpid(pid, &status, 0);
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
@@ -175,6 +233,12 @@ int main(void) {
 
     /* Nobody listening: a clear error, not a crash. */
     CHECK(vist2_connect("/nonexistent/vist2.sock", "test", &c, NULL) == VIST2_EIO);
+    /* A path that does not fit sockaddr_un is refused, not truncated to another socket's. */
+    char long_path[200];
+    memset(long_path, 'a', sizeof long_path - 1);
+    long_path[0] = '/';
+    long_path[sizeof long_path - 1] = 0;
+    CHECK(vist2_connect(long_path, "test", &c, NULL) == VIST2_EPATH);
 
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
