@@ -79,6 +79,12 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Fuzz harnesses and their libFuzzer targets (scripts/fuzz.sh builds them with
+        // --sanitize=fuzzer -DFUZZING; a normal build makes input replayers of them).
+        .target(name: "VistFuzz", dependencies: ["VistServer", "VistEngine", "VistWire", "VistProtocol"]),
+        .executableTarget(name: "fuzz-frames", dependencies: ["VistFuzz"], swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
+        .executableTarget(name: "fuzz-messages", dependencies: ["VistFuzz"], swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
+        .executableTarget(name: "fuzz-session", dependencies: ["VistFuzz"], swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
         .testTarget(name: "VistKernelsTests", dependencies: ["VistKernels"]),
         .testTarget(name: "VistFormatsTests", dependencies: ["VistFormats"]),
         .testTarget(name: "VistRenderTests", dependencies: ["VistRender"]),

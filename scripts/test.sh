@@ -17,8 +17,18 @@ swift test -c release -Xswiftc -enable-testing --skip-build 2>&1 | tee .build/te
 make -C clients/c test
 bash scripts/live-test.sh
 # The shipped system units under a real systemd 252 booted in a container (root only; ~1 min the
-# first time on a machine, while it builds the container's tree, then ~10 s).
-if [[ "$(id -u)" == 0 ]]; then bash scripts/systemd-test.sh; else echo "skipping scripts/systemd-test.sh: needs root"; fi
+# first time on a machine, while it builds the container's tree, then ~10 s), and a cache on a
+# full and on a read-only filesystem (root: tmpfs mounts). RELIABILITY.md has the long runs.
+if [[ "$(id -u)" == 0 ]]; then
+    bash scripts/systemd-test.sh
+    bash scripts/reliability/disk.sh
+else
+    echo "skipping scripts/systemd-test.sh and scripts/reliability/disk.sh: they need root"
+fi
+# kill -9 during compress, a few rounds (the 100-round run is in RELIABILITY.md).
+bash scripts/reliability/kill9.sh 10
+# libFuzzer, 60 seconds per target from the committed corpus (Tests/Fuzz/corpus).
+bash scripts/fuzz.sh --seconds 60
 
 # The training code: its forward against the PyTorch reference, then a smoke run of every stage
 # on a tiny configuration (this repository's own Markdown as the corpus, a few steps through the

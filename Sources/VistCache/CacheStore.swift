@@ -1,4 +1,5 @@
 import CVistKernels
+import Dispatch
 import Foundation
 
 #if canImport(Glibc)
@@ -106,6 +107,8 @@ public final class CacheStore: @unchecked Sendable {
     var index = Recency()  // by "level/keyhex"
     var counters = Stats()
     var totalBytes = 0
+    /// When a failed write was last logged (uptime ns).
+    var lastWriteErrorLog: UInt64? = nil
     /// The directory lock's descriptor; -1 once closed (then every lookup misses and nothing is stored).
     var lockFD: Int32 = -1
 
@@ -125,7 +128,9 @@ public final class CacheStore: @unchecked Sendable {
         let fm = FileManager.default
         try fm.createDirectory(at: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let lockPath = directory.appendingPathComponent("lock").path
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        // Read-only: flock needs no write access, and a descriptor open for writing would keep
+        // the filesystem from being remounted read-only under a running daemon.
+        let fd = open(lockPath, O_RDONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { throw OpenError.unusable("cannot open \(lockPath): \(String(cString: strerror(errno)))") }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             Glibc.close(fd)
@@ -294,10 +299,20 @@ public final class CacheStore: @unchecked Sendable {
         guard ok, rename(tmp, final) == 0 else {
             let err = String(cString: strerror(errno))
             unlink(tmp)
-            log("cache: cannot write \(level.name) entry \(k): \(err)")
+            // Logged at most every 10 minutes: a full or read-only disk would otherwise log every
+            // chunk of every request (a nearly full one, where small entries still fit, would
+            // flap). Every failure is counted (vist2_cache_write_errors_total).
+            let now = DispatchTime.now().uptimeNanoseconds
             lock.lock()
             counters.writeErrors += 1
+            let report = lastWriteErrorLog.map { now - $0 >= 600_000_000_000 } ?? true
+            if report { lastWriteErrorLog = now }
             lock.unlock()
+            if report {
+                log(
+                    "cache: cannot write \(level.name) entry \(k): \(err); requests are served without storing it (further failures are counted in vist2_cache_write_errors_total and logged at most every 10 minutes)"
+                )
+            }
             return false
         }
         let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)

@@ -75,6 +75,13 @@ public final class EngineWorker: @unchecked Sendable {
         return now > last ? Double(now - last) / 1e9 : 0
     }
 
+    /// No job running or waiting.
+    public var isIdle: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return running == nil && queue.isEmpty
+    }
+
     /// Jobs waiting (not counting the running one).
     public var queueLength: Int {
         lock.lock()

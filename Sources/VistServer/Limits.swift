@@ -33,13 +33,16 @@ public struct ServerLimits: Sendable, Equatable {
     /// A frame must be complete this long after its first byte arrived (a client that sends a
     /// header and stalls); else TIMEOUT and close.
     public var frameTimeout: Duration = .seconds(30)
-    /// Bytes of replies a connection may leave unread; past it the connection is closed and its
-    /// requests cancelled.
-    public var maxPendingOutput = 64 << 20
+    /// Bytes of replies a connection may leave unread (each counted with
+    /// `pendingReplyOverhead`); past it the connection is closed and its requests cancelled.
+    public var maxPendingOutput = 16 << 20
     /// Bytes of unread replies over all connections; past it, the connection whose reply would
     /// cross it is closed if it holds more than `pendingOutputShare` itself.
-    public var maxTotalPendingOutput = 512 << 20
+    public var maxTotalPendingOutput = 256 << 20
     public var pendingOutputShare = 1 << 20
+    /// What one queued reply costs beyond its bytes (buffer, closure, promise), as counted
+    /// against the two limits above.
+    public static let pendingReplyOverhead = 512
     /// max_tokens of one Generate; past it: BAD_REQUEST.
     public var maxTokens = 1 << 16
     /// Stop strings of one Generate and bytes of each; past them: BAD_REQUEST.

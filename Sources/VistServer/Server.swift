@@ -161,15 +161,19 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         let s = Session(
             context: context,
             send: { bytes in
-                let mine = pending.add(bytes.count, ordering: .relaxed).newValue
-                let all = shared.pendingOutput.add(bytes.count, ordering: .relaxed).newValue
+                // Each queued reply costs its bytes plus the buffer, closure and promise that
+                // carry it to the event loop: count that too, so a flood of tiny replies is
+                // bounded in memory, not only in bytes.
+                let cost = bytes.count + ServerLimits.pendingReplyOverhead
+                let mine = pending.add(cost, ordering: .relaxed).newValue
+                let all = shared.pendingOutput.add(cost, ordering: .relaxed).newValue
                 // The peer stopped reading: drop it rather than buffer without bound. Past the
                 // daemon-wide bound, the connections holding more than their share go first.
                 let over = mine > limits.maxPendingOutput || (all > limits.maxTotalPendingOutput && mine > limits.pendingOutputShare)
                 if over {
-                    pending.subtract(bytes.count, ordering: .relaxed)
-                    shared.pendingOutput.subtract(bytes.count, ordering: .relaxed)
-                    if mine - bytes.count <= limits.maxPendingOutput {
+                    pending.subtract(cost, ordering: .relaxed)
+                    shared.pendingOutput.subtract(cost, ordering: .relaxed)
+                    if mine - cost <= limits.maxPendingOutput {
                         log("closing a connection that left \(mine) bytes of replies unread (\(all) over all connections)")
                     }
                     channel.eventLoop.execute { channel.close(promise: nil) }
@@ -180,8 +184,8 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
                     buf.writeBytes(bytes)
                     let p = channel.eventLoop.makePromise(of: Void.self)
                     p.futureResult.whenComplete { _ in
-                        pending.subtract(bytes.count, ordering: .relaxed)
-                        shared.pendingOutput.subtract(bytes.count, ordering: .relaxed)
+                        pending.subtract(cost, ordering: .relaxed)
+                        shared.pendingOutput.subtract(cost, ordering: .relaxed)
                     }
                     channel.writeAndFlush(buf, promise: p)
                 }

@@ -93,7 +93,7 @@ public final class Session: @unchecked Sendable {
         do {
             payloads = try decoder.feed(bytes)
             // Between frames again, or a new frame begun by the bytes after the last whole one.
-            if decoder.bufferedBytes == 0 {
+            if !decoder.isMidFrame {
                 frameStartedAt = nil
             } else if !payloads.isEmpty {
                 frameStartedAt = now

@@ -66,8 +66,11 @@ public struct FrameDecoder: Sendable {
         self.maxPayload = max(0, min(maxPayload, Frame.hardMaxPayload))
     }
 
-    /// Bytes received but not yet returned as payloads.
+    /// Bytes received but not yet returned as payloads (a header already parsed is not counted).
     public var bufferedBytes: Int { buffer.count - start }
+
+    /// Part of a frame has arrived (some header bytes, or a header whose payload is incomplete).
+    public var isMidFrame: Bool { pendingLength != nil || bufferedBytes > 0 }
 
     /// Adds bytes and returns every payload they complete, in order.
     public mutating func feed<C: Collection>(_ bytes: C) throws(FrameError) -> [[UInt8]] where C.Element == UInt8 {

@@ -268,6 +268,11 @@ struct Vist2d: ParsableCommand {
         server.stop()
         watchdog?.cancel()
         logger.info("stopped")
+        // Every request has its final reply and the cache is closed: leave without tearing the
+        // model down object by object (its maps, FreeType and OpenBLAS state go with the
+        // process). A teardown could only add a way to fail after the work is done; one was
+        // seen (an intermittent abort freeing the model at exit, see RELIABILITY.md).
+        Glibc.exit(0)
     }
 
     static func load(_ name: String, threads: Int) -> Result<ServerContext.Model, EngineError> {

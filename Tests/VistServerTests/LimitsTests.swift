@@ -96,7 +96,7 @@ struct LimitsTests {
         let d = try TestDaemon {
             $0.handshakeTimeout = .milliseconds(300)
             $0.frameTimeout = .milliseconds(300)
-            $0.idleTimeout = .milliseconds(600)
+            $0.idleTimeout = .milliseconds(1000)
             $0.timerTick = .milliseconds(50)
         }
         /// Connects without the client library's handshake.
@@ -111,8 +111,8 @@ struct LimitsTests {
             #expect(rc == 0)
             return fd
         }
-        /// Reads until EOF and returns the error code of the last frame.
-        func closedWith(_ fd: Int32) -> Vist2_V1_ErrorCode? {
+        /// Reads until EOF and returns the error of the last frame.
+        func closedWith(_ fd: Int32) -> Vist2_V1_Error? {
             var bytes: [UInt8] = []
             var buf = [UInt8](repeating: 0, count: 4096)
             while true {
@@ -123,20 +123,24 @@ struct LimitsTests {
             close(fd)
             var dec = FrameDecoder()
             guard let p = try? dec.feed(bytes).last, let m = try? Vist2_V1_ServerMessage(serializedBytes: p) else { return nil }
-            return m.error.code
+            return m.error
         }
         let silent = try raw()
-        #expect(closedWith(silent) == .timeout)
+        let t0 = Date()
+        #expect(closedWith(silent)?.code == .timeout)
         let stalled = try raw()
         let hello = try Frame.encode(
             try Vist2_V1_ClientMessage.with { $0.hello = .with { $0.protocolVersion = 1 } }.serializedBytes())
-        _ = hello.withUnsafeBytes { write(stalled, $0.baseAddress, $0.count) }
+        // Hello and the next frame's header in one write: the header is parsed with the Hello,
+        // and the connection is mid-frame with no bytes buffered.
         let header: [UInt8] = [0x56, 0x32, 1, 0, 0, 0, 0x10, 0]
-        _ = header.withUnsafeBytes { write(stalled, $0.baseAddress, $0.count) }
-        #expect(closedWith(stalled) == .timeout)
+        _ = (hello + header).withUnsafeBytes { write(stalled, $0.baseAddress, $0.count) }
+        let frame = closedWith(stalled)
+        #expect(frame?.code == .timeout && frame?.message.contains("frame") == true, "\(String(describing: frame))")
+        #expect(Date().timeIntervalSince(t0) < 5)
         // An idle client: its next request finds the connection gone.
         let idle = try VistClient(socketPath: d.path)
-        Thread.sleep(forTimeInterval: 1.2)
+        Thread.sleep(forTimeInterval: 1.6)
         #expect(throws: (any Error).self) { _ = try idle.status() }
         // A client that keeps talking, or waits for a long request, is not idle.
         let busy = try VistClient(socketPath: d.path)
