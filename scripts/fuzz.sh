@@ -7,8 +7,9 @@
 #
 #   bash scripts/fuzz.sh [--seconds 60 | --runs N] [--merge] [frames messages session]
 #
-# CI runs every target for 60 seconds. A crash leaves the input as crash-* in the current
-# directory and the script fails; RELIABILITY.md records the long runs.
+# CI runs every target for 60 seconds. A crash leaves its input in .build-fuzz/artifacts/ (replay
+# it with a normal build: .build/release/fuzz-<target> FILE) and the script fails; RELIABILITY.md
+# records the long runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 limit=(-max_total_time=60)
@@ -27,8 +28,11 @@ done
 export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
 # The engine's thread pool and OpenBLAS threads would only add noise to a fuzzer.
 export OPENBLAS_NUM_THREADS=1
-# ASAN's leak check is off: the shared tiny model lives in a static until exit.
+# ASAN's leak check is off: the shared tiny model lives in a static until exit. Swift's own
+# crash handler is off so that a trap is reported by libFuzzer (with the input that caused it).
 export ASAN_OPTIONS="detect_leaks=0:${ASAN_OPTIONS:-}"
+export SWIFT_BACKTRACE=enable=no
+mkdir -p .build-fuzz/artifacts
 for t in "${targets[@]}"; do
     swift build --scratch-path .build-fuzz --sanitize=fuzzer --sanitize=address -Xswiftc -DFUZZING --product "fuzz-$t" 2>&1 |
         grep -v "warning: Cannot export local symbol" | tail -1
@@ -38,10 +42,10 @@ for t in "${targets[@]}"; do
     work="$(mktemp -d)"
     cp -r "Tests/Fuzz/corpus/$t/." "$work/"
     echo "== fuzz-$t (${limit[*]})"
-    if ! ".build-fuzz/debug/fuzz-$t" "${limit[@]}" -print_final_stats=1 -rss_limit_mb=4096 -timeout=30 "$work" \
-        2>"$work.log"; then
+    if ! ".build-fuzz/debug/fuzz-$t" "${limit[@]}" -print_final_stats=1 -rss_limit_mb=4096 -timeout=30 \
+        -artifact_prefix=.build-fuzz/artifacts/ "$work" 2>"$work.log"; then
         status=1
-        grep -E "ERROR|SUMMARY|Test unit written|==[0-9]+==" "$work.log" | head -20
+        grep -E "Fatal error|ERROR|SUMMARY|Test unit written|==[0-9]+==" "$work.log" | head -20
     fi
     grep -E "stat::number_of_executed_units|stat::peak_rss_mb|Done [0-9]+ runs" "$work.log" | tr '\n' ' '
     echo

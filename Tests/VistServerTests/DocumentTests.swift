@@ -195,14 +195,7 @@ struct DocumentTests {
     func absurdFields() throws {
         let d = try TestDaemon()
         let c = try VistClient(socketPath: d.path)
-        func code(_ body: () throws -> Void) -> Vist2_V1_ErrorCode? {
-            do {
-                try body()
-                return nil
-            } catch VistClient.ClientError.server(let code, _) {
-                return code
-            } catch { return nil }
-        }
+        let code = errorCode
         #expect(code { _ = try c.generate(generateRequest("x", tokens: .max)) } == .badRequest)
         var g = generateRequest("x", tokens: 4)
         g.stop = Array(repeating: "s", count: 1000)

@@ -179,14 +179,20 @@ struct BPEMergeTests {
         let tok = try SharedTokenizer.result.get()
         let vocabulary = ["the", "model", "reads", "its", "visual", "history", "and", "writes", "text", "in", "chunks", "of", "four"]
         let ordinary = (0..<100_000).map { vocabulary[$0 % vocabulary.count] + String($0 % 97) }.joined(separator: " ")
+        /// The fastest of three runs (other tests share the machine; the minimum is the least noisy).
         func seconds(_ text: String) -> (Double, Int) {
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            let n = tok.encode(text, addSpecial: false).count
-            return (Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9, n)
+            var best = Double.infinity, n = 0
+            for _ in 0..<3 {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                n = tok.encode(text, addSpecial: false).count
+                best = min(best, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+            }
+            return (best, n)
         }
         let (words, wordTokens) = seconds(ordinary)
         let (letters, letterTokens) = seconds(String(repeating: "a", count: 100_000))
         let (newlines, _) = seconds(String(repeating: "\n", count: 100_000))
+        print(String(format: "BPE worst case: 100k words %.4f s, 100k letters %.4f s, 100k newlines %.4f s", words, letters, newlines))
         #expect(wordTokens > 100_000 && letterTokens > 1000)
         #expect(letters < 2 * words, "100k letters: \(letters) s, 100k words: \(words) s")
         #expect(newlines < 2 * words, "100k newlines: \(newlines) s, 100k words: \(words) s")

@@ -94,4 +94,17 @@ struct FramingTests {
         #expect(try d.feed(try Frame.encode([])) == [[]])
         #expect(try Frame.encode([9]) == [0x56, 0x32, 1, 0, 0, 0, 0, 1, 9])
     }
+
+    @Test("A decoder is mid-frame from a frame's first byte until its last, even with the header parsed and no byte buffered")
+    func midFrame() throws {
+        var d = FrameDecoder()
+        #expect(!d.isMidFrame)
+        let f = try Frame.encode([1, 2, 3])
+        _ = try d.feed(f.prefix(3))
+        #expect(d.isMidFrame && d.bufferedBytes == 3)
+        _ = try d.feed(f[3..<8])  // the whole header: parsed, nothing left in the buffer
+        #expect(d.isMidFrame && d.bufferedBytes == 0)
+        #expect(try d.feed(f.suffix(3)) == [[1, 2, 3]])
+        #expect(!d.isMidFrame)
+    }
 }
