@@ -69,7 +69,8 @@ rm -rf "$SMOKE"
 # Second pass under AddressSanitizer (debug build): the engine works on raw buffers, so every
 # out-of-bounds write the tests can reach should fail here. The slow real-model perplexity and
 # the CLI tests (which run the release binary) are left to the first pass. Leak checking is off:
-# the shared test model lives in a static until exit.
+# the shared test model lives in a static until exit. The BPE timing test is left to the release
+# pass (an unoptimized ASAN build times the heap merge and the word cache very differently).
 swift build --scratch-path .build-asan --sanitize=address --build-tests
 ASAN_OPTIONS=detect_leaks=0 swift test --scratch-path .build-asan --sanitize=address --skip-build \
-    --skip "perplexity|Perplexity|CLITests" 2>&1 | tee .build/test-asan.log
+    --skip "perplexity|Perplexity|CLITests|longPreTokensAreNotQuadratic" 2>&1 | tee .build/test-asan.log
