@@ -67,10 +67,7 @@ public final class EngineWorker: @unchecked Sendable {
     /// work (a running or queued job); 0 when idle. A stuck engine (a job that stopped making
     /// progress, or a worker that no longer takes jobs) shows here as a growing number.
     public var stalledSeconds: Double {
-        lock.lock()
-        let busy = running != nil || !queue.isEmpty
-        lock.unlock()
-        guard busy else { return 0 }
+        guard !isIdle else { return 0 }
         let now = DispatchTime.now().uptimeNanoseconds, last = lastProgress.load(ordering: .relaxed)
         return now > last ? Double(now - last) / 1e9 : 0
     }
