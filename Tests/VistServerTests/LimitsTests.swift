@@ -210,7 +210,11 @@ struct LimitsTests {
         Thread.sleep(forTimeInterval: 0.2)
         let t0 = Date()
         let server = d.server
-        let stopper = Thread { server.stop() }
+        let stopped = DispatchSemaphore(value: 0)
+        let stopper = Thread {
+            server.stop()
+            stopped.signal()
+        }
         stopper.start()
         var finals: [UInt64: Vist2_V1_ErrorCode] = [:]
         while finals.count < 2 {
@@ -218,6 +222,8 @@ struct LimitsTests {
             if r.final { finals[r.requestID] = r.error.code }
         }
         #expect(finals == [1: .cancelled, 2: .cancelled])
+        // The finals can reach the client before stop() has logged the drain's outcome.
+        #expect(stopped.wait(timeout: .now() + 20) == .success)
         #expect(Date().timeIntervalSince(t0) < 20)
         #expect(d.logs.all.contains { $0.contains("drain: cancelled 2") })
     }
