@@ -5,7 +5,7 @@
 //   vist2ctl -> VistEngine -> VistTokenizer -> VistFormats
 //                          -> VistKernels -> CVistKernels, CBLAS
 //            -> VistRender -> CFreeType, CImageIO, Crypto
-//   vist2d -> VistServer -> VistEngine, VistWire, VistProtocol, VistCache -> CVistKernels
+//   vist2d -> VistServer -> VistEngine, VistWire, VistProtocol, VistCache -> CVistKernels, Crypto
 //   vist2ctl -> VistClient -> VistWire, VistProtocol
 //   VistWire (framing) depends on nothing; VistCache (the on-disk store) knows no engine types.
 // The engine imports nothing of the daemon, the CLI or the wire protocol.
@@ -51,7 +51,7 @@ let package = Package(
         .target(name: "VistRender", dependencies: ["CFreeType", "CImageIO", .product(name: "Crypto", package: "swift-crypto")]),
         .target(name: "VistFormats", dependencies: ["VistKernels"]),
         // The daemon's persistent cache store: checksummed, atomically written entry files with LRU eviction.
-        .target(name: "VistCache", dependencies: ["CVistKernels"]),
+        .target(name: "VistCache", dependencies: ["CVistKernels", .product(name: "Crypto", package: "swift-crypto")]),
         .target(name: "VistTokenizer", dependencies: ["VistFormats"]),
         .target(
             name: "VistEngine",

@@ -1,4 +1,5 @@
 import CVistKernels
+import Crypto
 import Dispatch
 import Foundation
 
@@ -11,17 +12,31 @@ import Foundation
 /// entries of one visual block, keyed by a hash chained over the instruction and every chunk up
 /// to it). The store only keeps bytes; what they mean is the engine's business.
 ///
-/// File layout (little-endian, 128-byte header, then the payload):
+/// Every entry belongs to an `Owner`: the uid of the client whose request stored it, and, for an
+/// entry stored with the `shared` flag, the shared namespace. The engine's key is hashed together
+/// with the namespace (`storageKey`), so one user's lookups can never hit, time or count another
+/// user's private entries; only shared entries are common to everyone. Listing, eviction and
+/// statistics go through a `Viewer`: a user sees their own entries and the shared ones, and
+/// evicts their own (shared ones they stored included); root and the daemon's own user see and
+/// evict all.
+///
+/// File layout (little-endian, 144-byte header, then the payload):
 ///
 ///     0   8  magic "V2CACHE\0"
-///     8   4  format version (1)
+///     8   4  format version (2)
 ///     12  4  level (1 chunk, 2 prefix)
 ///     16 32  model fingerprint (sha256)
 ///     48 32  render config hash (sha256)
-///     80 32  key (sha256)
-///     112 8  payload length in bytes
-///     120 4  CRC-32C of the payload
-///     124 4  CRC-32C of bytes 0..<124
+///     80 32  storage key (`storageKey`: sha256 over the namespace and the engine's key)
+///     112 4  owner uid (for a shared entry, the uid that stored it)
+///     116 4  flags (bit 0: shared)
+///     120 8  payload length in bytes
+///     128 4  CRC-32C of the payload
+///     132 8  reserved (zero)
+///     140 4  CRC-32C of bytes 0..<140
+///
+/// Opening a store reads every entry's header (not its payload) to learn its owner; an entry whose
+/// header is damaged or of another format version (version 1 had no owner) is removed then.
 ///
 /// Writes are atomic (a temporary file in the same directory, fsync, rename, fsync of the
 /// directory), so a crash leaves either the old state or the new entry, never half of one. A
@@ -73,11 +88,50 @@ public final class CacheStore: @unchecked Sendable {
         }
     }
 
+    /// Whose an entry is: a user's private entry, or a shared one (`uid` is then who stored it).
+    public struct Owner: Sendable, Hashable {
+        public var uid: UInt32
+        public var shared: Bool
+        public init(uid: UInt32, shared: Bool = false) {
+            self.uid = uid
+            self.shared = shared
+        }
+    }
+
+    /// Who lists, evicts or reads statistics: a user sees their own and the shared entries;
+    /// `seesAll` (root and the daemon's own user) sees and evicts every entry.
+    public struct Viewer: Sendable, Hashable {
+        public var uid: UInt32
+        public var seesAll: Bool
+        public init(uid: UInt32, seesAll: Bool) {
+            self.uid = uid
+            self.seesAll = seesAll
+        }
+        /// Everything: the daemon itself (metrics, status) and a store used by one process.
+        public static let all = Viewer(uid: 0, seesAll: true)
+
+        public func sees(_ e: Entry) -> Bool { seesAll || e.shared || e.owner == uid }
+        public func mayEvict(_ e: Entry) -> Bool { seesAll || e.owner == uid }
+    }
+
     public struct Entry: Sendable, Equatable {
         public var level: Level
-        public var key: String  // hex
+        /// The storage key (hex): unique across owners.
+        public var key: String
         public var bytes: Int
         public var lastUsed: Date
+        public var owner: UInt32
+        public var shared: Bool
+    }
+
+    public struct EvictResult: Sendable, Equatable {
+        public var removed = 0
+        /// Named entries that exist but belong to another user.
+        public var refused = 0
+        public init(removed: Int = 0, refused: Int = 0) {
+            self.removed = removed
+            self.refused = refused
+        }
     }
 
     public struct Stats: Sendable, Equatable {
@@ -94,8 +148,18 @@ public final class CacheStore: @unchecked Sendable {
     }
 
     public static let magic: [UInt8] = Array("V2CACHE\0".utf8)
-    public static let formatVersion: UInt32 = 1
-    public static let headerSize = 128
+    public static let formatVersion: UInt32 = 2
+    public static let headerSize = 144
+    static let headerCRCOffset = 140
+
+    /// The key an entry of `owner` is stored under: sha256 over a domain string, the namespace
+    /// ("shared", or the owner's uid) and the engine's key.
+    public static func storageKey(_ key: [UInt8], _ owner: Owner) -> [UInt8] {
+        var h = SHA256()
+        h.update(data: Array("vist2 cache namespace\0\(owner.shared ? "shared" : "uid \(owner.uid)")\0".utf8))
+        h.update(data: key)
+        return Array(h.finalize())
+    }
 
     public let directory: URL
     public let budget: Int
@@ -106,6 +170,8 @@ public final class CacheStore: @unchecked Sendable {
     let lock = NSLock()
     var index = Recency()  // by "level/keyhex"
     var counters = Stats()
+    /// Hits, misses and writes per requesting uid (what `stats(for:)` shows a user).
+    var perUser: [UInt32: Stats] = [:]
     var totalBytes = 0
     /// When a failed write was last logged (uptime ns).
     var lastWriteErrorLog: UInt64? = nil
@@ -138,6 +204,7 @@ public final class CacheStore: @unchecked Sendable {
         }
         lockFD = fd
         var found: [(String, Entry)] = []
+        var dropped = 0
         for level in Level.allCases {
             let dir = directory.appendingPathComponent(level.name)
             try? fm.createDirectory(at: dir, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o700])
@@ -156,13 +223,20 @@ public final class CacheStore: @unchecked Sendable {
                 guard name.hasSuffix(".v2c"), name.count == 64 + 4 else { continue }
                 guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
                 let key = String(name.dropLast(4))
+                guard let owner = Self.readOwner(path, level: level, key: key) else {
+                    unlink(path)
+                    dropped += 1
+                    continue
+                }
                 let e = Entry(
                     level: level, key: key, bytes: Int(st.st_size),
-                    lastUsed: Date(timeIntervalSince1970: Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9))
+                    lastUsed: Date(timeIntervalSince1970: Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9),
+                    owner: owner.uid, shared: owner.shared)
                 found.append(("\(level.name)/\(key)", e))
                 totalBytes += e.bytes
             }
         }
+        if dropped > 0 { log("cache: removed \(dropped) entries whose header was damaged or of an older format") }
         // Oldest first, so the most recently used ends at the front of the recency list.
         for (id, e) in found.sorted(by: { $0.1.lastUsed < $1.1.lastUsed }) { index.touch(id, e) }
         lock.lock()
@@ -188,32 +262,54 @@ public final class CacheStore: @unchecked Sendable {
         return lockFD >= 0
     }
 
+    /// The owner recorded in the header of the entry file at `path`, or nil if the header is not
+    /// a valid one of this format, level and key (the payload is checked when it is read).
+    static func readOwner(_ path: String, level: Level, key: String) -> Owner? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        var h = [UInt8](repeating: 0, count: headerSize)
+        var got = 0
+        while got < headerSize {
+            let r = h.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, headerSize - got) }
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { return nil }
+            got += r
+        }
+        guard Array(h[0..<8]) == magic, u32(h, headerCRCOffset) == h.withUnsafeBytes({ vk_crc32c(0, $0.baseAddress!, headerCRCOffset) }),
+            u32(h, 8) == formatVersion, u32(h, 12) == level.rawValue, hex(Array(h[80..<112])) == key
+        else { return nil }
+        return Owner(uid: u32(h, 112), shared: u32(h, 116) & 1 != 0)
+    }
+
     func path(_ level: Level, _ key: String) -> String {
         directory.appendingPathComponent(level.name).appendingPathComponent(key + ".v2c").path
     }
 
     public static func hex(_ b: [UInt8]) -> String { b.map { String(format: "%02x", $0) }.joined() }
 
-    /// The payload stored under `key`, or nil (a miss: absent, damaged or foreign).
-    public func get(_ level: Level, key: [UInt8]) -> [UInt8]? { get(level, key: key) { Array($0) } }
+    /// The payload `owner` stored under the engine's `key`, or nil (a miss: absent, damaged or
+    /// foreign). A shared owner finds the shared entries, whoever stored them.
+    public func get(_ level: Level, key: [UInt8], owner: Owner) -> [UInt8]? { get(level, key: key, owner: owner) { Array($0) } }
 
-    /// `decode` applied to the payload stored under `key` (read straight from the file's bytes,
-    /// without copying the payload first), or nil on a miss.
-    public func get<T>(_ level: Level, key: [UInt8], decode: (UnsafeRawBufferPointer) -> T) -> T? {
-        let k = Self.hex(key)
+    /// `decode` applied to the payload stored under `key` for `owner` (read straight from the
+    /// file's bytes, without copying the payload first), or nil on a miss.
+    public func get<T>(_ level: Level, key: [UInt8], owner: Owner, decode: (UnsafeRawBufferPointer) -> T) -> T? {
+        let storage = Self.storageKey(key, owner)
+        let k = Self.hex(storage)
         let p = path(level, k)
         let id = "\(level.name)/\(k)"
         guard isOpen, let data = readFile(p) else {
             lock.lock()
-            counters.misses += 1
+            count(owner.uid) { $0.misses += 1 }
             if let e = index.remove(id) { totalBytes -= e.bytes }
             lock.unlock()
             return nil
         }
-        switch validate(data, level: level, key: key) {
+        switch validate(data, level: level, key: storage, owner: owner) {
         case .success(let payloadRange):
             lock.lock()
-            counters.hits += 1
+            count(owner.uid) { $0.hits += 1 }
             // Only an entry still indexed is touched: one evicted while it was being read stays
             // evicted (its file is gone), instead of coming back as a ghost that counts bytes.
             if var e = index.entry(id) {
@@ -230,7 +326,7 @@ public final class CacheStore: @unchecked Sendable {
             log("cache: ignoring \(level.name) entry \(k): \(why) (removed; recomputed on demand)")
             unlink(p)
             lock.lock()
-            counters.misses += 1
+            count(owner.uid) { $0.misses += 1 }
             counters.rejectedDamaged += 1
             if let e = index.remove(id) { totalBytes -= e.bytes }
             lock.unlock()
@@ -247,12 +343,18 @@ public final class CacheStore: @unchecked Sendable {
         }
     }
 
-    func validate(_ d: [UInt8], level: Level, key: [UInt8]) -> Result<Range<Int>, Invalid> {
+    /// With the lock held: counts in the store's totals and in `uid`'s own.
+    func count(_ uid: UInt32, _ f: (inout Stats) -> Void) {
+        f(&counters)
+        f(&perUser[uid, default: Stats()])
+    }
+
+    func validate(_ d: [UInt8], level: Level, key: [UInt8], owner: Owner) -> Result<Range<Int>, Invalid> {
         let h = Self.headerSize
         guard d.count >= h else { return .failure(.problem("truncated header (\(d.count) bytes)")) }
         guard Array(d[0..<8]) == Self.magic else { return .failure(.problem("bad magic")) }
-        let headerCRC = Self.u32(d, 124)
-        guard d.withUnsafeBytes({ vk_crc32c(0, $0.baseAddress!, 124) }) == headerCRC else {
+        let headerCRC = Self.u32(d, Self.headerCRCOffset)
+        guard d.withUnsafeBytes({ vk_crc32c(0, $0.baseAddress!, Self.headerCRCOffset) }) == headerCRC else {
             return .failure(.problem("header checksum mismatch"))
         }
         guard Self.u32(d, 8) == Self.formatVersion else { return .failure(.problem("format version \(Self.u32(d, 8))")) }
@@ -260,19 +362,22 @@ public final class CacheStore: @unchecked Sendable {
         guard Array(d[16..<48]) == identity.fingerprint else { return .failure(.problem("made by another model")) }
         guard Array(d[48..<80]) == identity.renderConfig else { return .failure(.problem("made with another render config")) }
         guard Array(d[80..<112]) == key else { return .failure(.problem("key mismatch")) }
-        let n = Self.u64(d, 112)
+        let shared = Self.u32(d, 116) & 1 != 0
+        guard shared == owner.shared, shared || Self.u32(d, 112) == owner.uid else { return .failure(.problem("owner mismatch")) }
+        let n = Self.u64(d, 120)
         guard n == UInt64(d.count - h) else { return .failure(.problem("payload is \(d.count - h) bytes, header says \(n)")) }
         let crc = d.withUnsafeBytes { vk_crc32c(0, $0.baseAddress! + h, d.count - h) }
-        guard crc == Self.u32(d, 120) else { return .failure(.problem("payload checksum mismatch")) }
+        guard crc == Self.u32(d, 128) else { return .failure(.problem("payload checksum mismatch")) }
         return .success(h..<d.count)
     }
 
-    /// Stores `payload` under `key` atomically, then evicts to the budget. Errors (a full disk,
-    /// a read-only directory) are logged and counted; the cache is an accelerator, never a
-    /// reason for a request to fail.
+    /// Stores `payload` under the engine's `key` for `owner` atomically, then evicts to the
+    /// budget. Errors (a full disk, a read-only directory) are logged and counted; the cache is
+    /// an accelerator, never a reason for a request to fail.
     @discardableResult
-    public func put(_ level: Level, key: [UInt8], payload: UnsafeRawBufferPointer) -> Bool {
-        let k = Self.hex(key)
+    public func put(_ level: Level, key: [UInt8], owner: Owner, payload: UnsafeRawBufferPointer) -> Bool {
+        let storage = Self.storageKey(key, owner)
+        let k = Self.hex(storage)
         let total = Self.headerSize + payload.count
         if total > budget || total > maxEntryBytes || !isOpen { return false }
         var header = [UInt8](repeating: 0, count: Self.headerSize)
@@ -281,10 +386,12 @@ public final class CacheStore: @unchecked Sendable {
         Self.put32(&header, 12, level.rawValue)
         header.replaceSubrange(16..<48, with: identity.fingerprint)
         header.replaceSubrange(48..<80, with: identity.renderConfig)
-        header.replaceSubrange(80..<112, with: key)
-        Self.put64(&header, 112, UInt64(payload.count))
-        Self.put32(&header, 120, payload.count == 0 ? 0 : vk_crc32c(0, payload.baseAddress!, payload.count))
-        Self.put32(&header, 124, header.withUnsafeBytes { vk_crc32c(0, $0.baseAddress!, 124) })
+        header.replaceSubrange(80..<112, with: storage)
+        Self.put32(&header, 112, owner.uid)
+        Self.put32(&header, 116, owner.shared ? 1 : 0)
+        Self.put64(&header, 120, UInt64(payload.count))
+        Self.put32(&header, 128, payload.count == 0 ? 0 : vk_crc32c(0, payload.baseAddress!, payload.count))
+        Self.put32(&header, Self.headerCRCOffset, header.withUnsafeBytes { vk_crc32c(0, $0.baseAddress!, Self.headerCRCOffset) })
         let final = path(level, k)
         let dir = directory.appendingPathComponent(level.name).path
         let tmp = dir + "/.tmp-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
@@ -323,9 +430,9 @@ public final class CacheStore: @unchecked Sendable {
         lock.lock()
         let id = "\(level.name)/\(k)"
         if let old = index.entry(id) { totalBytes -= old.bytes }
-        index.touch(id, Entry(level: level, key: k, bytes: total, lastUsed: Date()))
+        index.touch(id, Entry(level: level, key: k, bytes: total, lastUsed: Date(), owner: owner.uid, shared: owner.shared))
         totalBytes += total
-        counters.writes += 1
+        count(owner.uid) { $0.writes += 1 }
         evictToBudget(keeping: id)
         lock.unlock()
         return true
@@ -341,47 +448,70 @@ public final class CacheStore: @unchecked Sendable {
         }
     }
 
-    /// Entries, most recently used first.
-    public func list(limit: Int = .max) -> [Entry] {
+    /// The entries `viewer` sees, most recently used first.
+    public func list(limit: Int = .max, for viewer: Viewer) -> [Entry] {
         lock.lock()
         defer { lock.unlock() }
-        return index.mostRecent(max(0, limit))
+        return index.mostRecent(max(0, limit), where: viewer.sees)
     }
 
-    /// Removes the entries whose key (hex) is given; returns how many existed.
-    public func evict(keys: [String]) -> Int {
+    /// Removes the entries whose storage key (hex) is given and that `viewer` may evict; entries
+    /// of another user are left alone and counted as refused.
+    public func evict(keys: [String], by viewer: Viewer) -> EvictResult {
         lock.lock()
         defer { lock.unlock() }
-        var n = 0
+        var r = EvictResult()
         for k in keys {
             for level in Level.allCases {
-                if let e = index.remove("\(level.name)/\(k.lowercased())") {
-                    unlink(path(level, e.key))
-                    totalBytes -= e.bytes
-                    n += 1
+                let id = "\(level.name)/\(k.lowercased())"
+                guard let e = index.entry(id) else { continue }
+                guard viewer.mayEvict(e) else {
+                    r.refused += 1
+                    continue
                 }
+                index.remove(id)
+                unlink(path(level, e.key))
+                totalBytes -= e.bytes
+                r.removed += 1
             }
         }
-        return n
+        return r
     }
 
-    public func evictAll() -> Int {
+    /// Removes every entry `viewer` may evict; returns how many.
+    public func evictAll(by viewer: Viewer) -> Int {
         lock.lock()
         defer { lock.unlock() }
-        let all = index.mostRecent(.max)
-        for e in all { unlink(path(e.level, e.key)) }
-        index = Recency()
-        totalBytes = 0
-        return all.count
+        let mine = index.mostRecent(.max, where: viewer.mayEvict)
+        for e in mine {
+            index.remove("\(e.level.name)/\(e.key)")
+            unlink(path(e.level, e.key))
+            totalBytes -= e.bytes
+        }
+        return mine.count
     }
 
-    public var stats: Stats {
+    /// The whole store's figures (the daemon's status and metrics).
+    public var stats: Stats { stats(for: .all) }
+
+    /// What `viewer` may know: the bytes and number of the entries it sees, and its own hits,
+    /// misses and writes; the budget, evictions, damaged entries and write errors are the
+    /// store's. `Viewer.all` gets the whole store's figures.
+    public func stats(for viewer: Viewer) -> Stats {
         lock.lock()
         defer { lock.unlock() }
         var s = counters
-        s.bytes = totalBytes
         s.budget = budget
-        s.entries = index.count
+        if viewer.seesAll {
+            s.bytes = totalBytes
+            s.entries = index.count
+        } else {
+            let own = perUser[viewer.uid] ?? Stats()
+            (s.hits, s.misses, s.writes) = (own.hits, own.misses, own.writes)
+            let seen = index.mostRecent(.max, where: viewer.sees)
+            s.entries = seen.count
+            s.bytes = seen.reduce(0) { $0 + $1.bytes }
+        }
         return s
     }
 

@@ -53,12 +53,12 @@ struct Recency {
         return n.map { ($0.id, $0.entry) }
     }
 
-    /// Up to `limit` entries, most recently used first.
-    func mostRecent(_ limit: Int) -> [CacheStore.Entry] {
+    /// Up to `limit` entries that pass `filter`, most recently used first.
+    func mostRecent(_ limit: Int, where filter: (CacheStore.Entry) -> Bool = { _ in true }) -> [CacheStore.Entry] {
         var out: [CacheStore.Entry] = []
         var n = front
         while let x = n, out.count < limit {
-            out.append(x.entry)
+            if filter(x.entry) { out.append(x.entry) }
             n = x.older
         }
         return out

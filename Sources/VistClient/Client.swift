@@ -178,7 +178,8 @@ public final class VistClient {
     }
 
     public func compress(
-        documentID: String, instruction: String = "", chat: Bool = false, onProgress: (Vist2_V1_CompressProgress) -> Void = { _ in }
+        documentID: String, instruction: String = "", chat: Bool = false, shared: Bool = false,
+        onProgress: (Vist2_V1_CompressProgress) -> Void = { _ in }
     ) throws -> Vist2_V1_CompressResult {
         let body = try request(
             {
@@ -186,6 +187,7 @@ public final class VistClient {
                     $0.documentID = documentID
                     $0.instruction = instruction
                     $0.chat = chat
+                    $0.shared = shared
                 }
             },
             onPartial: { if case .compressProgress(let p) = $0.body { onProgress(p) } })
@@ -205,7 +207,7 @@ public final class VistClient {
         return l.entries
     }
 
-    public func cacheEvict(keys: [String], all: Bool = false) throws -> UInt32 {
+    public func cacheEvict(keys: [String], all: Bool = false) throws -> Vist2_V1_CacheEvictResult {
         let body = try request {
             $0.cacheEvict = .with {
                 $0.keys = keys
@@ -213,7 +215,7 @@ public final class VistClient {
             }
         }
         guard case .cacheEvictResult(let r) = body else { throw unexpected("CacheEvict") }
-        return r.removed
+        return r
     }
 
     public func cacheStats() throws -> Vist2_V1_CacheStats {

@@ -67,7 +67,7 @@ public nonisolated enum Vist2_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIterab
   /// the server is shutting down and takes no new work
   case draining // = 15
 
-  /// peer credentials not allowed
+  /// peer credentials not allowed; another user's cache entry
   case permissionDenied // = 16
 
   /// the loaded model cannot do this (e.g. compress without a vision encoder)
@@ -772,6 +772,10 @@ public nonisolated struct Vist2_V1_CompressRequest: Sendable {
 
   public var chat: Bool = false
 
+  /// Use and fill the cache entries shared by every user of the daemon instead of the caller's
+  /// own (see "Cache ownership" in PROTOCOL.md).
+  public var shared: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -869,6 +873,9 @@ public nonisolated struct Vist2_V1_GenerateRequest: Sendable {
 
   /// read the documents as text (the baseline)
   public var fullText: Bool = false
+
+  /// as CompressRequest.shared
+  public var shared: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1115,6 +1122,12 @@ public nonisolated struct Vist2_V1_CacheEntry: Sendable {
 
   public var lastUsedUnix: Int64 = 0
 
+  /// who stored it
+  public var ownerUid: UInt32 = 0
+
+  /// in the shared namespace (visible to every user)
+  public var shared: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1152,6 +1165,9 @@ public nonisolated struct Vist2_V1_CacheEvictResult: Sendable {
   // methods supported on all messages.
 
   public var removed: UInt32 = 0
+
+  /// named entries that belong to another user (left alone)
+  public var refused: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -2560,7 +2576,7 @@ nonisolated extension Vist2_V1_DocumentInfo: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Vist2_V1_CompressRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CompressRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_id\0\u{1}instruction\0\u{1}chat\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_id\0\u{1}instruction\0\u{1}chat\0\u{1}shared\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2571,6 +2587,7 @@ nonisolated extension Vist2_V1_CompressRequest: SwiftProtobuf.Message, SwiftProt
       case 1: try { try decoder.decodeSingularStringField(value: &self.documentID) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.instruction) }()
       case 3: try { try decoder.decodeSingularBoolField(value: &self.chat) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.shared) }()
       default: break
       }
     }
@@ -2586,6 +2603,9 @@ nonisolated extension Vist2_V1_CompressRequest: SwiftProtobuf.Message, SwiftProt
     if self.chat != false {
       try visitor.visitSingularBoolField(value: self.chat, fieldNumber: 3)
     }
+    if self.shared != false {
+      try visitor.visitSingularBoolField(value: self.shared, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2593,6 +2613,7 @@ nonisolated extension Vist2_V1_CompressRequest: SwiftProtobuf.Message, SwiftProt
     if lhs.documentID != rhs.documentID {return false}
     if lhs.instruction != rhs.instruction {return false}
     if lhs.chat != rhs.chat {return false}
+    if lhs.shared != rhs.shared {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2755,7 +2776,7 @@ nonisolated extension Vist2_V1_Sampling: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Vist2_V1_GenerateRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".GenerateRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_ids\0\u{1}instruction\0\u{1}chat\0\u{1}sampling\0\u{1}stop\0\u{3}max_tokens\0\u{3}full_text\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_ids\0\u{1}instruction\0\u{1}chat\0\u{1}sampling\0\u{1}stop\0\u{3}max_tokens\0\u{3}full_text\0\u{1}shared\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2770,6 +2791,7 @@ nonisolated extension Vist2_V1_GenerateRequest: SwiftProtobuf.Message, SwiftProt
       case 5: try { try decoder.decodeRepeatedStringField(value: &self.stop) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.maxTokens) }()
       case 7: try { try decoder.decodeSingularBoolField(value: &self.fullText) }()
+      case 8: try { try decoder.decodeSingularBoolField(value: &self.shared) }()
       default: break
       }
     }
@@ -2801,6 +2823,9 @@ nonisolated extension Vist2_V1_GenerateRequest: SwiftProtobuf.Message, SwiftProt
     if self.fullText != false {
       try visitor.visitSingularBoolField(value: self.fullText, fieldNumber: 7)
     }
+    if self.shared != false {
+      try visitor.visitSingularBoolField(value: self.shared, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2812,6 +2837,7 @@ nonisolated extension Vist2_V1_GenerateRequest: SwiftProtobuf.Message, SwiftProt
     if lhs.stop != rhs.stop {return false}
     if lhs.maxTokens != rhs.maxTokens {return false}
     if lhs.fullText != rhs.fullText {return false}
+    if lhs.shared != rhs.shared {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -3266,7 +3292,7 @@ nonisolated extension Vist2_V1_CacheListRequest: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Vist2_V1_CacheEntry: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CacheEntry"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}key\0\u{1}level\0\u{1}bytes\0\u{3}last_used_unix\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}key\0\u{1}level\0\u{1}bytes\0\u{3}last_used_unix\0\u{3}owner_uid\0\u{1}shared\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3278,6 +3304,8 @@ nonisolated extension Vist2_V1_CacheEntry: SwiftProtobuf.Message, SwiftProtobuf.
       case 2: try { try decoder.decodeSingularStringField(value: &self.level) }()
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.bytes) }()
       case 4: try { try decoder.decodeSingularInt64Field(value: &self.lastUsedUnix) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.ownerUid) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.shared) }()
       default: break
       }
     }
@@ -3296,6 +3324,12 @@ nonisolated extension Vist2_V1_CacheEntry: SwiftProtobuf.Message, SwiftProtobuf.
     if self.lastUsedUnix != 0 {
       try visitor.visitSingularInt64Field(value: self.lastUsedUnix, fieldNumber: 4)
     }
+    if self.ownerUid != 0 {
+      try visitor.visitSingularUInt32Field(value: self.ownerUid, fieldNumber: 5)
+    }
+    if self.shared != false {
+      try visitor.visitSingularBoolField(value: self.shared, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3304,6 +3338,8 @@ nonisolated extension Vist2_V1_CacheEntry: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.level != rhs.level {return false}
     if lhs.bytes != rhs.bytes {return false}
     if lhs.lastUsedUnix != rhs.lastUsedUnix {return false}
+    if lhs.ownerUid != rhs.ownerUid {return false}
+    if lhs.shared != rhs.shared {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -3376,7 +3412,7 @@ nonisolated extension Vist2_V1_CacheEvictRequest: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Vist2_V1_CacheEvictResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CacheEvictResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}removed\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}removed\0\u{1}refused\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3385,6 +3421,7 @@ nonisolated extension Vist2_V1_CacheEvictResult: SwiftProtobuf.Message, SwiftPro
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.removed) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.refused) }()
       default: break
       }
     }
@@ -3394,11 +3431,15 @@ nonisolated extension Vist2_V1_CacheEvictResult: SwiftProtobuf.Message, SwiftPro
     if self.removed != 0 {
       try visitor.visitSingularUInt32Field(value: self.removed, fieldNumber: 1)
     }
+    if self.refused != 0 {
+      try visitor.visitSingularUInt32Field(value: self.refused, fieldNumber: 2)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Vist2_V1_CacheEvictResult, rhs: Vist2_V1_CacheEvictResult) -> Bool {
     if lhs.removed != rhs.removed {return false}
+    if lhs.refused != rhs.refused {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -44,7 +44,6 @@ public final class ServerContext: @unchecked Sendable {
         self.limits = limits
         worker = EngineWorker(capacity: limits.queueCapacity)
         self.cache = cache
-        blockCache = cache.map { StoreBlockCache(store: $0) }
         self.peers = peers
         self.log = log
     }
@@ -58,8 +57,15 @@ public final class ServerContext: @unchecked Sendable {
         }
     }
 
-    /// The engine's view of the persistent cache.
-    let blockCache: VIST2BlockCache?
+    /// The engine's view of the persistent cache for one request: lookups and stores in
+    /// `owner`'s namespace (a user's own entries, or the shared ones).
+    func blockCache(for owner: CacheStore.Owner) -> VIST2BlockCache? { cache.map { StoreBlockCache(store: $0, owner: owner) } }
+
+    /// The daemon's own uid: it and root see and evict every cache entry.
+    let ownUID = UInt32(getuid())
+
+    /// How the peer `uid` sees the shared cache (CacheList, CacheEvict, CacheStats).
+    func cacheViewer(uid: UInt32) -> CacheStore.Viewer { .init(uid: uid, seesAll: uid == 0 || uid == ownUID) }
 
     /// Called when SIGTERM arrives: new work is refused with DRAINING, queued work finishes.
     public func beginDraining() {
@@ -170,7 +176,11 @@ public final class ServerContext: @unchecked Sendable {
 /// `VIST2BlockCache` over the on-disk `CacheStore`: floats stored as their little-endian bytes.
 final class StoreBlockCache: VIST2BlockCache, @unchecked Sendable {
     let store: CacheStore
-    init(store: CacheStore) { self.store = store }
+    let owner: CacheStore.Owner
+    init(store: CacheStore, owner: CacheStore.Owner) {
+        self.store = store
+        self.owner = owner
+    }
 
     static func floats(_ b: UnsafeRawBufferPointer) -> [Float]? {
         guard b.count % 4 == 0 else { return nil }
@@ -179,12 +189,12 @@ final class StoreBlockCache: VIST2BlockCache, @unchecked Sendable {
         return out
     }
 
-    func alignerOutput(key: [UInt8]) -> [Float]? { store.get(.chunk, key: key, decode: Self.floats) ?? nil }
+    func alignerOutput(key: [UInt8]) -> [Float]? { store.get(.chunk, key: key, owner: owner, decode: Self.floats) ?? nil }
     func storeAlignerOutput(key: [UInt8], _ values: ArraySlice<Float>) {
-        _ = values.withUnsafeBytes { store.put(.chunk, key: key, payload: $0) }
+        _ = values.withUnsafeBytes { store.put(.chunk, key: key, owner: owner, payload: $0) }
     }
-    func blockKV(key: [UInt8]) -> [Float]? { store.get(.prefix, key: key, decode: Self.floats) ?? nil }
+    func blockKV(key: [UInt8]) -> [Float]? { store.get(.prefix, key: key, owner: owner, decode: Self.floats) ?? nil }
     func storeBlockKV(key: [UInt8], _ values: [Float]) {
-        _ = values.withUnsafeBytes { store.put(.prefix, key: key, payload: $0) }
+        _ = values.withUnsafeBytes { store.put(.prefix, key: key, owner: owner, payload: $0) }
     }
 }

@@ -205,6 +205,7 @@ final class ConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         let tick = TimeAmount.nanoseconds(Int64(limits.timerTick.asSeconds * 1e9))
         timer = channel.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in s.checkTimeouts() }
         if let cred = Self.peerCredentials(channel) {
+            s.peerUID = cred.uid
             if !context.peers.allows(uid: cred.uid, gid: cred.gid, supplementary: Self.peerGroups(channel)) {
                 context.metrics.with { $0.peersRejected += 1 }
                 log("refused a client: uid \(cred.uid) gid \(cred.gid) pid \(cred.pid) is not an allowed user or group")

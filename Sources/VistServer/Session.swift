@@ -36,6 +36,14 @@ public final class Session: @unchecked Sendable {
     var lastReceived = DispatchTime.now().uptimeNanoseconds
     var frameStartedAt: UInt64? = nil
     var limits: ServerLimits { context.limits }
+    /// The peer's uid (SO_PEERCRED, set by the server before anything is received): whose cache
+    /// entries its requests use and which it may list and evict. The daemon's own uid when the
+    /// session is driven directly (tests, fuzzing).
+    public var peerUID = UInt32(getuid())
+
+    /// The cache namespace of a request of this peer (`shared`: the one common to all users).
+    func cacheOwner(shared: Bool) -> CacheStore.Owner { .init(uid: peerUID, shared: shared) }
+    var cacheViewer: CacheStore.Viewer { context.cacheViewer(uid: peerUID) }
 
     public init(context: ServerContext, send: @escaping @Sendable ([UInt8]) -> Void, close: @escaping @Sendable () -> Void) {
         self.context = context
@@ -218,7 +226,7 @@ public final class Session: @unchecked Sendable {
             render(id, r)
         case .cacheList(let l):
             let limit = min(l.limit == 0 ? Int.max : Int(l.limit), limits.maxCacheListEntries)
-            let entries = context.cache?.list(limit: limit) ?? []
+            let entries = context.cache?.list(limit: limit, for: cacheViewer) ?? []
             reply(id) {
                 $0.cacheList = .with {
                     $0.entries = entries.map { e in
@@ -227,6 +235,8 @@ public final class Session: @unchecked Sendable {
                             $0.level = e.level.name
                             $0.bytes = UInt64(e.bytes)
                             $0.lastUsedUnix = Int64(e.lastUsed.timeIntervalSince1970)
+                            $0.ownerUid = e.owner
+                            $0.shared = e.shared
                         }
                     }
                 }
@@ -236,11 +246,24 @@ public final class Session: @unchecked Sendable {
             guard e.keys.count <= 100_000, e.keys.allSatisfy({ $0.count == 64 && $0.allSatisfy(\.isHexDigit) }) else {
                 return error(id, .badRequest, "cache keys are 64 hex digits")
             }
-            let removed = e.all ? (context.cache?.evictAll() ?? 0) : (context.cache?.evict(keys: e.keys) ?? 0)
-            if !e.all && removed == 0 { return error(id, .notFound, "no such cache entries") }
-            reply(id) { $0.cacheEvictResult = .with { $0.removed = UInt32(clamping: removed) } }
+            var r = CacheStore.EvictResult()
+            if e.all {
+                r.removed = context.cache?.evictAll(by: cacheViewer) ?? 0
+            } else {
+                r = context.cache?.evict(keys: e.keys, by: cacheViewer) ?? r
+                if r.removed == 0 && r.refused > 0 {
+                    return error(id, .permissionDenied, "the named cache entries belong to another user")
+                }
+                if r.removed == 0 { return error(id, .notFound, "no such cache entries") }
+            }
+            reply(id) {
+                $0.cacheEvictResult = .with {
+                    $0.removed = UInt32(clamping: r.removed)
+                    $0.refused = UInt32(clamping: r.refused)
+                }
+            }
         case .cacheStats:
-            let s = context.cache?.stats ?? CacheStore.Stats()
+            let s = context.cache?.stats(for: cacheViewer) ?? CacheStore.Stats()
             reply(id) {
                 $0.cacheStats = .with {
                     $0.bytes = UInt64(s.bytes)
@@ -511,7 +534,7 @@ public final class Session: @unchecked Sendable {
             return error(id, .unsupported, "the loaded model (\(context.modelName)) has no vision encoder; compress needs a VIST2 model")
         }
         guard let text = texts(id, [c.documentID]) else { return }
-        let cache = context.blockCache, metrics = context.metrics, worker = context.worker
+        let cache = context.blockCache(for: cacheOwner(shared: c.shared)), metrics = context.metrics, worker = context.worker
         submit(id) { [self] job throws(EngineError) in
             let r = try VIST2Generator(model: model).compress(
                 documents: text, instruction: c.instruction, chat: c.chat, cache: cache,
@@ -623,6 +646,7 @@ public final class Session: @unchecked Sendable {
         }
         let ctx = context
         let request = req
+        let cache = context.blockCache(for: cacheOwner(shared: g.shared))
         submit(id) { [self] job throws(EngineError) in
             let onText: (String) -> Bool = { piece in
                 self.reply(id, final: false) { $0.textDelta = .with { $0.text = piece } }
@@ -634,7 +658,7 @@ public final class Session: @unchecked Sendable {
                 var interleaved = request
                 interleaved.yield = { ctx.worker.yieldToOthers(from: job) }
                 var vr = VIST2Request(generation: interleaved, documents: docs, fullText: g.fullText)
-                vr.cache = ctx.blockCache
+                vr.cache = cache
                 vr.progress = { _, _ in !job.isCancelled }
                 let r = try VIST2Generator(model: m).generate(vr, onText: onText)
                 result = Self.common(

@@ -35,6 +35,9 @@ struct Compress: ParsableCommand {
     @Flag(help: "Wrap the instruction in the model's chat template (as generate --chat does).")
     var chat = false
 
+    @Flag(help: "Use and fill the cache entries shared by all users of the daemon, not your own.")
+    var shared = false
+
     @Flag(help: "Print one JSON object per file.")
     var json = false
 
@@ -64,7 +67,7 @@ struct Compress: ParsableCommand {
             let text = readDocument(file, json: json)
             do {
                 let doc = try c.openDocument(text: text, path: file)
-                let r = try c.compress(documentID: doc.documentID, instruction: instruction, chat: chat) { p in
+                let r = try c.compress(documentID: doc.documentID, instruction: instruction, chat: chat, shared: shared) { p in
                     guard bar, p.chunksTotal > 0 else { return }
                     let width = 30
                     let filled = Int(p.chunksDone) * width / Int(p.chunksTotal)
@@ -97,7 +100,9 @@ struct Cache: ParsableCommand {
         abstract: "Inspect and trim the daemon's persistent cache.", subcommands: [List.self, Remove.self, Stats.self])
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List entries, most recently used first.")
+        static let configuration = CommandConfiguration(
+            commandName: "ls", abstract: "List entries, most recently used first.",
+            discussion: "Your own entries and the shared ones (root and the daemon's user: every entry), with the uid that stored each.")
         @OptionGroup var socketOption: SocketOption
         @Option(help: "At most this many entries (0: all).") var limit: UInt32 = 0
         @Flag(help: "Print JSON.") var json = false
@@ -107,13 +112,17 @@ struct Cache: ParsableCommand {
             var level: String
             var bytes: UInt64
             var last_used_unix: Int64
+            var owner_uid: UInt32
+            var shared: Bool
         }
 
         func run() throws {
             let c = try socketOption.connect()
             do {
                 let entries = try c.cacheList(limit: limit).map {
-                    Entry(key: $0.key, level: $0.level, bytes: $0.bytes, last_used_unix: $0.lastUsedUnix)
+                    Entry(
+                        key: $0.key, level: $0.level, bytes: $0.bytes, last_used_unix: $0.lastUsedUnix, owner_uid: $0.ownerUid,
+                        shared: $0.shared)
                 }
                 if json {
                     printJSON(["entries": entries])
@@ -122,7 +131,7 @@ struct Cache: ParsableCommand {
                     f.dateFormat = "yyyy-MM-dd HH:mm:ss"
                     for e in entries {
                         print(
-                            "\(e.key)  \(e.level.padding(toLength: 6, withPad: " ", startingAt: 0))  \(String(format: "%10d", e.bytes))  \(f.string(from: Date(timeIntervalSince1970: Double(e.last_used_unix))))"
+                            "\(e.key)  \(e.level.padding(toLength: 6, withPad: " ", startingAt: 0))  \(String(format: "%10d", e.bytes))  \(f.string(from: Date(timeIntervalSince1970: Double(e.last_used_unix))))  uid \(e.owner_uid)\(e.shared ? " shared" : "")"
                         )
                     }
                 }
@@ -131,7 +140,9 @@ struct Cache: ParsableCommand {
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "rm", abstract: "Remove entries by key, or all of them.")
+        static let configuration = CommandConfiguration(
+            commandName: "rm", abstract: "Remove entries by key, or all of them.",
+            discussion: "Your own entries only (root and the daemon's user: any); --all removes all of yours.")
         @OptionGroup var socketOption: SocketOption
         @Flag(help: "Remove every entry.") var all = false
         @Flag(help: "Print JSON.") var json = false
@@ -144,8 +155,12 @@ struct Cache: ParsableCommand {
         func run() throws {
             let c = try socketOption.connect()
             do {
-                let n = try c.cacheEvict(keys: keys, all: all)
-                if json { printJSON(["removed": n]) } else { print("removed \(n) entries") }
+                let r = try c.cacheEvict(keys: keys, all: all)
+                if json {
+                    printJSON(["removed": r.removed, "refused": r.refused])
+                } else {
+                    print("removed \(r.removed) entries" + (r.refused > 0 ? "; \(r.refused) belong to another user and were left" : ""))
+                }
             } catch { fail("\(error)", code: daemonCode(error), json: json) }
         }
     }

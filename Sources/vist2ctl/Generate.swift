@@ -50,6 +50,9 @@ struct Generate: ParsableCommand {
     @Flag(help: "Read the documents as plain text with the backbone alone (the baseline VIST2 is compared with).")
     var fullText = false
 
+    @Flag(help: "Use and fill the daemon's cache entries shared by all users, not your own.")
+    var shared = false
+
     @Flag(help: "Print one JSON object instead of streaming text.")
     var json = false
 
@@ -112,6 +115,7 @@ struct Generate: ParsableCommand {
                 $0.chat = chat
                 $0.documentIds = ids
                 $0.fullText = fullText
+                $0.shared = shared
                 $0.maxTokens = UInt32(clamping: max(0, maxTokens))
                 $0.stop = stop
                 $0.sampling = .with {

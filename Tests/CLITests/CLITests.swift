@@ -2,8 +2,9 @@ import Foundation
 import Testing
 import VistEngine
 
-/// Runs vist2ctl from the same build directory as this test bundle.
-func vist2ctl(_ args: [String], env: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
+/// Runs vist2ctl from the same build directory as this test bundle (as `user`, through setpriv,
+/// when given: the test then runs as root).
+func vist2ctl(_ args: [String], env: [String: String] = [:], user: String? = nil) throws -> (status: Int32, out: String, err: String) {
     var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
     // On Linux the test runner is <build>/vist2PackageTests.xctest; vist2ctl sits beside it.
     if !FileManager.default.fileExists(atPath: dir.appendingPathComponent("vist2ctl").path) {
@@ -12,6 +13,17 @@ func vist2ctl(_ args: [String], env: [String: String] = [:]) throws -> (status: 
     let p = Process()
     p.executableURL = dir.appendingPathComponent("vist2ctl")
     p.arguments = args
+    if let user {
+        // A copy other users can reach (the build directory may lie under a private home).
+        let copy = "/tmp/vist2ctl-tests-\(getpid())"
+        if !FileManager.default.fileExists(atPath: copy) {
+            try FileManager.default.copyItem(atPath: p.executableURL!.path, toPath: copy)
+            chmod(copy, 0o755)
+        }
+        guard let pw = getpwnam(user) else { throw CocoaError(.fileNoSuchFile, userInfo: [NSFilePathErrorKey: "user \(user)"]) }
+        p.arguments = ["--reuid=\(pw.pointee.pw_uid)", "--regid=\(pw.pointee.pw_gid)", "--clear-groups", copy] + args
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+    }
     var e = ProcessInfo.processInfo.environment
     for (k, v) in env { e[k] = v }
     p.environment = e
@@ -315,6 +327,84 @@ struct CLITests {
         #expect(!FileManager.default.fileExists(atPath: sock))
         let none = try vist2ctl(["status", "--socket", sock])
         #expect(none.status != 0 && none.err.contains(sock))
+    }
+
+    @Test(
+        "Cache entries belong to the peer's uid: another user gets no hits and cannot evict them; --shared entries are common",
+        .enabled(if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")),
+        .enabled(if: getpwnam("nobody") != nil && getpwnam("daemon") != nil))
+    func cacheOwnership() throws {
+        let dir = URL(fileURLWithPath: "/tmp").appendingPathComponent("v2own-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        chmod(dir.path, 0o755)
+        defer {
+            try? FileManager.default.removeItem(at: dir)
+            try? FileManager.default.removeItem(atPath: "/tmp/vist2ctl-tests-\(getpid())")
+        }
+        let sock = dir.appendingPathComponent("vist2.sock").path
+        let d = Process()
+        d.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vist2d")
+        if !FileManager.default.fileExists(atPath: d.executableURL!.path) {
+            d.executableURL = Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("vist2d")
+        }
+        d.arguments = [
+            "--model", Self.tinyVIST2, "--socket", sock, "--threads", "1", "--cache-dir", dir.appendingPathComponent("cache").path,
+            "--allow-user", "nobody", "--allow-user", "daemon",
+        ]
+        d.standardError = FileHandle.nullDevice
+        try d.run()
+        defer { if d.isRunning { d.terminate() } }
+        var waited = 0
+        while !FileManager.default.fileExists(atPath: sock) && waited < 300 {
+            usleep(100_000)
+            waited += 1
+        }
+        chmod(sock, 0o666)  // the daemon makes it owner-only; here the allow list is what admits
+        let doc = dir.appendingPathComponent("doc.txt")
+        try Data(try Data(contentsOf: URL(fileURLWithPath: "/usr/share/common-licenses/Apache-2.0")).prefix(1000)).write(to: doc)
+        chmod(doc.path, 0o644)
+        func run(_ user: String?, _ args: [String]) throws -> [String: Any] {
+            let r = try vist2ctl(args + ["--socket", sock, "--json"], user: user)
+            #expect(r.status == 0, "\(user ?? "root") \(args): \(r.err)")
+            return try json(r.out)
+        }
+        func entries(_ user: String?) throws -> [[String: Any]] { try run(user, ["cache", "ls"])["entries"] as? [[String: Any]] ?? [] }
+        let nobody = Int(getpwnam("nobody").pointee.pw_uid), daemon = Int(getpwnam("daemon").pointee.pw_uid)
+
+        // nobody compresses; daemon compressing the same text finds none of nobody's entries.
+        let first = try run("nobody", ["compress", doc.path])
+        let finished = (first["chunks"] as? Int ?? 0) - 1
+        #expect(finished > 5 && first["chunks_encoded"] as? Int == finished)
+        let other = try run("daemon", ["compress", doc.path])
+        #expect(other["chunks_encoded"] as? Int == finished && other["chunk_cache_hits"] as? Int == 0)
+        #expect(other["prefix_cache_hits"] as? Int == 0)
+        #expect(try run("nobody", ["compress", doc.path])["prefix_cache_hits"] as? Int == finished)
+        // Each sees only their own entries (and their own hit counts); root sees both users'.
+        let mine = try entries("nobody")
+        #expect(mine.count == 2 * finished && mine.allSatisfy { $0["owner_uid"] as? Int == nobody && $0["shared"] as? Bool == false })
+        #expect(try entries("daemon").allSatisfy { $0["owner_uid"] as? Int == daemon })
+        #expect(try run("daemon", ["cache", "stats"])["hits"] as? Int == 0)
+        #expect(Set(try entries(nil).compactMap { $0["owner_uid"] as? Int }) == [nobody, daemon])
+        // daemon cannot evict nobody's entries, one by one or with --all.
+        let key = mine[0]["key"] as? String ?? ""
+        let denied = try vist2ctl(["cache", "rm", "--socket", sock, key], user: "daemon")
+        #expect(denied.status != 0 && denied.err.contains("another user"), "\(denied.err)")
+        #expect(try run("daemon", ["cache", "rm", "--all"])["removed"] as? Int == 2 * finished)
+        #expect(try entries("nobody").count == 2 * finished)
+        // Shared: nobody fills the shared namespace, daemon's generate --shared starts from it.
+        let shared = try run("nobody", ["compress", "--shared", doc.path])
+        #expect(shared["chunks_encoded"] as? Int == finished)
+        let g = try run("daemon", ["generate", "--shared", "--doc", doc.path, "--max-tokens", "2", "--temperature", "0", ""])
+        #expect(g["prefix_cache_hits"] as? Int == finished)
+        let seen = try entries("daemon")
+        #expect(seen.count == 2 * finished && seen.allSatisfy { $0["shared"] as? Bool == true && $0["owner_uid"] as? Int == nobody })
+        #expect(try run("daemon", ["cache", "rm", "--all"])["removed"] as? Int == 0)
+        // The owner of shared entries, and root, may evict them.
+        #expect(try run("nobody", ["cache", "rm", "--all"])["removed"] as? Int == 4 * finished)
+        #expect(try run(nil, ["cache", "stats"])["entries"] as? Int == 0)
+        d.terminate()
+        d.waitUntilExit()
+        #expect(d.terminationStatus == 0)
     }
 
     @Test("Bad arguments and bad models fail with a clear message and a non-zero status")

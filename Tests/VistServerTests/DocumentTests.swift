@@ -154,7 +154,8 @@ struct DocumentTests {
         let aFiles = try FileManager.default.contentsOfDirectory(atPath: a.cacheDir.appendingPathComponent("chunk").path)
         for (i, ch) in chunks.enumerated() where i < aFiles.count {
             let src = a.cacheDir.appendingPathComponent("chunk/\(aFiles[i])").path
-            let dst = b.cacheDir.appendingPathComponent("chunk/\(CacheStore.hex(other.chunkKey(ch.text))).v2c").path
+            let name = CacheStore.hex(CacheStore.storageKey(other.chunkKey(ch.text), .init(uid: UInt32(getuid()))))
+            let dst = b.cacheDir.appendingPathComponent("chunk/\(name).v2c").path
             try? FileManager.default.removeItem(atPath: dst)
             try FileManager.default.copyItem(atPath: src, toPath: dst)
         }
@@ -184,10 +185,10 @@ struct DocumentTests {
         let entries = try c.cacheList()
         #expect(entries.contains { $0.level == "chunk" } && entries.contains { $0.level == "prefix" })
         #expect(try c.cacheList(limit: 3).count == 3)
-        #expect(try c.cacheEvict(keys: [entries[0].key]) == 1)
+        #expect(try c.cacheEvict(keys: [entries[0].key]).removed == 1)
         #expect(try c.cacheList().count == entries.count - 1)
         #expect(throws: VistClient.ClientError.self) { try c.cacheEvict(keys: ["not-hex"]) }
-        #expect(try c.cacheEvict(keys: [], all: true) == UInt32(entries.count - 1))
+        #expect(try c.cacheEvict(keys: [], all: true).removed == UInt32(entries.count - 1))
         #expect(try c.cacheStats().entries == 0)
     }
 

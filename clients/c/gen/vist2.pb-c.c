@@ -3167,7 +3167,7 @@ const ProtobufCMessageDescriptor vist2__v1__document_info__descriptor =
   (ProtobufCMessageInit) vist2__v1__document_info__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__compress_request__field_descriptors[3] =
+static const ProtobufCFieldDescriptor vist2__v1__compress_request__field_descriptors[4] =
 {
   {
     "document_id",
@@ -3205,16 +3205,29 @@ static const ProtobufCFieldDescriptor vist2__v1__compress_request__field_descrip
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "shared",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CompressRequest, shared),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__compress_request__field_indices_by_name[] = {
   2,   /* field[2] = chat */
   0,   /* field[0] = document_id */
   1,   /* field[1] = instruction */
+  3,   /* field[3] = shared */
 };
 static const ProtobufCIntRange vist2__v1__compress_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor vist2__v1__compress_request__descriptor =
 {
@@ -3224,7 +3237,7 @@ const ProtobufCMessageDescriptor vist2__v1__compress_request__descriptor =
   "Vist2__V1__CompressRequest",
   "vist2.v1",
   sizeof(Vist2__V1__CompressRequest),
-  3,
+  4,
   vist2__v1__compress_request__field_descriptors,
   vist2__v1__compress_request__field_indices_by_name,
   1,  vist2__v1__compress_request__number_ranges,
@@ -3514,7 +3527,7 @@ const ProtobufCMessageDescriptor vist2__v1__sampling__descriptor =
   (ProtobufCMessageInit) vist2__v1__sampling__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__generate_request__field_descriptors[7] =
+static const ProtobufCFieldDescriptor vist2__v1__generate_request__field_descriptors[8] =
 {
   {
     "document_ids",
@@ -3600,6 +3613,18 @@ static const ProtobufCFieldDescriptor vist2__v1__generate_request__field_descrip
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "shared",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateRequest, shared),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__generate_request__field_indices_by_name[] = {
   2,   /* field[2] = chat */
@@ -3608,12 +3633,13 @@ static const unsigned vist2__v1__generate_request__field_indices_by_name[] = {
   1,   /* field[1] = instruction */
   5,   /* field[5] = max_tokens */
   3,   /* field[3] = sampling */
+  7,   /* field[7] = shared */
   4,   /* field[4] = stop */
 };
 static const ProtobufCIntRange vist2__v1__generate_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor vist2__v1__generate_request__descriptor =
 {
@@ -3623,7 +3649,7 @@ const ProtobufCMessageDescriptor vist2__v1__generate_request__descriptor =
   "Vist2__V1__GenerateRequest",
   "vist2.v1",
   sizeof(Vist2__V1__GenerateRequest),
-  7,
+  8,
   vist2__v1__generate_request__field_descriptors,
   vist2__v1__generate_request__field_indices_by_name,
   1,  vist2__v1__generate_request__number_ranges,
@@ -4278,7 +4304,7 @@ const ProtobufCMessageDescriptor vist2__v1__cache_list_request__descriptor =
   (ProtobufCMessageInit) vist2__v1__cache_list_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__cache_entry__field_descriptors[4] =
+static const ProtobufCFieldDescriptor vist2__v1__cache_entry__field_descriptors[6] =
 {
   {
     "key",
@@ -4328,17 +4354,43 @@ static const ProtobufCFieldDescriptor vist2__v1__cache_entry__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "owner_uid",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CacheEntry, owner_uid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "shared",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CacheEntry, shared),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__cache_entry__field_indices_by_name[] = {
   2,   /* field[2] = bytes */
   0,   /* field[0] = key */
   3,   /* field[3] = last_used_unix */
   1,   /* field[1] = level */
+  4,   /* field[4] = owner_uid */
+  5,   /* field[5] = shared */
 };
 static const ProtobufCIntRange vist2__v1__cache_entry__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor vist2__v1__cache_entry__descriptor =
 {
@@ -4348,7 +4400,7 @@ const ProtobufCMessageDescriptor vist2__v1__cache_entry__descriptor =
   "Vist2__V1__CacheEntry",
   "vist2.v1",
   sizeof(Vist2__V1__CacheEntry),
-  4,
+  6,
   vist2__v1__cache_entry__field_descriptors,
   vist2__v1__cache_entry__field_indices_by_name,
   1,  vist2__v1__cache_entry__number_ranges,
@@ -4444,7 +4496,7 @@ const ProtobufCMessageDescriptor vist2__v1__cache_evict_request__descriptor =
   (ProtobufCMessageInit) vist2__v1__cache_evict_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__cache_evict_result__field_descriptors[1] =
+static const ProtobufCFieldDescriptor vist2__v1__cache_evict_result__field_descriptors[2] =
 {
   {
     "removed",
@@ -4458,14 +4510,27 @@ static const ProtobufCFieldDescriptor vist2__v1__cache_evict_result__field_descr
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "refused",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CacheEvictResult, refused),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__cache_evict_result__field_indices_by_name[] = {
+  1,   /* field[1] = refused */
   0,   /* field[0] = removed */
 };
 static const ProtobufCIntRange vist2__v1__cache_evict_result__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 2 }
 };
 const ProtobufCMessageDescriptor vist2__v1__cache_evict_result__descriptor =
 {
@@ -4475,7 +4540,7 @@ const ProtobufCMessageDescriptor vist2__v1__cache_evict_result__descriptor =
   "Vist2__V1__CacheEvictResult",
   "vist2.v1",
   sizeof(Vist2__V1__CacheEvictResult),
-  1,
+  2,
   vist2__v1__cache_evict_result__field_descriptors,
   vist2__v1__cache_evict_result__field_indices_by_name,
   1,  vist2__v1__cache_evict_result__number_ranges,

@@ -104,7 +104,7 @@ typedef enum _Vist2__V1__ErrorCode {
    */
   VIST2__V1__ERROR_CODE__DRAINING = 15,
   /*
-   * peer credentials not allowed
+   * peer credentials not allowed; another user's cache entry
    */
   VIST2__V1__ERROR_CODE__PERMISSION_DENIED = 16,
   /*
@@ -451,10 +451,15 @@ struct  Vist2__V1__CompressRequest
   char *document_id;
   char *instruction;
   protobuf_c_boolean chat;
+  /*
+   * Use and fill the cache entries shared by every user of the daemon instead of the caller's
+   * own (see "Cache ownership" in PROTOCOL.md).
+   */
+  protobuf_c_boolean shared;
 };
 #define VIST2__V1__COMPRESS_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__compress_request__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0 }
 
 
 struct  Vist2__V1__CompressProgress
@@ -527,10 +532,14 @@ struct  Vist2__V1__GenerateRequest
    * read the documents as text (the baseline)
    */
   protobuf_c_boolean full_text;
+  /*
+   * as CompressRequest.shared
+   */
+  protobuf_c_boolean shared;
 };
 #define VIST2__V1__GENERATE_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__generate_request__descriptor) \
-    , 0,NULL, (char *)protobuf_c_empty_string, 0, NULL, 0,NULL, 0, 0 }
+    , 0,NULL, (char *)protobuf_c_empty_string, 0, NULL, 0,NULL, 0, 0, 0 }
 
 
 struct  Vist2__V1__TextDelta
@@ -666,10 +675,18 @@ struct  Vist2__V1__CacheEntry
   char *level;
   uint64_t bytes;
   int64_t last_used_unix;
+  /*
+   * who stored it
+   */
+  uint32_t owner_uid;
+  /*
+   * in the shared namespace (visible to every user)
+   */
+  protobuf_c_boolean shared;
 };
 #define VIST2__V1__CACHE_ENTRY__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__cache_entry__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, 0 }
 
 
 struct  Vist2__V1__CacheList
@@ -699,10 +716,14 @@ struct  Vist2__V1__CacheEvictResult
 {
   ProtobufCMessage base;
   uint32_t removed;
+  /*
+   * named entries that belong to another user (left alone)
+   */
+  uint32_t refused;
 };
 #define VIST2__V1__CACHE_EVICT_RESULT__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__cache_evict_result__descriptor) \
-    , 0 }
+    , 0, 0 }
 
 
 struct  Vist2__V1__CacheStatsRequest
