@@ -21,10 +21,11 @@ public struct BenchResult: Sendable, Codable {
 }
 
 extension LanguageModel {
-    /// `step` is called after every timed or warm-up pass and every generated token; returning
-    /// false stops with `.cancelled` (the daemon yields to other clients there, outside the
-    /// timed sections).
-    public func bench(prompt: Int, generate: Int, repetitions: Int, step: () -> Bool = { true }) throws(EngineError) -> BenchResult {
+    /// With `step`, prompts are processed in sub-batches of `Transformer.stepBatch` tokens (as
+    /// the daemon prefills) and `step` is called between them, after every pass and after every
+    /// generated token; returning false stops with `.cancelled` (the daemon yields to other
+    /// clients there; the time spent in `step` is left out of the measurement).
+    public func bench(prompt: Int, generate: Int, repetitions: Int, step: (() -> Bool)? = nil) throws(EngineError) -> BenchResult {
         guard prompt >= 0, generate >= 0, prompt + generate > 0 else { throw .badArgument("-p and -n must be >= 0 and not both 0") }
         guard prompt <= config.contextLength, generate <= config.contextLength else {
             throw .contextOverflow(needed: max(prompt, generate), limit: config.contextLength)
@@ -44,11 +45,23 @@ extension LanguageModel {
             for r in 0...repetitions {
                 let toks = randomTokens(prompt)
                 cache.truncate(to: 0)
+                // Sub-batches with `step` between them, as the daemon prefills; time spent in
+                // `step` (other clients' work) is left out of the measurement.
+                let paused = PauseClock()
                 let t0 = DispatchTime.now().uptimeNanoseconds
-                tf.forward(toks, cache: cache, logits: .last)
-                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                let done = tf.forward(
+                    toks, cache: cache, logits: .last,
+                    step: step.map { s in
+                        {
+                            let t = DispatchTime.now().uptimeNanoseconds
+                            defer { paused.ns += DispatchTime.now().uptimeNanoseconds - t }
+                            return s()
+                        }
+                    })
+                guard done else { throw .cancelled }
+                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0 - paused.ns) / 1e9
                 if r > 0 { pp.append(Double(prompt) / dt) }
-                guard step() else { throw .cancelled }
+                guard step?() ?? true else { throw .cancelled }
             }
         }
         var tg: [Double] = []
@@ -63,7 +76,7 @@ extension LanguageModel {
                     let t0 = DispatchTime.now().uptimeNanoseconds
                     tf.forward([t], cache: cache, logits: .last)
                     elapsed += DispatchTime.now().uptimeNanoseconds - t0
-                    guard step() else { throw .cancelled }
+                    guard step?() ?? true else { throw .cancelled }
                 }
                 let dt = Double(elapsed) / 1e9
                 if r > 0 { tg.append(Double(generate) / dt) }

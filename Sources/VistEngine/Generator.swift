@@ -17,6 +17,23 @@ public struct GenerationRequest: Sendable {
     /// interleave. Time spent in it is left out of this request's decode speed, and its FLOPs out
     /// of this request's count.
     public var yield: (@Sendable () -> Void)? = nil
+    /// Asked with `yield` during the prefill (between sub-batches of `Transformer.stepBatch`
+    /// tokens, and while documents are tokenized): true ends the request with `.cancelled`.
+    /// During decoding `onText` returning false cancels.
+    public var isCancelled: (@Sendable () -> Bool)? = nil
+
+    /// The prefill's pause point, or nil when the caller set neither `yield` nor `isCancelled`
+    /// (the prefill then runs in whole batches). Time spent in it is added to `paused`.
+    func prefillStep(paused: PauseClock? = nil) -> (() -> Bool)? {
+        guard yield != nil || isCancelled != nil else { return nil }
+        let (y, c) = (yield, isCancelled)
+        return {
+            let t = DispatchTime.now().uptimeNanoseconds
+            y?()
+            paused?.ns += DispatchTime.now().uptimeNanoseconds - t
+            return !(c?() ?? false)
+        }
+    }
 
     public init(prompt: String) { self.prompt = prompt }
 
@@ -76,8 +93,10 @@ public struct Generator {
         let tf = model.transformer
 
         let t0 = DispatchTime.now().uptimeNanoseconds
-        tf.forward(tokens, cache: cache, logits: .last)
-        let prefillNs = DispatchTime.now().uptimeNanoseconds - t0
+        let paused = PauseClock()
+        guard tf.forward(tokens, cache: cache, logits: .last, step: req.prefillStep(paused: paused)) else { throw .cancelled }
+        // Other clients' work run in the pauses is not this prefill's time.
+        let prefillNs = DispatchTime.now().uptimeNanoseconds - t0 - paused.ns
         let d = DecodeLoop.run(
             tokenizer: tok, prompt: tokens, maxTokens: req.maxTokens, stop: req.stop, stopAtEOS: !req.ignoreEOS, start: t0,
             pause: req.yield, pick: { _, history in sampler.sample(tf.logits, vocab: vocab, history: history) },
@@ -240,4 +259,9 @@ struct StreamingText {
         }
         return end
     }
+}
+
+/// Time spent in pauses (other clients' work) during a measured phase.
+final class PauseClock {
+    var ns: UInt64 = 0
 }

@@ -21,15 +21,17 @@ public struct PerplexityResult: Sendable, Codable {
 }
 
 extension LanguageModel {
-    /// `step` is called after every forward batch (at most `maxBatch` tokens); returning false
-    /// stops the computation with `.cancelled` (the daemon yields to other clients there).
+    /// With `step`, each window runs in forward batches of `Transformer.stepBatch` tokens (else
+    /// `maxBatch`) and `step` is called after every batch and while the text is tokenized;
+    /// returning false stops the computation with `.cancelled` (the daemon yields to other
+    /// clients there).
     public func perplexity(
-        text: String, ctx: Int, progress: (Int, Int, Double) -> Void = { _, _, _ in }, step: () -> Bool = { true }
+        text: String, ctx: Int, progress: (Int, Int, Double) -> Void = { _, _, _ in }, step: (() -> Bool)? = nil
     ) throws(EngineError) -> PerplexityResult {
         guard ctx >= 4, ctx <= config.contextLength else {
             throw .badArgument("--ctx must be in 4...\(config.contextLength), got \(ctx)")
         }
-        let tokens = tokenizer.encode(text, addSpecial: true, parseSpecial: false)
+        guard let tokens = tokenizer.encode(text, addSpecial: true, parseSpecial: false, step: step) else { throw .cancelled }
         guard tokens.count >= 2 * ctx else {
             throw .tooFewTokens("the file tokenizes to \(tokens.count) tokens; perplexity with --ctx \(ctx) needs at least \(2 * ctx)")
         }
@@ -46,7 +48,7 @@ extension LanguageModel {
             cache.truncate(to: 0)
             var start = 0
             while start < ctx {
-                let end = min(ctx, start + tf.maxBatch)
+                let end = min(ctx, start + (step == nil ? tf.maxBatch : tf.stepBatch))
                 let batch = Array(window[start..<end])
                 let from = first - start
                 if end - 1 < first {
@@ -63,7 +65,7 @@ extension LanguageModel {
                     }
                 }
                 start = end
-                guard step() else { throw .cancelled }
+                guard step?() ?? true else { throw .cancelled }
             }
             progress(w + 1, windows, exp(nll / Double(count)))
         }

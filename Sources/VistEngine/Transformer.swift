@@ -110,6 +110,12 @@ public final class Transformer: @unchecked Sendable {
     public let config: ModelConfig
     public let pool: ThreadPool
     public let maxBatch: Int
+    /// Tokens per sub-batch of a forward pass given a `step` (the daemon's): the most that stays
+    /// within about 16 GFLOP of layer work (~100 ms on two cores for SmolLM2-135M, 64 tokens),
+    /// a multiple of 16 in 16...maxBatch. Fixed per model, so the same request always runs in the
+    /// same batches and gives the same numbers.
+    public var stepBatch: Int
+    static let stepFLOPs = 16e9
     let rope: RopeTable
     let scratch = MatmulScratch()
 
@@ -135,6 +141,9 @@ public final class Transformer: @unchecked Sendable {
         pool = ThreadPool(threads: threads)
         setBLASThreads(1)
         self.maxBatch = max(1, maxBatch)
+        let (d, qd, kvd, ffn) = (Double(config.dim), Double(config.qDim), Double(config.kvDim), Double(config.ffnDim))
+        let perToken = max(1, 2 * Double(config.layers) * (2 * d * qd + 2 * d * kvd + 3 * d * ffn))
+        stepBatch = min(self.maxBatch, max(16, Int(min(1e6, Self.stepFLOPs / perToken)) / 16 * 16))
         rope = RopeTable(dims: config.headDim, base: config.ropeBase, style: config.ropeStyle)
         let b = self.maxBatch, c = config
         x = .allocate(capacity: b * c.dim)
@@ -173,12 +182,28 @@ public final class Transformer: @unchecked Sendable {
     /// Runs `tokens` at positions cache.count ..< cache.count + tokens.count, appending their keys
     /// and values to the cache. With `.all`, logits of every token are in `logits` (T, vocab)
     /// when T <= maxBatch; with more tokens only the last sub-batch's rows are kept.
-    public func forward(_ tokens: [Int32], cache: KVCache, logits rows: LogitRows) {
+    ///
+    /// With `step` (and `.none` or `.last`), the tokens go in sub-batches of `stepBatch` and
+    /// `step` is called between them — never after the last, so the logits are this request's
+    /// when it returns. The daemon yields to other clients and checks for cancellation there; when
+    /// `step` returns false the pass stops and returns false (the cache then holds the tokens run
+    /// so far).
+    @discardableResult
+    public func forward(_ tokens: [Int32], cache: KVCache, logits rows: LogitRows, step: (() -> Bool)? = nil) -> Bool {
         precondition(cache.count + tokens.count <= cache.capacity, "KV cache overflow")
         if case .from = rows { precondition(tokens.count <= maxBatch, "logits from a row need one batch") }
+        let batch: Int
+        switch rows {
+        case .none, .last: batch = step == nil ? maxBatch : stepBatch
+        case .all, .from: batch = maxBatch
+        }
         var start = 0
         while start < tokens.count {
-            let end = min(tokens.count, start + maxBatch)
+            if start > 0, let step, !step() { return false }
+            var end = min(tokens.count, start + batch)
+            // A short tail would take the matrix-vector path (other rounding than the rows
+            // before it); with a step it joins this sub-batch instead.
+            if step != nil, tokens.count - end <= Matmul.gemmThreshold, tokens.count - start <= maxBatch { end = tokens.count }
             let last = end == tokens.count
             tokens.withUnsafeBufferPointer { buf in
                 forwardBatch(
@@ -186,6 +211,7 @@ public final class Transformer: @unchecked Sendable {
             }
             start = end
         }
+        return true
     }
 
     /// Runs rows given as input embeddings (T, dim) — VIST2's visual tokens — at positions

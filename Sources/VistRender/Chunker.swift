@@ -55,7 +55,11 @@ public struct Chunker: Sendable {
         return (t <= maxTokens, t, f)
     }
 
-    public func chunks(_ doc: String) -> [Chunk] {
+    public func chunks(_ doc: String) -> [Chunk] { chunks(doc, step: nil) ?? [] }
+
+    /// `chunks`, calling `step` after every chunk; nil as soon as it returns false (the daemon
+    /// yields to other clients and checks for cancellation there).
+    public func chunks(_ doc: String, step: (() -> Bool)?) -> [Chunk]? {
         var out: [Chunk] = []
         var start = doc.startIndex
         var scalarStart = 0
@@ -103,13 +107,14 @@ public struct Chunker: Sendable {
                 let r = fits(doc[start..<e])
                 accepted = (e, r.tokens == 0 ? countTokens(doc[start..<e]) : r.tokens, r.fit)
             }
-            let a = accepted!
+            guard let a = accepted else { break }  // always set above
             let text = doc[start..<a.end]
             let n = text.unicodeScalars.count
             out.append(
                 Chunk(scalarRange: scalarStart..<(scalarStart + n), text: text, tokens: a.tokens, rows: a.fit.rows, missing: a.fit.missing))
             scalarStart += n
             start = a.end
+            if start < doc.endIndex, let step, !step() { return nil }
         }
         return out
     }

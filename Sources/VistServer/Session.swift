@@ -291,8 +291,15 @@ public final class Session: @unchecked Sendable {
 
     func tokenize(_ id: UInt64, _ t: Vist2_V1_TokenizeRequest) {
         let tok = context.language.tokenizer
-        submit(id) { _ throws(EngineError) in
-            let ids = tok.encode(t.text, addSpecial: !t.noSpecial, parseSpecial: t.parseSpecial)
+        let worker = context.worker
+        submit(id) { job throws(EngineError) in
+            let step = {
+                worker.yieldToOthers(from: job)
+                return !job.isCancelled
+            }
+            guard let ids = tok.encode(t.text, addSpecial: !t.noSpecial, parseSpecial: t.parseSpecial, step: step) else {
+                throw .cancelled
+            }
             return { $0.tokenizeResult = .with { $0.ids = ids } }
         }
     }
@@ -538,6 +545,10 @@ public final class Session: @unchecked Sendable {
         submit(id) { [self] job throws(EngineError) in
             let r = try VIST2Generator(model: model).compress(
                 documents: text, instruction: c.instruction, chat: c.chat, cache: cache,
+                step: {
+                    worker.yieldToOthers(from: job)
+                    return !job.isCancelled
+                },
                 progress: { done, total in
                     self.reply(id, final: false) {
                         $0.compressProgress = .with {
@@ -572,10 +583,15 @@ public final class Session: @unchecked Sendable {
             return error(id, .unsupported, "the loaded model (\(context.modelName)) has no renderer; render needs a VIST2 model")
         }
         guard let text = texts(id, [r.documentID]) else { return }
+        let worker = context.worker
         submit(id) { [self] job throws(EngineError) in
-            let chunks = model.chunker.chunks(text[0])
+            let step = {
+                worker.yieldToOthers(from: job)
+                return !job.isCancelled
+            }
+            guard let chunks = model.chunker.chunks(text[0], step: step) else { throw .cancelled }
             for (i, c) in chunks.enumerated() {
-                if job.isCancelled { throw .cancelled }
+                guard step() else { throw .cancelled }
                 let encoded = Result { () throws(RenderError) in try model.renderer.render(c.text).image.pngData() }
                 guard case .success(let png) = encoded else { throw .io("cannot encode chunk \(i) as PNG") }
                 reply(id, final: false) {
@@ -657,6 +673,7 @@ public final class Session: @unchecked Sendable {
             case .vist2(let m):
                 var interleaved = request
                 interleaved.yield = { ctx.worker.yieldToOthers(from: job) }
+                interleaved.isCancelled = { job.isCancelled }
                 var vr = VIST2Request(generation: interleaved, documents: docs, fullText: g.fullText)
                 vr.cache = cache
                 vr.progress = { _, _ in !job.isCancelled }
@@ -685,6 +702,7 @@ public final class Session: @unchecked Sendable {
             case .language(let lm):
                 var interleaved = request
                 interleaved.yield = { ctx.worker.yieldToOthers(from: job) }
+                interleaved.isCancelled = { job.isCancelled }
                 let r = try Generator(model: lm).generate(interleaved, onText: onText)
                 result = Self.common(
                     r.text, r.prompt_tokens, r.generated_tokens, r.ttft_ms, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.stop_reason)

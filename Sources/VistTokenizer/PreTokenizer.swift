@@ -91,6 +91,34 @@ public struct PreTokenizer: Sendable {
         return out
     }
 
+    /// `text` cut into pieces of about `target` scalars or more, each cut between a letter and a
+    /// following space or newline: there every pre-tokenizer here ends one word (a run of letters
+    /// ends at a non-letter) and starts the next from that position alone (no rule looks behind),
+    /// and the piece before the cut does not end in whitespace (whose `\s+(?!\S)` rule looks at
+    /// what follows). So the words of the pieces, in order, are the words of the whole text. A
+    /// text without such a place stays whole.
+    public static func segments(_ text: Substring, target: Int) -> [Substring] {
+        var out: [Substring] = []
+        let view = text.unicodeScalars
+        var start = view.startIndex
+        var count = 0
+        var prevLetter = false
+        var i = view.startIndex
+        while i < view.endIndex {
+            let c = view[i]
+            if count >= target && prevLetter && (c == " " || c == "\n") {
+                out.append(Substring(view[start..<i]))
+                start = i
+                count = 0
+            }
+            prevLetter = CharClass.flags(c).letter
+            count += 1
+            i = view.index(after: i)
+        }
+        if start < view.endIndex || out.isEmpty { out.append(Substring(view[start..<view.endIndex])) }
+        return out
+    }
+
     private static func contraction(_ s: [Unicode.Scalar], _ pos: Int, _ end: Int, caseInsensitive: Bool) -> Int {
         guard s[pos] == "'", pos + 1 < end else { return 0 }
         func lower(_ c: Unicode.Scalar) -> Unicode.Scalar {

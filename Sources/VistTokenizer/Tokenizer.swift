@@ -152,17 +152,34 @@ public final class Tokenizer: @unchecked Sendable {
     /// `parseSpecial` turns the text of control tokens (e.g. `<|im_start|>`) into those tokens,
     /// otherwise they are tokenized as plain text (llama.cpp's `parse_special`).
     public func encode(_ text: String, addSpecial: Bool = true, parseSpecial: Bool = false) -> [Int32] {
+        encode(text, addSpecial: addSpecial, parseSpecial: parseSpecial, step: nil) ?? []
+    }
+
+    /// `encode` of long text in pieces of about `segmentScalars` scalars (cut where the words do
+    /// not change, `PreTokenizer.segments`), with `step` called between them; nil as soon as
+    /// `step` returns false. The daemon yields to other clients and checks for cancellation
+    /// there (a 4 MiB document takes up to ~2 s to tokenize on two cores).
+    public func encode(_ text: String, addSpecial: Bool = true, parseSpecial: Bool = false, step: (() -> Bool)?) -> [Int32]? {
         var out: [Int32] = []
         if addSpecial, addBOS, let bos { out.append(bos) }
+        var first = true
         for fragment in partition(text, parseSpecial: parseSpecial) {
             switch fragment {
             case .special(let id): out.append(id)
-            case .text(let s): encodeText(s, into: &out)
+            case .text(let s):
+                for piece in PreTokenizer.segments(s, target: Self.segmentScalars) {
+                    if !first, let step, !step() { return nil }
+                    first = false
+                    encodeText(piece, into: &out)
+                }
             }
         }
         if addSpecial, addEOS, let eos { out.append(eos) }
         return out
     }
+
+    /// Scalars per piece of `encode(_:step:)` (tens of ms of pre-tokenizing and merging).
+    static let segmentScalars = 1 << 16
 
     enum Fragment {
         case text(Substring)

@@ -160,3 +160,64 @@ struct SamplingTests {
         }
     }
 }
+
+@Suite("Long work in steps", .serialized)
+struct StepTests {
+    @Test("A forward pass with a step runs in stepBatch sub-batches, calls it between them, and stops when it says so")
+    func forwardInSteps() throws {
+        try SharedModel.with { m in
+            let tf = m.transformer
+            #expect(tf.stepBatch == 64)  // SmolLM2-135M: ~16 GFLOP of layer work
+            let ids = (0..<200).map { Int32(100 + $0 * 7) }
+            let plain = tf.makeCache(capacity: 256)
+            tf.forward(ids, cache: plain, logits: .last)
+            let want = Array(UnsafeBufferPointer(start: tf.logits, count: m.config.vocabSize))
+            let stepped = tf.makeCache(capacity: 256)
+            var steps: [Int] = []
+            #expect(
+                tf.forward(
+                    ids, cache: stepped, logits: .last,
+                    step: {
+                        steps.append(stepped.count)
+                        return true
+                    }))
+            #expect(steps == [64, 128])  // between sub-batches, never after the last (the 8-token tail joins the third)
+            let got = Array(UnsafeBufferPointer(start: tf.logits, count: m.config.vocabSize))
+            let diff = zip(want, got).map { abs($0 - $1) }.max() ?? 1
+            #expect(diff < 0.05, "max logit difference \(diff)")
+            #expect(want.indices.max { want[$0] < want[$1] } == got.indices.max { got[$0] < got[$1] })
+            let stopped = tf.makeCache(capacity: 256)
+            #expect(!tf.forward(ids, cache: stopped, logits: .last, step: { false }))
+            #expect(stopped.count == 64)
+        }
+    }
+
+    @Test("Generation checks for cancellation during a long prefill; perplexity and bench stop at their steps")
+    func cancelledPrefill() throws {
+        try SharedModel.with { m in
+            var req = GenerationRequest(prompt: String(repeating: "Tell me a story about a cat. ", count: 60))  // ~420 tokens
+            let asked = Counter()
+            req.isCancelled = { asked.bump() >= 2 }
+            func isCancelled(_ f: () throws -> Void) -> Bool {
+                do { try f() } catch { if case EngineError.cancelled = error { return true } }
+                return false
+            }
+            #expect(isCancelled { _ = try Generator(model: m).generate(req) })
+            #expect(asked.value == 2)
+            let text = String(repeating: "The quick brown fox jumps over the lazy dog. ", count: 200)
+            #expect(isCancelled { _ = try m.perplexity(text: text, ctx: 128, step: { false }) })
+            #expect(isCancelled { _ = try m.bench(prompt: 256, generate: 0, repetitions: 1, step: { false }) })
+        }
+    }
+}
+
+final class Counter: @unchecked Sendable {
+    let lock = NSLock()
+    var value = 0
+    func bump() -> Int {
+        lock.lock()
+        defer { lock.unlock() }
+        value += 1
+        return value
+    }
+}

@@ -198,3 +198,59 @@ struct BPEMergeTests {
         #expect(newlines < 2 * words, "100k newlines: \(newlines) s, 100k words: \(words) s")
     }
 }
+
+@Suite("Tokenizing long text in pieces")
+struct SegmentTests {
+    /// Random text over the characters where the pre-tokenizers' rules meet: letters (ASCII and
+    /// not), digits, spaces and newline runs, CR, apostrophes and contractions, punctuation, marks.
+    static func randomText(_ n: Int, _ g: inout some RandomNumberGenerator) -> String {
+        let atoms = [
+            "a", "b", "Z", "é", "ß", "漢", "x", "'s", "'ll", "'", " ", " ", "  ", "\n", "\n\n", "\r\n", " \n", "1", "23", "²", ".",
+            "!?", "$", "-", "\u{301}", "\t",
+        ]
+        return (0..<n).map { _ in atoms.randomElement(using: &g) ?? "" }.joined()
+    }
+
+    @Test("Cut where segments says, the pieces pre-tokenize to the words of the whole text (every kind)")
+    func segmentsKeepTheWords() {
+        var g = SystemRandomNumberGenerator()
+        for kind in PreTokenizerKind.allCases {
+            let p = PreTokenizer(kind: kind)
+            for _ in 0..<300 {
+                let text = Self.randomText(Int.random(in: 1...400, using: &g), &g)
+                let pieces = PreTokenizer.segments(Substring(text), target: Int.random(in: 1...30, using: &g))
+                #expect(pieces.joined() == text)
+                let words = pieces.flatMap { p.split(String($0)) }.map(String.init)
+                #expect(words == p.split(text).map(String.init), "\(kind) \(text.debugDescription)")
+            }
+        }
+        // Long text is cut near every target, and only after a letter.
+        let long = String(repeating: "word ", count: 100_000)
+        let pieces = PreTokenizer.segments(Substring(long), target: 1 << 16)
+        #expect(pieces.count == 8 && pieces.dropLast().allSatisfy { $0.last == "d" })
+    }
+
+    @Test("encode with a step calls it between pieces, gives the same ids, and stops when it returns false")
+    func encodeWithStep() throws {
+        let tok = try SharedTokenizer.result.get()
+        let text = String(repeating: "The quick brown fox jumps over the lazy dog.\n", count: 10_000)  // 450 kB
+        var steps = 0
+        let ids = tok.encode(
+            text,
+            step: {
+                steps += 1
+                return true
+            })
+        #expect(ids == tok.encode(text))
+        #expect(steps >= 450_000 / (1 << 16) - 1)
+        var calls = 0
+        #expect(
+            tok.encode(
+                text,
+                step: {
+                    calls += 1
+                    return calls < 3
+                }) == nil)
+        #expect(calls == 3)
+    }
+}

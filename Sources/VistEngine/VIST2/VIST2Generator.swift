@@ -134,8 +134,6 @@ public struct VIST2Generator {
         let instruction = g.chat ? lm.chatPrompt(g.prompt) : g.prompt
         let instrTokens = tok.encode(instruction, addSpecial: true, parseSpecial: g.chat)
         let docText = req.documents.joined(separator: "\n")
-        let docIDs = docText.isEmpty ? [] : tok.encode(docText, addSpecial: false)
-        let docTokens = docIDs.count
         let flops0 = tf.flops
         var foreignFlops = 0  // of other requests run in `yield`
         let pause: (() -> Void)? = g.yield.map { y in
@@ -145,6 +143,18 @@ public struct VIST2Generator {
                 foreignFlops += tf.flops - f0
             }
         }
+        // Long work (tokenizing and chunking the documents, prefilling long text) pauses with the
+        // request's `yield` and checks its cancellation between pieces.
+        let isCancelled = g.isCancelled
+        let textStep: (() -> Bool)? =
+            pause == nil && isCancelled == nil
+            ? nil
+            : {
+                pause?()
+                return !(isCancelled?() ?? false)
+            }
+        guard let docIDs = docText.isEmpty ? [] : tok.encode(docText, addSpecial: false, step: textStep) else { throw .cancelled }
+        let docTokens = docIDs.count
         var renderNs: UInt64 = 0, visionNs: UInt64 = 0
         let t0 = DispatchTime.now().uptimeNanoseconds
 
@@ -176,7 +186,7 @@ public struct VIST2Generator {
             guard prefilled < limit else { throw .contextOverflow(needed: prefilled + 1, limit: limit) }
             cache = tf.makeCache(capacity: min(limit, need))
         } else {
-            let chunks = model.chunker.chunks(docText)
+            guard let chunks = model.chunker.chunks(docText, step: textStep) else { throw .cancelled }
             finished = chunks.dropLast().map(\.text)
             finishedTokens = chunks.dropLast().map(\.tokens).reduce(0, +)
             current = chunks.last.map { tok.encode(String($0.text), addSpecial: false) } ?? []
@@ -189,8 +199,10 @@ public struct VIST2Generator {
             cache = tf.makeCache(capacity: min(limit, need))
         }
         var base = 0  // cache entries before T_cur
-        func prefillText(_ ids: [Int32], logits: Bool) {
-            if !ids.isEmpty { tf.forward(ids, cache: cache, logits: logits ? .last : .none) }
+        func prefillText(_ ids: [Int32], logits: Bool) throws(EngineError) {
+            if !ids.isEmpty {
+                guard tf.forward(ids, cache: cache, logits: logits ? .last : .none, step: textStep) else { throw .cancelled }
+            }
             peakKV = max(peakKV, cache.bytesUsed)
         }
         func prefillEmbeddings(_ e: [Float], count: Int) {
@@ -213,7 +225,7 @@ public struct VIST2Generator {
             }
             start = [s]
         }
-        prefillText(start, logits: current.isEmpty && finished.isEmpty)
+        try prefillText(start, logits: current.isEmpty && finished.isEmpty)
         // The chunker's last chunk is never empty, so with documents T_cur has text and the first
         // generated token is predicted from T_cur's last token.
         var docStats = BlockStats()
@@ -238,7 +250,7 @@ public struct VIST2Generator {
             prefillEmbeddings(e, count: req.images.count)
         }
         base = cache.count
-        prefillText(current, logits: true)
+        try prefillText(current, logits: true)
         let prefillNs = DispatchTime.now().uptimeNanoseconds - t0
         let promptTokens = start.count + blocks * m + current.count
 
@@ -384,22 +396,25 @@ public struct VIST2Generator {
     /// them with this instruction would prefill before its first text token (the instruction,
     /// then every finished chunk as a visual block), through the cache, so that the generation
     /// that follows (or any after a restart) finds it there.
+    ///
+    /// `step` is called while the documents are chunked and the instruction is prefilled
+    /// (returning false cancels); `progress` after every block.
     public func compress(
         documents: [String], instruction: String = "", chat: Bool = false, cache: VIST2BlockCache?,
-        progress: (Int, Int) -> Bool = { _, _ in true }
+        step: (() -> Bool)? = nil, progress: (Int, Int) -> Bool = { _, _ in true }
     ) throws(EngineError) -> CompressionResult {
         let t0 = DispatchTime.now().uptimeNanoseconds
         let lm = model.language, tok = lm.tokenizer
         let text = documents.joined(separator: "\n")
         let prompt = chat ? lm.chatPrompt(instruction) : instruction
         let start = tok.encode(prompt, addSpecial: true, parseSpecial: chat)
-        let chunks = model.chunker.chunks(text)
+        guard let chunks = model.chunker.chunks(text, step: step) else { throw .cancelled }
         let finished = chunks.dropLast().map(\.text)
         let m = model.blockSize
         let need = start.count + finished.count * m + 1
         guard need <= lm.config.contextLength else { throw .contextOverflow(needed: need, limit: lm.config.contextLength) }
         let kv = lm.transformer.makeCache(capacity: need)
-        if !start.isEmpty { lm.transformer.forward(start, cache: kv, logits: .none) }
+        if !start.isEmpty { guard lm.transformer.forward(start, cache: kv, logits: .none, step: step) else { throw .cancelled } }
         var stats = BlockStats()
         guard prefillDocumentBlocks(finished, root: model.prefixRoot(start), kv: kv, cache: cache, stats: &stats, progress: progress)
         else { throw .cancelled }
