@@ -244,27 +244,32 @@ struct CLITests {
         #expect(e.status != 0 && e.err.contains("VIST2 model directory"))
     }
 
+    /// vist2d (beside this test bundle) on the tiny model, started and listening on `socket`.
+    static func startDaemon(socket: String, cacheDir: URL, extra: [String] = []) throws -> Process {
+        let d = Process()
+        var exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vist2d")
+        if !FileManager.default.fileExists(atPath: exe.path) {
+            exe = Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("vist2d")
+        }
+        d.executableURL = exe
+        d.arguments = ["--model", tinyVIST2, "--socket", socket, "--threads", "1", "--cache-dir", cacheDir.path] + extra
+        d.standardError = FileHandle.nullDevice
+        try d.run()
+        var waited = 0
+        while !FileManager.default.fileExists(atPath: socket) && waited < 300 {
+            usleep(100_000)
+            waited += 1
+        }
+        return d
+    }
+
     @Test("vist2d serves vist2ctl status and generate over its socket, and exits 0 on SIGTERM")
     func daemon() throws {
         let dir = URL(fileURLWithPath: "/tmp").appendingPathComponent("v2cli-\(UUID().uuidString.prefix(8))")
         defer { try? FileManager.default.removeItem(at: dir) }
         let sock = dir.appendingPathComponent("vist2.sock").path
-        let d = Process()
-        d.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vist2d")
-        if !FileManager.default.fileExists(atPath: d.executableURL!.path) {
-            d.executableURL = Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("vist2d")
-        }
-        d.arguments = [
-            "--model", Self.tinyVIST2, "--socket", sock, "--threads", "1", "--cache-dir", dir.appendingPathComponent("cache").path,
-        ]
-        d.standardError = FileHandle.nullDevice
-        try d.run()
+        let d = try Self.startDaemon(socket: sock, cacheDir: dir.appendingPathComponent("cache"))
         defer { if d.isRunning { d.terminate() } }
-        var waited = 0
-        while !FileManager.default.fileExists(atPath: sock) && waited < 300 {
-            usleep(100_000)
-            waited += 1
-        }
         let s = try vist2ctl(["status", "--socket", sock, "--json"])
         #expect(s.status == 0, "\(s.err)")
         #expect(try json(s.out)["state"] as? String == "ready")
@@ -342,23 +347,9 @@ struct CLITests {
             try? FileManager.default.removeItem(atPath: "/tmp/vist2ctl-tests-\(getpid())")
         }
         let sock = dir.appendingPathComponent("vist2.sock").path
-        let d = Process()
-        d.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vist2d")
-        if !FileManager.default.fileExists(atPath: d.executableURL!.path) {
-            d.executableURL = Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("vist2d")
-        }
-        d.arguments = [
-            "--model", Self.tinyVIST2, "--socket", sock, "--threads", "1", "--cache-dir", dir.appendingPathComponent("cache").path,
-            "--allow-user", "nobody", "--allow-user", "daemon",
-        ]
-        d.standardError = FileHandle.nullDevice
-        try d.run()
+        let d = try Self.startDaemon(
+            socket: sock, cacheDir: dir.appendingPathComponent("cache"), extra: ["--allow-user", "nobody", "--allow-user", "daemon"])
         defer { if d.isRunning { d.terminate() } }
-        var waited = 0
-        while !FileManager.default.fileExists(atPath: sock) && waited < 300 {
-            usleep(100_000)
-            waited += 1
-        }
         chmod(sock, 0o666)  // the daemon makes it owner-only; here the allow list is what admits
         let doc = dir.appendingPathComponent("doc.txt")
         try Data(try Data(contentsOf: URL(fileURLWithPath: "/usr/share/common-licenses/Apache-2.0")).prefix(1000)).write(to: doc)
