@@ -268,18 +268,22 @@ public final class CacheStore: @unchecked Sendable {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else { return nil }
         defer { Glibc.close(fd) }
-        var h = [UInt8](repeating: 0, count: headerSize)
-        var got = 0
-        while got < headerSize {
-            let r = h.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, headerSize - got) }
-            if r < 0 && errno == EINTR { continue }
-            guard r > 0 else { return nil }
-            got += r
-        }
-        guard Array(h[0..<8]) == magic, u32(h, headerCRCOffset) == h.withUnsafeBytes({ vk_crc32c(0, $0.baseAddress!, headerCRCOffset) }),
-            u32(h, 8) == formatVersion, u32(h, 12) == level.rawValue, hex(Array(h[80..<112])) == key
-        else { return nil }
+        let h = readUpTo(fd, headerSize)
+        guard headerProblem(h, level: level) == nil, hex(Array(h[80..<112])) == key else { return nil }
         return Owner(uid: u32(h, 112), shared: u32(h, 116) & 1 != 0)
+    }
+
+    /// What is wrong with the format fields of the header at the start of `d` (size, magic,
+    /// header checksum, version, level), or nil; the rest is the caller's to check.
+    static func headerProblem(_ d: [UInt8], level: Level) -> String? {
+        guard d.count >= headerSize else { return "truncated header (\(d.count) bytes)" }
+        guard Array(d[0..<8]) == magic else { return "bad magic" }
+        guard d.withUnsafeBytes({ vk_crc32c(0, $0.baseAddress!, headerCRCOffset) }) == u32(d, headerCRCOffset) else {
+            return "header checksum mismatch"
+        }
+        guard u32(d, 8) == formatVersion else { return "format version \(u32(d, 8))" }
+        guard u32(d, 12) == level.rawValue else { return "level \(u32(d, 12))" }
+        return nil
     }
 
     func path(_ level: Level, _ key: String) -> String {
@@ -351,14 +355,7 @@ public final class CacheStore: @unchecked Sendable {
 
     func validate(_ d: [UInt8], level: Level, key: [UInt8], owner: Owner) -> Result<Range<Int>, Invalid> {
         let h = Self.headerSize
-        guard d.count >= h else { return .failure(.problem("truncated header (\(d.count) bytes)")) }
-        guard Array(d[0..<8]) == Self.magic else { return .failure(.problem("bad magic")) }
-        let headerCRC = Self.u32(d, Self.headerCRCOffset)
-        guard d.withUnsafeBytes({ vk_crc32c(0, $0.baseAddress!, Self.headerCRCOffset) }) == headerCRC else {
-            return .failure(.problem("header checksum mismatch"))
-        }
-        guard Self.u32(d, 8) == Self.formatVersion else { return .failure(.problem("format version \(Self.u32(d, 8))")) }
-        guard Self.u32(d, 12) == level.rawValue else { return .failure(.problem("level \(Self.u32(d, 12))")) }
+        if let problem = Self.headerProblem(d, level: level) { return .failure(.problem(problem)) }
         guard Array(d[16..<48]) == identity.fingerprint else { return .failure(.problem("made by another model")) }
         guard Array(d[48..<80]) == identity.renderConfig else { return .failure(.problem("made with another render config")) }
         guard Array(d[80..<112]) == key else { return .failure(.problem("key mismatch")) }
@@ -525,19 +522,22 @@ public final class CacheStore: @unchecked Sendable {
         defer { Glibc.close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return nil }
-        let n = st.st_size > maxEntryBytes ? Self.headerSize : Int(st.st_size)
+        return Self.readUpTo(fd, st.st_size > maxEntryBytes ? Self.headerSize : Int(st.st_size))
+    }
+
+    /// Up to `n` bytes from `fd`: fewer if the file ends or a read fails first.
+    static func readUpTo(_ fd: Int32, _ n: Int) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: n)
         var got = 0
-        let ok = out.withUnsafeMutableBytes { p -> Bool in
+        out.withUnsafeMutableBytes { p in
             while got < n {
                 let r = read(fd, p.baseAddress! + got, n - got)
                 if r < 0 && errno == EINTR { continue }
-                guard r > 0 else { return false }
+                guard r > 0 else { return }
                 got += r
             }
-            return true
         }
-        return ok ? out : Array(out[0..<got])
+        return got == n ? out : Array(out[0..<got])
     }
 
     static func writeAll(_ fd: Int32, _ b: UnsafeRawBufferPointer) -> Bool {
