@@ -145,6 +145,13 @@ public final class EngineWorker: @unchecked Sendable {
         return job
     }
 
+    /// A long job's pause between its steps: `yieldToOthers`, then whether `job` may go on
+    /// (false once it is cancelled).
+    public func pause(_ job: Job) -> Bool {
+        yieldToOthers(from: job)
+        return !job.isCancelled
+    }
+
     /// Called by the running job between its steps: runs one waiting job of another owner to
     /// completion, if there is one. Nested jobs do not yield further (the depth stays one).
     public func yieldToOthers(from job: Job) {

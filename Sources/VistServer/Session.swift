@@ -293,10 +293,7 @@ public final class Session: @unchecked Sendable {
         let tok = context.language.tokenizer
         let worker = context.worker
         submit(id) { job throws(EngineError) in
-            let step = {
-                worker.yieldToOthers(from: job)
-                return !job.isCancelled
-            }
+            let step = { worker.pause(job) }
             guard let ids = tok.encode(t.text, addSpecial: !t.noSpecial, parseSpecial: t.parseSpecial, step: step) else {
                 throw .cancelled
             }
@@ -321,10 +318,7 @@ public final class Session: @unchecked Sendable {
                         }
                     }
                 },
-                step: {
-                    worker.yieldToOthers(from: job)
-                    return !job.isCancelled
-                })
+                step: { worker.pause(job) })
             if job.isCancelled { throw .cancelled }
             return {
                 $0.perplexityResult = .with {
@@ -345,10 +339,7 @@ public final class Session: @unchecked Sendable {
             let r = try lm.bench(
                 prompt: Int(b.promptTokens), generate: Int(b.generatedTokens),
                 repetitions: b.repetitions == 0 ? 5 : Int(b.repetitions),
-                step: {
-                    worker.yieldToOthers(from: job)
-                    return !job.isCancelled
-                })
+                step: { worker.pause(job) })
             return {
                 $0.benchResult = .with {
                     $0.ppTokens = UInt32(r.pp_tokens)
@@ -545,10 +536,7 @@ public final class Session: @unchecked Sendable {
         submit(id) { [self] job throws(EngineError) in
             let r = try VIST2Generator(model: model).compress(
                 documents: text, instruction: c.instruction, chat: c.chat, cache: cache,
-                step: {
-                    worker.yieldToOthers(from: job)
-                    return !job.isCancelled
-                },
+                step: { worker.pause(job) },
                 progress: { done, total in
                     self.reply(id, final: false) {
                         $0.compressProgress = .with {
@@ -556,8 +544,7 @@ public final class Session: @unchecked Sendable {
                             $0.chunksTotal = UInt32(total)
                         }
                     }
-                    worker.yieldToOthers(from: job)
-                    return !job.isCancelled
+                    return worker.pause(job)
                 })
             metrics.blocks(encoded: r.chunks_encoded, chunkHits: r.chunk_cache_hits, prefixHits: r.prefix_cache_hits)
             lock.lock()
@@ -585,10 +572,7 @@ public final class Session: @unchecked Sendable {
         guard let text = texts(id, [r.documentID]) else { return }
         let worker = context.worker
         submit(id) { [self] job throws(EngineError) in
-            let step = {
-                worker.yieldToOthers(from: job)
-                return !job.isCancelled
-            }
+            let step = { worker.pause(job) }
             guard let chunks = model.chunker.chunks(text[0], step: step) else { throw .cancelled }
             for (i, c) in chunks.enumerated() {
                 guard step() else { throw .cancelled }
