@@ -173,6 +173,20 @@ struct Vist2d: ParsableCommand {
     func run() throws {
         let s = try settings()
         let logger = Logger(level: s.logLevel)
+        // Caught from here on: a stop request during loading ends the process at once (there is
+        // nothing to drain yet); once serving, it starts the drain below.
+        signal(SIGPIPE, SIG_IGN)
+        let stop: StopSignals
+        do {
+            stop = try StopSignals { signo in
+                logger.info("stopped by signal \(signo) while loading")
+                Systemd.notify("STOPPING=1")
+                _exit(0)
+            }
+        } catch {
+            logger.error("cannot catch SIGTERM: \(error)")
+            throw ExitCode(1)
+        }
         let inherited: Int32?
         switch Result(catching: { () throws(Systemd.ActivationError) in try Systemd.listenFD() }) {
         case .success(let fd): inherited = fd
@@ -224,6 +238,8 @@ struct Vist2d: ParsableCommand {
             logger.error("\(error)")
             throw ExitCode(1)
         }
+        // Connections may be accepted from here on: a stop request now drains them.
+        stop.serving()
         let where_ = inherited.map { "\(Systemd.boundPath($0)) (socket from systemd)" } ?? s.socket
         logger.info("listening on \(where_)")
         Systemd.notify("READY=1\nSTATUS=serving \(s.model) on \(where_)")
@@ -251,18 +267,7 @@ struct Vist2d: ParsableCommand {
             t.resume()
             watchdog = t
         }
-        signal(SIGTERM, SIG_IGN)
-        signal(SIGINT, SIG_IGN)
-        signal(SIGPIPE, SIG_IGN)
-        let done = DispatchSemaphore(value: 0)
-        var sources: [DispatchSourceSignal] = []
-        for sig in [SIGTERM, SIGINT] {
-            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            src.setEventHandler { done.signal() }
-            src.resume()
-            sources.append(src)
-        }
-        done.wait()
+        stop.wait()
         logger.info("stopping: finishing queued requests")
         Systemd.notify("STOPPING=1\nSTATUS=draining")
         server.stop()

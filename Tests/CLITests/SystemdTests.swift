@@ -149,6 +149,43 @@ extension CLITests {
         #expect(stopping.contains("STOPPING=1"))
     }
 
+    @Test("SIGTERM at any moment of start-up stops vist2d: while loading at once, right after READY=1 by a drain")
+    func stopDuringStartUp() throws {
+        let dir = URL(fileURLWithPath: "/tmp").appendingPathComponent("v2stop-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func start(_ round: Int) throws -> (Child, NotifyListener) {
+            let notify = try NotifyListener(path: dir.appendingPathComponent("notify\(round)").path)
+            let p = try Child(
+                [
+                    binary("vist2d"), "--model", CLITests.tinyVIST2, "--threads", "1", "--socket",
+                    dir.appendingPathComponent("s\(round).sock").path, "--cache-dir", dir.appendingPathComponent("cache").path,
+                ], env: ["NOTIFY_SOCKET": notify.path])
+            return (p, notify)
+        }
+        // Right after READY=1, the moment systemd may stop a freshly started service. A signal
+        // lost there (the old DispatchSource handler registered asynchronously) left vist2d
+        // running for good.
+        for round in 0..<8 {
+            let (p, notify) = try start(round)
+            let ready = notify.collect(seconds: 20) { $0.contains("READY=1") }
+            try #require(ready.contains("READY=1"), "round \(round): no READY=1")
+            p.signal(SIGTERM)
+            #expect(p.wait(seconds: 15) == 0, "round \(round)")
+            #expect(notify.collect(seconds: 2) { $0.contains { $0.hasPrefix("STOPPING=1") } }.contains { $0.hasPrefix("STOPPING=1") })
+        }
+        // Before READY=1: while the runtime starts (default action, 128+15) or while the model
+        // loads (caught: exit 0 without serving). Never still running.
+        for (i, delay) in [0.0, 0.005, 0.02, 0.05, 0.1, 0.2].enumerated() {
+            let (p, notify) = try start(100 + i)
+            usleep(useconds_t(delay * 1e6))
+            p.signal(SIGTERM)
+            let status = p.wait(seconds: 15)
+            #expect(status == 0 || status == 128 + SIGTERM, "delay \(delay): status \(String(describing: status))")
+            _ = notify
+        }
+    }
+
     @Test("The shipped units pass systemd-analyze verify (system and user)")
     func verifyUnits() throws {
         let analyze = "/usr/bin/systemd-analyze"
