@@ -9,6 +9,11 @@ Writes (committed) Tests/VistEngineTests/Fixtures/tiny-vist2/:
   golden.json, golden.f32                  the scenario and the reference logits
   golden-boundary.*, golden-causal.*       the same with boundary tokens around each block, and
                                            with those and causal attention inside each block
+  adapter/, adapter-partial/               LoRA adapters written by Hugging Face PEFT, each with
+                                           peft-logits.* (transformers + PEFT on plain text)
+  golden-lora-visual.*, golden-lora-all.*  the scenario with `adapter` in each scope
+
+The adapter goldens need transformers and peft besides Training/requirements.txt.
 
 Scenario: an instruction, a document cut by the engine's chunker (all chunks but the last become
 images), then a teacher-forced continuation that fills the last chunk to L tokens and goes
@@ -159,6 +164,80 @@ def main():
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(cfg, f, indent=1)
             scenario(args, d, name, write_to=OUT)
+    # Backbone adapters made by Hugging Face PEFT itself (its own files and names), checked
+    # against transformers + PEFT on plain text, then the VIST2 scenario with each scope.
+    agen = torch.Generator().manual_seed(20261201)
+    for name, spec in ADAPTERS.items():
+        write_peft_adapter(os.path.join(OUT, "backbone"), os.path.join(OUT, name), spec, agen)
+    for scope in ("visual", "all"):
+        with tempfile.TemporaryDirectory() as t:
+            import shutil
+            d = os.path.join(t, "m")
+            shutil.copytree(OUT, d)
+            with open(os.path.join(d, "config.json")) as f:
+                cfg = json.load(f)
+            cfg["adapter"] = {"path": "adapter", "scope": scope}
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=1)
+            scenario(args, d, f"golden-lora-{scope}", write_to=OUT)
+
+
+# Adapters, written by PEFT: one on every projection, and one on a few projections of one layer
+# with rank-stabilised scaling.
+ADAPTERS = {
+    "adapter": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]},
+    "adapter-partial": {"r": 2, "lora_alpha": 3, "target_modules": ["q_proj", "v_proj", "down_proj"],
+                        "layers_to_transform": [1], "use_rslora": True},
+}
+PEFT_TEXT = "Plain text through the adapted backbone: no images here.\n"
+
+
+def write_peft_adapter(backbone_dir, out, spec, gen):
+    """A random LoRA adapter saved by PEFT's save_pretrained, and the reference's logits for
+    PEFT_TEXT with it on every row (<out>/peft-logits.f32, (len, vocab)), checked against what
+    transformers + PEFT give for the same files."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        sys.exit("the adapter goldens need transformers and peft: pip install transformers peft")
+    from vist2.lora import LoRA
+    from vist2.model import Backbone
+    hf = LlamaForCausalLM.from_pretrained(backbone_dir, torch_dtype=torch.float64)
+    peft_model = get_peft_model(hf, LoraConfig(lora_dropout=0.0, **spec))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1)
+    peft_model.float().save_pretrained(out)
+    if os.path.exists(os.path.join(out, "README.md")):
+        os.remove(os.path.join(out, "README.md"))
+    ids = torch.tensor([list(PEFT_TEXT.encode("utf-8"))])
+    peft_model.double().eval()
+    hf_logits = peft_model(input_ids=ids).logits[0]
+    # The reference reads the saved files the engine reads.
+    bb = Backbone(backbone_dir).double()
+    lora = LoRA.load(out, bb).double()
+    T = ids.shape[1]
+    ours = bb(bb.embed(ids[0]), torch.arange(T, dtype=torch.float64), torch.ones(T, T, dtype=torch.bool).tril(), lora)
+    with peft_model.disable_adapter():
+        hf_bare = peft_model(input_ids=ids).logits[0]
+    bare = bb(bb.embed(ids[0]), torch.arange(T, dtype=torch.float64), torch.ones(T, T, dtype=torch.bool).tril())
+
+    def rel(a, b):
+        return ((a - b).abs() / b.abs().clamp(min=1)).max().item()
+    # transformers computes RoPE frequencies and RMSNorm statistics in float32 even for a float64
+    # model, so the two agree to ~1e-5 with or without the adapter; the adapter moves logits by far more.
+    err, err_bare, moved = rel(ours, hf_logits), rel(bare, hf_bare), (bare - ours).abs().max().item()
+    assert err < 1e-4 and err_bare < 1e-4 and moved > 1e-2, (err, err_bare, moved)
+    ours.float().detach().numpy().astype("<f4").tofile(os.path.join(out, "peft-logits.f32"))
+    with open(os.path.join(out, "peft-logits.json"), "w") as f:
+        json.dump({"generator": "Training/make_tiny_golden.py", "text": PEFT_TEXT, "rows": T, "vocab": ours.shape[1],
+                   "logits": "the reference (Training/vist2/lora.py, float64) with this adapter on every row",
+                   "transformers_peft_max_rel_error": err, "transformers_bare_max_rel_error": err_bare,
+                   "max_abs_change_by_adapter": moved}, f, indent=1)
+    print(f"wrote {out}: PEFT adapter; reference vs transformers+PEFT max relative error {err:.1e} (bare {err_bare:.1e})")
 
 
 # Boundary tokens for the patched scenarios: the tiny vocabulary's only control token, and a byte.
@@ -200,6 +279,7 @@ def scenario(args, model_dir, name, write_to=None):
               "continuation": CONTINUATION, "chunk_length": L, "visual_tokens": model.m,
               "document_chunks": len(doc_chunks), "rows": rows.shape[0], "vocab": rows.shape[1],
               "special_tokens": cfg.get("special_tokens"), "block_attention": cfg.get("block_attention"),
+              "adapter": cfg.get("adapter"),
               "kv_after_swaps": [P + (len(finished) + s + 1) * model.block for s in range(len(texts) - 1)]}
     with open(os.path.join(write_to, name + ".json"), "w") as f:
         json.dump(golden, f, indent=1)

@@ -160,6 +160,60 @@ def compare_checkpoints(a, b):
     print(f"checkpoints agree at step {x['step']}")
 
 
+class Adapter(unittest.TestCase):
+    """The reference's LoRA (vist2/lora.py): identity when new, exact on rows outside its scope,
+    trainable with the backbone frozen, and saved / loaded in the PEFT layout unchanged."""
+
+    def setUp(self):
+        from vist2.model import Backbone
+        torch.manual_seed(0)
+        self.bb = Backbone(os.path.join(TINY, "backbone"))
+        for p in self.bb.parameters():
+            p.requires_grad_(False)
+        T = 12
+        self.x = self.bb.embed(torch.randint(0, 256, (T,)))[None]
+        self.pos = torch.arange(T, dtype=torch.float32)[None]
+        self.mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
+
+    def test_identity_scope_training_and_round_trip(self):
+        from vist2.lora import LoRA
+        lora = LoRA(self.bb, r=4, alpha=8)
+        bare = self.bb.hidden(self.x, self.pos, self.mask)
+        # A new adapter (B = 0, as PEFT initialises it) changes nothing.
+        self.assertTrue(torch.equal(self.bb.hidden(self.x, self.pos, self.mask, lora), bare))
+        with torch.no_grad():
+            for p in lora.B.values():
+                p.normal_(0, 0.1)
+        rows = torch.zeros(1, 12, dtype=torch.bool)
+        rows[0, 4:8] = True
+        scoped = self.bb.hidden(self.x, self.pos, self.mask, lora, rows)
+        # Causal: rows before the adapted ones are the backbone's bit for bit; the adapted ones move.
+        self.assertTrue(torch.equal(scoped[0, :4], bare[0, :4]))
+        self.assertGreater((scoped[0, 4:8] - bare[0, 4:8]).abs().max().item(), 1e-3)
+        # Gradients reach both factors and nothing of the frozen backbone.
+        loss = scoped.pow(2).mean()
+        loss.backward()
+        self.assertTrue(all(p.grad is not None and p.grad.abs().sum() > 0 for p in list(lora.A.values()) + list(lora.B.values())))
+        self.assertTrue(all(p.grad is None for p in self.bb.parameters()))
+        with tempfile.TemporaryDirectory() as d:
+            lora.save(d)
+            back = LoRA.load(d, self.bb)
+        self.assertTrue(torch.equal(self.bb.hidden(self.x, self.pos, self.mask, back, rows).detach(), scoped.detach()))
+
+    def test_refuses_what_it_cannot_apply(self):
+        from vist2.lora import LoRA
+        lora = LoRA(self.bb, r=2, alpha=4, targets=("q_proj",))
+        with tempfile.TemporaryDirectory() as d:
+            lora.save(d)
+            with open(os.path.join(d, "adapter_config.json")) as f:
+                cfg = json.load(f)
+            for key, value in (("use_dora", True), ("target_modules", "q_proj|v_proj"), ("init_lora_weights", "pissa")):
+                with open(os.path.join(d, "adapter_config.json"), "w") as f:
+                    json.dump(dict(cfg, **{key: value}), f)
+                with self.assertRaises(ValueError, msg=key):
+                    LoRA.load(d, self.bb)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--compare":
         compare_checkpoints(sys.argv[2], sys.argv[3])

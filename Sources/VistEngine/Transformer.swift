@@ -118,6 +118,9 @@ public final class Transformer: @unchecked Sendable {
     static let stepFLOPs = 16e9
     let rope: RopeTable
     let scratch = MatmulScratch()
+    /// The backbone adapter, if the model has one (`attach`), and its (maxBatch, rank) scratch.
+    public private(set) var adapter: LoRAAdapter?
+    var loraScratch: UnsafeMutablePointer<Float>?
 
     // Run state, sized for maxBatch rows.
     let x: UnsafeMutablePointer<Float>  // (B, dim) residual stream
@@ -163,6 +166,16 @@ public final class Transformer: @unchecked Sendable {
 
     deinit {
         for p in [x, xn, q, k, v, att, proj, gate, up, scores, logits] { p.deallocate() }
+        loraScratch?.deallocate()
+    }
+
+    /// Applies `adapter` from now on: to visual-block rows (`forward(embeddings:)`) with scope
+    /// `visual`, to every row with scope `all`. Its shapes were checked against this model's
+    /// config when it was loaded.
+    public func attach(_ adapter: LoRAAdapter) {
+        loraScratch?.deallocate()
+        loraScratch = .allocate(capacity: maxBatch * adapter.rank)
+        self.adapter = adapter
     }
 
     /// The input embedding of a token (a row of the token embedding matrix, dequantized).
@@ -207,7 +220,8 @@ public final class Transformer: @unchecked Sendable {
             let last = end == tokens.count
             tokens.withUnsafeBufferPointer { buf in
                 forwardBatch(
-                    .tokens(UnsafeBufferPointer(rebasing: buf[start..<end])), cache: cache, rows: last ? rows : .none, causal: true)
+                    .tokens(UnsafeBufferPointer(rebasing: buf[start..<end])), cache: cache, rows: last ? rows : .none, causal: true,
+                    adapted: adapter?.scope == .all)
             }
             start = end
         }
@@ -228,7 +242,7 @@ public final class Transformer: @unchecked Sendable {
             embeddings.withUnsafeBufferPointer { buf in
                 forwardBatch(
                     .embeddings(buf.baseAddress! + start * config.dim, end - start), cache: cache, rows: end == T ? rows : .none,
-                    causal: causal)
+                    causal: causal, adapted: adapter != nil)
             }
             start = end
         }
@@ -258,8 +272,15 @@ public final class Transformer: @unchecked Sendable {
         }
     }
 
-    private func forwardBatch(_ input: Input, cache: KVCache, rows: LogitRows, causal: Bool) {
+    /// One batch through every layer; with `adapted`, the adapter's low-rank terms are added to
+    /// the projections it names, right after each product (before Qwen3's norms and RoPE).
+    private func forwardBatch(_ input: Input, cache: KVCache, rows: LogitRows, causal: Bool, adapted: Bool) {
         let c = config, w = weights
+        let lora = adapted ? adapter : nil
+        func adapt(_ l: Int, _ t: LoRAAdapter.Target, _ x: UnsafeMutablePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
+            guard let lora, let u = loraScratch else { return }
+            flops += lora.apply(l, t, x: x, y: y, n: n, u: u, pool: pool)
+        }
         let T = input.count, pos0 = cache.count, S = pos0 + T
         let dim = c.dim, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
         let group = c.heads / c.kvHeads
@@ -293,6 +314,9 @@ public final class Transformer: @unchecked Sendable {
             Matmul.forward(L.wq, x: xn, y: q, n: T, pool: pool, scratch: scratch)
             Matmul.forward(L.wk, x: xn, y: k, n: T, pool: pool, scratch: scratch)
             Matmul.forward(L.wv, x: xn, y: v, n: T, pool: pool, scratch: scratch)
+            adapt(l, .q, xn, q, T)
+            adapt(l, .k, xn, k, T)
+            adapt(l, .v, xn, v, T)
             let kc = cache.keys(layer: l), vc = cache.values(layer: l)
             rowsParallel(T) { t in
                 // Qwen3: RMSNorm over each query and key head before RoPE.
@@ -322,6 +346,7 @@ public final class Transformer: @unchecked Sendable {
             }
             // x += att Wo^T
             Matmul.forward(L.wo, x: att, y: proj, n: T, pool: pool, scratch: scratch)
+            adapt(l, .o, att, proj, T)
             rowsParallel(T) { t in Ops.add(self.x + t * dim, self.proj + t * dim, n: dim) }
 
             // Feed-forward sub-layer: x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T, xn = RMSNorm(x) * ffn_norm.
@@ -332,8 +357,11 @@ public final class Transformer: @unchecked Sendable {
             }
             Matmul.forward(L.gate, x: xn, y: gate, n: T, pool: pool, scratch: scratch)
             Matmul.forward(L.up, x: xn, y: up, n: T, pool: pool, scratch: scratch)
+            adapt(l, .gate, xn, gate, T)
+            adapt(l, .up, xn, up, T)
             rowsParallel(T) { t in Ops.swiglu(self.gate + t * c.ffnDim, up: self.up + t * c.ffnDim, n: c.ffnDim) }
             Matmul.forward(L.down, x: gate, y: proj, n: T, pool: pool, scratch: scratch)
+            adapt(l, .down, gate, proj, T)
             rowsParallel(T) { t in Ops.add(self.x + t * dim, self.proj + t * dim, n: dim) }
         }
         cache.count = S

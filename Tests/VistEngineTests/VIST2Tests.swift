@@ -20,6 +20,7 @@ struct TinyVIST2Golden: Decodable {
     let kv_after_swaps: [Int]
     let special_tokens: [String: String]?
     let block_attention: String?
+    let adapter: [String: String]?
 
     static let directory: URL = Bundle.module.url(forResource: "Fixtures/tiny-vist2", withExtension: nil)!
 
@@ -62,22 +63,51 @@ struct VIST2Tests {
         #expect(causalLogits != bidirectionalLogits)
     }
 
-    /// The tiny model with the golden's config patch (boundary tokens, block attention) applied
-    /// in a copy, checked against that golden.
-    func checkPatchedGolden(_ name: String) throws {
-        let (g, _) = try TinyVIST2Golden.load(name)
-        let special = try #require(g.special_tokens)
+    @Test("With a PEFT LoRA adapter on visual rows only, logits match the reference")
+    func goldenAdapterVisual() throws {
+        try checkPatchedGolden("golden-lora-visual")
+    }
+
+    @Test("With a PEFT LoRA adapter on every row, logits match the reference")
+    func goldenAdapterAll() throws {
+        try checkPatchedGolden("golden-lora-all")
+        // The two scopes and the bare model really differ on this scenario.
+        let (_, bare) = try TinyVIST2Golden.load("golden")
+        let (_, visual) = try TinyVIST2Golden.load("golden-lora-visual")
+        let (_, all) = try TinyVIST2Golden.load("golden-lora-all")
+        #expect(bare != visual && visual != all)
+    }
+
+    /// A copy of the tiny model with config.json patched by `patch`.
+    static func patchedModel(_ patch: [String: Any], threads: Int = 2) throws -> (VIST2Model, URL) {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-patched-\(UUID().uuidString)")
-        defer { try? FileManager.default.removeItem(at: dir) }
         try FileManager.default.copyItem(at: TinyVIST2Golden.directory, to: dir)
         let cfgURL = dir.appendingPathComponent("config.json")
         var cfg = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: cfgURL)) as? [String: Any])
-        cfg["special_tokens"] = special
-        if let a = g.block_attention { cfg["block_attention"] = a }
+        for (k, v) in patch { cfg[k] = v }
         try JSONSerialization.data(withJSONObject: cfg).write(to: cfgURL)
-        let model = try VIST2Model(directory: dir, threads: 2)
-        #expect(model.blockSize == model.visualTokens + 2)
+        do {
+            return (try VIST2Model(directory: dir, threads: threads), dir)
+        } catch {
+            try? FileManager.default.removeItem(at: dir)
+            throw error
+        }
+    }
+
+    /// The tiny model with the golden's config patch (boundary tokens, block attention, adapter)
+    /// applied in a copy, checked against that golden.
+    func checkPatchedGolden(_ name: String) throws {
+        let (g, _) = try TinyVIST2Golden.load(name)
+        var patch: [String: Any] = [:]
+        if let s = g.special_tokens { patch["special_tokens"] = s }
+        if let a = g.block_attention { patch["block_attention"] = a }
+        if let a = g.adapter { patch["adapter"] = a }
+        #expect(!patch.isEmpty)
+        let (model, dir) = try Self.patchedModel(patch)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        #expect(model.blockSize == model.visualTokens + (g.special_tokens == nil ? 0 : 2))
         #expect(model.config.causalBlocks == (g.block_attention == "causal"))
+        #expect(model.adapter?.scope.rawValue == g.adapter?["scope"])
         try checkGolden(model: model, name: name)
     }
 

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from .lora import SCOPES, LoRA
+
 
 # ---------------------------------------------------------------- backbone
 
@@ -92,34 +94,45 @@ class Backbone(nn.Module):
         self.norm.weight.data = sd["model.norm.weight"].float()
         self.lm_head = None if self.tied else sd["lm_head.weight"].float()
 
-    def forward(self, x, pos, mask):
-        """x: (T, dim) input embeddings; pos: (T,) positions; mask: (T, T) bool, True = may attend.
-        Returns logits (T, vocab)."""
-        return self.hidden(x[None], pos[None], mask[None])[0] @ self.output_weight().T
+    def forward(self, x, pos, mask, lora=None, rows=None):
+        """x: (T, dim) input embeddings; pos: (T,) positions; mask: (T, T) bool, True = may attend;
+        lora, rows: see `hidden` (rows (T,)). Returns logits (T, vocab)."""
+        return self.hidden(x[None], pos[None], mask[None], lora, None if rows is None else rows[None])[0] @ self.output_weight().T
 
     def output_weight(self):
         return self.embed.weight if self.tied else self.lm_head
 
-    def hidden(self, x, pos, mask):
+    def hidden(self, x, pos, mask, lora=None, rows=None):
         """Batched: x (B, T, dim), pos (B, T), mask (B, T, T) bool (every row must allow at least
-        one key). Returns the final-normed hidden states (B, T, dim)."""
+        one key). With `lora` (vist2.lora.LoRA), its low-rank term is added to the projections it
+        adapts, on the rows where `rows` (B, T) bool is True, or on every row when rows is None;
+        other rows are computed by the backbone's weights exactly. Returns the final-normed hidden
+        states (B, T, dim)."""
         B, T, _ = x.shape
         g = self.heads // self.kv_heads
         bias = torch.zeros(B, 1, T, T, dtype=x.dtype).masked_fill(~mask[:, None], float("-inf"))
-        for L in self.layers:
+
+        def proj(i, L, name, h):
+            y = getattr(L, name)(h)
+            if lora is None or not lora.has(i, name):
+                return y
+            d = y + lora.delta(i, name, h)
+            return d if rows is None else torch.where(rows[..., None], d, y)
+
+        for i, L in enumerate(self.layers):
             h = L.attn_norm(x)
-            q = L.q_proj(h).view(B, T, self.heads, self.head_dim)
-            k = L.k_proj(h).view(B, T, self.kv_heads, self.head_dim)
-            v = L.v_proj(h).view(B, T, self.kv_heads, self.head_dim)
+            q = proj(i, L, "q_proj", h).view(B, T, self.heads, self.head_dim)
+            k = proj(i, L, "k_proj", h).view(B, T, self.kv_heads, self.head_dim)
+            v = proj(i, L, "v_proj", h).view(B, T, self.kv_heads, self.head_dim)
             if self.arch == "qwen3":
                 q, k = L.q_norm(q), L.k_norm(k)
             q, k = rope(q, pos, self.base).transpose(1, 2), rope(k, pos, self.base).transpose(1, 2)
             k = k.repeat_interleave(g, dim=1)
             v = v.transpose(1, 2).repeat_interleave(g, dim=1)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-            x = x + L.o_proj(a.transpose(1, 2).reshape(B, T, -1))
+            x = x + proj(i, L, "o_proj", a.transpose(1, 2).reshape(B, T, -1))
             h = L.ffn_norm(x)
-            x = x + L.down_proj(F.silu(L.gate_proj(h)) * L.up_proj(h))
+            x = x + proj(i, L, "down_proj", F.silu(proj(i, L, "gate_proj", h)) * proj(i, L, "up_proj", h))
         return self.norm(x)
 
 
@@ -261,6 +274,14 @@ class VIST2(nn.Module):
         self.vision_end = self.token_id(bdir, st.get("vision_end"))
         self.block = self.m + (self.vision_start is not None) + (self.vision_end is not None)
         self.causal_blocks = causal_blocks(cfg)
+        # Optional backbone adapter (PEFT LoRA) and the rows it acts on.
+        self.lora, self.lora_scope = None, None
+        if cfg.get("adapter") is not None:
+            a = cfg["adapter"]
+            if a.get("scope") not in SCOPES:
+                raise ValueError(f"adapter.scope must be one of {SCOPES}, got {a.get('scope')!r}")
+            self.lora = LoRA.load(os.path.join(model_dir, a["path"]), self.backbone)
+            self.lora_scope = a["scope"]
 
     @staticmethod
     def token_id(backbone_dir, text):
@@ -334,5 +355,6 @@ class VIST2(nn.Module):
         own_text = (q_k == 1) & (k_k == 1) & (k_c == q_c) & (k_i <= q_i)
         own_vis = (q_k == 2) & (k_k == 2) & (k_c == q_c) & ((k_i <= q_i) | (not self.causal_blocks))
         mask = instr_key | earlier_vis | own_text | own_vis
-        logits = self.backbone(x, pos.to(x.dtype), mask)
+        rows = (kind == 2) if self.lora_scope == "visual" else None
+        logits = self.backbone(x, pos.to(x.dtype), mask, self.lora, rows)
         return logits[kind == 1], (kind, chunk, pos)

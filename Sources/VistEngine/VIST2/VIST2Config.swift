@@ -16,6 +16,7 @@ import VistRender
 ///       "chunk": {"length": 392, "ratio": 4},
 ///       "special_tokens": {"vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}   (optional)
 ///       "ocr_prompt": "Transcribe:"   (optional: the instruction OCR was trained with)
+///       "adapter": {"path": "adapter", "scope": "visual" | "all"}   (optional: a PEFT LoRA directory)
 ///     }
 ///
 /// Relative paths (backbone, font) are relative to the model directory. The visual tokens per
@@ -66,6 +67,13 @@ public struct VIST2Config: Codable, Sendable, Equatable {
         }
     }
 
+    /// A backbone adapter (LoRA, Hugging Face PEFT layout) and the rows it acts on: "visual"
+    /// (the rows of visual blocks; text rows are the backbone's own) or "all" (VIST2.md section 6).
+    public struct Adapter: Codable, Sendable, Equatable {
+        public var path: String
+        public var scope: String
+    }
+
     public var formatVersion: Int
     public var modelType: String
     public var backbone: String
@@ -82,6 +90,7 @@ public struct VIST2Config: Codable, Sendable, Equatable {
     /// earlier ones only, as a causal backbone sees text: Training/EXPERIMENTS.md). Either way a
     /// block depends only on pixels, the instruction and earlier blocks, so its KV is cacheable.
     public var blockAttention: String?
+    public var adapter: Adapter?
 
     /// Whether visual blocks are prefilled causally (`block_attention` "causal").
     public var causalBlocks: Bool { blockAttention == "causal" }
@@ -91,6 +100,7 @@ public struct VIST2Config: Codable, Sendable, Equatable {
         case specialTokens = "special_tokens"
         case ocrPrompt = "ocr_prompt"
         case blockAttention = "block_attention"
+        case adapter
     }
 
     public static let currentFormatVersion = 1
@@ -153,6 +163,12 @@ public struct VIST2Config: Codable, Sendable, Equatable {
         }
         if let a = blockAttention, a != "bidirectional", a != "causal" {
             throw bad("block_attention must be \"bidirectional\" or \"causal\", got \"\(a)\"")
+        }
+        if let a = adapter {
+            guard !a.path.isEmpty else { throw bad("adapter.path is empty") }
+            guard LoRAAdapter.Scope(rawValue: a.scope) != nil else {
+                throw bad("adapter.scope must be \"visual\" or \"all\", got \"\(a.scope)\"")
+            }
         }
         guard chunk.ratio >= 1, chunk.length == chunk.ratio * visualTokens else {
             throw bad("chunk.length \(chunk.length) must equal chunk.ratio \(chunk.ratio) x visual tokens per chunk \(visualTokens)")

@@ -10,13 +10,15 @@ import VistTokenizer
 public final class VIST2Model: @unchecked Sendable {
     public let directory: URL
     public let config: VIST2Config
-    /// sha256 over config.json, vision.safetensors and the backbone's files: identifies the model
+    /// sha256 over config.json, vision.safetensors, the backbone's and the adapter's files: identifies the model
     /// in caches and in the protocol.
     public let fingerprint: String
     public let language: LanguageModel
     public let vision: VisionEncoder
     public let renderer: SketchRenderer
     public let chunker: Chunker
+    /// The backbone adapter named by config.json, attached to `language.transformer`.
+    public let adapter: LoRAAdapter?
 
     /// Visual tokens per chunk (m).
     public var visualTokens: Int { config.visualTokens }
@@ -43,6 +45,18 @@ public final class VIST2Model: @unchecked Sendable {
         }
         let backboneURL = try Self.backboneURL(config: config, directory: directory)
         language = try LanguageModel(url: backboneURL, threads: threads)
+        if let spec = config.adapter, let scope = LoRAAdapter.Scope(rawValue: spec.scope) {
+            let url = spec.path.hasPrefix("/") ? URL(fileURLWithPath: spec.path) : directory.appendingPathComponent(spec.path)
+            do {
+                let a = try LoRAAdapter(directory: url, scope: scope, config: language.config)
+                language.transformer.attach(a)
+                adapter = a
+            } catch {
+                throw .format(error)
+            }
+        } else {
+            adapter = nil
+        }
         do {
             let file = try SafetensorsFile(path: visionPath)
             vision = try VisionEncoder(
@@ -71,7 +85,7 @@ public final class VIST2Model: @unchecked Sendable {
         visionStart = try special(config.specialTokens?.visionStart, "vision_start")
         visionEnd = try special(config.specialTokens?.visionEnd, "vision_end")
         chunker = Chunker(renderer: renderer, maxTokens: config.chunk.length) { tokenizer.encode(String($0), addSpecial: false).count }
-        fingerprint = Self.fingerprint(files: [configPath, visionPath] + Self.backboneFiles(backboneURL))
+        fingerprint = Self.fingerprint(files: [configPath, visionPath] + Self.backboneFiles(backboneURL) + (adapter?.files ?? []))
         fingerprintBytes = hexBytes(fingerprint)
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
