@@ -357,6 +357,20 @@ AVX2 static float dot_f16_avx2(const uint16_t *a, const float *b, int64_t n) {
     for (; i < n; i++) s += h2f(a[i]) * b[i];
     return s;
 }
+
+// bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
+AVX2 static float dot_bf16_avx2(const uint16_t *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(a + i)));
+        const __m256 av = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + i), acc);
+    }
+    float s = hsum256(acc);
+    for (; i < n; i++) s += vk_bf16_to_fp32(a[i]) * b[i];
+    return s;
+}
 #endif
 
 float vk_dot_row(int type, const void *row, const vk_block_q8a *xq, const float *xf, int64_t n) {
@@ -391,8 +405,76 @@ float vk_dot_row(int type, const void *row, const vk_block_q8a *xq, const float 
         if (p != PATH_SCALAR) return dot_f16_avx2(row, xf, n);
 #endif
         return dot_f16_scalar(row, xf, n);
-    case VK_TYPE_BF16: return dot_bf16_scalar(row, xf, n);
+    case VK_TYPE_BF16:
+#ifdef VK_X86
+        if (p != PATH_SCALAR) return dot_bf16_avx2(row, xf, n);
+#endif
+        return dot_bf16_scalar(row, xf, n);
     default: return 0.0f;
+    }
+}
+
+// One element of a float-type row as f32.
+static inline float float_at(int type, const uint8_t *row, int64_t c) {
+    switch (type) {
+    case VK_TYPE_F32: return ((const float *)row)[c];
+    case VK_TYPE_F16: return h2f(((const uint16_t *)row)[c]);
+    default: return vk_bf16_to_fp32(((const uint16_t *)row)[c]);
+    }
+}
+
+#ifdef VK_X86
+// Eight elements of a float-type row from column c on, as f32.
+AVX2 static inline __m256 load8(int type, const uint8_t *row, int64_t c) {
+    switch (type) {
+    case VK_TYPE_F32: return _mm256_loadu_ps((const float *)row + c);
+    case VK_TYPE_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + c)));
+    default: {
+        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + c)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    }
+    }
+}
+
+AVX2 static void combine_rows_avx2(int type, const uint8_t *w, size_t row_bytes, const float *x, int64_t n_rows,
+                                   float *d, int64_t c0, int64_t c1) {
+    int64_t c = c0;
+    for (; c + 32 <= c1; c += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < n_rows; j++) {
+            const uint8_t *row = w + (size_t)j * row_bytes;
+            const __m256 xj = _mm256_set1_ps(x[j]);
+            a0 = _mm256_fmadd_ps(xj, load8(type, row, c), a0);
+            a1 = _mm256_fmadd_ps(xj, load8(type, row, c + 8), a1);
+            a2 = _mm256_fmadd_ps(xj, load8(type, row, c + 16), a2);
+            a3 = _mm256_fmadd_ps(xj, load8(type, row, c + 24), a3);
+        }
+        _mm256_storeu_ps(d + c, a0);
+        _mm256_storeu_ps(d + c + 8, a1);
+        _mm256_storeu_ps(d + c + 16, a2);
+        _mm256_storeu_ps(d + c + 24, a3);
+    }
+    for (; c < c1; c++) {
+        float acc = 0;
+        for (int64_t j = 0; j < n_rows; j++) acc += x[j] * float_at(type, w + (size_t)j * row_bytes, c);
+        d[c] = acc;
+    }
+}
+#endif
+
+void vk_combine_rows(int type, const void *w, size_t row_bytes, const float *x, int64_t n_rows, float *d, int64_t c0,
+                     int64_t c1) {
+#ifdef VK_X86
+    if (path() != PATH_SCALAR) {
+        combine_rows_avx2(type, w, row_bytes, x, n_rows, d, c0, c1);
+        return;
+    }
+#endif
+    const uint8_t *base = w;
+    for (int64_t c = c0; c < c1; c++) {
+        float acc = 0;
+        for (int64_t j = 0; j < n_rows; j++) acc += x[j] * float_at(type, base + (size_t)j * row_bytes, c);
+        d[c] = acc;
     }
 }
 

@@ -1,4 +1,3 @@
-import CBLAS
 import Foundation
 import VistFormats
 import VistKernels
@@ -11,8 +10,9 @@ import VistKernels
 ///                                base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.weight  (out, r)
 ///
 /// A projection y = x W^T of an adapted row becomes y + s (x A^T) B^T, s = lora_alpha / r (or
-/// lora_alpha / sqrt(r) with use_rslora), computed at run time in f32 so the backbone's own
-/// (possibly quantized) weights stay as they are. The scope says which rows are adapted:
+/// lora_alpha / sqrt(r) with use_rslora), computed at run time with f32 activations, so the
+/// backbone's own (possibly quantized) weights stay as they are. The factors stay in the file's
+/// type (F32, F16 or BF16), mapped, not copied: a BF16 adapter costs half the memory traffic. The scope says which rows are adapted:
 /// `visual`, the rows of visual blocks only (text rows are the backbone's exactly), or `all`.
 public final class LoRAAdapter: @unchecked Sendable {
     public enum Scope: String, Codable, Sendable, CaseIterable {
@@ -27,12 +27,13 @@ public final class LoRAAdapter: @unchecked Sendable {
         var block: String { rawValue < 4 ? "self_attn" : "mlp" }
     }
 
-    /// The low-rank factors of one projection, as f32: a (r, in) and b (out, r), row-major.
+    /// The low-rank factors of one projection: a (r, in) and b (out, r), row-major, mapped from
+    /// the file, and bt = b^T (r, out) in the same type, owned: decoding combines bt's r rows,
+    /// which is far faster than `out` dot products of length r.
     struct Pair {
-        let a: [Float]
-        let b: [Float]
-        let inDim: Int
-        let outDim: Int
+        let a: WeightMatrix
+        let b: WeightMatrix
+        let bt: WeightMatrix
     }
 
     public let scope: Scope
@@ -45,6 +46,14 @@ public final class LoRAAdapter: @unchecked Sendable {
     let pairs: [[Pair?]]
     /// The two files, for the model's fingerprint.
     public let files: [String]
+    /// The mapped tensors file the factors point into.
+    let storage: SafetensorsFile
+    /// The widest adapted projection's output (for scratch sizes).
+    let maxOut: Int
+    /// The memory of every bt.
+    private var owned: [UnsafeMutableRawPointer] = []
+
+    deinit { owned.forEach { $0.deallocate() } }
 
     /// adapter_config.json fields that change the arithmetic or the base weights (DoRA, per-module
     /// ranks, biases, extra trained modules, ...): refused when set rather than silently ignored.
@@ -128,16 +137,16 @@ public final class LoRAAdapter: @unchecked Sendable {
             .gate: (config.ffnDim, config.dim), .up: (config.ffnDim, config.dim), .down: (config.dim, config.ffnDim),
         ]
         var expected = Set<String>()
-        var pairs = [[Pair?]](repeating: [Pair?](repeating: nil, count: Target.allCases.count), count: config.layers)
+        var factors: [(layer: Int, target: Target, a: WeightMatrix, b: WeightMatrix)] = []
         for l in layers {
             for t in targets {
                 let (outDim, inDim) = shapes[t]!
                 let prefix = "base_model.model.model.layers.\(l).\(t.block).\(t.module)"
                 expected.insert(prefix + ".lora_A.weight")
                 expected.insert(prefix + ".lora_B.weight")
-                let a = try Self.floats(file, prefix + ".lora_A.weight", shape: [r, inDim])
-                let b = try Self.floats(file, prefix + ".lora_B.weight", shape: [outDim, r])
-                pairs[l][t.rawValue] = Pair(a: a, b: b, inDim: inDim, outDim: outDim)
+                let a = try Self.factor(file, prefix + ".lora_A.weight", rows: r, cols: inDim)
+                let b = try Self.factor(file, prefix + ".lora_B.weight", rows: outDim, cols: r)
+                factors.append((l, t, a, b))
             }
         }
         if let extra = file.tensors.keys.filter({ !expected.contains($0) }).sorted().first {
@@ -147,6 +156,13 @@ public final class LoRAAdapter: @unchecked Sendable {
                     "not a LoRA factor of the layers and modules adapter_config.json names (\(file.tensors.count) tensors, \(expected.count) expected)"
                 ))
         }
+        // Everything is checked: now the transposed copies.
+        var pairs = [[Pair?]](repeating: [Pair?](repeating: nil, count: Target.allCases.count), count: config.layers)
+        for f in factors {
+            let bt = Self.transposed(f.b)
+            owned.append(UnsafeMutableRawPointer(mutating: bt.data))
+            pairs[f.layer][f.target.rawValue] = Pair(a: f.a, b: f.b, bt: bt)
+        }
         self.scope = scope
         rank = r
         scale = Float(rslora ? alpha / Double(r).squareRoot() : alpha / Double(r))
@@ -154,60 +170,110 @@ public final class LoRAAdapter: @unchecked Sendable {
         self.layers = layers
         self.pairs = pairs
         files = [configPath, tensorsPath]
+        storage = file
+        maxOut = targets.map { shapes[$0]!.out }.max() ?? 0
     }
 
-    /// A factor as f32 (stored as F32, F16 or BF16), checking its shape and that every value is finite.
-    static func floats(_ file: SafetensorsFile, _ name: String, shape: [Int]) throws(FormatError) -> [Float] {
+    /// m^T in m's float type, in memory the caller owns (`data`, to deallocate).
+    static func transposed(_ m: WeightMatrix) -> WeightMatrix {
+        let e = m.rowBytes / max(1, m.cols)
+        let p = UnsafeMutableRawPointer.allocate(byteCount: max(1, m.rows * m.cols * e), alignment: 64)
+        for i in 0..<m.rows {
+            for j in 0..<m.cols { (p + (j * m.rows + i) * e).copyMemory(from: m.data + i * m.rowBytes + j * e, byteCount: e) }
+        }
+        return WeightMatrix(type: m.type, rows: m.cols, cols: m.rows, data: p)
+    }
+
+    /// A factor (F32, F16 or BF16) as a matrix over the mapped file, checking its shape and that
+    /// every value is finite.
+    static func factor(_ file: SafetensorsFile, _ name: String, rows: Int, cols: Int) throws(FormatError) -> WeightMatrix {
         guard let t = file.tensors[name] else { throw FormatError(file: file.path, tensor: name, problem: .missing("tensor")) }
         guard [.f32, .f16, .bf16].contains(t.type) else {
             throw FormatError(file: file.path, tensor: name, problem: .unsupportedType("\(t.type) (LoRA factors must be F32, F16 or BF16)"))
         }
-        let v = try file.floats(name, shape: shape)
-        guard v.allSatisfy(\.isFinite) else {
-            throw FormatError(file: file.path, tensor: name, problem: .invalid("holds a NaN or infinity"))
+        let m = try file.matrix(name, rows: rows, cols: cols)
+        var row = [Float](repeating: 0, count: cols)
+        for i in 0..<rows {
+            row.withUnsafeMutableBufferPointer { m.dequantizeRows(i..<(i + 1), into: $0.baseAddress!) }
+            guard row.allSatisfy(\.isFinite) else {
+                throw FormatError(file: file.path, tensor: name, problem: .invalid("holds a NaN or infinity (row \(i))"))
+            }
         }
-        return v
+        return m
     }
 
     /// Parameters of the adapter (for reports).
-    public var parameterCount: Int { pairs.joined().compactMap { $0 }.reduce(0) { $0 + $1.a.count + $1.b.count } }
+    public var parameterCount: Int { pairs.joined().compactMap { $0 }.reduce(0) { $0 + $1.a.rows * $1.a.cols + $1.b.rows * $1.b.cols } }
 
-    /// Whether the projection is adapted.
-    func pair(_ layer: Int, _ target: Target) -> Pair? { pairs[layer][target.rawValue] }
+    /// An adapted projection's output buffer: projections that read the same input (q, k, v;
+    /// gate, up) are adapted together.
+    struct Slot {
+        let target: Target
+        let y: UnsafeMutablePointer<Float>
+    }
 
-    /// y (n, out) += s (x A^T) B^T for rows 0..<n of x (n, in), rows split over the pool; `u` holds
-    /// at least n * rank floats. FLOPs done are returned.
+    /// Floats of scratch `apply` needs for a batch of `n` rows and up to 3 slots.
+    func scratchFloats(_ n: Int) -> Int { max(n * (rank + maxOut), 3 * (rank + maxOut)) }
+
+    /// y (n, out) += s (x A^T) B^T for each slot's projection, rows 0..<n of x (n, in). Small
+    /// batches (decoding) run row by row with all slots' A products in one parallel step and
+    /// all their B products in another; larger ones use the engine's matrix products per slot.
+    /// `scratch` holds scratchFloats(n). Returns the FLOPs done.
     func apply(
-        _ layer: Int, _ target: Target, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, n: Int, u: UnsafeMutablePointer<Float>,
-        pool: ThreadPool
+        _ layer: Int, _ slots: [Slot], x: UnsafePointer<Float>, n: Int, scratch: UnsafeMutablePointer<Float>, pool: ThreadPool,
+        matmul: MatmulScratch
     ) -> Int {
-        guard let p = pair(layer, target) else { return 0 }
         let r = rank, s = scale
-        p.a.withUnsafeBufferPointer { a in
-            p.b.withUnsafeBufferPointer { b in
-                let a = a.baseAddress!, b = b.baseAddress!
-                if n == 1 {
-                    // u = A x (r), y += s B u (out).
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(r), Int32(p.inDim), 1, a, Int32(p.inDim), x, 1, 0, u, 1)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(p.outDim), Int32(r), s, b, Int32(r), u, 1, 1, y, 1)
-                    return
-                }
+        var flops = 0
+        if n > Matmul.gemmThreshold {
+            for slot in slots {
+                guard let p = pairs[layer][slot.target.rawValue] else { continue }
+                let u = scratch, d = scratch + n * r, out = p.b.rows, y = slot.y
+                Matmul.forward(p.a, x: x, y: u, n: n, pool: pool, scratch: matmul)  // u = x A^T (n, r)
+                Matmul.forward(p.b, x: u, y: d, n: n, pool: pool, scratch: matmul)  // d = u B^T (n, out)
                 pool.parallel { ith, nth in
-                    let rows = ThreadPool.slice(n, ith, nth)
-                    guard !rows.isEmpty else { return }
-                    let t0 = rows.lowerBound, m = rows.count
-                    // u[t0..] = x[t0..] A^T (m, r); y[t0..] += s u B^T (m, out).
-                    cblas_sgemm(
-                        CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(r), Int32(p.inDim), 1, x + t0 * p.inDim, Int32(p.inDim), a,
-                        Int32(p.inDim), 0, u + t0 * r, Int32(r))
-                    cblas_sgemm(
-                        CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(p.outDim), Int32(r), s, u + t0 * r, Int32(r), b, Int32(r),
-                        1,
-                        y + t0 * p.outDim, Int32(p.outDim))
+                    for t in ThreadPool.slice(n, ith, nth) {
+                        let yt = y + t * out, dt = d + t * out
+                        for i in 0..<out { yt[i] += s * dt[i] }
+                    }
+                }
+                flops += 2 * n * r * (p.a.cols + out)
+            }
+            return flops
+        }
+        // Slot k's u rows are k*r..<(k+1)*r of one vector, its d rows follow each other.
+        let pairs = slots.map { self.pairs[layer][$0.target.rawValue] }
+        guard let inDim = pairs.compactMap({ $0 }).first?.a.cols else { return 0 }
+        let outs = pairs.map { $0?.b.rows ?? 0 }
+        let totalOut = outs.reduce(0, +)
+        let u = scratch, d = scratch + slots.count * r
+        for t in 0..<n {
+            let xt = x + t * inDim
+            pool.parallel { ith, nth in
+                let part = ThreadPool.slice(slots.count * r, ith, nth)
+                for (k, p) in pairs.enumerated() {
+                    guard let p else { continue }
+                    let lo = max(part.lowerBound, k * r), hi = min(part.upperBound, (k + 1) * r)
+                    if lo < hi { Matmul.floatRows(p.a, x: xt, y: u + k * r, rows: (lo - k * r)..<(hi - k * r)) }
+                }
+            }
+            pool.parallel { ith, nth in
+                let part = ThreadPool.slice(totalOut, ith, nth, align: 16)
+                var base = 0
+                for (k, p) in pairs.enumerated() {
+                    defer { base += outs[k] }
+                    guard let p else { continue }
+                    let lo = max(part.lowerBound, base), hi = min(part.upperBound, base + outs[k])
+                    guard lo < hi else { continue }
+                    let rows = (lo - base)..<(hi - base)
+                    let dk = d + base, yk = slots[k].y + t * outs[k]
+                    Matmul.combineRows(p.bt, x: u + k * r, d: dk, columns: rows)
+                    for i in rows { yk[i] += s * dk[i] }
                 }
             }
         }
-        return 2 * n * r * (p.inDim + p.outDim)
+        for p in pairs { if let p { flops += 2 * n * r * (p.a.cols + p.b.rows) } }
+        return flops
     }
 }
 

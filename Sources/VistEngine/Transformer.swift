@@ -118,9 +118,12 @@ public final class Transformer: @unchecked Sendable {
     static let stepFLOPs = 16e9
     let rope: RopeTable
     let scratch = MatmulScratch()
-    /// The backbone adapter, if the model has one (`attach`), and its (maxBatch, rank) scratch.
+    /// The backbone adapter, if the model has one (`attach`), and its scratch for maxBatch rows.
     public private(set) var adapter: LoRAAdapter?
     var loraScratch: UnsafeMutablePointer<Float>?
+    /// The adapted projections by shared input, writing into this transformer's buffers:
+    /// q, k, v (from xn); o (from att); gate, up (from xn); down (from gate).
+    var loraGroups: [[LoRAAdapter.Slot]] = []
 
     // Run state, sized for maxBatch rows.
     let x: UnsafeMutablePointer<Float>  // (B, dim) residual stream
@@ -174,7 +177,11 @@ public final class Transformer: @unchecked Sendable {
     /// config when it was loaded.
     public func attach(_ adapter: LoRAAdapter) {
         loraScratch?.deallocate()
-        loraScratch = .allocate(capacity: maxBatch * adapter.rank)
+        loraScratch = .allocate(capacity: adapter.scratchFloats(maxBatch))
+        loraGroups = [
+            [.init(target: .q, y: q), .init(target: .k, y: k), .init(target: .v, y: v)], [.init(target: .o, y: proj)],
+            [.init(target: .gate, y: gate), .init(target: .up, y: up)], [.init(target: .down, y: proj)],
+        ]
         self.adapter = adapter
     }
 
@@ -277,9 +284,9 @@ public final class Transformer: @unchecked Sendable {
     private func forwardBatch(_ input: Input, cache: KVCache, rows: LogitRows, causal: Bool, adapted: Bool) {
         let c = config, w = weights
         let lora = adapted ? adapter : nil
-        func adapt(_ l: Int, _ t: LoRAAdapter.Target, _ x: UnsafeMutablePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
+        func adapt(_ l: Int, _ group: Int, _ x: UnsafeMutablePointer<Float>, _ n: Int) {
             guard let lora, let u = loraScratch else { return }
-            flops += lora.apply(l, t, x: x, y: y, n: n, u: u, pool: pool)
+            flops += lora.apply(l, loraGroups[group], x: x, n: n, scratch: u, pool: pool, matmul: scratch)
         }
         let T = input.count, pos0 = cache.count, S = pos0 + T
         let dim = c.dim, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
@@ -314,9 +321,7 @@ public final class Transformer: @unchecked Sendable {
             Matmul.forward(L.wq, x: xn, y: q, n: T, pool: pool, scratch: scratch)
             Matmul.forward(L.wk, x: xn, y: k, n: T, pool: pool, scratch: scratch)
             Matmul.forward(L.wv, x: xn, y: v, n: T, pool: pool, scratch: scratch)
-            adapt(l, .q, xn, q, T)
-            adapt(l, .k, xn, k, T)
-            adapt(l, .v, xn, v, T)
+            adapt(l, 0, xn, T)  // q, k, v
             let kc = cache.keys(layer: l), vc = cache.values(layer: l)
             rowsParallel(T) { t in
                 // Qwen3: RMSNorm over each query and key head before RoPE.
@@ -346,7 +351,7 @@ public final class Transformer: @unchecked Sendable {
             }
             // x += att Wo^T
             Matmul.forward(L.wo, x: att, y: proj, n: T, pool: pool, scratch: scratch)
-            adapt(l, .o, att, proj, T)
+            adapt(l, 1, att, T)  // o
             rowsParallel(T) { t in Ops.add(self.x + t * dim, self.proj + t * dim, n: dim) }
 
             // Feed-forward sub-layer: x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T, xn = RMSNorm(x) * ffn_norm.
@@ -357,11 +362,10 @@ public final class Transformer: @unchecked Sendable {
             }
             Matmul.forward(L.gate, x: xn, y: gate, n: T, pool: pool, scratch: scratch)
             Matmul.forward(L.up, x: xn, y: up, n: T, pool: pool, scratch: scratch)
-            adapt(l, .gate, xn, gate, T)
-            adapt(l, .up, xn, up, T)
+            adapt(l, 2, xn, T)  // gate, up
             rowsParallel(T) { t in Ops.swiglu(self.gate + t * c.ffnDim, up: self.up + t * c.ffnDim, n: c.ffnDim) }
             Matmul.forward(L.down, x: gate, y: proj, n: T, pool: pool, scratch: scratch)
-            adapt(l, .down, gate, proj, T)
+            adapt(l, 3, gate, T)  // down
             rowsParallel(T) { t in Ops.add(self.x + t * dim, self.proj + t * dim, n: dim) }
         }
         cache.count = S

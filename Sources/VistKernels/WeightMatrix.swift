@@ -110,6 +110,24 @@ public enum Matmul {
         }
     }
 
+    /// y[r] = W_r · x for the rows in `rows` only, on the calling thread: for callers that split
+    /// several small products over the pool's threads in one step. Float types only (F32, F16,
+    /// BF16: no activation quantization).
+    public static func floatRows(_ w: WeightMatrix, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, rows: Range<Int>) {
+        precondition(!w.type.isQuantized, "floatRows takes F32, F16 or BF16 matrices")
+        guard !rows.isEmpty else { return }
+        vk_matvec_rows(Int32(w.type.rawValue), w.data, w.rowBytes, nil, x, y, Int64(w.cols), Int64(rows.lowerBound), Int64(rows.upperBound))
+    }
+
+    /// d[c] = sum_j x[j] W[j][c] for the columns in `columns` only (d = W^T x), on the calling
+    /// thread. Float types only.
+    public static func combineRows(_ w: WeightMatrix, x: UnsafePointer<Float>, d: UnsafeMutablePointer<Float>, columns: Range<Int>) {
+        precondition(!w.type.isQuantized, "combineRows takes F32, F16 or BF16 matrices")
+        guard !columns.isEmpty else { return }
+        vk_combine_rows(
+            Int32(w.type.rawValue), w.data, w.rowBytes, x, Int64(w.rows), d, Int64(columns.lowerBound), Int64(columns.upperBound))
+    }
+
     /// y (rows) = W x, with the integer kernels for block types (x is quantized to 8 bits per
     /// 32-element block first, as llama.cpp does) and float kernels otherwise.
     public static func matvec(

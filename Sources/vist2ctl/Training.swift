@@ -26,8 +26,8 @@ struct ExportBackbone: ParsableCommand {
 
     func run() throws {
         try runReportingErrors(json: json) {
-            // A VIST2 model directory's backbone, without loading its vision encoder.
-            let lm = try modelOptions.load()
+            // A VIST2 model directory's backbone, without its vision encoder or adapter.
+            let lm = try modelOptions.loadBackbone()
             let written = Result { () throws(FormatError) in try lm.weights.exportHuggingFace(to: URL(fileURLWithPath: out)) }
             if case .failure(let e) = written { throw EngineError.format(e) }
             let c = lm.config

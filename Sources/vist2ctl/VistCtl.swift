@@ -36,8 +36,22 @@ struct ModelOptions: ParsableArguments {
         if let t = threads, !(1...256).contains(t) { throw ValidationError("--threads must be in 1...256, got \(t)") }
     }
 
-    /// The language model: a GGUF / Hugging Face model, or the backbone of a VIST2 model.
+    /// The language model: a GGUF / Hugging Face model, or a VIST2 model's backbone as the model
+    /// runs text (with its adapter when the adapter's scope is "all").
     func load() throws -> LanguageModel {
+        let url = try ModelStore.resolve(model)
+        if VIST2Model.isModelDirectory(url) {
+            let config: VIST2Config
+            do { config = try VIST2Config.load(path: url.appendingPathComponent("config.json").path) } catch {
+                throw EngineError.format(error)
+            }
+            if config.adapter?.scope == LoRAAdapter.Scope.all.rawValue { return try loadVIST2().language }
+        }
+        return try loadBackbone()
+    }
+
+    /// The backbone alone: a GGUF / Hugging Face model, or a VIST2 model's backbone without its adapter.
+    func loadBackbone() throws -> LanguageModel {
         try LanguageModel(url: languageURL(), threads: threads ?? LanguageModel.defaultThreads)
     }
 

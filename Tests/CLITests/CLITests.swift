@@ -76,6 +76,31 @@ struct CLITests {
         #expect(try json(r.out)["ids"] as? [Int] == [19556, 905])
     }
 
+    @Test("A VIST2 model's text commands run its backbone adapter when its scope is all, and the bare backbone when visual")
+    func adapterScopes() throws {
+        let dir = URL(fileURLWithPath: "/tmp").appendingPathComponent("v2lora-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func ppl(_ model: String) throws -> Double {
+            let r = try vist2ctl(["perplexity", "--local", "--model", model, "--ctx", "32", "--json", "/usr/share/common-licenses/BSD"])
+            #expect(r.status == 0, "\(r.err)")
+            return try #require(try json(r.out)["perplexity"] as? Double)
+        }
+        var models: [String: String] = [:]
+        for scope in ["visual", "all"] {
+            let m = dir.appendingPathComponent(scope)
+            try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+            try FileManager.default.copyItem(at: URL(fileURLWithPath: Self.tinyVIST2), to: m)
+            let cfgURL = m.appendingPathComponent("config.json")
+            var cfg = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: cfgURL)) as? [String: Any])
+            cfg["adapter"] = ["path": "adapter", "scope": scope]
+            try JSONSerialization.data(withJSONObject: cfg).write(to: cfgURL)
+            models[scope] = m.path
+        }
+        let bare = try ppl(Self.tinyVIST2)
+        #expect(try ppl(models["visual"]!) == bare)
+        #expect(try ppl(models["all"]!) != bare)
+    }
+
     @Test("perplexity --json follows llama-perplexity's windows")
     func perplexity() throws {
         let r = try vist2ctl(["perplexity", "--local", "--ctx", "128", "--json", "/usr/share/common-licenses/Apache-2.0"])

@@ -62,7 +62,8 @@ struct LoRATests {
 
     @Test("A visual-scope adapter leaves text rows bit-identical to the bare backbone and changes visual rows; scope all changes text rows")
     func scopes() throws {
-        let bare = try VIST2Tests.model.get()
+        // Its own bare model: VIST2Tests' shared one runs in that suite at the same time.
+        let bare = try VIST2Model(directory: TinyVIST2Golden.directory, threads: 2)
         let (visual, vdir) = try VIST2Tests.patchedModel(["adapter": ["path": "adapter", "scope": "visual"]])
         defer { try? FileManager.default.removeItem(at: vdir) }
         let (all, adir) = try VIST2Tests.patchedModel(["adapter": ["path": "adapter", "scope": "all"]])

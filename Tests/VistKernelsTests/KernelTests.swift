@@ -80,6 +80,37 @@ struct KernelTests {
         }
     }
 
+    @Test("combineRows (d = W^T x over a column range) matches a naive sum on both paths", arguments: [TensorType.f32, .f16, .bf16])
+    func combineRows(type: TensorType) {
+        var rng = TestRNG(11 + UInt64(type.rawValue))
+        let rows = 7, cols = 101  // not a multiple of 32: the tail runs too
+        let bytes = randomMatrixBytes(type, rows: rows, cols: cols, rng: &rng)
+        let x = (0..<rows).map { _ in rng.float() }
+        var w = [Float](repeating: 0, count: rows * cols)
+        bytes.withUnsafeBytes { raw in
+            WeightMatrix(type: type, rows: rows, cols: cols, data: raw.baseAddress!).dequantizeRows(0..<rows, into: &w)
+        }
+        for scalar in [false, true] {
+            let old = forceScalarKernels(scalar)
+            defer { forceScalarKernels(old) }
+            for columns in [0..<cols, 3..<70, 64..<96, 100..<101] {
+                var d = [Float](repeating: .nan, count: cols)
+                bytes.withUnsafeBytes { raw in
+                    let m = WeightMatrix(type: type, rows: rows, cols: cols, data: raw.baseAddress!)
+                    Matmul.combineRows(m, x: x, d: &d, columns: columns)
+                }
+                for c in 0..<cols {
+                    if columns.contains(c) {
+                        let want = (0..<rows).reduce(Float(0)) { $0 + x[$1] * w[$1 * cols + c] }
+                        #expect(abs(d[c] - want) <= 1e-5 * max(1, abs(want)), "\(type) column \(c) scalar \(scalar)")
+                    } else {
+                        #expect(d[c].isNaN, "column \(c) outside \(columns) was written")
+                    }
+                }
+            }
+        }
+    }
+
     @Test("The SIMD dot products equal the scalar ones", arguments: TensorType.allCases)
     func simdEqualsScalar(type: TensorType) {
         var rng = TestRNG(7 + UInt64(type.rawValue))

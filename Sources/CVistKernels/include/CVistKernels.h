@@ -55,6 +55,11 @@ void vk_quantize_q8a(const float *x, vk_block_q8a *y, int64_t n);
 /// Block types read `xq` (n/32 activation blocks); float types read `xf` (n floats).
 float vk_dot_row(int type, const void *row, const vk_block_q8a *xq, const float *xf, int64_t n);
 
+/// d[c] = sum_j x[j] * w[j][c] for columns c in [c0, c1): a combination of the n_rows rows of a
+/// float-type matrix (F32, F16, BF16), i.e. d = W^T x. Used with a transposed LoRA factor.
+void vk_combine_rows(int type, const void *w, size_t row_bytes, const float *x, int64_t n_rows, float *d, int64_t c0,
+                     int64_t c1);
+
 /// y[r] = dot(W[r], x) for rows r in [r0, r1) of a row-major matrix with `n` columns.
 void vk_matvec_rows(int type, const void *w, size_t row_bytes, const vk_block_q8a *xq,
                     const float *xf, float *y, int64_t n, int64_t r0, int64_t r1);
