@@ -3,7 +3,7 @@
 model directory that uses it.
 
     python3 Training/make_adapter.py --backbone WORK/backbone --rank 32 --out ADAPTER_DIR \\
-        [--std 0.02] [--targets q_proj,v_proj] [--model-dir weights/vist2-smollm2-135m --scope all --model-out DIR]
+        [--std 0.02] [--targets q_proj,v_proj] [--dtype bfloat16] [--model-dir weights/vist2-smollm2-135m --scope all --model-out DIR]
 
 The backbone is a Hugging Face directory (`vist2ctl export-backbone --model smollm2-135m DIR`).
 New adapters start as PEFT starts them (B = 0: the model is unchanged). With --std the B factors
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--std", type=float, default=0.0, help="random B factors with this standard deviation")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="type of the saved factors")
     ap.add_argument("--out", required=True, help="adapter directory to write")
     ap.add_argument("--model-dir", help="a VIST2 model directory to copy with the adapter")
     ap.add_argument("--scope", choices=SCOPES, default="visual")
@@ -43,7 +44,7 @@ def main():
         with torch.no_grad():
             for p in lora.B.values():
                 p.normal_(0, args.std)
-    lora.save(args.out, base_model=os.path.abspath(args.backbone))
+    lora.save(args.out, base_model=os.path.abspath(args.backbone), dtype=getattr(torch, args.dtype))
     n = sum(p.numel() for p in lora.parameters())
     print(f"wrote {args.out}: rank {args.rank}, {len(lora.targets)} modules x {len(lora.layers)} layers, {n} parameters")
     if args.model_dir:

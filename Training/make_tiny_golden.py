@@ -9,7 +9,7 @@ Writes (committed) Tests/VistEngineTests/Fixtures/tiny-vist2/:
   golden.json, golden.f32                  the scenario and the reference logits
   golden-boundary.*, golden-causal.*       the same with boundary tokens around each block, and
                                            with those and causal attention inside each block
-  adapter/, adapter-partial/               LoRA adapters written by Hugging Face PEFT, each with
+  adapter/, adapter-partial/, adapter-bf16/   LoRA adapters written by Hugging Face PEFT, each with
                                            peft-logits.* (transformers + PEFT on plain text)
   golden-lora-visual.*, golden-lora-all.*  the scenario with `adapter` in each scope
 
@@ -189,6 +189,8 @@ ADAPTERS = {
                                                              "up_proj", "down_proj"]},
     "adapter-partial": {"r": 2, "lora_alpha": 3, "target_modules": ["q_proj", "v_proj", "down_proj"],
                         "layers_to_transform": [1], "use_rslora": True},
+    "adapter-bf16": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                  "up_proj", "down_proj"], "dtype": torch.bfloat16},
 }
 PEFT_TEXT = "Plain text through the adapted backbone: no images here.\n"
 
@@ -204,13 +206,28 @@ def write_peft_adapter(backbone_dir, out, spec, gen):
         sys.exit("the adapter goldens need transformers and peft: pip install transformers peft")
     from vist2.lora import LoRA
     from vist2.model import Backbone
+    spec = dict(spec)
+    dtype = spec.pop("dtype", torch.float32)
     hf = LlamaForCausalLM.from_pretrained(backbone_dir, torch_dtype=torch.float64)
     peft_model = get_peft_model(hf, LoraConfig(lora_dropout=0.0, **spec))
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1)
-    peft_model.float().save_pretrained(out)
+                # Values the saved type holds exactly, so every reader computes with the same ones.
+                p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1).to(dtype).to(torch.float64))
+    # Only the factors take the saved type (the base keeps its float32 values).
+    lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    for p in lora_params:
+        p.data = p.data.to(dtype)
+    peft_model.save_pretrained(out)
+    for p in lora_params:
+        p.data = p.data.to(torch.float64)
+    # PEFT writes target_modules from a set: sort it so a rerun writes the same file.
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        acfg = json.load(f)
+    acfg["target_modules"] = sorted(acfg["target_modules"])
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(acfg, f, indent=2, sort_keys=True)
     if os.path.exists(os.path.join(out, "README.md")):
         os.remove(os.path.join(out, "README.md"))
     ids = torch.tensor([list(PEFT_TEXT.encode("utf-8"))])

@@ -212,6 +212,9 @@ public final class LoRAAdapter: @unchecked Sendable {
         let y: UnsafeMutablePointer<Float>
     }
 
+    /// Multiply-adds below which one decode step of `apply` stays on the calling thread.
+    nonisolated(unsafe) static var serialMACs = 1 << 15
+
     /// Floats of scratch `apply` needs for a batch of `n` rows and up to 3 slots.
     func scratchFloats(_ n: Int) -> Int { max(n * (rank + maxOut), 3 * (rank + maxOut)) }
 
@@ -247,9 +250,11 @@ public final class LoRAAdapter: @unchecked Sendable {
         let outs = pairs.map { $0?.b.rows ?? 0 }
         let totalOut = outs.reduce(0, +)
         let u = scratch, d = scratch + slots.count * r
+        // A step this small runs on the calling thread: waking the pool costs more than it saves.
+        func step(macs: Int, _ body: (Int, Int) -> Void) { if macs < Self.serialMACs { body(0, 1) } else { pool.parallel(body) } }
         for t in 0..<n {
             let xt = x + t * inDim
-            pool.parallel { ith, nth in
+            step(macs: slots.count * r * inDim) { ith, nth in
                 let part = ThreadPool.slice(slots.count * r, ith, nth)
                 for (k, p) in pairs.enumerated() {
                     guard let p else { continue }
@@ -257,7 +262,7 @@ public final class LoRAAdapter: @unchecked Sendable {
                     if lo < hi { Matmul.floatRows(p.a, x: xt, y: u + k * r, rows: (lo - k * r)..<(hi - k * r)) }
                 }
             }
-            pool.parallel { ith, nth in
+            step(macs: totalOut * r) { ith, nth in
                 let part = ThreadPool.slice(totalOut, ith, nth, align: 16)
                 var base = 0
                 for (k, p) in pairs.enumerated() {
