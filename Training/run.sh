@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train (or continue training) the default VIST2 model: every step from a fresh Debian machine.
 #
-#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--tiny]
+#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--adapter RANK:SCOPE] [--tiny]
 #
 # Each step is skipped when its output already exists, so running this again continues the run
 # from its last checkpoint (Training/train.py resumes exactly):
@@ -23,19 +23,21 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--tiny]}"
+WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--adapter RANK:SCOPE] [--tiny]}"
 shift
 MINUTES=150
 MAX_STEPS=0
 TINY=0
 CONFIG="$ROOT/Training/configs/vist2-smollm2-135m.json"
 INIT=()
+ADAPTER=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --minutes) MINUTES="$2"; shift 2 ;;
     --max-steps) MAX_STEPS="$2"; shift 2 ;;
     --config) CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --init) INIT=(--init "$2"); shift 2 ;;
+    --adapter) ADAPTER="$2"; shift 2 ;;
     --tiny) TINY=1; shift ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -86,9 +88,12 @@ mkdir -p "$WORK/run"
 if [[ ! -f "$WORK/run/run.json" ]]; then
     PROMPT="Transcribe:"
     IDS="$("$CTL" tokenize --local --model smollm2-135m --no-special --json "$PROMPT")"
-    "$PY" - "$WORK" "$CONFIG" "$PROMPT" "$IDS" "$TINY" <<'EOF'
+    "$PY" - "$WORK" "$CONFIG" "$PROMPT" "$IDS" "$TINY" "$ADAPTER" <<'EOF'
 import json, sys
 work, config, prompt, ids, tiny = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])["ids"], sys.argv[5] == "1"
+# The backbone adapter (VIST2.md section 6): --adapter RANK:SCOPE; the smoke test trains a rank-2
+# visual one so that the path from training to the engine is exercised.
+adapter = sys.argv[6] or ("2:visual" if tiny else "")
 if tiny:
     schedule = {"steps_A": 4, "steps_B": 2, "steps_C": 2, "batch_A": 2, "batch_B": 1, "batch_C": 1, "eval_every": 4, "eval_chunks": 1}
 else:
@@ -101,6 +106,9 @@ schedule.update({"lr_A": 1e-3, "lr_B": 3e-4, "lr_C": 2e-4, "warmup": 100 if not 
                  "ocr_share_B": 0.7, "ocr_share_C": 0.3, "aux_weight": 0.1, "scale_weight": 0.0})
 run = {"backbone": f"{work}/backbone", "train": f"{work}/ds-train", "heldout": f"{work}/ds-heldout", "model_config": config,
        "ocr_prompt": prompt, "ocr_prompt_ids": ids, "seed": 1, "schedule": schedule}
+if adapter:
+    rank, scope = adapter.split(":")
+    run["adapter"] = {"rank": int(rank), "scope": scope}
 json.dump(run, open(f"{work}/run/run.json", "w"), indent=1)
 EOF
 fi

@@ -21,6 +21,13 @@ The auxiliary reading loss stays on (small weight) in B and C. With scale_weight
 pulls each visual token's RMS towards the RMS of the backbone's token embeddings (off for the
 shipped model; Training/EXPERIMENTS.md).
 
+Backbone adapter (VIST2.md section 6): with run.json's "adapter": {"rank": R, "scope": "visual" |
+"all", "alpha": (default 2R), "targets": (default all seven projections)}, a LoRA
+(Training/vist2/lora.py) trains with the encoder and aligner from stage B on; "visual" adapts only
+the rows of visual blocks, "all" every row. It is exported in the PEFT layout to best/adapter and
+named in best/config.json, and the held-out blind losses are then measured under the current
+adapter at every evaluation.
+
 Checkpoints: RUN_DIR/checkpoint.pt every --checkpoint-minutes (atomic rename) and at the end;
 a run resumes from it exactly (model, optimiser, step, RNG states, data order). Every step
 appends to RUN_DIR/log.jsonl; held-out evaluations too. RUN_DIR/best/ holds the model directory
@@ -42,6 +49,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vist2.data import N_CLASSES, Dataset  # noqa: E402
+from vist2.lora import SCOPES, TARGETS, LoRA  # noqa: E402
 from vist2.model import Aligner, Backbone, VisionConfig, VisionEncoder, causal_blocks, load_vision, vision_state_dict  # noqa: E402
 
 
@@ -58,6 +66,7 @@ class Trainable(nn.Module):
         self.gh, self.gw = vc.image_height // vc.patch_size, vc.image_width // vc.patch_size
         self.vision = VisionEncoder(vc)
         self.aligner = Aligner(vc.hidden_size, llm_dim, self.merge, self.gh, self.gw)
+        self.lora, self.lora_scope = None, None  # add_adapter
         # The reading head's grid: one slot per character cell a visual token's region can hold
         # (rows of line_height x cells of the font's advance: 4 x 8 for the shipped geometry).
         region = vc.patch_size * self.merge
@@ -87,24 +96,62 @@ class Trainable(nn.Module):
         aux = self.aux(x).view(x.shape[0], x.shape[1], self.slot_h * self.slot_w, N_CLASSES)
         return v, aux
 
-    def load_model_dir(self, directory, cfg):
-        """Vision encoder and aligner from a model directory whose geometry and sizes are cfg's."""
+    def add_adapter(self, bb, spec):
+        """The backbone adapter run.json asks for (None: none), trained with the rest."""
+        self.lora, self.lora_scope = None, None
+        if spec:
+            if spec.get("scope") not in SCOPES:
+                raise ValueError(f"adapter.scope must be one of {SCOPES}")
+            r = int(spec["rank"])
+            # Its own seed, so a fresh run and a resumed one start from the same factors.
+            with torch.random.fork_rng():
+                torch.manual_seed(int(spec.get("seed", 1)))
+                self.lora = LoRA(bb, r, spec.get("alpha", 2 * r), spec.get("targets", TARGETS))
+            self.lora_scope = spec["scope"]
+
+    def load_model_dir(self, directory, cfg, bb=None):
+        """Vision encoder and aligner from a model directory whose geometry and sizes are cfg's,
+        and its adapter when both it and this run have one."""
         with open(os.path.join(directory, "config.json")) as f:
             other = json.load(f)
         for key in ("vision", "aligner", "render", "chunk"):
             if other.get(key) != cfg.get(key):
                 raise ValueError(f"{directory}: config.json's {key} differs from the run's model config")
         load_vision(self.vision, self.aligner, os.path.join(directory, "vision.safetensors"))
+        if self.lora is not None and other.get("adapter"):
+            loaded = LoRA.load(os.path.join(directory, other["adapter"]["path"]), bb)
+            self.lora.load_state_dict(loaded.state_dict())
 
     def export(self, directory, cfg):
-        """The engine's model directory: config.json + vision.safetensors (F16)."""
+        """The engine's model directory: config.json + vision.safetensors (F16), and the adapter
+        (PEFT layout, F32) in adapter/ when the run trains one."""
         os.makedirs(directory, exist_ok=True)
         holder = vision_state_dict(self.vision, self.aligner)
         tmp = os.path.join(directory, "vision.safetensors.tmp")
         save_file({k: v.detach().to(torch.float16).contiguous() for k, v in holder.items()}, tmp)
         os.replace(tmp, os.path.join(directory, "vision.safetensors"))
+        cfg = dict(cfg)
+        cfg.pop("adapter", None)
+        if self.lora is not None:
+            self.lora.save(os.path.join(directory, "adapter"))
+            cfg["adapter"] = {"path": "adapter", "scope": self.lora_scope}
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
+
+    def adapted(self, seqs):
+        """(lora, visual row masks) for lm_loss over sequences from build() with their (P, k)
+        (instruction length, blocks): the rows the adapter acts on."""
+        if self.lora is None:
+            return None, None
+        if self.lora_scope == "all":
+            return self.lora, None
+        m = self.gh * self.gw // self.merge ** 2
+        masks = []
+        for e, P, k in seqs:
+            v = torch.zeros(e.shape[0], dtype=torch.bool)
+            v[P:P + k * m] = True
+            masks.append(v)
+        return self.lora, masks
 
 
 # ---------------------------------------------------------------- sequences
@@ -136,12 +183,15 @@ def build(bb, instr, blocks, text, m, causal=False):
     return x, pos, allowed, pred_rows
 
 
-def lm_loss(bb, seqs, targets):
-    """Mean cross-entropy over all target tokens of a padded batch of sequences."""
+def lm_loss(bb, seqs, targets, lora=None, visual=None):
+    """Mean cross-entropy over all target tokens of a padded batch of sequences. With `lora`, the
+    adapter acts on the rows `visual` marks (a (T_b,) bool mask per sequence) or on every row
+    when visual is None."""
     T = max(s[0].shape[0] for s in seqs)
     B, D = len(seqs), seqs[0][0].shape[1]
     x = torch.zeros(B, T, D)
     pos = torch.zeros(B, T)
+    rows_mask = None if visual is None else torch.zeros(B, T, dtype=torch.bool)
     allowed = torch.zeros(B, T, T, dtype=torch.bool)
     allowed[:, torch.arange(T), torch.arange(T)] = True  # padding rows attend to themselves
     rows, tgt, bi = [], [], []
@@ -151,12 +201,14 @@ def lm_loss(bb, seqs, targets):
         xs.append(F.pad(e, (0, 0, 0, T - t)))
         pos[b, :t] = p.float()
         allowed[b, :t, :t] = a
+        if rows_mask is not None:
+            rows_mask[b, :t] = visual[b]
         rows.append(r)
         tgt.append(torch.as_tensor(targets[b], dtype=torch.long))
         bi.append(torch.full((len(r),), b))
     x = torch.stack(xs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h = bb.hidden(x, pos, allowed)
+        h = bb.hidden(x, pos, allowed, lora, rows_mask)
         sel = h[torch.cat(bi), torch.cat(rows)]
         logits = sel @ bb.embed.weight.T
     return F.cross_entropy(logits.float(), torch.cat(tgt)), int(sum(len(t) for t in tgt))
@@ -229,12 +281,13 @@ def step_loss(model, bb, ds, rng, stage, sched, ocr_ids, cfg):
     sw = sched.get("scale_weight", 0.0)
     if stage == "A":
         return la + sw * ls, {"aux": la.item(), "aux_acc": acc, "v_rms": ratio.mean().item()}
-    seqs, targets = [], []
+    seqs, targets, shapes = [], [], []
     for instr, slots, text in specs:
         e, p, a, r = build(bb, list(instr), [v[s] for s in slots], text, m, causal_blocks(cfg))
         seqs.append((e, p, a, r))
         targets.append(text)
-    ll, n = lm_loss(bb, seqs, targets)
+        shapes.append((e, len(instr), len(slots)))
+    ll, n = lm_loss(bb, seqs, targets, *model.adapted(shapes))
     loss = ll + sched.get("aux_weight", 0.1) * la + sw * ls
     return loss, {"lm": ll.item(), "aux": la.item(), "aux_acc": acc, "v_rms": ratio.mean().item(), "tokens": n}
 
@@ -248,22 +301,25 @@ def eval_chunks(ds, n):
     return idx, fol
 
 
-def sequence_loss(bb, instr, v, text, m, causal):
-    """Mean cross-entropy over the text of one sequence: instruction ids, one visual block v, text."""
-    return lm_loss(bb, [build(bb, instr, [v], text, m, causal)], [text])[0].item()
+def sequence_loss(bb, instr, v, text, m, causal, model=None):
+    """Mean cross-entropy over the text of one sequence: instruction ids, one visual block v,
+    text; through the model's adapter when it has one."""
+    seq = build(bb, instr, [v], text, m, causal)
+    adapted = model.adapted([(seq[0], len(instr), 1)]) if model is not None else (None, None)
+    return lm_loss(bb, [seq], [text], *adapted)[0].item()
 
 
 @torch.no_grad()
-def blind_losses(bb, ds, cfg, ocr_ids, n_eval, m):
+def blind_losses(bb, ds, cfg, ocr_ids, n_eval, m, model=None):
     """evaluate()'s OCR and OLM losses with every visual token zero ("blind": the backbone's guess
-    from the prompt and the text so far alone). A loss near its blind value means the backbone
-    reads nothing from the visual tokens. The backbone is frozen and the chunks are fixed, so a
-    run computes these once."""
+    from the prompt and the text so far alone), under the model's adapter if it has one. A loss
+    near its blind value means the backbone reads nothing from the visual tokens. Without an
+    adapter the backbone is frozen and the chunks are fixed, so a run computes these once."""
     idx, fol = eval_chunks(ds, n_eval)
     causal, zeros = causal_blocks(cfg), torch.zeros(m, bb.dim)
-    out = {"ocr_blind": float(np.mean([sequence_loss(bb, list(ocr_ids), zeros, ds.tokens[i], m, causal) for i in idx]))}
+    out = {"ocr_blind": float(np.mean([sequence_loss(bb, list(ocr_ids), zeros, ds.tokens[i], m, causal, model) for i in idx]))}
     if fol:
-        out["olm_blind"] = float(np.mean([sequence_loss(bb, [], zeros, ds.tokens[j], m, causal) for j in fol]))
+        out["olm_blind"] = float(np.mean([sequence_loss(bb, [], zeros, ds.tokens[j], m, causal, model) for j in fol]))
     return out
 
 
@@ -280,11 +336,11 @@ def evaluate(model, bb, ds, cfg, ocr_ids, n_eval, stage, blind=None):
         v, aux = model(ds.pixels([i]))
         accs.append(aux_loss(model, ds, [i], aux, cfg)[1])
         if stage != "A":
-            ocr.append(sequence_loss(bb, list(ocr_ids), v[0], ds.tokens[i], m, causal))
+            ocr.append(sequence_loss(bb, list(ocr_ids), v[0], ds.tokens[i], m, causal, model))
     if stage != "A":
         for j in fol:
             v, _ = model(ds.pixels([j - 1]))
-            olm.append(sequence_loss(bb, [], v[0], ds.tokens[j], m, causal))
+            olm.append(sequence_loss(bb, [], v[0], ds.tokens[j], m, causal, model))
     model.train()
     out = {"aux_acc": float(np.mean(accs))}
     if ocr:
@@ -351,13 +407,14 @@ def main():
     held = Dataset(run["heldout"], run.get("max_heldout_chunks", 0))
     model = Trainable(cfg, bb.dim, train.advance())
     model.init_weights(run.get("seed", 1))
+    model.add_adapter(bb, run.get("adapter"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
     ckpt = os.path.join(args.run, "checkpoint.pt")
     step, rng, best = 0, random.Random(run.get("seed", 1)), {}
     torch.manual_seed(run.get("seed", 1))
     elapsed0 = 0.0
     if args.init and not os.path.exists(ckpt):
-        model.load_model_dir(args.init, cfg)
+        model.load_model_dir(args.init, cfg, bb)
         print(f"initialised from {args.init}", flush=True)
     if os.path.exists(ckpt):
         st = torch.load(ckpt, weights_only=False)
@@ -382,9 +439,9 @@ def main():
 
     def do_eval():
         st_ = stage_at(max(step - 1, 0), sched)
-        if st_ != "A" and not blind:
+        if st_ != "A" and (not blind or model.lora is not None):
             m = model.gh * model.gw // model.merge ** 2
-            blind.update(blind_losses(bb, held, cfg, ocr_ids, sched.get("eval_chunks", 16), m))
+            blind.update(blind_losses(bb, held, cfg, ocr_ids, sched.get("eval_chunks", 16), m, model))
         ev = evaluate(model, bb, held, cfg, ocr_ids, sched.get("eval_chunks", 16), st_, blind)
         rec = {"step": step, "stage": st_, "eval": ev, "hours": (elapsed0 + time.time() - t0) / 3600}
         log.write(json.dumps(rec) + "\n")
