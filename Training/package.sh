@@ -4,7 +4,7 @@
 #   bash Training/package.sh WORK_DIR OUT_DIR [--chunks N]
 #
 # WORK_DIR/notes.md, when present, goes into the card as its "Findings" section.
-# Copies WORK_DIR/run/best (config.json, vision.safetensors) to OUT_DIR, measures it with
+# Copies WORK_DIR/run/best (config.json, vision.safetensors, adapter/ if any) to OUT_DIR, measures it with
 # `vist2ctl eval` (the first N chunks, default 8, of held-out text of each kind and of a text
 # outside the corpus), shows what it reads from one chunk of each held-out text, generates
 # samples with and without visual context, and writes
@@ -24,6 +24,8 @@ CTL="$ROOT/.build/release/vist2ctl"
 STAGE="$(mktemp -d "${OUT%/}.tmp.XXXXXX")"
 trap 'rm -rf "$STAGE"' EXIT
 cp "$WORK/run/best/config.json" "$WORK/run/best/vision.safetensors" "$STAGE/"
+# The backbone adapter, when the run trained one (config.json names it).
+[[ -d "$WORK/run/best/adapter" ]] && cp -r "$WORK/run/best/adapter" "$STAGE/adapter"
 EVAL="$STAGE/.eval"
 mkdir -p "$EVAL"
 
@@ -97,7 +99,8 @@ NOTES=()
 cp "$EVAL/evals.json" "$STAGE/eval.json"
 rm -rf "$EVAL"
 chmod 755 "$STAGE"
-chmod 644 "$STAGE"/*
+find "$STAGE" -mindepth 1 -type d -exec chmod 755 {} +
+find "$STAGE" -type f -exec chmod 644 {} +
 rm -rf "$OUT.old"
 [[ -e "$OUT" ]] && mv "$OUT" "$OUT.old"
 mv "$STAGE" "$OUT"
