@@ -12,8 +12,9 @@ import VistKernels
 /// A projection y = x W^T of an adapted row becomes y + s (x A^T) B^T, s = lora_alpha / r (or
 /// lora_alpha / sqrt(r) with use_rslora), computed at run time with f32 activations, so the
 /// backbone's own (possibly quantized) weights stay as they are. The factors stay in the file's
-/// type (F32, F16 or BF16), mapped, not copied: a BF16 adapter costs half the memory traffic. The scope says which rows are adapted:
-/// `visual`, the rows of visual blocks only (text rows are the backbone's exactly), or `all`.
+/// type (F32, F16 or BF16), mapped, not copied: a BF16 adapter costs half the memory traffic.
+/// The scope says which rows are adapted: `visual`, the rows of visual blocks only (text rows
+/// are the backbone's exactly), or `all`.
 public final class LoRAAdapter: @unchecked Sendable {
     public enum Scope: String, Codable, Sendable, CaseIterable {
         case visual, all
@@ -130,8 +131,7 @@ public final class LoRAAdapter: @unchecked Sendable {
             layers = chosen.sorted()
         }
 
-        let file: SafetensorsFile
-        do { file = try SafetensorsFile(path: tensorsPath) } catch { throw error }
+        let file = try SafetensorsFile(path: tensorsPath)
         let shapes: [Target: (out: Int, in: Int)] = [
             .q: (config.qDim, config.dim), .k: (config.kvDim, config.dim), .v: (config.kvDim, config.dim), .o: (config.dim, config.qDim),
             .gate: (config.ffnDim, config.dim), .up: (config.ffnDim, config.dim), .down: (config.dim, config.ffnDim),
@@ -201,9 +201,6 @@ public final class LoRAAdapter: @unchecked Sendable {
         }
         return m
     }
-
-    /// Parameters of the adapter (for reports).
-    public var parameterCount: Int { pairs.joined().compactMap { $0 }.reduce(0) { $0 + $1.a.rows * $1.a.cols + $1.b.rows * $1.b.cols } }
 
     /// An adapted projection's output buffer: projections that read the same input (q, k, v;
     /// gate, up) are adapted together.
