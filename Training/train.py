@@ -121,6 +121,9 @@ class Trainable(nn.Module):
         if self.lora is not None and other.get("adapter"):
             loaded = LoRA.load(os.path.join(directory, other["adapter"]["path"]), bb)
             self.lora.load_state_dict(loaded.state_dict())
+        elif other.get("adapter"):
+            print(f"warning: {directory} has a backbone adapter and this run trains none: its encoder starts "
+                  "from weights trained with an adapter that is left behind", flush=True)
 
     def export(self, directory, cfg):
         """The engine's model directory: config.json + vision.safetensors (F16), and the adapter
@@ -139,8 +142,8 @@ class Trainable(nn.Module):
             json.dump(cfg, f, indent=1)
 
     def adapted(self, seqs):
-        """(lora, visual row masks) for lm_loss over sequences from build() with their (P, k)
-        (instruction length, blocks): the rows the adapter acts on."""
+        """(lora, visual row masks) for lm_loss over sequences given as (embeddings from build(),
+        instruction length P, number of blocks k): the rows the adapter acts on."""
         if self.lora is None:
             return None, None
         if self.lora_scope == "all":
