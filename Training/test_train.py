@@ -200,6 +200,15 @@ class Adapter(unittest.TestCase):
             back = LoRA.load(d, self.bb)
         self.assertTrue(torch.equal(self.bb.hidden(self.x, self.pos, self.mask, back, rows).detach(), scoped.detach()))
 
+    def test_some_layers_round_trip(self):
+        # An adapter on layer 0 of a 2-layer backbone: layers_to_transform must say so.
+        from vist2.lora import LoRA
+        lora = LoRA(self.bb, r=2, alpha=4, layers=[0])
+        with tempfile.TemporaryDirectory() as d:
+            lora.save(d)
+            back = LoRA.load(d, self.bb)
+        self.assertEqual(back.layers, [0])
+
     def test_refuses_what_it_cannot_apply(self):
         from vist2.lora import LoRA
         lora = LoRA(self.bb, r=2, alpha=4, targets=("q_proj",))

@@ -37,7 +37,7 @@ def tensor_name(layer, target, ab):
 
 
 def read_config(directory):
-    """adapter_config.json, checked: (r, scale, targets, layers or None)."""
+    """adapter_config.json, checked: (r, lora_alpha, use_rslora, targets, layers or None)."""
     with open(os.path.join(directory, "adapter_config.json")) as f:
         c = json.load(f)
     if c.get("peft_type", "LORA") != "LORA":
@@ -59,19 +59,19 @@ def read_config(directory):
     layers = c.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
-    scale = alpha / math.sqrt(r) if c.get("use_rslora", False) else alpha / r
-    return r, scale, sorted(set(targets), key=TARGETS.index), layers
+    return r, alpha, bool(c.get("use_rslora", False)), sorted(set(targets), key=TARGETS.index), layers
 
 
 class LoRA(nn.Module):
     """The low-rank factors of every adapted projection, as trainable parameters."""
 
-    def __init__(self, backbone, r, alpha, targets=TARGETS, layers=None, use_rslora=False, init="peft"):
+    def __init__(self, backbone, r, alpha, targets=TARGETS, layers=None, use_rslora=False):
         super().__init__()
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.targets = [t for t in TARGETS if t in targets]
-        self.layers = list(range(backbone.layers_n)) if layers is None else sorted(layers)
+        self.all_layers = list(range(backbone.layers_n))
+        self.layers = self.all_layers if layers is None else sorted(layers)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         for i in self.layers:
             L = backbone.layers[i]
@@ -107,7 +107,7 @@ class LoRA(nn.Module):
         cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": self.r,
                "lora_alpha": self.alpha, "lora_dropout": 0.0, "target_modules": list(self.targets), "bias": "none",
                "use_rslora": self.use_rslora, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
-               "layers_to_transform": None if len(self.layers) == 0 or self.layers == list(range(max(self.layers) + 1)) else self.layers,
+               "layers_to_transform": None if self.layers == self.all_layers else self.layers,
                "inference_mode": True}
         with open(os.path.join(directory, "adapter_config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
@@ -117,10 +117,8 @@ class LoRA(nn.Module):
     @classmethod
     def load(cls, directory, backbone):
         """Reads a PEFT LoRA directory for `backbone`, checking every tensor's presence and shape."""
-        r, scale, targets, layers = read_config(directory)
-        with open(os.path.join(directory, "adapter_config.json")) as f:
-            c = json.load(f)
-        lora = cls(backbone, r, c["lora_alpha"], targets, layers, c.get("use_rslora", False))
+        r, alpha, use_rslora, targets, layers = read_config(directory)
+        lora = cls(backbone, r, alpha, targets, layers, use_rslora)
         sd = load_file(os.path.join(directory, "adapter_model.safetensors"))
         expected = lora.state_dict_peft()
         extra = sorted(set(sd) - set(expected))
