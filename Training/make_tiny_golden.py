@@ -154,32 +154,29 @@ def main():
     # attention inside each block (config patched in a copy; the golden names the patch).
     for name, patch in (("golden-boundary", {"special_tokens": BOUNDARY}),
                         ("golden-causal", {"special_tokens": BOUNDARY, "block_attention": "causal"})):
-        with tempfile.TemporaryDirectory() as t:
-            import shutil
-            d = os.path.join(t, "m")
-            shutil.copytree(OUT, d)
-            with open(os.path.join(d, "config.json")) as f:
-                cfg = json.load(f)
-            cfg.update(patch)
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=1)
-            scenario(args, d, name, write_to=OUT)
+        patched_scenario(args, name, patch)
     # Backbone adapters made by Hugging Face PEFT itself (its own files and names), checked
     # against transformers + PEFT on plain text, then the VIST2 scenario with each scope.
     agen = torch.Generator().manual_seed(20261201)
     for name, spec in ADAPTERS.items():
         write_peft_adapter(os.path.join(OUT, "backbone"), os.path.join(OUT, name), spec, agen)
     for scope in ("visual", "all"):
-        with tempfile.TemporaryDirectory() as t:
-            import shutil
-            d = os.path.join(t, "m")
-            shutil.copytree(OUT, d)
-            with open(os.path.join(d, "config.json")) as f:
-                cfg = json.load(f)
-            cfg["adapter"] = {"path": "adapter", "scope": scope}
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=1)
-            scenario(args, d, f"golden-lora-{scope}", write_to=OUT)
+        patched_scenario(args, f"golden-lora-{scope}", {"adapter": {"path": "adapter", "scope": scope}})
+
+
+def patched_scenario(args, name, patch):
+    """The scenario on a copy of the tiny model whose config.json has `patch` applied; the golden
+    (which names the patch) goes to OUT."""
+    import shutil
+    with tempfile.TemporaryDirectory() as t:
+        d = os.path.join(t, "m")
+        shutil.copytree(OUT, d)
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        cfg.update(patch)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        scenario(args, d, name, write_to=OUT)
 
 
 # Adapters, written by PEFT: one on every projection, and one on a few projections of one layer
