@@ -123,13 +123,8 @@ struct LoRATests {
         scope: String = "visual", path: String = "adapter", config edit: (inout [String: Any]) -> Void = { _ in },
         tensors: ((URL) throws -> Void)? = nil
     ) throws -> String? {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-badlora-\(UUID().uuidString)")
-        try FileManager.default.copyItem(at: TinyVIST2Golden.directory, to: dir)
+        let dir = try VIST2Tests.patchedCopy(["adapter": ["path": path, "scope": scope]])
         defer { try? FileManager.default.removeItem(at: dir) }
-        let cfgURL = dir.appendingPathComponent("config.json")
-        var cfg = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: cfgURL)) as? [String: Any])
-        cfg["adapter"] = ["path": path, "scope": scope]
-        try JSONSerialization.data(withJSONObject: cfg).write(to: cfgURL)
         let acfg = dir.appendingPathComponent("adapter/adapter_config.json")
         var a = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: acfg)) as? [String: Any])
         edit(&a)

@@ -78,14 +78,20 @@ struct VIST2Tests {
         #expect(bare != visual && visual != all)
     }
 
-    /// A copy of the tiny model with config.json patched by `patch`.
-    static func patchedModel(_ patch: [String: Any], threads: Int = 2) throws -> (VIST2Model, URL) {
+    /// A copy of the tiny model's directory (the caller removes it) with config.json patched by `patch`.
+    static func patchedCopy(_ patch: [String: Any]) throws -> URL {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-patched-\(UUID().uuidString)")
         try FileManager.default.copyItem(at: TinyVIST2Golden.directory, to: dir)
         let cfgURL = dir.appendingPathComponent("config.json")
         var cfg = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: cfgURL)) as? [String: Any])
         for (k, v) in patch { cfg[k] = v }
         try JSONSerialization.data(withJSONObject: cfg).write(to: cfgURL)
+        return dir
+    }
+
+    /// A copy of the tiny model with config.json patched by `patch`, loaded.
+    static func patchedModel(_ patch: [String: Any], threads: Int = 2) throws -> (VIST2Model, URL) {
+        let dir = try patchedCopy(patch)
         do {
             return (try VIST2Model(directory: dir, threads: threads), dir)
         } catch {
