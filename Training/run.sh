@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train (or continue training) the default VIST2 model: every step from a fresh Debian machine.
 #
-#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--adapter RANK:SCOPE] [--tiny]
+#   bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--adapter RANK:SCOPE]
+#                        [--device cpu|cuda|auto] [--gpus G] [--batch N|auto] [--tiny]
 #
 # Each step is skipped when its output already exists, so running this again continues the run
 # from its last checkpoint (Training/train.py resumes exactly):
@@ -18,12 +19,16 @@
 #      --init MODEL_DIR starts a new run from a model directory's encoder and aligner (e.g.
 #      weights/vist2-smollm2-135m; edit run.json's steps_A/steps_B to skip stages).
 #
+# Where it trains (Training/train.py): the CPU by default; --device cuda one GPU; --gpus G runs G
+# processes with torchrun on this machine, one GPU each (DDP; with --device cpu, G CPU processes
+# over Gloo). --batch is the per-process batch (auto: sized to the GPU's memory).
+#
 # --tiny is the smoke test CI runs: a corpus of this repository's own Markdown files, a handful
 # of steps of every stage, minutes not hours. It exercises the same code.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--adapter RANK:SCOPE] [--tiny]}"
+WORK="${1:?usage: bash Training/run.sh WORK_DIR [--minutes N] [--max-steps N] [--config FILE] [--init MODEL_DIR] [--adapter RANK:SCOPE] [--device D] [--gpus G] [--batch N|auto] [--tiny]}"
 shift
 MINUTES=150
 MAX_STEPS=0
@@ -31,6 +36,9 @@ TINY=0
 CONFIG="$ROOT/Training/configs/vist2-smollm2-135m.json"
 INIT=()
 ADAPTER=""
+DEVICE=cpu
+GPUS=1
+BATCH=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --minutes) MINUTES="$2"; shift 2 ;;
@@ -38,6 +46,9 @@ while [[ $# -gt 0 ]]; do
     --config) CONFIG="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --init) INIT=(--init "$2"); shift 2 ;;
     --adapter) ADAPTER="$2"; shift 2 ;;
+    --device) DEVICE="$2"; shift 2 ;;
+    --gpus) GPUS="$2"; shift 2 ;;
+    --batch) BATCH="$2"; shift 2 ;;
     --tiny) TINY=1; shift ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -113,4 +124,8 @@ json.dump(run, open(f"{work}/run/run.json", "w"), indent=1)
 EOF
 fi
 
-exec "$PY" "$ROOT/Training/train.py" --run "$WORK/run" --minutes "$MINUTES" --max-steps "$MAX_STEPS" "${INIT[@]}"
+if [[ ! "$GPUS" =~ ^[1-9][0-9]*$ ]]; then echo "run.sh: --gpus must be a positive number" >&2; exit 2; fi
+TRAIN=("$PY")
+[[ $GPUS == 1 ]] || TRAIN+=(-m torch.distributed.run --standalone --nproc_per_node "$GPUS")
+exec "${TRAIN[@]}" "$ROOT/Training/train.py" --run-dir "$WORK/run" --minutes "$MINUTES" --max-steps "$MAX_STEPS" \
+    --device "$DEVICE" --batch "$BATCH" "${INIT[@]}"

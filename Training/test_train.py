@@ -14,6 +14,7 @@ import sys
 import tempfile
 import unittest
 
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -158,6 +159,110 @@ def compare_checkpoints(a, b):
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(s[k], y["opt"]["state"][i][k]), f"optimiser state {i}.{k} differs"
     print(f"checkpoints agree at step {x['step']}")
+
+
+def tiny_dataset(d, chunks=8, docs=2, seed=3):
+    """A dataset directory as `vist2ctl dataset` writes it, for the tiny model's geometry (64 x
+    128 pixels): random pixels and tokens, chunks in documents so that OLM items exist."""
+    g = np.random.default_rng(seed)
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump({"chunks": chunks, "height": 64, "width": 128}, f)
+    g.integers(0, 256, size=(chunks, 64, 128), dtype=np.uint8).tofile(os.path.join(d, "images.u8"))
+    with open(os.path.join(d, "chunks.jsonl"), "w") as f:
+        for i in range(chunks):
+            n = int(g.integers(5, 12))
+            cells = [c for j in range(n) for c in (j, 2 + 5 * j, 2, 5)]
+            f.write(json.dumps({"doc": f"d{i * docs // chunks}", "index": i % (chunks // docs),
+                                "tokens": g.integers(3, 280, size=n).tolist(), "text": "abcdefghijklmnop"[:n], "cells": cells}) + "\n")
+    return Dataset(d)
+
+
+def shard_gradients(rank, world, data, out, port):
+    """One process of a Gloo run: DDP over StepLoss on its shard of stage C's global batch; rank
+    0 saves the gradients it ends up with (DDP's average over the processes)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    step, items = distributed_setup(data)
+    ddp = torch.nn.parallel.DistributedDataParallel(step, find_unused_parameters=True)
+    step.world = world
+    loss, info = ddp(stage="C", items=train.shard(items, rank, world))
+    loss.backward()
+    if rank == 0:
+        torch.save({"grads": {k: p.grad.clone() for k, p in step.model.named_parameters() if p.grad is not None},
+                    "info": info}, out)
+    dist.barrier()  # a Gloo process that leaves while another still works aborts
+    dist.destroy_process_group()
+
+
+def distributed_setup(data):
+    """The same model (tiny backbone, an encoder with a rank-2 visual adapter) and global batch
+    (4 stage-C items) in every process."""
+    with open(os.path.join(TINY, "config.json")) as f:
+        cfg = json.load(f)
+    ref = VIST2(TINY)
+    bb = ref.backbone
+    for p in bb.parameters():
+        p.requires_grad_(False)
+    ds = Dataset(data)
+    torch.manual_seed(5)
+    model = train.Trainable(cfg, bb.dim, ds.advance())
+    model.init_weights(5)
+    model.add_adapter(bb, {"rank": 2, "scope": "visual"})
+    with torch.no_grad():
+        for p in model.lora.B.values():
+            p.normal_(0, 0.1)  # a trained adapter: B != 0, so A gets gradient too
+    sched = {"max_text": 16, "max_blocks": 3, "ocr_share_C": 0.5, "aux_weight": 0.1, "scale_weight": 0.05}
+    items = train.sample_items(train.step_rng(1, 7), ds, "C", sched, [1, 2, 3], 4)
+    step = train.StepLoss(model, bb, ds, cfg, sched, 1)
+    step.amp = False  # f32, so that only summation order differs
+    return step, items
+
+
+class Distributed(unittest.TestCase):
+    """Training on several processes (torchrun: DDP, one process per GPU) steps as one process
+    with the whole global batch does."""
+
+    def test_shards_of_a_global_batch(self):
+        items = list(range(12))
+        self.assertEqual(train.shard(items, 0, 1), items)
+        self.assertEqual(train.shard(items, 0, 3) + train.shard(items, 1, 3) + train.shard(items, 2, 3), items)
+        a = train.sample_items(train.step_rng(1, 9), TinyData.ds, "C", TinyData.sched, [1], 6)
+        b = train.sample_items(train.step_rng(1, 9), TinyData.ds, "C", TinyData.sched, [1], 6)
+        c = train.sample_items(train.step_rng(1, 10), TinyData.ds, "C", TinyData.sched, [1], 6)
+        self.assertEqual(repr(a), repr(b))
+        self.assertNotEqual(repr(a), repr(c))
+
+    def test_two_processes_match_one(self):
+        import torch.multiprocessing as mp
+        with tempfile.TemporaryDirectory() as d:
+            os.makedirs(os.path.join(d, "data"))
+            tiny_dataset(os.path.join(d, "data"))
+            step, items = distributed_setup(os.path.join(d, "data"))
+            self.assertTrue(any(len(c) > 1 for _, c, _ in items) and any(len(c) == 1 for _, c, _ in items), items)
+            loss, info = step(stage="C", items=items)
+            loss.backward()
+            want = {k: p.grad for k, p in step.model.named_parameters() if p.grad is not None}
+            out = os.path.join(d, "grads.pt")
+            mp.spawn(shard_gradients, args=(2, os.path.join(d, "data"), out, 29500 + os.getpid() % 1000), nprocs=2)
+            got = torch.load(out, weights_only=False)
+            self.assertEqual(sorted(got["grads"]), sorted(want))
+            self.assertTrue(any(k.startswith("lora.") for k in want))
+            for k, g in want.items():
+                # Relative to the gradient, or absolute where it is zero but for rounding (a key
+                # bias shifts every score of a query alike: softmax cancels it).
+                err = (got["grads"][k] - g).norm().item()
+                self.assertLess(err, 1e-5 * g.norm().item() + 1e-7, f"{k}: |g| {g.norm().item():.3g}")
+            for k in ("loss", "lm", "aux", "aux_acc", "v_rms", "tokens", "seq_tokens", "images"):
+                self.assertAlmostEqual(got["info"][k], info[k], places=4, msg=k)
+
+
+class TinyData:
+    """A small dataset shared by tests that only sample from it."""
+    sched = {"max_text": 16, "max_blocks": 3, "ocr_share_C": 0.5}
+    _dir = tempfile.TemporaryDirectory()
+    ds = tiny_dataset(_dir.name)
 
 
 class Adapter(unittest.TestCase):

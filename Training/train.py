@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Train the VIST2 vision encoder and aligner on a frozen backbone (issue 5, VIST2.md section 6).
 
-    python3 Training/train.py --run RUN_DIR [--minutes N] [--tiny]
+    python3 Training/train.py --run RUN_DIR [--minutes N] [--device cpu|cuda|auto] [--batch N|auto]
+    torchrun --nproc_per_node=G Training/train.py --run-dir RUN_DIR --device cuda --batch auto
 
 RUN_DIR/run.json names everything a run needs (written by Training/make_default.sh or by hand):
   {"backbone": HF directory from `vist2ctl export-backbone`, "train": dataset dir, "heldout":
@@ -28,12 +29,23 @@ the rows of visual blocks, "all" every row. It is exported in the PEFT layout to
 named in best/config.json, and the held-out blind losses are then measured under the current
 adapter at every evaluation.
 
+Where it runs: on the CPU by default; with --device cuda on one GPU (bf16 autocast, as on the
+CPU); under torchrun on several processes, one GPU each (DDP over NCCL; over Gloo with --device
+cpu). Every process draws the same global batch of a step from a generator seeded by (seed,
+step) and takes its own contiguous shard, so a run on G processes with per-process batch b steps
+as one process with batch G x b does (test_train.py checks the gradients). --batch sets the
+per-process batch of stages B and C (stage A in the schedule's ratio); "auto" sizes it to the
+GPU's free memory from one probe step. Learning rates are the schedule's whatever the batch.
+Rank 0 alone evaluates, exports and writes checkpoints and the log; the log records tokens/s
+(positions through the backbone, all processes) and images/s per step and over each 10 steps.
+
 Checkpoints: RUN_DIR/checkpoint.pt every --checkpoint-minutes (atomic rename) and at the end;
-a run resumes from it exactly (model, optimiser, step, RNG states, data order). Every step
+a run resumes from it exactly (model, optimiser, step; the data order follows from the step). Every step
 appends to RUN_DIR/log.jsonl; held-out evaluations too. RUN_DIR/best/ holds the model directory
 (config.json + vision.safetensors) of the best held-out score of the latest stage.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -44,7 +56,9 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -167,36 +181,38 @@ def build(bb, instr, blocks, text, m, causal=False):
     there are no blocks). causal: a block's tokens attend to the block causally (the config's
     block_attention "causal") instead of bidirectionally."""
     P, k, n = len(instr), len(blocks), len(text)
-    parts = [bb.embed(torch.as_tensor(instr, dtype=torch.long))] if P else []
+    dev = bb.embed.weight.device
+    parts = [bb.embed(torch.as_tensor(instr, dtype=torch.long, device=dev))] if P else []
     parts += blocks
-    parts.append(bb.embed(torch.as_tensor(text, dtype=torch.long)))
+    parts.append(bb.embed(torch.as_tensor(text, dtype=torch.long, device=dev)))
     x = torch.cat(parts)
     T = P + k * m + n
-    kind = torch.tensor([0] * P + [2] * (k * m) + [1] * n)
-    chunk = torch.tensor([-1] * P + [i for i in range(k) for _ in range(m)] + [k] * n)
-    pos = torch.tensor(list(range(P)) + [P + i * m + j for i in range(k) for j in range(m)] + [P + k * m + t for t in range(n)])
-    idx = torch.arange(T)
+    kind = torch.tensor([0] * P + [2] * (k * m) + [1] * n, device=dev)
+    chunk = torch.tensor([-1] * P + [i for i in range(k) for _ in range(m)] + [k] * n, device=dev)
+    pos = torch.tensor(list(range(P)) + [P + i * m + j for i in range(k) for j in range(m)] + [P + k * m + t for t in range(n)], device=dev)
+    idx = torch.arange(T, device=dev)
     qk, kk = kind[:, None], kind[None, :]
     qc, kc = chunk[:, None], chunk[None, :]
     qi, ki = idx[:, None], idx[None, :]
     allowed = ((kk == 0) & ((qk != 0) | (ki <= qi))) | ((kk == 2) & (kc < qc)) | ((qk == 1) & (kk == 1) & (ki <= qi)) | (
         (qk == 2) & (kk == 2) & (kc == qc) & ((ki <= qi) | (not causal)))
     first_pred = P + k * m - 1
-    pred_rows = torch.tensor([first_pred] + list(range(P + k * m, T - 1)))
+    pred_rows = torch.tensor([first_pred] + list(range(P + k * m, T - 1)), device=dev)
     return x, pos, allowed, pred_rows
 
 
-def lm_loss(bb, seqs, targets, lora=None, visual=None):
-    """Mean cross-entropy over all target tokens of a padded batch of sequences. With `lora`, the
-    adapter acts on the rows `visual` marks (a (T_b,) bool mask per sequence) or on every row
-    when visual is None."""
+def lm_loss(bb, seqs, targets, lora=None, visual=None, reduction="mean", amp=True):
+    """Cross-entropy over all target tokens of a padded batch of sequences: their mean, or with
+    reduction "sum" their sum; and the number of tokens. With `lora`, the adapter acts on the rows
+    `visual` marks (a (T_b,) bool mask per sequence) or on every row when visual is None. Runs on
+    the device the sequences are on, in bf16 autocast (amp=False: in f32)."""
     T = max(s[0].shape[0] for s in seqs)
     B, D = len(seqs), seqs[0][0].shape[1]
-    x = torch.zeros(B, T, D)
-    pos = torch.zeros(B, T)
-    rows_mask = None if visual is None else torch.zeros(B, T, dtype=torch.bool)
-    allowed = torch.zeros(B, T, T, dtype=torch.bool)
-    allowed[:, torch.arange(T), torch.arange(T)] = True  # padding rows attend to themselves
+    dev = seqs[0][0].device
+    pos = torch.zeros(B, T, device=dev)
+    rows_mask = None if visual is None else torch.zeros(B, T, dtype=torch.bool, device=dev)
+    allowed = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+    allowed[:, torch.arange(T, device=dev), torch.arange(T, device=dev)] = True  # padding rows attend to themselves
     rows, tgt, bi = [], [], []
     xs = []
     for b, (e, p, a, r) in enumerate(seqs):
@@ -207,50 +223,58 @@ def lm_loss(bb, seqs, targets, lora=None, visual=None):
         if rows_mask is not None:
             rows_mask[b, :t] = visual[b]
         rows.append(r)
-        tgt.append(torch.as_tensor(targets[b], dtype=torch.long))
-        bi.append(torch.full((len(r),), b))
+        tgt.append(torch.as_tensor(targets[b], dtype=torch.long, device=dev))
+        bi.append(torch.full((len(r),), b, device=dev))
     x = torch.stack(xs)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         h = bb.hidden(x, pos, allowed, lora, rows_mask)
         sel = h[torch.cat(bi), torch.cat(rows)]
         logits = sel @ bb.embed.weight.T
-    return F.cross_entropy(logits.float(), torch.cat(tgt)), int(sum(len(t) for t in tgt))
+    return F.cross_entropy(logits.float(), torch.cat(tgt), reduction=reduction), int(sum(len(t) for t in tgt))
 
 
 # ---------------------------------------------------------------- training
 
-def aux_loss(model, ds, idx, aux_logits, cfg):
+def aux_terms(model, ds, idx, aux_logits, cfg):
+    """The reading objective over images idx: (weighted cross-entropy summed over cells, the sum
+    of the weights, cells with ink read right, cells with ink). Empty cells weigh 0.2."""
     r = cfg["render"]
     region = 16 * model.merge
     tg = torch.stack([ds.aux_targets(i, region, model.slot_h, model.slot_w, r["line_height"]) for i in idx])
     logits = aux_logits.float().reshape(-1, N_CLASSES)
-    t = tg.reshape(-1)
+    t = tg.reshape(-1).to(logits.device)
     w = torch.where(t == 0, 0.2, 1.0)
-    loss = (F.cross_entropy(logits, t, reduction="none") * w).sum() / w.sum()
+    total = (F.cross_entropy(logits, t, reduction="none") * w).sum()
     with torch.no_grad():
         ink = t != 0
-        acc = (logits.argmax(-1)[ink] == t[ink]).float().mean().item() if ink.any() else 0.0
-    return loss, acc
+        right = int((logits.argmax(-1)[ink] == t[ink]).sum().item())
+    return total, float(w.sum().item()), right, int(ink.sum().item())
 
 
-def sample_batch(rng, ds, stage, sched, ocr_ids, m, model):
-    """Returns (images to encode, sequence specs). A spec: (instr ids, [image slots], text ids)."""
-    specs, images = [], []
-    bs = sched["batch_" + stage]
-    for _ in range(bs):
-        r = rng.random()
+def aux_loss(model, ds, idx, aux_logits, cfg):
+    """(mean of aux_terms' weighted loss, per-cell accuracy on cells with ink)."""
+    total, weight, right, ink = aux_terms(model, ds, idx, aux_logits, cfg)
+    return total / weight, (right / ink if ink else 0.0)
+
+
+def sample_items(rng, ds, stage, sched, ocr_ids, n):
+    """The global batch of one step: n items drawn with rng. Stage A: chunk indices to read. B and
+    C: (instruction ids, [chunks shown as visual blocks, in order], text ids of the chunk to
+    predict): OCR (the OCR prompt, a chunk, its own text), continuation (B: a chunk, the next
+    chunk's text) or OLM (C: up to max_blocks earlier chunks of a document, the next one's text)."""
+    items = []
+    for _ in range(n):
         if stage == "A":
-            images.append(rng.randrange(ds.n))
+            items.append(rng.randrange(ds.n))
             continue
+        r = rng.random()
         if stage == "B":
             kind = "ocr" if r < sched.get("ocr_share_B", 0.7) else "cont"
         else:
             kind = "ocr" if r < sched.get("ocr_share_C", 0.3) else "olm"
         if kind == "ocr" or not ds.followers:
             i = rng.randrange(ds.n)
-            slot = len(images)
-            images.append(i)
-            specs.append((ocr_ids, [slot], ds.tokens[i][: sched["max_text"]]))
+            items.append((list(ocr_ids), [i], ds.tokens[i][: sched["max_text"]]))
         else:
             j = ds.followers[rng.randrange(len(ds.followers))]
             # Earlier chunks of the same document, at most max_blocks of them.
@@ -259,40 +283,87 @@ def sample_batch(rng, ds, stage, sched, ocr_ids, m, model):
             while k < kmax and j - k - 1 >= 0 and ds.docs[j - k - 1] == ds.docs[j] and ds.index[j - k - 1] == ds.index[j] - k - 1:
                 k += 1
             k = rng.randint(1, k)
-            slots = []
-            for i in range(j - k, j):
-                slots.append(len(images))
-                images.append(i)
-            specs.append(([], slots, ds.tokens[j][: sched["max_text"]]))
-    return images, specs
+            items.append(([], list(range(j - k, j)), ds.tokens[j][: sched["max_text"]]))
+    return items
 
 
-def step_loss(model, bb, ds, rng, stage, sched, ocr_ids, cfg):
-    m = model.gh * model.gw // model.merge ** 2
-    images, specs = sample_batch(rng, ds, stage, sched, ocr_ids, m, model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        v, aux = model(ds.pixels(images))
-    v = v.float()
-    la, acc = aux_loss(model, ds, images, aux, cfg)
-    # Scale: each visual token's RMS against the RMS of the backbone's token embeddings. Left
-    # alone, the aligner's tanh saturates (most outputs near +-1, RMS ~6x a token embedding's),
-    # which starves it of gradient; scale_weight > 0 pulls visual tokens to the scale of text.
-    # (Free visual tokens optimised for OCR settle at ~3x, Training/capacity.py; see
-    # Training/EXPERIMENTS.md before using it.)
-    ratio = v.pow(2).mean(-1).sqrt() / bb.embed_rms
-    ls = (ratio - 1).pow(2).mean()
-    sw = sched.get("scale_weight", 0.0)
-    if stage == "A":
-        return la + sw * ls, {"aux": la.item(), "aux_acc": acc, "v_rms": ratio.mean().item()}
-    seqs, targets, shapes = [], [], []
-    for instr, slots, text in specs:
-        e, p, a, r = build(bb, list(instr), [v[s] for s in slots], text, m, causal_blocks(cfg))
-        seqs.append((e, p, a, r))
-        targets.append(text)
-        shapes.append((e, len(instr), len(slots)))
-    ll, n = lm_loss(bb, seqs, targets, *model.adapted(shapes))
-    loss = ll + sched.get("aux_weight", 0.1) * la + sw * ls
-    return loss, {"lm": ll.item(), "aux": la.item(), "aux_acc": acc, "v_rms": ratio.mean().item(), "tokens": n}
+def step_rng(seed, step):
+    """The data order: step s of a run draws its global batch from its own generator, so every
+    process of a multi-GPU run draws the same batch and takes its shard of it, and a resumed run
+    (any number of processes) continues the same sequence of batches."""
+    return random.Random(f"vist2-train:{seed}:{step}")
+
+
+def shard(items, rank, world):
+    """Process rank's contiguous share of a global batch (its length is a multiple of world)."""
+    n = len(items) // world
+    return items[rank * n:(rank + 1) * n]
+
+
+class StepLoss(nn.Module):
+    """One step's loss on one process's shard, as a module: the DDP wrapper of a multi-process run
+    wraps this, so every trained parameter (encoder, aligner, reading head, adapter) is used inside
+    its forward. Each term is a sum over the shard divided by the count over the whole global
+    batch (one all-reduce of the counts), times the number of processes, because DDP averages the
+    processes' gradients: N processes with shards of a batch step exactly as one process with
+    the whole batch does (up to summation order). The frozen backbone and the data are held
+    outside the module tree, so that DDP neither broadcasts nor buckets them."""
+
+    def __init__(self, model, bb, ds, cfg, sched, world):
+        super().__init__()
+        self.model = model
+        self.outside = (bb, ds)
+        self.cfg, self.sched, self.world = cfg, sched, world
+        self.amp = True  # bf16 autocast (tests compare in f32)
+
+    def forward(self, stage, items):
+        model, (bb, ds), cfg, sched = self.model, self.outside, self.cfg, self.sched
+        dev = bb.embed.weight.device
+        m = model.gh * model.gw // model.merge ** 2
+        if stage == "A":
+            images, specs = list(items), []
+        else:
+            images, specs = [], []
+            for instr, chunks, text in items:
+                specs.append((instr, list(range(len(images), len(images) + len(chunks))), text))
+                images += chunks
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            v, aux = model(ds.pixels(images).to(dev, non_blocking=True))
+        v = v.float()
+        a_sum, a_weight, right, ink = aux_terms(model, ds, images, aux, cfg)
+        # Scale: each visual token's RMS against the RMS of the backbone's token embeddings. Left
+        # alone, the aligner's tanh saturates (most outputs near +-1, RMS ~6x a token embedding's),
+        # which starves it of gradient; scale_weight > 0 pulls visual tokens to the scale of text.
+        # (Free visual tokens optimised for OCR settle at ~3x, Training/capacity.py; see
+        # Training/EXPERIMENTS.md before using it.)
+        ratio = v.pow(2).mean(-1).sqrt() / bb.embed_rms
+        s_sum = (ratio - 1).pow(2).sum()
+        l_sum, n_text, n_seq = torch.zeros((), device=dev), 0, 0
+        if specs:
+            seqs, targets, shapes = [], [], []
+            for instr, slots, text in specs:
+                e, p, a, r = build(bb, list(instr), [v[s] for s in slots], text, m, causal_blocks(cfg))
+                seqs.append((e, p, a, r))
+                targets.append(text)
+                shapes.append((e, len(instr), len(slots)))
+                n_seq += e.shape[0]
+            l_sum, n_text = lm_loss(bb, seqs, targets, *model.adapted(shapes), reduction="sum", amp=self.amp)
+        # Global counts (and sums, for the log) over every process's shard.
+        stats = torch.tensor([l_sum.item(), a_sum.item(), s_sum.item(), ratio.sum().item(), n_text, a_weight, ratio.numel(),
+                              right, ink, n_seq, len(images)], dtype=torch.float64, device=dev)
+        if self.world > 1:
+            dist.all_reduce(stats)
+        L, A, S, R, n_text_all, a_weight_all, n_vis, right_all, ink_all, seq_all, img_all = stats.tolist()
+        sw = sched.get("scale_weight", 0.0)
+        loss = self.world * (a_sum / a_weight_all * (1.0 if stage == "A" else sched.get("aux_weight", 0.1)) + sw * s_sum / n_vis)
+        info = {"aux": A / a_weight_all, "aux_acc": right_all / ink_all if ink_all else 0.0, "v_rms": R / n_vis}
+        if stage != "A":
+            loss = loss + self.world * l_sum / max(n_text_all, 1)
+            info.update({"lm": L / max(n_text_all, 1), "tokens": int(n_text_all), "seq_tokens": int(seq_all)})
+        info["images"] = int(img_all)
+        # The loss as one process with the whole batch would report it.
+        info["loss"] = info.get("lm", 0.0) + info["aux"] * (1.0 if stage == "A" else sched.get("aux_weight", 0.1)) + sw * S / n_vis
+        return loss, info
 
 
 def eval_chunks(ds, n):
@@ -319,7 +390,7 @@ def blind_losses(bb, ds, cfg, ocr_ids, n_eval, m, model=None):
     near its blind value means the backbone reads nothing from the visual tokens. Without an
     adapter the backbone is frozen and the chunks are fixed, so a run computes these once."""
     idx, fol = eval_chunks(ds, n_eval)
-    causal, zeros = causal_blocks(cfg), torch.zeros(m, bb.dim)
+    causal, zeros = causal_blocks(cfg), torch.zeros(m, bb.dim, device=bb.embed.weight.device)
     out = {"ocr_blind": float(np.mean([sequence_loss(bb, list(ocr_ids), zeros, ds.tokens[i], m, causal, model) for i in idx]))}
     if fol:
         out["olm_blind"] = float(np.mean([sequence_loss(bb, [], zeros, ds.tokens[j], m, causal, model) for j in fol]))
@@ -332,17 +403,18 @@ def evaluate(model, bb, ds, cfg, ocr_ids, n_eval, stage, blind=None):
     with them `blind` (blind_losses()) so that the log shows what the visual tokens add."""
     model.eval()
     m = model.gh * model.gw // model.merge ** 2
+    dev = bb.embed.weight.device
     idx, fol = eval_chunks(ds, n_eval)
     causal = causal_blocks(cfg)
     accs, ocr, olm = [], [], []
     for i in idx:
-        v, aux = model(ds.pixels([i]))
+        v, aux = model(ds.pixels([i]).to(dev))
         accs.append(aux_loss(model, ds, [i], aux, cfg)[1])
         if stage != "A":
             ocr.append(sequence_loss(bb, list(ocr_ids), v[0], ds.tokens[i], m, causal, model))
     if stage != "A":
         for j in fol:
-            v, _ = model(ds.pixels([j - 1]))
+            v, _ = model(ds.pixels([j - 1]).to(dev))
             olm.append(sequence_loss(bb, [], v[0], ds.tokens[j], m, causal, model))
     model.train()
     out = {"aux_acc": float(np.mean(accs))}
@@ -383,16 +455,120 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+class Runtime:
+    """Where this process trains: its device and its place in a multi-process run. torchrun sets
+    RANK, WORLD_SIZE and LOCAL_RANK; without them there is one process. CUDA processes talk
+    over NCCL (one GPU each: LOCAL_RANK's), CPU processes over Gloo."""
+
+    def __init__(self, device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit("train.py: --device cuda, but PyTorch sees no CUDA device")
+            torch.cuda.set_device(local)
+            self.dev = torch.device("cuda", local)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        elif device == "cpu":
+            self.dev = torch.device("cpu")
+        else:
+            raise SystemExit(f"train.py: --device must be cpu, cuda or auto, got {device!r}")
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.dev.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def agree(self, flag):
+        """Rank 0's decision, for every process (whether to stop: only rank 0's clock counts)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.dev)
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def smallest(self, n):
+        if self.world == 1:
+            return n
+        t = torch.tensor([float(n)], device=self.dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def same_weights(self, model):
+        """True when every process holds bit-identical trained weights (what DDP keeps in step)."""
+        if self.world == 1:
+            return True
+        h = hashlib.sha256()
+        for _, p in sorted(model.state_dict().items()):
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        mine = torch.tensor([int.from_bytes(h.digest()[:7], "little")], dtype=torch.int64, device=self.dev)
+        every = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        return all(torch.equal(e, every[0]) for e in every)
+
+    def close(self):
+        if self.world > 1:
+            dist.barrier()  # a Gloo process that leaves while another still works aborts
+            dist.destroy_process_group()
+
+
+def batches(sched, batch):
+    """Per-process batch of each stage: the schedule's, or --batch N for stages B and C with stage
+    A scaled by the schedule's ratio."""
+    out = {st: int(sched["batch_" + st]) for st in "ABC"}
+    if batch:
+        out = {"A": max(1, batch * out["A"] // out["B"]), "B": batch, "C": batch}
+    return out
+
+
+def auto_batch(step, rt, ds, sched, ocr_ids, probe=4, cap=64):
+    """--batch auto on CUDA: the per-process batch of stages B and C that fills about half of the
+    GPU's free memory, from the peak memory of one probe step of `probe` stage-C sequences (the
+    longest: several blocks and a chunk of text; nothing is updated). The same on every process
+    (the smallest); at most `cap`."""
+    if rt.dev.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(rt.dev)
+    base = torch.cuda.memory_allocated(rt.dev)
+    items = sample_items(random.Random("vist2-probe"), ds, "C", dict(sched, ocr_share_C=0.0), ocr_ids, probe)
+    loss, _ = step(stage="C", items=items)
+    loss.backward()
+    step.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated(rt.dev) - base
+    del loss
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(rt.dev)
+    per = max(1, peak // probe)
+    n = rt.smallest(max(1, min(cap, int(0.5 * free / per))))
+    if rt.main:
+        print(f"batch auto: {peak / 2**30:.2f} GiB for {probe} sequences, {free / 2**30:.1f} GiB free -> {n} per process",
+              flush=True)
+    return n
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="run directory with run.json")
+    ap.add_argument("--run-dir", "--run", dest="run", required=True, help="run directory with run.json (--run-dir under torchrun, whose own --run-path --run would abbreviate)")
     ap.add_argument("--minutes", type=float, default=120, help="stop (with a checkpoint) after this long")
     ap.add_argument("--checkpoint-minutes", type=float, default=5)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this step (0 = the schedule's end)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda (one GPU per process: LOCAL_RANK's) or auto")
+    ap.add_argument("--batch", default="0", help="per-process batch of stages B and C (stage A scaled by the "
+                    "schedule's ratio); auto: sized to the GPU's memory; 0: the schedule's")
     ap.add_argument("--init", help="a new run starts from this model directory's vision encoder and aligner (same "
                     "geometry and sizes; the reading head starts fresh); ignored when the run has a checkpoint")
     args = ap.parse_args()
+    if args.batch != "auto" and not (args.batch.isdigit()):
+        raise SystemExit(f"train.py: --batch must be a number or auto, got {args.batch!r}")
+    rt = Runtime(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     with open(os.path.join(args.run, "run.json")) as f:
@@ -402,41 +578,60 @@ def main():
         cfg = json.load(f)
     ocr_ids = run["ocr_prompt_ids"]
     cfg["ocr_prompt"] = run["ocr_prompt"]
+    seed = run.get("seed", 1)
 
     bb = Backbone(run["backbone"])
     for p in bb.parameters():
         p.requires_grad_(False)
+    bb.to(rt.dev)
     train = Dataset(run["train"], run.get("max_train_chunks", 0))
     held = Dataset(run["heldout"], run.get("max_heldout_chunks", 0))
+    torch.manual_seed(seed)
     model = Trainable(cfg, bb.dim, train.advance())
-    model.init_weights(run.get("seed", 1))
+    model.init_weights(seed)
     model.add_adapter(bb, run.get("adapter"))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
     ckpt = os.path.join(args.run, "checkpoint.pt")
-    step, rng, best = 0, random.Random(run.get("seed", 1)), {}
-    torch.manual_seed(run.get("seed", 1))
+    step, best = 0, {}
     elapsed0 = 0.0
     if args.init and not os.path.exists(ckpt):
         model.load_model_dir(args.init, cfg, bb)
-        print(f"initialised from {args.init}", flush=True)
+        if rt.main:
+            print(f"initialised from {args.init}", flush=True)
+    model.to(rt.dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
     if os.path.exists(ckpt):
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, best, elapsed0 = st["step"], st["best"], st["elapsed"]
-        rng.setstate(st["rng"])
         torch.set_rng_state(st["torch_rng"])
-        print(f"resumed at step {step} ({elapsed0 / 3600:.2f} h trained)", flush=True)
+        if rt.main:
+            print(f"resumed at step {step} ({elapsed0 / 3600:.2f} h trained)", flush=True)
+    step_loss = StepLoss(model, bb, train, cfg, sched, rt.world)
+    per = batches(sched, 0 if args.batch == "auto" else int(args.batch))
+    if args.batch == "auto":
+        n = auto_batch(step_loss, rt, train, sched, ocr_ids)
+        if n:
+            per = batches(sched, n)
+    ddp = step_loss
+    if rt.world > 1:
+        # find_unused_parameters: stage A leaves the adapter (and, without the scale term, the
+        # aligner's projection) out of the loss.
+        ddp = DDP(step_loss, device_ids=[rt.dev.index] if rt.dev.type == "cuda" else None, find_unused_parameters=True)
     total = sched["steps_A"] + sched["steps_B"] + sched["steps_C"]
     if args.max_steps:
         total = min(total, args.max_steps)
-    log = open(os.path.join(args.run, "log.jsonl"), "a")
+    log = open(os.path.join(args.run, "log.jsonl"), "a") if rt.main else None
+    if rt.main:
+        print(json.dumps({"device": str(rt.dev), "processes": rt.world, "batch_per_process": per,
+                          "global_batch": {k: v * rt.world for k, v in per.items()}}), flush=True)
     t0 = time.time()
     last_ckpt = t0
 
     def state():
-        return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best, "rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(), "elapsed": elapsed0 + time.time() - t0, "run": run}
+        return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                "torch_rng": torch.get_rng_state(), "elapsed": elapsed0 + time.time() - t0, "run": run,
+                "processes": rt.world, "batch_per_process": per}
 
     blind = {}
 
@@ -458,32 +653,55 @@ def main():
             with open(os.path.join(args.run, "best", "eval.json"), "w") as f:
                 json.dump(rec, f)
 
-    while step < total and time.time() - t0 < args.minutes * 60:
+    window = {"sec": 0.0, "seq_tokens": 0, "images": 0}
+    while step < total and not rt.agree(time.time() - t0 >= args.minutes * 60):
         st_ = stage_at(step, sched)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, sched)
         ts = time.time()
-        loss, info = step_loss(model, bb, train, rng, st_, sched, ocr_ids, cfg)
+        items = shard(sample_items(step_rng(seed, step), train, st_, sched, ocr_ids, per[st_] * rt.world), rt.rank, rt.world)
+        loss, info = ddp(stage=st_, items=items)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if rt.dev.type == "cuda":
+            torch.cuda.synchronize(rt.dev)
         step += 1
-        info.update({"step": step, "stage": st_, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "sec": round(time.time() - ts, 3),
+        sec = time.time() - ts
+        # Throughput over the whole run (every process): positions through the backbone and
+        # images through the encoder per second.
+        info.update({"step": step, "stage": st_, "lr": opt.param_groups[0]["lr"], "sec": round(sec, 3),
+                     "tok_s": round(info.get("seq_tokens", 0) / sec, 1), "img_s": round(info["images"] / sec, 2),
                      "hours": round((elapsed0 + time.time() - t0) / 3600, 4)})
-        log.write(json.dumps(info) + "\n")
+        for k in window:
+            window[k] += sec if k == "sec" else info.get(k, 0)
+        if rt.main:
+            log.write(json.dumps(info) + "\n")
+            if step % 10 == 0:
+                log.flush()
+                info["tok_s_10"] = round(window["seq_tokens"] / window["sec"], 1)
+                info["img_s_10"] = round(window["images"] / window["sec"], 2)
+                print(json.dumps(info), flush=True)
         if step % 10 == 0:
-            log.flush()
-            print(json.dumps(info), flush=True)
+            window = dict.fromkeys(window, 0)
         boundary = step in (sched["steps_A"], sched["steps_A"] + sched["steps_B"])
         if step % sched.get("eval_every", 200) == 0 or boundary or step == total:
-            do_eval()
-        if time.time() - last_ckpt > args.checkpoint_minutes * 60:
+            if rt.main:
+                do_eval()
+            rt.barrier()
+        if rt.main and time.time() - last_ckpt > args.checkpoint_minutes * 60:
             save_checkpoint(ckpt, state())
             last_ckpt = time.time()
-    save_checkpoint(ckpt, state())
-    log.close()
-    print(f"stopped at step {step} of {total}", flush=True)
+    if rt.main:
+        save_checkpoint(ckpt, state())
+        log.close()
+        print(f"stopped at step {step} of {total}", flush=True)
+    if not rt.same_weights(model):
+        raise SystemExit("train.py: the processes ended with different weights")
+    if rt.main and rt.world > 1:
+        print(f"{rt.world} processes agree on the weights", flush=True)
+    rt.close()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
 def rope(x, pos, base):
     """Rotate-half RoPE (Hugging Face layout). x: (..., T, heads, hd); pos: (..., T) positions."""
     hd = x.shape[-1]
-    inv = base ** (-torch.arange(0, hd // 2, dtype=torch.float64) * 2 / hd)
+    inv = base ** (-torch.arange(0, hd // 2, dtype=torch.float64, device=x.device) * 2 / hd)
     ang = pos.to(torch.float64)[..., None] * inv
     cos, sin = ang.cos().to(x.dtype)[..., None, :], ang.sin().to(x.dtype)[..., None, :]
     a, b = x[..., : hd // 2], x[..., hd // 2:]
@@ -110,7 +110,7 @@ class Backbone(nn.Module):
         states (B, T, dim)."""
         B, T, _ = x.shape
         g = self.heads // self.kv_heads
-        bias = torch.zeros(B, 1, T, T, dtype=x.dtype).masked_fill(~mask[:, None], float("-inf"))
+        bias = torch.zeros(B, 1, T, T, dtype=x.dtype, device=x.device).masked_fill(~mask[:, None], float("-inf"))
 
         def proj(i, L, name, h):
             y = getattr(L, name)(h)
