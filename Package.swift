@@ -7,6 +7,7 @@
 //            -> VistRender -> CFreeType, CImageIO, Crypto
 //   vist2d -> VistServer -> VistEngine, VistWire, VistProtocol, VistCache -> CVistKernels, Crypto
 //   vist2ctl -> VistClient -> VistWire, VistProtocol
+//   vist2-render -> VistRender (the renderer alone, for training machines)
 //   VistWire (framing) depends on nothing; VistCache (the on-disk store) knows no engine types.
 // The engine imports nothing of the daemon, the CLI or the wire protocol.
 import PackageDescription
@@ -17,6 +18,7 @@ let package = Package(
     products: [
         .executable(name: "vist2ctl", targets: ["vist2ctl"]),
         .executable(name: "vist2d", targets: ["vist2d"]),
+        .executable(name: "vist2-render", targets: ["vist2-render"]),
         .library(name: "VistEngine", targets: ["VistEngine"]),
     ],
     dependencies: [
@@ -79,6 +81,12 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // The renderer alone, for training machines without Swift (scripts/build-render-tool.sh
+        // links it statically): it renders what `vist2ctl dataset --text-only` cut and tokenized.
+        .executableTarget(
+            name: "vist2-render",
+            dependencies: ["VistRender", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
         // Fuzz harnesses and their libFuzzer targets (scripts/fuzz.sh builds them with
         // --sanitize=fuzzer -DFUZZING; a normal build makes input replayers of them).
         .target(name: "VistFuzz", dependencies: ["VistServer", "VistEngine", "VistWire", "VistProtocol"]),
@@ -98,6 +106,6 @@ let package = Package(
             name: "VistEngineTests", dependencies: ["VistEngine"],
             resources: [.copy("Fixtures")]),
         // Runs the built vist2ctl binary as a user would (depending on it makes `swift test` build it).
-        .testTarget(name: "CLITests", dependencies: ["vist2ctl", "vist2d", "VistEngine", "VistClient"]),
+        .testTarget(name: "CLITests", dependencies: ["vist2ctl", "vist2d", "vist2-render", "VistEngine", "VistClient"]),
     ]
 )

@@ -43,7 +43,7 @@ struct ExportBackbone: ParsableCommand {
 }
 
 /// `vist2ctl dataset`: training examples from a corpus, through the engine's own chunker,
-/// tokenizer and renderer.
+/// tokenizer and renderer (the layout: VistRender's `DatasetWriter`).
 struct Dataset: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Cut a JSONL corpus into a VIST2 model's chunks and render them, for the training code.",
@@ -55,7 +55,10 @@ struct Dataset: ParsableCommand {
             text, and the cell of every drawn character as [scalar index, x, y, advance] \
             quadruples flattened: left and top edge in canvas pixels and width; the height is \
             the line height) and meta.json (geometry, counts, the model fingerprint). \
-            Chunks are written in document order; --max-chunks stops after that many.
+            Chunks are written in document order; --max-chunks stops after that many. \
+            With --text-only the chunks are cut and tokenized but not rendered (no images, no \
+            cells, "text_only": true): a compact corpus that `vist2-render dataset` renders \
+            where there is no Swift toolchain, into exactly the files this command writes.
             """)
 
     @OptionGroup var modelOptions: ModelOptions
@@ -65,6 +68,9 @@ struct Dataset: ParsableCommand {
 
     @Option(name: .long, help: "Stop after this many chunks (0 = the whole corpus).")
     var maxChunks = 0
+
+    @Flag(help: "Cut and tokenize only; render later with vist2-render.")
+    var textOnly = false
 
     @Flag(help: "Print one JSON object with the counts.")
     var json = false
@@ -81,53 +87,18 @@ struct Dataset: ParsableCommand {
         var text: String
     }
 
-    struct Record: Encodable {
-        var doc: String
-        var index: Int
-        var tokens: [Int32]
-        var text: String
-        var cells: [Int]
-    }
-
-    struct Meta: Encodable {
-        var chunks: Int
-        var documents: Int
-        var tokens: Int
-        var height: Int
-        var width: Int
-        var line_height: Int
-        var margin: Int
-        /// The tile size of a tiled layout (the page is the canvas when absent).
-        var tile: Int?
-        var model_fingerprint: String
-        var chunk_length: Int
-        var visual_tokens: Int
-    }
-
     func run() throws {
         try runReportingErrors(json: json) {
             let model = try modelOptions.loadVIST2()
-            let fm = FileManager.default
-            do { try fm.createDirectory(atPath: out, withIntermediateDirectories: true) } catch {
-                throw EngineError.io("cannot create \(out): \(error.localizedDescription)")
-            }
             guard let input = FileHandle(forReadingAtPath: corpus) else { throw EngineError.io("cannot read \(corpus)") }
-            func create(_ name: String) throws(EngineError) -> FileHandle {
-                let p = out + "/" + name
-                guard fm.createFile(atPath: p, contents: nil), let h = FileHandle(forWritingAtPath: p) else {
-                    throw EngineError.io("cannot write \(p)")
-                }
-                return h
+            func rendering<T>(_ body: () throws(RenderError) -> T) throws(EngineError) -> T {
+                do { return try body() } catch { throw EngineError.io(error.description) }
             }
-            let images = try create("images.u8")
-            let records = try create("chunks.jsonl")
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-            var nChunks = 0, nDocs = 0, nTokens = 0, lineNo = 0
+            let writer = try rendering { () throws(RenderError) in
+                try DatasetWriter(directory: out, renderer: textOnly ? nil : model.renderer)
+            }
+            var nDocs = 0, lineNo = 0
             var pending = Data()
-            func write(_ h: FileHandle, _ d: Data) throws(EngineError) {
-                do { try h.write(contentsOf: d) } catch { throw EngineError.io("cannot write to \(out): \(error.localizedDescription)") }
-            }
             reading: while true {
                 let block = input.readData(ofLength: 1 << 20)
                 pending.append(block)
@@ -146,37 +117,23 @@ struct Dataset: ParsableCommand {
                     }
                     nDocs += 1
                     for (i, c) in model.chunker.chunks(line.text).enumerated() {
-                        let img = model.renderer.render(c.text).image
                         let ids = model.language.tokenizer.encode(String(c.text), addSpecial: false)
-                        var cells: [Int] = []
-                        for p in model.renderer.placements(c.text) { cells += [p.scalar, p.x, p.y, p.advance] }
-                        try write(images, Data(img.pixels))
-                        var rec =
-                            (try? enc.encode(Record(doc: line.id, index: i, tokens: ids, text: String(c.text), cells: cells))) ?? Data()
-                        rec.append(0x0A)
-                        try write(records, rec)
-                        nChunks += 1
-                        nTokens += ids.count
-                        if maxChunks > 0 && nChunks >= maxChunks { break reading }
+                        try rendering { () throws(RenderError) in try writer.add(doc: line.id, index: i, tokens: ids, text: c.text) }
+                        if maxChunks > 0 && writer.chunks >= maxChunks { break reading }
                     }
                 }
                 pending = Data(pending[start...])
                 if block.isEmpty { break }
             }
-            try? images.close()
-            try? records.close()
-            let r = model.config.render
-            let meta = Meta(
-                chunks: nChunks, documents: nDocs, tokens: nTokens, height: r.height, width: r.width, line_height: r.lineHeight,
-                margin: r.margin, tile: r.tile, model_fingerprint: model.fingerprint, chunk_length: model.chunkLength,
-                visual_tokens: model.visualTokens)
-            guard fm.createFile(atPath: out + "/meta.json", contents: (try? enc.encode(meta)) ?? Data()) else {
-                throw EngineError.io("cannot write \(out)/meta.json")
+            let meta = try rendering { () throws(RenderError) in
+                try writer.finish(
+                    documents: nDocs, render: model.config.render, modelFingerprint: model.fingerprint, chunkLength: model.chunkLength,
+                    visualTokens: model.visualTokens)
             }
             if json {
                 printJSON(meta)
             } else {
-                print("\(nChunks) chunks (\(nTokens) tokens) from \(nDocs) documents -> \(out)/")
+                print("\(meta.chunks) chunks (\(meta.tokens) tokens) from \(nDocs) documents -> \(out)/\(textOnly ? " (text only)" : "")")
             }
         }
     }

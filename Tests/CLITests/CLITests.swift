@@ -5,17 +5,25 @@ import VistEngine
 /// Runs vist2ctl from the same build directory as this test bundle (as `user`, through setpriv,
 /// when given: the test then runs as root).
 func vist2ctl(_ args: [String], env: [String: String] = [:], user: String? = nil) throws -> (status: Int32, out: String, err: String) {
+    try tool("vist2ctl", args, env: env, user: user)
+}
+
+/// Runs one of the package's executables (vist2ctl, vist2-render) from this test bundle's build
+/// directory.
+func tool(
+    _ name: String, _ args: [String], env: [String: String] = [:], user: String? = nil
+) throws -> (status: Int32, out: String, err: String) {
     var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-    // On Linux the test runner is <build>/vist2PackageTests.xctest; vist2ctl sits beside it.
-    if !FileManager.default.fileExists(atPath: dir.appendingPathComponent("vist2ctl").path) {
+    // On Linux the test runner is <build>/vist2PackageTests.xctest; the executables sit beside it.
+    if !FileManager.default.fileExists(atPath: dir.appendingPathComponent(name).path) {
         dir = Bundle.main.bundleURL.deletingLastPathComponent()
     }
     let p = Process()
-    p.executableURL = dir.appendingPathComponent("vist2ctl")
+    p.executableURL = dir.appendingPathComponent(name)
     p.arguments = args
     if let user {
         // A copy other users can reach (the build directory may lie under a private home).
-        let copy = "/tmp/vist2ctl-tests-\(getpid())"
+        let copy = "/tmp/\(name)-tests-\(getpid())"
         if !FileManager.default.fileExists(atPath: copy) {
             try FileManager.default.copyItem(atPath: p.executableURL!.path, toPath: copy)
             chmod(copy, 0o755)
@@ -166,7 +174,9 @@ struct CLITests {
         #expect(missing.status == 1 && missing.err.contains("\"io\""))
     }
 
-    @Test("dataset writes every chunk's image, token ids and character cells; export-backbone writes a loadable checkpoint")
+    @Test(
+        "dataset writes every chunk's image, token ids and character cells (or text only, which vist2-render renders into the same files); export-backbone writes a loadable checkpoint"
+    )
     func trainingData() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-ds-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
@@ -196,6 +206,47 @@ struct CLITests {
         #expect((last["tokens"] as? [Int]) == (tk["ids"] as? [Int]))
         let cells = try #require(last["cells"] as? [Int])
         #expect(cells.count == 4 * 9 && cells[0] == 0 && cells[4 * 5] == 6)
+
+        // Cut and tokenized here, rendered by vist2-render (a training machine without Swift):
+        // the same files, byte for byte.
+        let textOnly = dir.appendingPathComponent("text").path
+        let t = try vist2ctl(["dataset", "--model", Self.tinyVIST2, "--out", textOnly, "--text-only", "--json", corpus.path])
+        #expect(t.status == 0, "\(t.err)")
+        #expect(try json(t.out)["text_only"] as? Bool == true && !FileManager.default.fileExists(atPath: textOnly + "/images.u8"))
+        #expect(!(try String(contentsOfFile: textOnly + "/chunks.jsonl", encoding: .utf8)).contains("\"cells\""))
+        let font = dir.appendingPathComponent("font.ttf").path
+        try FileManager.default.copyItem(atPath: "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf", toPath: font)
+        let config = Self.tinyVIST2 + "/config.json"
+        let rendered = dir.appendingPathComponent("rendered").path
+        let v = try tool("vist2-render", ["dataset", "--config", config, "--font", font, "--out", rendered, textOnly])
+        #expect(v.status == 0, "\(v.err)")
+        for f in ["images.u8", "chunks.jsonl", "meta.json"] {
+            #expect(FileManager.default.contents(atPath: out + "/" + f) == FileManager.default.contents(atPath: rendered + "/" + f), "\(f)")
+        }
+        // Refused, each with its code: a rendered directory, another geometry, another font,
+        // records that disagree with meta.json.
+        let again = try tool("vist2-render", ["dataset", "--config", config, "--out", rendered + "2", out])
+        #expect(again.status == 1 && again.err.contains("[bad_dataset]") && again.err.contains("already rendered"))
+        let other = dir.appendingPathComponent("other.json").path
+        var cfg = try json(try String(contentsOfFile: config, encoding: .utf8))
+        var render = try #require(cfg["render"] as? [String: Any])
+        render["line_height"] = 10
+        render["font"] = "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"
+        cfg["render"] = render
+        try JSONSerialization.data(withJSONObject: cfg).write(to: URL(fileURLWithPath: other))
+        let geometry = try tool("vist2-render", ["dataset", "--config", other, "--out", rendered + "2", textOnly])
+        #expect(geometry.status == 1 && geometry.err.contains("another geometry"))
+        let wrongFont = try tool(
+            "vist2-render", ["dataset", "--config", config, "--font", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "--out", rendered + "2", textOnly])
+        #expect(wrongFont.status == 1 && wrongFont.err.contains("[font_mismatch]"))
+        let written = try String(contentsOfFile: textOnly + "/chunks.jsonl", encoding: .utf8)
+        try String(written.split(separator: "\n").dropLast().joined(separator: "\n")).write(
+            toFile: textOnly + "/chunks.jsonl", atomically: true, encoding: .utf8)
+        let short = try tool("vist2-render", ["dataset", "--config", config, "--out", rendered + "2", textOnly])
+        #expect(short.status == 1 && short.err.contains("meta.json says"))
+        let png = try tool("vist2-render", ["png", "--config", config, "--out", dir.appendingPathComponent("a.png").path, corpus.path])
+        #expect(png.status == 0 && (FileManager.default.contents(atPath: dir.appendingPathComponent("a.png").path)?.prefix(4)).map(Array.init) == [0x89, 0x50, 0x4E, 0x47])
+
         let bad = dir.appendingPathComponent("bad.jsonl")
         try "{\"id\": 1}\n".write(to: bad, atomically: true, encoding: .utf8)
         let b = try vist2ctl(["dataset", "--model", Self.tinyVIST2, "--out", out, bad.path])

@@ -28,6 +28,8 @@ class Dataset:
         with open(os.path.join(directory, "meta.json")) as f:
             self.meta = json.load(f)
         m = self.meta
+        if m.get("text_only"):
+            raise ValueError(f"{directory} is a text-only dataset (no images): render it with `vist2-render dataset`")
         self.h, self.w = m["height"], m["width"]
         n = m["chunks"] if max_chunks <= 0 else min(max_chunks, m["chunks"])
         self.images = np.memmap(os.path.join(directory, "images.u8"), dtype=np.uint8, mode="r", shape=(m["chunks"], self.h, self.w))
