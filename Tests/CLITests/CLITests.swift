@@ -237,7 +237,8 @@ struct CLITests {
         let geometry = try tool("vist2-render", ["dataset", "--config", other, "--out", rendered + "2", textOnly])
         #expect(geometry.status == 1 && geometry.err.contains("another geometry"))
         let wrongFont = try tool(
-            "vist2-render", ["dataset", "--config", config, "--font", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "--out", rendered + "2", textOnly])
+            "vist2-render",
+            ["dataset", "--config", config, "--font", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "--out", rendered + "2", textOnly])
         #expect(wrongFont.status == 1 && wrongFont.err.contains("[font_mismatch]"))
         let written = try String(contentsOfFile: textOnly + "/chunks.jsonl", encoding: .utf8)
         try String(written.split(separator: "\n").dropLast().joined(separator: "\n")).write(
@@ -245,7 +246,11 @@ struct CLITests {
         let short = try tool("vist2-render", ["dataset", "--config", config, "--out", rendered + "2", textOnly])
         #expect(short.status == 1 && short.err.contains("meta.json says"))
         let png = try tool("vist2-render", ["png", "--config", config, "--out", dir.appendingPathComponent("a.png").path, corpus.path])
-        #expect(png.status == 0 && (FileManager.default.contents(atPath: dir.appendingPathComponent("a.png").path)?.prefix(4)).map(Array.init) == [0x89, 0x50, 0x4E, 0x47])
+        #expect(
+            png.status == 0
+                && (FileManager.default.contents(atPath: dir.appendingPathComponent("a.png").path)?.prefix(4)).map(Array.init) == [
+                    0x89, 0x50, 0x4E, 0x47,
+                ])
 
         let bad = dir.appendingPathComponent("bad.jsonl")
         try "{\"id\": 1}\n".write(to: bad, atomically: true, encoding: .utf8)
