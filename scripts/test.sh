@@ -44,6 +44,13 @@ grep -q "resumed at step 5" .build/train-smoke.log && grep -q "stopped at step 8
 mkdir "$SMOKE/fresh" && cp "$SMOKE/run/run.json" "$SMOKE/fresh/"
 "$PY" Training/train.py --run "$SMOKE/fresh" --minutes 10
 "$PY" Training/test_train.py --compare "$SMOKE/run/checkpoint.pt" "$SMOKE/fresh/checkpoint.pt"
+# The same run as two Gloo processes under torchrun (DDP, each with half of every global batch):
+# the processes must end with identical weights.
+mkdir "$SMOKE/ddp" && cp "$SMOKE/run/run.json" "$SMOKE/ddp/"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node 2 Training/train.py --run-dir "$SMOKE/ddp" --minutes 10 | tee "$SMOKE/ddp.log"
+grep -q "stopped at step 8 of 8" "$SMOKE/ddp.log" && grep -q "2 processes agree on the weights" "$SMOKE/ddp.log"
+# The backbone read from the GGUF by the training code's own reader equals the engine's export.
+"$PY" Training/vist2/gguf.py --compare "${VIST2_MODELS:-${XDG_DATA_HOME:-$HOME/.local/share}/vist2/models}/SmolLM2-135M-Instruct.Q4_1.gguf" "$SMOKE/backbone"
 .build/release/vist2ctl eval --model "$SMOKE/run/best" --max-chunks 2 --json README.md
 # A run started from the shipped weights (--init), and the capacity probe (2 steps, 32 tokens).
 mkdir "$SMOKE/init" && cp "$SMOKE/run/run.json" "$SMOKE/init/"
@@ -64,6 +71,12 @@ grep -q '"ocr_blind"' "$SMOKE/run/log.jsonl"
     --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 2 --start first --causal --curriculum 2:1 --adapter 2 \
     | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert r["curve"][0]["group_now"] == 2 and r["adapter"] == 2, r'
 rm -rf "$SMOKE"
+# The prepared GPU run (Training/gpu/), end to end on this CPU: parts within the device tool's
+# limits, rendering by the static vist2-render, a few training steps, results collected and
+# evaluated by the engine.
+GPUDRY="$(mktemp -d)"
+bash Training/gpu/dry-run.sh "$GPUDRY"
+rm -rf "$GPUDRY" .gpu
 .build/release/vist2ctl eval --model default --max-chunks 2 --json README.md
 
 # Second pass under AddressSanitizer (debug build): the engine works on raw buffers, so every

@@ -57,7 +57,8 @@ struct RenderOptions: ParsableArguments {
         do { r = try JSONDecoder().decode(File.self, from: data).render } catch {
             throw ToolError("bad_render_config", "\(config): no valid \"render\" section (\(error))")
         }
-        if let font { r.font = font }
+        // --font is a path from the working directory (the config's own is from its directory).
+        if let font { r.font = font.hasPrefix("/") ? font : FileManager.default.currentDirectoryPath + "/" + font }
         let base = URL(fileURLWithPath: config).deletingLastPathComponent()
         return try SketchRenderer(config: r, baseDirectory: base)
     }

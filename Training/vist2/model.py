@@ -43,12 +43,20 @@ def rope(x, pos, base):
 
 
 class Backbone(nn.Module):
-    """A Llama / Qwen3 decoder from a Hugging Face directory (config.json + model.safetensors)."""
+    """A Llama / Qwen3 decoder from a Hugging Face directory (config.json + model.safetensors) or a
+    GGUF file."""
 
     def __init__(self, directory):
+        """directory: a Hugging Face directory, or a .gguf file (vist2/gguf.py dequantizes it)."""
         super().__init__()
-        with open(os.path.join(directory, "config.json")) as f:
-            c = json.load(f)
+        if os.path.isfile(directory) and directory.endswith(".gguf"):
+            from .gguf import read_backbone
+            c, arrays = read_backbone(directory)
+            sd = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        else:
+            with open(os.path.join(directory, "config.json")) as f:
+                c = json.load(f)
+            sd = load_file(os.path.join(directory, "model.safetensors"))
         self.arch = c["model_type"]
         assert self.arch in ("llama", "qwen3"), self.arch
         self.dim = c["hidden_size"]
@@ -61,7 +69,6 @@ class Backbone(nn.Module):
         self.base = c.get("rope_theta", 10000.0)
         self.eps = c.get("rms_norm_eps", 1e-6)
         self.tied = c.get("tie_word_embeddings", False)
-        sd = load_file(os.path.join(directory, "model.safetensors"))
         self.embed = nn.Embedding(self.vocab, self.dim)
         self.embed.weight.data = sd["model.embed_tokens.weight"].float()
         # The RMS of the token embeddings: the scale of what the backbone reads at its input.
