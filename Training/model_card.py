@@ -151,12 +151,16 @@ def main():
     page_w, page_h = (r["tile"], r["tile"]) if r.get("tile") else (r["width"], r["height"])
     cols, rows = (page_w - 2 * r["margin"]) // advance, (page_h - 2 * r["margin"]) // r["line_height"]
     if r.get("tile"):
-        layout = (f"in tiled layout: the canvas is cut into {r['tile']}x{r['tile']}-pixel tiles, exactly the region one "
-                  f"visual token sees, and the text flows through them in reading order like through small pages of "
-                  f"{rows} rows x {cols} columns ({(r['width'] // r['tile']) * (r['height'] // r['tile'])} tiles), so each visual "
-                  "token shows a contiguous run of the text")
+        per = r["tile"] // region
+        where = ("exactly the region one visual token sees" if per == 1 else f"{per}x{per} regions of one visual token each")
+        layout = (f"in tiled layout: the canvas is cut into {r['tile']}x{r['tile']}-pixel tiles, {where}, and the text flows "
+                  f"through them in reading order like through small pages of {rows} rows x {cols} columns "
+                  f"({(r['width'] // r['tile']) * (r['height'] // r['tile'])} tiles)")
     else:
         layout = f"one page of ~{cols} columns x {rows} rows"
+    if r.get("newline_mark"):
+        layout += (f"; flowing: a newline is drawn as `{r['newline_mark']}` and the text runs on in the same row (rows "
+                   "wrap at the right margin), so short and blank lines take no extra rows")
     w(f"- Render: {os.path.basename(r['font'])} at {r['pixel_size']} px ({advance}-pixel cells), {r['line_height']} px lines, "
       f"margin {r['margin']}, tab width {r['tab_width']}, on a {r['width']}x{r['height']} canvas {layout}; black on white, "
       "antialiased (the project's FreeType renderer).")

@@ -140,12 +140,17 @@ class TrainingForward(unittest.TestCase):
         other = dict(cfg, aligner={"merge": cfg["aligner"]["merge"] + 1})
         with self.assertRaises(ValueError):
             model.load_model_dir(TINY, other)
+        # Another layout of the same canvas and font is a start; another font size is not.
+        model.load_model_dir(TINY, dict(cfg, render=dict(cfg["render"], newline_mark="\u21b5")))
+        with self.assertRaises(ValueError):
+            model.load_model_dir(TINY, dict(cfg, render=dict(cfg["render"], pixel_size=9)))
 
     def test_char_classes(self):
         self.assertEqual(char_class(" "), 0)
         self.assertEqual(char_class("!"), 1)
         self.assertEqual(char_class("~"), 94)
         self.assertEqual(char_class("é"), 96)
+        self.assertEqual(char_class("\n"), 97)
 
 
 def compare_checkpoints(a, b):

@@ -135,9 +135,18 @@ class Trainable(nn.Module):
         and its adapter when both it and this run have one."""
         with open(os.path.join(directory, "config.json")) as f:
             other = json.load(f)
-        for key in ("vision", "aligner", "render", "chunk"):
+        for key in ("vision", "aligner", "chunk"):
             if other.get(key) != cfg.get(key):
                 raise ValueError(f"{directory}: config.json's {key} differs from the run's model config")
+        # The layout may differ (the weights fit any layout of the same canvas and font: a model
+        # that reads one layout is a start for another); the canvas and the font may not.
+        mine, theirs = dict(cfg.get("render", {})), dict(other.get("render", {}))
+        layout = ("tile", "newline_mark")
+        if {k: v for k, v in mine.items() if k not in layout} != {k: v for k, v in theirs.items() if k not in layout}:
+            raise ValueError(f"{directory}: config.json's render differs from the run's model config beyond the layout")
+        if any(mine.get(k) != theirs.get(k) for k in layout):
+            print(f"note: {directory} was trained on another layout ({', '.join(k for k in layout if mine.get(k) != theirs.get(k))})",
+                  flush=True)
         load_vision(self.vision, self.aligner, os.path.join(directory, "vision.safetensors"))
         if self.lora is not None and other.get("adapter"):
             loaded = LoRA.load(os.path.join(directory, other["adapter"]["path"]), bb)

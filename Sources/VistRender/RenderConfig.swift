@@ -25,6 +25,11 @@ public struct RenderConfig: Codable, Sendable, Equatable {
     /// the region one visual token sees (patch size x aligner merge), every visual token shows a
     /// contiguous run of the text in reading order. Unset (the default): one page, the canvas.
     public var tile: Int?
+    /// Flowing layout when set: a newline does not start a row; it is drawn as this character
+    /// (one Unicode scalar the font has, e.g. "↵") and the text runs on, so short and blank lines
+    /// waste no canvas. Newlines stay visible and indentation stays as blank cells after the
+    /// mark; rows still wrap at the right margin. Unset (the default): a newline starts a row.
+    public var newlineMark: String?
 
     enum CodingKeys: String, CodingKey {
         case font
@@ -34,11 +39,12 @@ public struct RenderConfig: Codable, Sendable, Equatable {
         case width, height, margin
         case tabWidth = "tab_width"
         case tile
+        case newlineMark = "newline_mark"
     }
 
     public init(
         font: String, fontSHA256: String, pixelSize: Int, lineHeight: Int, width: Int, height: Int, margin: Int, tabWidth: Int = 4,
-        tile: Int? = nil
+        tile: Int? = nil, newlineMark: String? = nil
     ) {
         self.font = font
         self.fontSHA256 = fontSHA256
@@ -49,6 +55,7 @@ public struct RenderConfig: Codable, Sendable, Equatable {
         self.margin = margin
         self.tabWidth = tabWidth
         self.tile = tile
+        self.newlineMark = newlineMark
     }
 
     /// Checks every field, naming the one at fault.
@@ -72,6 +79,11 @@ public struct RenderConfig: Codable, Sendable, Equatable {
             throw .badConfig("render.margin \(margin) leaves no room for text on a \(pageWidth)x\(pageHeight) page")
         }
         guard (1...16).contains(tabWidth) else { throw .badConfig("render.tab_width must be in 1...16, got \(tabWidth)") }
+        if let mark = newlineMark {
+            guard mark.unicodeScalars.count == 1, let m = mark.unicodeScalars.first, m.value >= 0x21, m.value != 0x7F,
+                !(0x80..<0xA0).contains(m.value), !m.properties.isWhitespace
+            else { throw .badConfig("render.newline_mark must be one visible character, got \(mark.debugDescription)") }
+        }
     }
 
     /// One page: a tile, or the whole canvas.

@@ -67,8 +67,19 @@ public final class SketchRenderer: @unchecked Sendable {
         self.config = config
         let path =
             config.font.hasPrefix("/") || baseDirectory == nil ? config.font : baseDirectory!.appendingPathComponent(config.font).path
-        font = try Font(path: path, sha256: config.fontSHA256, pixelSize: config.pixelSize)
+        let font = try Font(path: path, sha256: config.fontSHA256, pixelSize: config.pixelSize)
+        self.font = font
+        if let mark = config.newlineMark?.unicodeScalars.first {
+            let g = font.glyph(mark.value)
+            guard !g.missing else { throw .badConfig("render.newline_mark \"\(mark)\" is not in the font \(path)") }
+            newlineGlyph = g
+        } else {
+            newlineGlyph = nil
+        }
     }
+
+    /// The glyph a newline is drawn with in a flowing layout (render.newline_mark).
+    let newlineGlyph: Glyph?
 
     /// How much of a text fits on one canvas.
     public struct Fit: Sendable, Equatable {
@@ -93,13 +104,18 @@ public final class SketchRenderer: @unchecked Sendable {
         var x = c.margin, row = 0, placed = 0, missing = 0
         var used = 0  // rows that hold at least one glyph or newline start
         for s in scalars {
+            var g: Glyph
             switch s {
             case "\n":
-                // A newline always belongs to the text before it; it only moves the pen.
-                row += 1
-                x = c.margin
-                placed += 1
-                continue
+                guard let mark = newlineGlyph else {
+                    // A newline always belongs to the text before it; it only moves the pen.
+                    row += 1
+                    x = c.margin
+                    placed += 1
+                    continue
+                }
+                // Flowing layout: drawn as its mark, like any character.
+                g = mark
             case "\r":
                 placed += 1
                 continue
@@ -111,9 +127,8 @@ public final class SketchRenderer: @unchecked Sendable {
                 placed += 1
                 continue
             default:
-                break
+                g = font.glyph(s.value)
             }
-            let g = font.glyph(s.value)
             if x + g.advance > right && x > c.margin {
                 row += 1
                 x = c.margin
@@ -165,8 +180,9 @@ public final class SketchRenderer: @unchecked Sendable {
 
     /// Where a drawn scalar lands: its index among the text's Unicode scalars, its cell on the
     /// canvas — left edge `x` and width `advance` (the pen position and advance), top `y` and
-    /// height line_height (its row's box) — and its row, counted over all pages. Newlines, tabs
-    /// and carriage returns draw nothing and are not listed. For training targets that need to
+    /// height line_height (its row's box) — and its row, counted over all pages. Tabs, carriage
+    /// returns and (but in a flowing layout, where their mark is drawn) newlines draw nothing and
+    /// are not listed. For training targets that need to
     /// know which pixels show which character.
     public struct Placement: Sendable, Equatable {
         public var scalar: Int

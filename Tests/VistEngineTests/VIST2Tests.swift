@@ -265,11 +265,15 @@ struct VIST2Tests {
             try error {
                 var r = $0["render"] as! [String: Any]; r["width"] = 256; $0["render"] = r
             }.contains("render canvas"))
-        // A tiled layout's tile must be the region one visual token sees.
+        // A tiled layout's tile holds whole regions of one visual token (32 x 32 pixels here).
+        #expect(
+            try error {
+                var r = $0["render"] as! [String: Any]; r["tile"] = 16; $0["render"] = r
+            }.contains("render.tile 16 must be a multiple of the region"))
         #expect(
             try error {
                 var r = $0["render"] as! [String: Any]; r["tile"] = 64; $0["render"] = r
-            }.contains("render.tile"))
+            } == "accepted")
         #expect(try error { $0["block_attention"] = "sideways" }.contains("block_attention"))
         #expect(try error { $0["block_attention"] = "causal" } == "accepted")
     }

@@ -143,6 +143,42 @@ struct RendererTests {
         #expect(r.fit("x\n    x\n\tx").rows == 3)
     }
 
+    @Test("Flowing layout: a newline is drawn as its mark and the text runs on; indentation stays as blank cells")
+    func flowing() throws {
+        var c = testConfig()
+        c.newlineMark = "\u{21B5}"
+        let r = try SketchRenderer(config: c)
+        let text = "ab\n  cd\n\nx"
+        let p = r.placements(Substring(text))
+        let scalars = Array(text.unicodeScalars)
+        // Every scalar is placed, newlines included, on one row.
+        #expect(p.map(\.scalar) == Array(scalars.indices))
+        #expect(p.allSatisfy { $0.row == 0 } && r.fit(Substring(text)).rows == 1)
+        for i in 1..<p.count { #expect(p[i].x == p[i - 1].x + p[i - 1].advance) }
+        // The mark has ink; the indentation after it does not.
+        let img = r.render(text).image
+        func ink(_ q: SketchRenderer.Placement) -> Bool {
+            (q.y..<(q.y + c.lineHeight)).contains { y in (q.x..<(q.x + q.advance)).contains { x in img.pixels[y * img.width + x] < 160 } }
+        }
+        #expect(ink(p[2]) && ink(p[7]) && ink(p[8]) && !ink(p[3]) && !ink(p[4]))
+        // Without the mark, the same text takes four rows; with it, short lines pack until the
+        // right margin wraps the row.
+        #expect(try SketchRenderer(config: testConfig()).fit(Substring(text)).rows == 4)
+        let many = String(repeating: "ab\n", count: 30)
+        let perRow = (c.width - 2 * c.margin) / p[0].advance
+        let rows = r.fit(Substring(many)).rows
+        #expect(rows == (90 + perRow - 1) / perRow, "\(rows) rows of \(perRow) cells")  // 90 cells
+        // The mark must be one visible character the font has.
+        for bad in ["", "ab", " ", "\u{7}", "\u{85}"] {
+            c.newlineMark = bad
+            #expect(throws: RenderError.self) { try c.validate() }
+        }
+        c.newlineMark = "\u{E000}"  // a private-use scalar DejaVu Sans Mono has no glyph for
+        #expect {
+            try SketchRenderer(config: c)
+        } throws: { e in (e as? RenderError).map { "\($0)".contains("not in the font") } ?? false }
+    }
+
     @Test("Characters the font lacks are drawn as visible boxes and counted")
     func missingGlyphs() throws {
         let r = try SketchRenderer(config: testConfig())

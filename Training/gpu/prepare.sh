@@ -25,7 +25,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="${1:?usage: bash Training/gpu/prepare.sh WORK_DIR [--config FILE] [--adapter RANK:SCOPE] [--init MODEL_DIR] [--minutes N] [--max-chunks N] [--corpus DIR]}"
 shift
-CONFIG="Training/configs/vist2-smollm2-135m.json"
+CONFIG="Training/configs/vist2-smollm2-135m-flow.json"
 ADAPTER="8:visual"
 INIT="weights/vist2-smollm2-135m"
 MINUTES=8

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 # Character classes of the auxiliary reading objective: 0 = no glyph (empty cell or space),
-# 1..95 = printable ASCII 0x21..0x7E (and 0x20 maps to 0), 96 = any other character.
-N_CLASSES = 97
+# 1..95 = printable ASCII 0x21..0x7E (and 0x20 maps to 0), 96 = any other character, 97 = a
+# newline (drawn only in a flowing layout, as render.newline_mark).
+N_CLASSES = 98
 
 
 def char_class(ch):
@@ -20,6 +21,8 @@ def char_class(ch):
         return 0
     if 0x21 <= o <= 0x7E:
         return o - 0x20
+    if o == 0x0A:
+        return 97
     return 96
 
 

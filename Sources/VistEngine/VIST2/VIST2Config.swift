@@ -157,9 +157,11 @@ public struct VIST2Config: Codable, Sendable, Equatable {
             throw bad("render canvas \(render.width)x\(render.height) must equal the vision image size \(v.imageWidth)x\(v.imageHeight)")
         }
         do { try render.validate() } catch { throw bad(error.description) }
-        if let tile = render.tile, tile != v.patchSize * s {
+        // A tile holds whole regions of one visual token, so no visual token straddles two pages.
+        if let tile = render.tile, tile % (v.patchSize * s) != 0 {
             throw bad(
-                "render.tile \(tile) must equal the region one visual token sees, vision.patch_size x aligner.merge = \(v.patchSize * s)")
+                "render.tile \(tile) must be a multiple of the region one visual token sees, vision.patch_size x aligner.merge = \(v.patchSize * s)"
+            )
         }
         if let a = blockAttention, a != "bidirectional", a != "causal" {
             throw bad("block_attention must be \"bidirectional\" or \"causal\", got \"\(a)\"")
