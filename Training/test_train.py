@@ -218,7 +218,7 @@ def distributed_setup(data):
     with torch.no_grad():
         for p in model.lora.B.values():
             p.normal_(0, 0.1)  # a trained adapter: B != 0, so A gets gradient too
-    sched = {"max_text": 16, "max_blocks": 3, "ocr_share_C": 0.5, "aux_weight": 0.1, "scale_weight": 0.05}
+    sched = {"max_text": 16, "max_blocks": 3, "ocr_share_C": 0.5, "aux_weight": 0.1, "scale_weight": 0.05, "distill_weight": 0.5}
     items = train.sample_items(train.step_rng(1, 7), ds, "C", sched, [1, 2, 3], 4)
     step = train.StepLoss(model, bb, ds, cfg, sched, 1)
     step.amp = False  # f32, so that only summation order differs
@@ -259,8 +259,34 @@ class Distributed(unittest.TestCase):
                 # bias shifts every score of a query alike: softmax cancels it).
                 err = (got["grads"][k] - g).norm().item()
                 self.assertLess(err, 1e-5 * g.norm().item() + 1e-7, f"{k}: |g| {g.norm().item():.3g}")
-            for k in ("loss", "lm", "aux", "aux_acc", "v_rms", "tokens", "seq_tokens", "images"):
+            self.assertGreater(info["kl"], 0)
+            for k in ("loss", "lm", "aux", "aux_acc", "v_rms", "tokens", "seq_tokens", "images", "kl"):
                 self.assertAlmostEqual(got["info"][k], info[k], places=4, msg=k)
+
+
+class Distillation(unittest.TestCase):
+    def test_teacher_is_the_backbone_reading_the_text(self):
+        ref = VIST2(TINY)
+        bb = ref.backbone
+        prefix, text = [5, 9, 17, 30, 2], [40, 41, 42]
+        got = train.teacher_logits(bb, [np.array(prefix), np.array([7])], [text, text[:2]], amp=False)
+        ids = torch.tensor(prefix + text)
+        mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+        want = bb(bb.embed(ids), torch.arange(len(ids)).float(), mask)
+        self.assertEqual(tuple(got.shape), (5, bb.vocab))
+        self.assertTrue(torch.allclose(got[:3], want[len(prefix) - 1:-1], atol=1e-5))
+        # The second sequence (padded in the batch) is its own: [7] then [40, 41].
+        ids2 = torch.tensor([7, 40, 41])
+        want2 = bb(bb.embed(ids2), torch.arange(3).float(), torch.ones(3, 3, dtype=torch.bool).tril())
+        self.assertTrue(torch.allclose(got[3:], want2[:2], atol=1e-5))
+
+    def test_kl(self):
+        t = torch.randn(4, 11)
+        self.assertAlmostEqual(train.distill_sum(t, t).item(), 0.0, places=5)
+        s_ = torch.randn(4, 11)
+        p, q = t.softmax(-1), s_.softmax(-1)
+        self.assertAlmostEqual(train.distill_sum(s_, t).item(), (p * (p.log() - q.log())).sum().item(), places=4)
+        self.assertGreater(train.distill_sum(s_, t, 2.0).item(), 0)
 
 
 class TinyData:

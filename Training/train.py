@@ -18,6 +18,12 @@ Stages (steps are optimizer steps; the schedule is in run.json):
             the block's last visual token.
   C  OLM:   multi-chunk documents [] V_0 .. V_k -> T_{k+1} with the mask and compressed positions
             of VIST2.md section 3, mixed with OCR.
+With schedule "distill_weight" w > 0, stages B and C add w x KL(teacher || student) on every
+sequence that continues a document (continuation and OLM): the teacher is the bare backbone
+reading the earlier chunks as text (their token ids, then the next chunk's), the student the
+model reading them as visual blocks; both predict the next chunk's tokens ("distill_temperature",
+default 1). A dense signal for retention: the whole next-token distribution of a reader that
+has the full text, not one token.
 The auxiliary reading loss stays on (small weight) in B and C. With scale_weight > 0, a scale term
 pulls each visual token's RMS towards the RMS of the backbone's token embeddings (off for the
 shipped model; Training/EXPERIMENTS.md).
@@ -217,7 +223,7 @@ def build(bb, instr, blocks, text, m, causal=False):
     return x, pos, allowed, pred_rows
 
 
-def lm_loss(bb, seqs, targets, lora=None, visual=None, reduction="mean", amp=True):
+def lm_loss(bb, seqs, targets, lora=None, visual=None, reduction="mean", amp=True, logits_out=None):
     """Cross-entropy over all target tokens of a padded batch of sequences: their mean, or with
     reduction "sum" their sum; and the number of tokens. With `lora`, the adapter acts on the rows
     `visual` marks (a (T_b,) bool mask per sequence) or on every row when visual is None. Runs on
@@ -246,7 +252,40 @@ def lm_loss(bb, seqs, targets, lora=None, visual=None, reduction="mean", amp=Tru
         h = bb.hidden(x, pos, allowed, lora, rows_mask)
         sel = h[torch.cat(bi), torch.cat(rows)]
         logits = sel @ bb.embed.weight.T
+    if logits_out is not None:
+        logits_out.append(logits)  # one row per target token, in order: what distillation compares
     return F.cross_entropy(logits.float(), torch.cat(tgt), reduction=reduction), int(sum(len(t) for t in tgt))
+
+
+@torch.no_grad()
+def teacher_logits(bb, prefixes, texts, amp=True):
+    """The backbone reading the full text (the distillation teacher): for each sequence, the
+    token ids of its prefix (the chunks the student sees as images) then of its text, causal,
+    positions 0..; returns the logits that predict each text token, rows in order (the first
+    text token is predicted at the prefix's last token). The bare backbone: no adapter."""
+    dev = bb.embed.weight.device
+    seqs = [list(map(int, p)) + list(map(int, t)) for p, t in zip(prefixes, texts)]
+    T = max(len(q) for q in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
+    for b, q in enumerate(seqs):
+        ids[b, :len(q)] = torch.as_tensor(q, device=dev)
+    pos = torch.arange(T, device=dev, dtype=torch.float32).expand(len(seqs), T)
+    mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(len(seqs), T, T)
+    rows, bi = [], []
+    for b, (p, t) in enumerate(zip(prefixes, texts)):
+        rows.append(torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev))
+        bi.append(torch.full((len(t),), b, device=dev))
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        h = bb.hidden(bb.embed(ids), pos, mask)
+        return (h[torch.cat(bi), torch.cat(rows)] @ bb.embed.weight.T).float()
+
+
+def distill_sum(student, teacher, temperature=1.0):
+    """Sum over rows of KL(teacher || student) on softmax(logits / T), times T^2 (so that the
+    gradient's scale does not depend on T)."""
+    t = F.log_softmax(teacher / temperature, dim=-1)
+    s_ = F.log_softmax(student.float() / temperature, dim=-1)
+    return (t.exp() * (t - s_)).sum() * temperature ** 2
 
 
 # ---------------------------------------------------------------- training
@@ -355,6 +394,8 @@ class StepLoss(nn.Module):
         ratio = v.pow(2).mean(-1).sqrt() / bb.embed_rms
         s_sum = (ratio - 1).pow(2).sum()
         l_sum, n_text, n_seq = torch.zeros((), device=dev), 0, 0
+        d_sum, n_distill = torch.zeros((), device=dev), 0
+        dw = sched.get("distill_weight", 0.0) if stage != "A" else 0.0
         if specs:
             seqs, targets, shapes = [], [], []
             for instr, slots, text in specs:
@@ -363,22 +404,42 @@ class StepLoss(nn.Module):
                 targets.append(text)
                 shapes.append((e, len(instr), len(slots)))
                 n_seq += e.shape[0]
-            l_sum, n_text = lm_loss(bb, seqs, targets, *model.adapted(shapes), reduction="sum", amp=self.amp)
+            logits = [] if dw > 0 else None
+            l_sum, n_text = lm_loss(bb, seqs, targets, *model.adapted(shapes), reduction="sum", amp=self.amp, logits_out=logits)
+            if dw > 0:
+                # Distillation (retention): on the sequences that continue a document (no
+                # instruction: continuation and OLM), the student reading earlier chunks as images
+                # matches the next chunk's distributions of the backbone reading them as text.
+                rows, start, prefixes, texts = [], 0, [], []
+                for (instr, chunks, text) in items:
+                    if not instr:
+                        rows.append(torch.arange(start, start + len(text), device=dev))
+                        prefixes.append(np.concatenate([ds.tokens[c] for c in chunks]))
+                        texts.append(text)
+                    start += len(text)
+                if rows:
+                    teacher = teacher_logits(bb, prefixes, texts, amp=self.amp)
+                    d_sum = distill_sum(logits[0][torch.cat(rows)], teacher, sched.get("distill_temperature", 1.0))
+                    n_distill = sum(len(t) for t in texts)
         # Global counts (and sums, for the log) over every process's shard.
         stats = torch.tensor([l_sum.item(), a_sum.item(), s_sum.item(), ratio.sum().item(), n_text, a_weight, ratio.numel(),
-                              right, ink, n_seq, len(images)], dtype=torch.float64, device=dev)
+                              right, ink, n_seq, len(images), d_sum.item(), n_distill], dtype=torch.float64, device=dev)
         if self.world > 1:
             dist.all_reduce(stats)
-        L, A, S, R, n_text_all, a_weight_all, n_vis, right_all, ink_all, seq_all, img_all = stats.tolist()
+        L, A, S, R, n_text_all, a_weight_all, n_vis, right_all, ink_all, seq_all, img_all, D, n_distill_all = stats.tolist()
         sw = sched.get("scale_weight", 0.0)
         loss = self.world * (a_sum / a_weight_all * (1.0 if stage == "A" else sched.get("aux_weight", 0.1)) + sw * s_sum / n_vis)
         info = {"aux": A / a_weight_all, "aux_acc": right_all / ink_all if ink_all else 0.0, "v_rms": R / n_vis}
         if stage != "A":
             loss = loss + self.world * l_sum / max(n_text_all, 1)
             info.update({"lm": L / max(n_text_all, 1), "tokens": int(n_text_all), "seq_tokens": int(seq_all)})
+        if n_distill_all:
+            loss = loss + self.world * dw * d_sum / n_distill_all
+            info["kl"] = D / n_distill_all
         info["images"] = int(img_all)
         # The loss as one process with the whole batch would report it.
-        info["loss"] = info.get("lm", 0.0) + info["aux"] * (1.0 if stage == "A" else sched.get("aux_weight", 0.1)) + sw * S / n_vis
+        info["loss"] = (info.get("lm", 0.0) + info["aux"] * (1.0 if stage == "A" else sched.get("aux_weight", 0.1)) + sw * S / n_vis
+                        + dw * info.get("kl", 0.0))
         return loss, info
 
 
