@@ -69,18 +69,7 @@ if [[ ! -f "$WORK/geometry/vision.safetensors" ]]; then
 fi
 
 if [[ $TINY == 1 ]]; then
-    if [[ ! -f "$WORK/corpus/train.jsonl" ]]; then
-        mkdir -p "$WORK/corpus"
-        "$PY" - "$ROOT" "$WORK/corpus" <<'EOF'
-import glob, json, os, sys
-root, out = sys.argv[1], sys.argv[2]
-files = sorted(glob.glob(os.path.join(root, "*.md")) + glob.glob(os.path.join(root, "Training", "*.py")))
-with open(os.path.join(out, "train.jsonl"), "w") as tr, open(os.path.join(out, "heldout.jsonl"), "w") as he:
-    for i, p in enumerate(files):
-        text = open(p, encoding="utf-8").read()
-        (he if i % 4 == 0 else tr).write(json.dumps({"id": os.path.relpath(p, root), "text": text}) + "\n")
-EOF
-    fi
+    [[ -f "$WORK/corpus/train.jsonl" ]] || "$PY" "$ROOT/Training/tiny_corpus.py" "$WORK/corpus" "*.md" "Training/*.py"
     MAXC=12
 else
     [[ -f "$WORK/corpus/train.jsonl" ]] || "$PY" "$ROOT/Training/build_corpus.py" "$WORK/corpus" --install

@@ -127,3 +127,28 @@ public final class DatasetWriter {
         return meta
     }
 }
+
+/// Calls `body` with each line of `handle` (without its newline) and the line's number from 1,
+/// reading a megabyte at a time; an unfinished last line is a line too. `body` returns false to
+/// stop early. (The JSONL files of a corpus and of a dataset.)
+public func forEachLine(of handle: FileHandle, _ body: (Data, Int) throws -> Bool) rethrows {
+    var pending = Data()
+    var lineNo = 0
+    while true {
+        let block = handle.readData(ofLength: 1 << 20)
+        pending.append(block)
+        // Whole lines of this block; an unfinished last line waits for the next block (or ends
+        // the input). The rest is kept once per block, not once per line.
+        var start = pending.startIndex
+        while start < pending.endIndex {
+            let nl = pending[start...].firstIndex(of: 0x0A)
+            if nl == nil && !block.isEmpty { break }
+            let line = pending[start..<(nl ?? pending.endIndex)]
+            start = nl.map { $0 + 1 } ?? pending.endIndex
+            lineNo += 1
+            if try !body(line, lineNo) { return }
+        }
+        pending = Data(pending[start...])
+        if block.isEmpty { return }
+    }
+}

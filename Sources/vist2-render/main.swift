@@ -100,27 +100,14 @@ struct RenderDataset: ParsableCommand {
                 throw ToolError("io", "cannot read \(input)/chunks.jsonl")
             }
             let writer = try DatasetWriter(directory: out, renderer: renderer)
-            var lineNo = 0
-            var pending = Data()
             let decoder = JSONDecoder()
-            while true {
-                let block = records.readData(ofLength: 1 << 20)
-                pending.append(block)
-                var start = pending.startIndex
-                while start < pending.endIndex {
-                    let nl = pending[start...].firstIndex(of: 0x0A)
-                    if nl == nil && !block.isEmpty { break }
-                    let line = pending[start..<(nl ?? pending.endIndex)]
-                    start = nl.map { $0 + 1 } ?? pending.endIndex
-                    lineNo += 1
-                    if line.isEmpty { continue }
-                    guard let r = try? decoder.decode(DatasetRecord.self, from: line) else {
-                        throw ToolError("bad_dataset", "\(input)/chunks.jsonl:\(lineNo): not a chunk record")
-                    }
-                    try writer.add(doc: r.doc, index: r.index, tokens: r.tokens, text: Substring(r.text))
+            try forEachLine(of: records) { line, lineNo in
+                if line.isEmpty { return true }
+                guard let r = try? decoder.decode(DatasetRecord.self, from: line) else {
+                    throw ToolError("bad_dataset", "\(input)/chunks.jsonl:\(lineNo): not a chunk record")
                 }
-                pending = Data(pending[start...])
-                if block.isEmpty { break }
+                try writer.add(doc: r.doc, index: r.index, tokens: r.tokens, text: Substring(r.text))
+                return true
             }
             guard writer.chunks == meta.chunks, writer.tokens == meta.tokens else {
                 throw ToolError(

@@ -97,33 +97,19 @@ struct Dataset: ParsableCommand {
             let writer = try rendering { () throws(RenderError) in
                 try DatasetWriter(directory: out, renderer: textOnly ? nil : model.renderer)
             }
-            var nDocs = 0, lineNo = 0
-            var pending = Data()
-            reading: while true {
-                let block = input.readData(ofLength: 1 << 20)
-                pending.append(block)
-                // Whole lines of this block; an unfinished last line waits for the next block
-                // (or ends the input). The rest is kept once per block, not once per line.
-                var start = pending.startIndex
-                while start < pending.endIndex {
-                    let nl = pending[start...].firstIndex(of: 0x0A)
-                    if nl == nil && !block.isEmpty { break }
-                    let lineData = pending[start..<(nl ?? pending.endIndex)]
-                    start = nl.map { $0 + 1 } ?? pending.endIndex
-                    lineNo += 1
-                    if lineData.allSatisfy({ $0 == 0x20 || $0 == 0x0D }) { continue }
-                    guard let line = try? JSONDecoder().decode(Line.self, from: lineData) else {
-                        throw EngineError.badArgument("\(corpus):\(lineNo): not a JSON object with string fields \"id\" and \"text\"")
-                    }
-                    nDocs += 1
-                    for (i, c) in model.chunker.chunks(line.text).enumerated() {
-                        let ids = model.language.tokenizer.encode(String(c.text), addSpecial: false)
-                        try rendering { () throws(RenderError) in try writer.add(doc: line.id, index: i, tokens: ids, text: c.text) }
-                        if maxChunks > 0 && writer.chunks >= maxChunks { break reading }
-                    }
+            var nDocs = 0
+            try forEachLine(of: input) { lineData, lineNo in
+                if lineData.allSatisfy({ $0 == 0x20 || $0 == 0x0D }) { return true }
+                guard let line = try? JSONDecoder().decode(Line.self, from: lineData) else {
+                    throw EngineError.badArgument("\(corpus):\(lineNo): not a JSON object with string fields \"id\" and \"text\"")
                 }
-                pending = Data(pending[start...])
-                if block.isEmpty { break }
+                nDocs += 1
+                for (i, c) in model.chunker.chunks(line.text).enumerated() {
+                    let ids = model.language.tokenizer.encode(String(c.text), addSpecial: false)
+                    try rendering { () throws(RenderError) in try writer.add(doc: line.id, index: i, tokens: ids, text: c.text) }
+                    if maxChunks > 0 && writer.chunks >= maxChunks { return false }
+                }
+                return true
             }
             let meta = try rendering { () throws(RenderError) in
                 try writer.finish(

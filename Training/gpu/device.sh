@@ -23,8 +23,6 @@ shift 2
 mkdir -p "$STORE"
 cd "$ROOT"
 
-sha() { "$PY" -c 'import hashlib,sys; h=hashlib.sha256(); f=open(sys.argv[1],"rb"); [h.update(b) for b in iter(lambda: f.read(1<<20), b"")]; print(h.hexdigest())' "$1"; }
-
 case "$cmd" in
 upload)
     cp "$part"/backbone.gguf.part* "$STORE/"
@@ -52,16 +50,12 @@ T0=$(date +%s)
 
 # The backbone: the stored parts, joined and checked.
 "$PY" - "$PLAN" "$STORE" <<'PYEOF'
-import hashlib, json, os, sys
+import json, os, sys
+sys.path.insert(0, "Training/gpu")
+from files import sha256 as digest
 plan, store = json.load(open(sys.argv[1])), sys.argv[2]
 b = plan["backbone"]
 target = os.path.join(store, "backbone.gguf")
-def digest(p):
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for blk in iter(lambda: f.read(1 << 20), b""):
-            h.update(blk)
-    return h.hexdigest()
 if not (os.path.exists(target) and os.path.getsize(target) == b["size"] and digest(target) == b["sha256"]):
     missing = [p for p in b["parts"] if not os.path.exists(os.path.join(store, p))]
     if missing:

@@ -14,15 +14,7 @@ mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
 PY="$(bash "$ROOT/Training/python.sh")"
 cd "$ROOT"
-mkdir -p "$WORK/corpus"
-"$PY" - "$ROOT" "$WORK/corpus" <<'PYEOF'
-import glob, json, os, sys
-root, out = sys.argv[1], sys.argv[2]
-files = sorted(glob.glob(os.path.join(root, "*.md")) + glob.glob(os.path.join(root, "docs", "*.md")))
-with open(os.path.join(out, "train.jsonl"), "w") as tr, open(os.path.join(out, "heldout.jsonl"), "w") as he:
-    for i, p in enumerate(files):
-        (he if i % 4 == 0 else tr).write(json.dumps({"id": os.path.relpath(p, root), "text": open(p, encoding="utf-8").read()}) + "\n")
-PYEOF
+"$PY" Training/tiny_corpus.py "$WORK/corpus" "*.md" "docs/*.md"
 bash Training/gpu/prepare.sh "$WORK" --corpus "$WORK/corpus" --max-chunks 12 --adapter 2:visual --minutes 5
 
 STORE="$WORK/store"

@@ -92,14 +92,10 @@ tail -c +"$((FIRST + 1))" "$GGUF" >"$OUTDIR/p2/backbone.gguf.part2"
 PROMPT="Transcribe:"
 IDS="$("$CTL" tokenize --local --model smollm2-135m --no-special --json "$PROMPT")"
 "$PY" - "$OUTDIR" "$GGUF" "$CONFIG" "$ADAPTER" "$INIT" "$MINUTES" "$PROMPT" "$IDS" <<'PYEOF'
-import hashlib, json, os, sys
+import json, os, sys
+sys.path.insert(0, "Training/gpu")
+from files import sha256 as sha
 out, gguf, config, adapter, init, minutes, prompt, ids = sys.argv[1:]
-def sha(p):
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 p3 = os.path.join(out, "p3")
 plan = {
     "backbone": {"parts": ["backbone.gguf.part1", "backbone.gguf.part2"], "size": os.path.getsize(gguf), "sha256": sha(gguf)},
