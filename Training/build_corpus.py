@@ -8,6 +8,7 @@ Sources (each document tagged with the package it came from, and the package's v
   docs   Python's documentation (HTML -> text)    package python3.11-doc
   man    manual pages, sections 1 and 8, rendered by man(1) at 80 columns, from the packages
          named in MAN_PACKAGES (coreutils, util-linux, grep, git-man, ...)
+  list   the changelogs and NEWS files of the same packages (list-heavy: bullets, short lines)
 
 Everything is deterministic: files are visited in sorted order, text is normalised the same way
 every time, and the held-out split is a function of the document id alone
@@ -160,6 +161,24 @@ def man_docs(limit):
         yield "man:" + os.path.basename(f)[:-3], "man", pkg, text
 
 
+LIST_FILES = ["changelog.gz", "changelog.Debian.gz", "NEWS.gz", "NEWS.Debian.gz"]
+
+
+def list_docs(limit):
+    """List-heavy text: the changelogs and NEWS files of MAN_PACKAGES (bullet lists of short
+    lines), each file one document."""
+    n = 0
+    for pkg in MAN_PACKAGES:
+        for name in LIST_FILES:
+            f = f"/usr/share/doc/{pkg}/{name}"
+            if n >= limit or not os.path.exists(f):
+                continue
+            with gzip.open(f, "rt", encoding="utf-8", errors="replace") as h:
+                text = h.read()
+            n += 1
+            yield f"list:{pkg}/{name[:-3]}", "list", pkg, text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out")
@@ -179,7 +198,7 @@ def main():
     files = {k: open(v + ".tmp", "w", encoding="utf-8") for k, v in paths.items()}
     stats = {}
     seen = set()
-    for gen in (code_docs, html_docs, man_docs):
+    for gen in (code_docs, html_docs, man_docs, list_docs):
         for doc_id, kind, pkg, text in gen(a.max_docs_per_source):
             text = normalise(text)
             if len(text) < MIN_CHARS:
