@@ -38,7 +38,10 @@ public final class EngineWorker: @unchecked Sendable {
 
     public init(capacity: Int) {
         self.capacity = max(1, capacity)
-        let t = Thread { [unowned self] in self.loop() }
+        // Weak: a worker released before its thread first runs (a Context that failed to start)
+        // is gone, and the thread just ends; an unowned reference read then was a crash (seen
+        // in CI). Once `loop` runs, the call keeps the worker alive until it stops.
+        let t = Thread { [weak self] in self?.loop() }
         t.name = "vist2-engine"
         t.stackSize = 8 << 20
         thread = t

@@ -252,6 +252,20 @@ struct DocumentTests {
 }
 
 @Suite struct WorkerFairnessTests {
+    @Test("A worker released before its thread first runs ends quietly; a drained one can be released")
+    func releasedEarly() {
+        // Before the fix, the thread read an unowned reference to a released worker: a crash
+        // (seen once in CI). Workers dropped at once race their threads' start.
+        for _ in 0..<40 {
+            _ = EngineWorker(capacity: 1)
+        }
+        let w = EngineWorker(capacity: 1)
+        let done = DispatchSemaphore(value: 0)
+        #expect(w.submit(EngineWorker.Job(owner: ObjectIdentifier(w)) { _ in done.signal() }))
+        #expect(done.wait(timeout: .now() + 10) == .success)
+        #expect(w.drain(deadline: .seconds(10)) == 0)
+    }
+
     @Test("Clients take turns: a client with many queued requests does not go first with all of them")
     func roundRobin() {
         let w = EngineWorker(capacity: 16)
