@@ -16,6 +16,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1  # the device tool returns the output's tail: print as it happens
 STORE="${VIST2_GPU_STORE:-/tmp/vist2-gpu}"
 cmd="${1:?usage: device.sh upload PART_DIR | train PART_DIR [--device D] [--minutes N] [--max-steps N]}"
 part="${2:?usage: device.sh upload PART_DIR | train PART_DIR [...]}"
