@@ -104,7 +104,7 @@ public final class SketchRenderer: @unchecked Sendable {
         var x = c.margin, row = 0, placed = 0, missing = 0
         var used = 0  // rows that hold at least one glyph or newline start
         for s in scalars {
-            var g: Glyph
+            let g: Glyph
             switch s {
             case "\n":
                 guard let mark = newlineGlyph else {
@@ -180,10 +180,10 @@ public final class SketchRenderer: @unchecked Sendable {
 
     /// Where a drawn scalar lands: its index among the text's Unicode scalars, its cell on the
     /// canvas — left edge `x` and width `advance` (the pen position and advance), top `y` and
-    /// height line_height (its row's box) — and its row, counted over all pages. Tabs, carriage
-    /// returns and (but in a flowing layout, where their mark is drawn) newlines draw nothing and
-    /// are not listed. For training targets that need to
-    /// know which pixels show which character.
+    /// height line_height (its row's box) — and its row, counted over all pages. Tabs and
+    /// carriage returns draw nothing and are not listed; newlines neither, except in a flowing
+    /// layout, where their mark is drawn. For training targets that need to know which pixels
+    /// show which character.
     public struct Placement: Sendable, Equatable {
         public var scalar: Int
         public var x: Int
