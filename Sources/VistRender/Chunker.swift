@@ -57,6 +57,126 @@ public struct Chunker: Sendable {
 
     public func chunks(_ doc: String) -> [Chunk] { chunks(doc, step: nil) ?? [] }
 
+    /// `chunks(doc)`, where `previous` is how an earlier version of the same document was chunked:
+    /// the chunks the edit does not touch are kept as they were (shifted), and only the text
+    /// from the first touched chunk's start to the last touched chunk's end is chunked again.
+    /// A one-line edit inside one chunk therefore changes at most two chunks (its chunk, split
+    /// in two if it grew past the budget), whatever the content around it: the stateless rule
+    /// alone resynchronises only with some probability, and on real text an edit sometimes
+    /// moves five or more boundaries after it (Training/EXPERIMENTS.md section 6).
+    ///
+    /// The result depends on the edit history, not only on the text; every chunk still fits the
+    /// canvas and the budget, and the chunks still tile the document. Text that grew past its
+    /// chunk is cut together with the next chunk when the two still make two chunks, a short
+    /// re-chunked piece is merged with its neighbour when both fit one chunk, and when the
+    /// finished chunks' mean fill falls 0.05 under what the document had when it was last
+    /// chunked afresh, it is chunked afresh again: density cannot drift away over many edits.
+    /// A `previous` that does not tile its own text (or belongs to another text entirely)
+    /// costs only the reuse.
+    public func chunking(_ doc: String, reusing previous: Chunking? = nil, step: (() -> Bool)? = nil) -> Chunking? {
+        func afresh() -> Chunking? {
+            guard let c = chunks(doc, step: step) else { return nil }
+            return Chunking(text: doc, chunks: c, baseline: meanFill(c))
+        }
+        guard let previous, !previous.chunks.isEmpty, previous.isTiling else { return afresh() }
+        let old = previous.text
+        let oldCount = previous.chunks[previous.chunks.count - 1].scalarRange.upperBound
+        let newCount = doc.unicodeScalars.count
+        // The common prefix and suffix, in scalars (they may not overlap in either text).
+        var prefix = 0
+        var oi = old.unicodeScalars.startIndex, ni = doc.unicodeScalars.startIndex
+        while oi < old.unicodeScalars.endIndex, ni < doc.unicodeScalars.endIndex, old.unicodeScalars[oi] == doc.unicodeScalars[ni] {
+            prefix += 1
+            oi = old.unicodeScalars.index(after: oi)
+            ni = doc.unicodeScalars.index(after: ni)
+        }
+        if prefix == oldCount && prefix == newCount {
+            return Chunking(text: doc, chunks: previous.chunks(in: doc), baseline: previous.baseline)
+        }
+        var suffix = 0
+        var oj = old.unicodeScalars.endIndex, nj = doc.unicodeScalars.endIndex
+        while prefix + suffix < min(oldCount, newCount) {
+            let po = old.unicodeScalars.index(before: oj), pn = doc.unicodeScalars.index(before: nj)
+            guard old.unicodeScalars[po] == doc.unicodeScalars[pn] else { break }
+            suffix += 1
+            oj = po
+            nj = pn
+        }
+        // The old chunks the edit touches: the one holding its first changed scalar (an
+        // insertion at a boundary goes to the chunk after it, at the end to the last one) to
+        // the one holding its last.
+        let ranges = previous.chunks.map(\.scalarRange)
+        let changedEnd = oldCount - suffix  // old[prefix..<changedEnd] was replaced
+        let first = ranges.firstIndex { $0.upperBound > prefix } ?? ranges.count - 1
+        let last = changedEnd > prefix ? (ranges.firstIndex { $0.upperBound >= changedEnd } ?? ranges.count - 1) : first
+        let shift = newCount - oldCount
+        let scalars = ScalarIndexer(doc)
+        // The text from the first touched chunk's start to chunk `end`'s end, chunked afresh.
+        func rechunk(through end: Int) -> [Chunk]? {
+            let segment = ranges[first].lowerBound..<(ranges[end].upperBound + shift)
+            guard let pieces = chunks(String(doc[scalars.range(segment)]), step: step) else { return nil }
+            return pieces.map { piece in
+                var c = piece
+                c.scalarRange = (piece.scalarRange.lowerBound + segment.lowerBound)..<(piece.scalarRange.upperBound + segment.lowerBound)
+                c.text = doc[scalars.range(c.scalarRange)]
+                return c
+            }
+        }
+        guard var fresh = rechunk(through: last) else { return nil }
+        var end = last
+        // Text that grew past its chunks would leave a short piece behind; cut it together with
+        // the next chunk instead when the two still make as many chunks as before.
+        if fresh.count > last - first + 1, last + 1 < ranges.count {
+            guard let wider = rechunk(through: last + 1) else { return nil }
+            if wider.count <= last + 2 - first {
+                fresh = wider
+                end = last + 1
+            }
+        }
+        var out: [Chunk] = previous.chunks(in: doc, 0..<first, shift: 0, scalars: scalars)
+        var after = previous.chunks(in: doc, (end + 1)..<ranges.count, shift: shift, scalars: scalars)
+        // A short re-chunked piece joins its neighbour when the two fit one chunk.
+        if let tail = fresh.last, underfull(tail), let next = after.first, let joined = join(tail, next, in: doc, scalars) {
+            fresh[fresh.count - 1] = joined
+            after.removeFirst()
+        }
+        // (Not the document's last chunk: a generation reads that one as text, and typing at the
+        // end of a document would otherwise re-render the chunk before it at every keystroke.)
+        if let head = fresh.first, underfull(head), fresh.count > 1 || !after.isEmpty, let prev = out.last,
+            let joined = join(prev, head, in: doc, scalars)
+        {
+            out[out.count - 1] = joined
+            fresh.removeFirst()
+        }
+        out += fresh
+        out += after
+        // Many edits could leave the document sparsely packed: chunk it afresh then.
+        if meanFill(out) < previous.baseline - 0.05 { return afresh() }
+        return Chunking(text: doc, chunks: out, baseline: previous.baseline)
+    }
+
+    /// The mean fill of the finished chunks (all but the last); 1 when there are none.
+    func meanFill(_ chunks: [Chunk]) -> Double {
+        let finished = chunks.dropLast()
+        return finished.isEmpty ? 1 : finished.map(fill).reduce(0, +) / Double(finished.count)
+    }
+
+    /// How full a chunk is: of the token budget or of the canvas rows, whichever binds.
+    func fill(_ c: Chunk) -> Double {
+        max(Double(c.tokens) / Double(maxTokens), Double(c.rows) / Double(max(1, renderer.config.rows)))
+    }
+
+    func underfull(_ c: Chunk) -> Bool { fill(c) < minFill }
+
+    /// `a` and `b` (adjacent, `a` first) as one chunk, if that fits.
+    func join(_ a: Chunk, _ b: Chunk, in doc: String, _ scalars: ScalarIndexer) -> Chunk? {
+        let range = a.scalarRange.lowerBound..<b.scalarRange.upperBound
+        let text = doc[scalars.range(range)]
+        let (ok, tokens, fit) = fits(text)
+        guard ok else { return nil }
+        return Chunk(scalarRange: range, text: text, tokens: tokens, rows: fit.rows, missing: fit.missing)
+    }
+
     /// `chunks`, calling `step` after every chunk; nil as soon as it returns false (the daemon
     /// yields to other clients and checks for cancellation there).
     public func chunks(_ doc: String, step: (() -> Bool)?) -> [Chunk]? {
@@ -118,4 +238,67 @@ public struct Chunker: Sendable {
         }
         return out
     }
+}
+
+/// A document's text with the chunks it was cut into (`Chunker.chunking`): what the next
+/// chunking of an edited version of the document starts from.
+public struct Chunking: Sendable {
+    public let text: String
+    public let chunks: [Chunk]
+    /// The mean fill of the finished chunks when the document was last chunked afresh.
+    let baseline: Double
+
+    /// The chunks cover the text exactly, in order, without gaps.
+    var isTiling: Bool {
+        var next = 0
+        for c in chunks {
+            guard c.scalarRange.lowerBound == next, c.scalarRange.upperBound > next else { return false }
+            next = c.scalarRange.upperBound
+        }
+        return next == text.unicodeScalars.count
+    }
+
+    /// These chunks over `doc`, which has the same text.
+    func chunks(in doc: String) -> [Chunk] {
+        chunks(in: doc, chunks.indices, shift: 0, scalars: ScalarIndexer(doc))
+    }
+
+    /// `chunks[indices]`, moved by `shift` scalars, over `doc`.
+    func chunks(in doc: String, _ indices: Range<Int>, shift: Int, scalars: ScalarIndexer) -> [Chunk] {
+        indices.map { i in
+            var c = chunks[i]
+            c.scalarRange = (c.scalarRange.lowerBound + shift)..<(c.scalarRange.upperBound + shift)
+            c.text = doc[scalars.range(c.scalarRange)]
+            return c
+        }
+    }
+}
+
+/// String indices of scalar offsets in one string: one pass records every 256th, so that each
+/// lookup walks at most 255 scalars (offsets are asked for in any order).
+struct ScalarIndexer {
+    let doc: String
+    /// The index of every 256th scalar.
+    let marks: [String.Index]
+
+    init(_ doc: String) {
+        self.doc = doc
+        var marks: [String.Index] = []
+        var i = doc.unicodeScalars.startIndex
+        var n = 0
+        while true {
+            if n % 256 == 0 { marks.append(i) }
+            guard i < doc.unicodeScalars.endIndex else { break }
+            i = doc.unicodeScalars.index(after: i)
+            n += 1
+        }
+        self.marks = marks
+    }
+
+    func index(_ offset: Int) -> String.Index {
+        let m = min(max(0, offset / 256), marks.count - 1)
+        return doc.unicodeScalars.index(marks[m], offsetBy: offset - m * 256)
+    }
+
+    func range(_ r: Range<Int>) -> Range<String.Index> { index(r.lowerBound)..<index(r.upperBound) }
 }

@@ -17,6 +17,11 @@ public final class Session: @unchecked Sendable {
         var path: String
         var text: String
         var chunks = 0
+        /// How the last compress, generate or render over this document alone chunked it
+        /// (possibly an earlier version of `text`): the next one keeps the chunks an update
+        /// left alone, so a one-line edit re-renders at most two chunks. It holds the text it
+        /// was made from, so an updated document may keep up to twice its size in memory.
+        var chunking: Chunking? = nil
     }
 
     let context: ServerContext
@@ -392,6 +397,22 @@ public final class Session: @unchecked Sendable {
         }
     }
 
+    /// The chunking last made for a request over `docIDs`, when that is one document.
+    func chunking(_ docIDs: [String]) -> Chunking? {
+        guard docIDs.count == 1 else { return nil }
+        lock.lock()
+        defer { lock.unlock() }
+        return documents[docIDs[0]]?.chunking
+    }
+
+    /// Keeps `c` for the next request over `docIDs` (one document; a closed one is ignored).
+    func keep(_ c: Chunking, for docIDs: [String]) {
+        guard docIDs.count == 1 else { return }
+        lock.lock()
+        documents[docIDs[0]]?.chunking = c
+        lock.unlock()
+    }
+
     func openDocument(_ id: UInt64, _ o: Vist2_V1_OpenDocument) {
         guard o.path.utf8.count <= 4096 else { return error(id, .badRequest, "path longer than 4096 bytes") }
         let size = o.text.utf8.count
@@ -417,7 +438,7 @@ public final class Session: @unchecked Sendable {
         let oldSize = old.text.utf8.count, size = u.text.utf8.count
         guard takeDocumentBytes(id, size - oldSize, replacing: oldSize) else { return }
         lock.lock()
-        documents[u.documentID] = Document(path: old.path, text: u.text)
+        documents[u.documentID] = Document(path: old.path, text: u.text, chunking: old.chunking)
         lock.unlock()
         reply(id) { $0.document = info(u.documentID) }
     }
@@ -533,9 +554,11 @@ public final class Session: @unchecked Sendable {
         }
         guard let text = texts(id, [c.documentID]) else { return }
         let cache = context.blockCache(for: cacheOwner(shared: c.shared)), metrics = context.metrics, worker = context.worker
+        let previous = chunking([c.documentID])
         submit(id) { [self] job throws(EngineError) in
             let r = try VIST2Generator(model: model).compress(
                 documents: text, instruction: c.instruction, chat: c.chat, cache: cache,
+                reusing: previous, onChunking: { self.keep($0, for: [c.documentID]) },
                 step: { worker.pause(job) },
                 progress: { done, total in
                     self.reply(id, final: false) {
@@ -571,9 +594,12 @@ public final class Session: @unchecked Sendable {
         }
         guard let text = texts(id, [r.documentID]) else { return }
         let worker = context.worker
+        let previous = chunking([r.documentID])
         submit(id) { [self] job throws(EngineError) in
             let step = { worker.pause(job) }
-            guard let chunks = model.chunker.chunks(text[0], step: step) else { throw .cancelled }
+            guard let chunking = model.chunker.chunking(text[0], reusing: previous, step: step) else { throw .cancelled }
+            keep(chunking, for: [r.documentID])
+            let chunks = chunking.chunks
             for (i, c) in chunks.enumerated() {
                 guard step() else { throw .cancelled }
                 let encoded = Result { () throws(RenderError) in try model.renderer.render(c.text).image.pngData() }
@@ -647,6 +673,7 @@ public final class Session: @unchecked Sendable {
         let ctx = context
         let request = req
         let cache = context.blockCache(for: cacheOwner(shared: g.shared))
+        let docIDs = g.documentIds, previous = chunking(g.documentIds)
         submit(id) { [self] job throws(EngineError) in
             let onText: (String) -> Bool = { piece in
                 self.reply(id, final: false) { $0.textDelta = .with { $0.text = piece } }
@@ -660,6 +687,8 @@ public final class Session: @unchecked Sendable {
                 interleaved.isCancelled = { job.isCancelled }
                 var vr = VIST2Request(generation: interleaved, documents: docs, fullText: g.fullText)
                 vr.cache = cache
+                vr.previousChunking = previous
+                vr.onChunking = { self.keep($0, for: docIDs) }
                 vr.progress = { _, _ in !job.isCancelled }
                 let r = try VIST2Generator(model: m).generate(vr, onText: onText)
                 result = Self.common(

@@ -101,6 +101,37 @@ struct DocumentTests {
         #expect(edited.prefixCacheHits + edited.chunkCacheHits + edited.chunksRendered == edited.chunks - 1)
     }
 
+    /// (The chunker's own tests show the stateless rule rippling further; this one checks that
+    /// the daemon keeps each document's chunking and that every request over it agrees.)
+    @Test("A history of one-line edits: each compress re-renders at most two chunks, and render and generate see the same chunks")
+    func editHistory() throws {
+        let d = try TestDaemon()
+        let c = try VistClient(socketPath: d.path)
+        var text = smallDoc
+        let doc = try c.openDocument(text: text)
+        _ = try c.compress(documentID: doc.documentID)
+        for k in 0..<40 {
+            var lines = text.components(separatedBy: "\n")
+            let i = (k * 7 + 3) % lines.count
+            switch k % 3 {
+            case 0: lines[i] += " edited"
+            case 1: lines.insert("an inserted line", at: i)
+            default: lines.remove(at: i)
+            }
+            let edited = lines.joined(separator: "\n")
+            _ = try c.updateDocument(id: doc.documentID, text: edited)
+            let r = try c.compress(documentID: doc.documentID)
+            #expect(r.chunksRendered <= 2, "edit \(k): \(r.chunksRendered) chunks rendered")
+            #expect(r.prefixCacheHits + r.chunkCacheHits + r.chunksRendered == r.chunks - 1)
+            text = edited
+        }
+        // Render and generate see the same chunks as compress: a generation reads every block
+        // from the prefix cache.
+        let r = try c.render(documentID: doc.documentID) { _ in }
+        let g = try c.generate(greedy([doc.documentID]))
+        #expect(g.chunksEncoded == 0 && g.prefixCacheHits == r.chunks - 1 && g.chunks == r.chunks - 1)
+    }
+
     @Test("A damaged entry is a miss, logged and recomputed; the answer does not change")
     func damagedEntry() throws {
         let d = try TestDaemon()

@@ -19,6 +19,11 @@ public struct VIST2Request: Sendable {
     /// Called after each finished chunk of the documents is in the KV cache (done, total);
     /// returning false cancels the request.
     public var progress: (@Sendable (Int, Int) -> Bool)? = nil
+    /// How an earlier version of these documents was chunked (the daemon keeps it per open
+    /// document): the chunks an edit leaves alone are kept (`Chunker.chunking(_:reusing:step:)`).
+    public var previousChunking: Chunking? = nil
+    /// Called with the documents' chunking once it is made (compressed mode only).
+    public var onChunking: (@Sendable (Chunking) -> Void)? = nil
 
     public init(generation: GenerationRequest, documents: [String] = [], fullText: Bool = false) {
         self.generation = generation
@@ -186,7 +191,9 @@ public struct VIST2Generator {
             guard prefilled < limit else { throw .contextOverflow(needed: prefilled + 1, limit: limit) }
             cache = tf.makeCache(capacity: min(limit, need))
         } else {
-            guard let chunks = model.chunker.chunks(docText, step: textStep) else { throw .cancelled }
+            guard let chunking = model.chunker.chunking(docText, reusing: req.previousChunking, step: textStep) else { throw .cancelled }
+            req.onChunking?(chunking)
+            let chunks = chunking.chunks
             finished = chunks.dropLast().map(\.text)
             finishedTokens = chunks.dropLast().map(\.tokens).reduce(0, +)
             current = chunks.last.map { tok.encode(String($0.text), addSpecial: false) } ?? []
@@ -398,9 +405,11 @@ public struct VIST2Generator {
     /// that follows (or any after a restart) finds it there.
     ///
     /// `step` is called while the documents are chunked and the instruction is prefilled
-    /// (returning false cancels); `progress` after every block.
+    /// (returning false cancels); `progress` after every block. `previous` is how an earlier
+    /// version of these documents was chunked, `onChunking` receives how they are chunked now.
     public func compress(
         documents: [String], instruction: String = "", chat: Bool = false, cache: VIST2BlockCache?,
+        reusing previous: Chunking? = nil, onChunking: ((Chunking) -> Void)? = nil,
         step: (() -> Bool)? = nil, progress: (Int, Int) -> Bool = { _, _ in true }
     ) throws(EngineError) -> CompressionResult {
         let t0 = DispatchTime.now().uptimeNanoseconds
@@ -408,7 +417,9 @@ public struct VIST2Generator {
         let text = documents.joined(separator: "\n")
         let prompt = chat ? lm.chatPrompt(instruction) : instruction
         let start = tok.encode(prompt, addSpecial: true, parseSpecial: chat)
-        guard let chunks = model.chunker.chunks(text, step: step) else { throw .cancelled }
+        guard let chunking = model.chunker.chunking(text, reusing: previous, step: step) else { throw .cancelled }
+        onChunking?(chunking)
+        let chunks = chunking.chunks
         let finished = chunks.dropLast().map(\.text)
         let m = model.blockSize
         let need = start.count + finished.count * m + 1
