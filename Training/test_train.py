@@ -225,6 +225,16 @@ def distributed_setup(data):
     return step, items
 
 
+class Precision(unittest.TestCase):
+    def test_auto_precision(self):
+        cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+        self.assertTrue(train.amp_default(cuda, "AVX2"))
+        self.assertTrue(train.amp_default(cpu, "AVX512"))
+        self.assertTrue(train.amp_default(cpu, "AMX"))
+        self.assertFalse(train.amp_default(cpu, "AVX2"))  # bf16 is emulated there, ~13x slower
+        self.assertFalse(train.amp_default(cpu, "DEFAULT"))
+
+
 class Distributed(unittest.TestCase):
     """Training on several processes (torchrun: DDP, one process per GPU) steps as one process
     with the whole global batch does."""

@@ -13,7 +13,7 @@ Stages (steps are optimizer steps; the schedule is in run.json):
   A  read:  the ViT learns to read glyphs with an auxiliary per-cell character objective (a
             linear head on each visual token's merged patches predicts the character cells
             under it: 4 x 8 with the shipped geometry, 3 x 8 tiled). Cheap: no backbone.
-  B  OCR:   [OCR prompt] V_i -> T_i through the frozen backbone (bf16 autocast), mixed with
+  B  OCR:   [OCR prompt] V_i -> T_i through the frozen backbone, mixed with
             continuation V_i -> T_{i+1}; loss on every text token, the first one predicted at
             the block's last visual token.
   C  OLM:   multi-chunk documents [] V_0 .. V_k -> T_{k+1} with the mask and compressed positions
@@ -36,13 +36,14 @@ the rows of visual blocks, "all" every row. It is exported in the PEFT layout to
 named in best/config.json, and the held-out blind losses are then measured under the current
 adapter at every evaluation.
 
-Where it runs: on the CPU by default; with --device cuda on one GPU (bf16 autocast, as on the
-CPU); under torchrun on several processes, one GPU each (DDP over NCCL; over Gloo with --device
+Where it runs: on the CPU by default; with --device cuda on one GPU; under torchrun on several processes, one GPU each (DDP over NCCL; over Gloo with --device
 cpu). Every process draws the same global batch of a step from a generator seeded by (seed,
 step) and takes its own contiguous shard, so a run on G processes with per-process batch b steps
 as one process with batch G x b does (test_train.py checks the gradients). --batch sets the
 per-process batch of stages B and C (stage A in the schedule's ratio); "auto" sizes it to the
 GPU's free memory from one probe step. Learning rates are the schedule's whatever the batch.
+--precision auto (the default) computes in bf16 autocast on CUDA and on CPUs with AVX-512, in f32
+on other CPUs, where bf16 is emulated and ~13x slower.
 Rank 0 alone evaluates, exports and writes checkpoints and the log; the log records tokens/s
 (positions through the backbone, all processes) and images/s per step and over each 10 steps.
 
@@ -223,11 +224,25 @@ def build(bb, instr, blocks, text, m, causal=False):
     return x, pos, allowed, pred_rows
 
 
-def lm_loss(bb, seqs, targets, lora=None, visual=None, reduction="mean", amp=True, logits_out=None):
+# bf16 autocast (set by main from --precision; tests compare in f32).
+AMP = True
+
+
+def amp_default(device, cpu_capability=None):
+    """Whether --precision auto trains in bf16 autocast: always on CUDA; on the CPU only where it
+    has AVX-512. bf16 matmuls on an AVX2-only CPU are emulated: the ViT's step there takes ~13x
+    as long in bf16 as in f32 (44 s against 3.4 s for 8 images on a 2-core EPYC)."""
+    if device.type == "cuda":
+        return True
+    cap = cpu_capability if cpu_capability is not None else torch.backends.cpu.get_cpu_capability()
+    return cap.upper().startswith("AVX512") or cap.upper().startswith("AMX")
+
+
+def lm_loss(bb, seqs, targets, lora=None, visual=None, reduction="mean", amp=None, logits_out=None):
     """Cross-entropy over all target tokens of a padded batch of sequences: their mean, or with
     reduction "sum" their sum; and the number of tokens. With `lora`, the adapter acts on the rows
     `visual` marks (a (T_b,) bool mask per sequence) or on every row when visual is None. Runs on
-    the device the sequences are on, in bf16 autocast (amp=False: in f32)."""
+    the device the sequences are on, in bf16 autocast (amp=False: in f32; None: AMP)."""
     T = max(s[0].shape[0] for s in seqs)
     B, D = len(seqs), seqs[0][0].shape[1]
     dev = seqs[0][0].device
@@ -248,7 +263,7 @@ def lm_loss(bb, seqs, targets, lora=None, visual=None, reduction="mean", amp=Tru
         tgt.append(torch.as_tensor(targets[b], dtype=torch.long, device=dev))
         bi.append(torch.full((len(r),), b, device=dev))
     x = torch.stack(xs)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=AMP if amp is None else amp):
         h = bb.hidden(x, pos, allowed, lora, rows_mask)
         sel = h[torch.cat(bi), torch.cat(rows)]
         logits = sel @ bb.embed.weight.T
@@ -258,7 +273,7 @@ def lm_loss(bb, seqs, targets, lora=None, visual=None, reduction="mean", amp=Tru
 
 
 @torch.no_grad()
-def teacher_logits(bb, prefixes, texts, amp=True):
+def teacher_logits(bb, prefixes, texts, amp=None):
     """The backbone reading the full text (the distillation teacher): for each sequence, the
     token ids of its prefix (the chunks the student sees as images) then of its text, causal,
     positions 0..; returns the logits that predict each text token, rows in order (the first
@@ -275,7 +290,7 @@ def teacher_logits(bb, prefixes, texts, amp=True):
     for b, (p, t) in enumerate(zip(prefixes, texts)):
         rows.append(torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev))
         bi.append(torch.full((len(t),), b, device=dev))
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=AMP if amp is None else amp):
         h = bb.hidden(bb.embed(ids), pos, mask)
         return (h[torch.cat(bi), torch.cat(rows)] @ bb.embed.weight.T).float()
 
@@ -369,7 +384,7 @@ class StepLoss(nn.Module):
         self.model = model
         self.outside = (bb, ds)
         self.cfg, self.sched, self.world = cfg, sched, world
-        self.amp = True  # bf16 autocast (tests compare in f32)
+        self.amp = AMP  # bf16 autocast (tests compare in f32)
 
     def forward(self, stage, items):
         model, (bb, ds), cfg, sched = self.model, self.outside, self.cfg, self.sched
@@ -640,12 +655,16 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda (one GPU per process: LOCAL_RANK's) or auto")
     ap.add_argument("--batch", default="0", help="per-process batch of stages B and C (stage A scaled by the "
                     "schedule's ratio); auto: sized to the GPU's memory; 0: the schedule's")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "f32"],
+                    help="bf16 autocast or f32; auto: bf16 on CUDA and on CPUs with AVX-512, f32 elsewhere")
     ap.add_argument("--init", help="a new run starts from this model directory's vision encoder and aligner (same "
                     "geometry and sizes; the reading head starts fresh); ignored when the run has a checkpoint")
     args = ap.parse_args()
     if args.batch != "auto" and not (args.batch.isdigit()):
         raise SystemExit(f"train.py: --batch must be a number or auto, got {args.batch!r}")
     rt = Runtime(args.device)
+    global AMP
+    AMP = amp_default(rt.dev) if args.precision == "auto" else args.precision == "bf16"
     if args.threads:
         torch.set_num_threads(args.threads)
     with open(os.path.join(args.run, "run.json")) as f:
@@ -705,7 +724,8 @@ def main():
         total = min(total, args.max_steps)
     log = open(os.path.join(args.run, "log.jsonl"), "a") if rt.main else None
     if rt.main:
-        print(json.dumps({"device": str(rt.dev), "processes": rt.world, "batch_per_process": per,
+        print(json.dumps({"device": str(rt.dev), "precision": "bf16" if AMP else "f32", "processes": rt.world,
+                          "batch_per_process": per,
                           "global_batch": {k: v * rt.world for k, v in per.items()}}), flush=True)
     t0 = time.time()
     last_ckpt = t0
