@@ -50,30 +50,39 @@ for f in "$EVAL"/heldout-*.txt "$EVAL/external-GPL-3.txt"; do
     label="$(basename "$f" .txt)"
     echo "eval $label ..." >&2
     r="$("$CTL" eval --model "$STAGE" --max-chunks "$CHUNKS" --json "$f")"
+    # Packing: text tokens per visual token over the whole text, as the engine chunks it.
+    p="$("$CTL" render --local --model "$STAGE" --out "$EVAL/render-$label" --json "$f" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["ratio"])')"
     [[ $first == 1 ]] || echo "," >> "$EVAL/evals.json"
     first=0
-    printf '"%s": {"file": "%s", "result": %s}\n' "$label" "$label" "$r" >> "$EVAL/evals.json"
+    printf '"%s": {"file": "%s", "packing": %s, "result": %s}\n' "$label" "$label" "$p" "$r" >> "$EVAL/evals.json"
 done
 echo "}" >> "$EVAL/evals.json"
 
 # Samples: the same question about a document read as visual blocks, as full text, and not at all.
 head -c 9000 /usr/share/common-licenses/GPL-3 > "$EVAL/GPL-3-first-9000.txt"
 Q="Continue the text."
-sample() {  # title, then the vist2ctl arguments
-    local title="$1"
-    shift
+sample() {  # title, max tokens, then the vist2ctl arguments
+    local title="$1" n="$2"
+    shift 2
     local out
-    out="$("$CTL" generate --local --model "$STAGE" --max-tokens 80 --temperature 0 "$@" 2>/dev/null | head -c 2000)"
+    out="$("$CTL" generate --local --model "$STAGE" --max-tokens "$n" --temperature 0 "$@" 2>/dev/null | head -c 2000)"
     "$PY" -c 'import json,sys; print(json.dumps({"title": sys.argv[1], "command": "vist2ctl generate " + " ".join(sys.argv[3:]), "output": sys.argv[2]}))' \
-        "$title" "$out" --max-tokens 80 --temperature 0 "${@//$EVAL\//}"
+        "$title" "$out" --max-tokens "$n" --temperature 0 "${@//$EVAL\//}"
 }
+# The README's main command, compressed and in full text.
+APACHE=/usr/share/common-licenses/Apache-2.0
+ASK="What does this license say about patents?"
 {
     echo "["
-    sample "The first 9,000 characters of the GPL-3 as visual blocks (plus the live last chunk as text)" --doc "$EVAL/GPL-3-first-9000.txt" "$Q"
+    sample "The README's main command: the Apache-2.0 license as visual blocks" 120 --doc "$APACHE" --chat "$ASK"
     echo ","
-    sample "The same document as full text" --doc "$EVAL/GPL-3-first-9000.txt" --full-text "$Q"
+    sample "The same question over the same document as full text" 120 --doc "$APACHE" --full-text --chat "$ASK"
     echo ","
-    sample "No document" "$Q"
+    sample "The first 9,000 characters of the GPL-3 as visual blocks (plus the live last chunk as text)" 80 --doc "$EVAL/GPL-3-first-9000.txt" "$Q"
+    echo ","
+    sample "The same document as full text" 80 --doc "$EVAL/GPL-3-first-9000.txt" --full-text "$Q"
+    echo ","
+    sample "No document" 80 "$Q"
     echo "]"
 } > "$EVAL/samples.json"
 

@@ -52,6 +52,10 @@ grep -q "stopped at step 8 of 8" "$SMOKE/ddp.log" && grep -q "2 processes agree 
 # The backbone read from the GGUF by the training code's own reader equals the engine's export.
 "$PY" Training/vist2/gguf.py --compare "${VIST2_MODELS:-${XDG_DATA_HOME:-$HOME/.local/share}/vist2/models}/SmolLM2-135M-Instruct.Q4_1.gguf" "$SMOKE/backbone"
 .build/release/vist2ctl eval --model "$SMOKE/run/best" --max-chunks 2 --json README.md
+# The model card of that checkpoint (Training/package.sh: evaluations and packing per kind, the
+# README's main command compressed and in full text, transcriptions), one chunk per text.
+PYTHON="$PY" bash Training/package.sh "$SMOKE" "$SMOKE/packaged" --chunks 1
+grep -q "text tokens per visual token" "$SMOKE/packaged/README.md" && grep -q "README's main command" "$SMOKE/packaged/README.md"
 # A run started from the shipped weights (--init), and the capacity probe (2 steps, 32 tokens).
 mkdir "$SMOKE/init" && cp "$SMOKE/run/run.json" "$SMOKE/init/"
 "$PY" Training/train.py --run "$SMOKE/init" --max-steps 1 --init weights/vist2-smollm2-135m > "$SMOKE/init.log"
