@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # VIST2 vs full-text on the same engine and backbone, side by side, in one run.
 #
-#   scripts/bench-vist2.sh [-t THREADS] [-n GENERATED] [--keep-openblas-env]
+#   scripts/bench-vist2.sh [-t THREADS] [-n GENERATED] [--model DIR] [--doc FILE] [--keep-openblas-env]
 #
 # Model: SmolLM2-135M with the default VIST2 geometry and *untrained* vision weights
-# (Training/make_untrained.py; costs do not depend on the weights). Document: the longest prefix
-# of Debian's GPL-3 text, cut at a line end, with which full-text mode (instruction + document +
+# (Training/make_untrained.py; costs do not depend on the weights), or --model (e.g. default, whose
+# backbone adapter adds its cost to visual rows). Document: the longest prefix of Debian's GPL-3
+# text (or --doc FILE, e.g. source code), cut at a line end, with which full-text mode (instruction + document +
 # the N generated tokens) still fits SmolLM2's 8192-token context, so both modes do the same
 # work; the script refuses to report if they did not generate the same number of tokens. Reports time to first token, peak and final KV bytes and
 # FLOPs for both modes and their ratios; also the chunker's ratio and edit locality on a ~20k-token
@@ -15,12 +16,16 @@ cd "$(dirname "$0")/.."
 THREADS=$(nproc)
 N=1000
 KEEP_ENV=0
+MODEL=""
+DOC=/usr/share/common-licenses/GPL-3
 while (($#)); do
     case "$1" in
     -t) THREADS=$2; shift 2 ;;
     -n) N=$2; shift 2 ;;
+    --model) MODEL=$2; shift 2 ;;
+    --doc) DOC=$2; shift 2 ;;
     --keep-openblas-env) KEEP_ENV=1; shift ;;
-    *) echo "usage: $0 [-t threads] [-n generated] [--keep-openblas-env]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-t threads] [-n generated] [--model DIR] [--doc FILE] [--keep-openblas-env]" >&2; exit 2 ;;
     esac
 done
 ENVCMD=(env)
@@ -30,15 +35,17 @@ bash scripts/fetch-model.sh >/dev/null
 python3 -c "import torch, safetensors" 2>/dev/null || python3 -m pip install --quiet -r Training/requirements.txt
 WORK="${XDG_CACHE_HOME:-$HOME/.cache}/vist2/bench"
 mkdir -p "$WORK"
-MODEL="$WORK/untrained-vist2"
-python3 Training/make_untrained.py "$MODEL" >/dev/null
+if [[ -z "$MODEL" ]]; then
+    MODEL="$WORK/untrained-vist2"
+    python3 Training/make_untrained.py "$MODEL" >/dev/null
+fi
 swift build -c release --product vist2ctl >/dev/null
 CTL=.build/release/vist2ctl
 
 L=/usr/share/common-licenses
-# Longest line-end prefix of GPL-3 whose full-text prompt leaves room for N tokens of generation
+# Longest line-end prefix of the document whose full-text prompt leaves room for N tokens of generation
 # (the prompt is the document plus the chat template around the instruction: 10 tokens here).
-python3 - "$CTL" "$L/GPL-3" "$WORK/doc8k.txt" "$N" <<'PYEOF'
+python3 - "$CTL" "$DOC" "$WORK/doc8k.txt" "$N" <<'PYEOF'
 import json, subprocess, sys
 ctl, src, dst, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 budget = 8192 - n - 10
@@ -55,7 +62,7 @@ while lo < hi:
 open(dst, "w").write("\n".join(lines[:lo]) + "\n")
 PYEOF
 cat "$L/GPL-3" "$L/GPL-2" "$L/Apache-2.0" "$L/LGPL-2.1" > "$WORK/doc20k.txt"
-PROMPT="Summarize the following license text."
+PROMPT="Summarize the following text."
 
 run() {
     "${ENVCMD[@]}" "$CTL" generate --local --model "$MODEL" --threads "$THREADS" --doc "$WORK/doc8k.txt" \
@@ -78,14 +85,14 @@ open(sys.argv[2], "w").write("\n".join(lines))
 PYEOF
 "$CTL" render --local --model "$MODEL" --out "$WORK/render-b" --json "$WORK/doc20k-edit.txt" > "$WORK/b.json"
 
-python3 - "$FULL" "$COMP" "$WORK/a.json" "$WORK/b.json" "$THREADS" "$KEEP_ENV" <<'PYEOF'
+python3 - "$FULL" "$COMP" "$WORK/a.json" "$WORK/b.json" "$THREADS" "$KEEP_ENV" "$(basename "$DOC")" <<'PYEOF'
 import json, sys
 full, comp = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 if full["generated_tokens"] != comp["generated_tokens"]:
     sys.exit("full-text generated %d tokens, VIST2 %d: not the same work, no comparison"
              % (full["generated_tokens"], comp["generated_tokens"]))
 a, b = json.load(open(sys.argv[3])), json.load(open(sys.argv[4]))
-print("== one run, %s threads, OpenBLAS env %s ==" % (sys.argv[5], "kept" if sys.argv[6] == "1" else "unset"))
+print("== one run, %s threads, OpenBLAS env %s, %s on %d document tokens ==" % (sys.argv[5], "kept" if sys.argv[6] == "1" else "unset", sys.argv[7], full["prompt_tokens"]))
 print("%-22s %14s %14s %10s" % ("", "full-text", "VIST2", "VIST2/full"))
 def row(name, key, fmt="%14.1f"):
     f, c = full[key], comp[key]
