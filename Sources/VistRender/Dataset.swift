@@ -59,7 +59,9 @@ public struct DatasetMeta: Codable, Sendable, Equatable {
 }
 
 /// Writes a dataset directory chunk by chunk. With a renderer each chunk is rendered (image and
-/// cells); without one the directory is text only.
+/// cells); without one the directory is text only. The files are written under `.partial` names
+/// and take their places only in `finish`: a run that fails (a bad corpus line, a full disk)
+/// leaves a dataset already in the directory as it was.
 public final class DatasetWriter {
     public let directory: String
     let renderer: SketchRenderer?
@@ -68,6 +70,8 @@ public final class DatasetWriter {
     let encoder: JSONEncoder
     public private(set) var chunks = 0
     public private(set) var tokens = 0
+    var finished = false
+    static let partial = ".partial"
 
     public init(directory: String, renderer: SketchRenderer?) throws(RenderError) {
         self.directory = directory
@@ -77,12 +81,10 @@ public final class DatasetWriter {
             throw .io("cannot create \(directory): \(error.localizedDescription)")
         }
         func create(_ name: String) throws(RenderError) -> FileHandle {
-            let p = directory + "/" + name
+            let p = directory + "/" + name + Self.partial
             guard fm.createFile(atPath: p, contents: nil), let h = FileHandle(forWritingAtPath: p) else { throw .io("cannot write \(p)") }
             return h
         }
-        // A directory rendered before and now written text only must not keep stale images.
-        if renderer == nil { try? fm.removeItem(atPath: directory + "/images.u8") }
         images = renderer == nil ? nil : try create("images.u8")
         records = try create("chunks.jsonl")
         encoder = JSONEncoder()
@@ -109,21 +111,42 @@ public final class DatasetWriter {
         tokens += ids.count
     }
 
-    /// Closes the files and writes meta.json with the counts, `render`'s geometry and the model's
-    /// identity.
+    deinit {
+        guard !finished else { return }
+        try? images?.close()
+        try? records.close()
+        for name in ["images.u8", "chunks.jsonl"] { try? FileManager.default.removeItem(atPath: directory + "/" + name + Self.partial) }
+    }
+
+    /// Puts a `.partial` file in its place (rename(2) replaces the old one atomically).
+    func install(_ name: String) throws(RenderError) {
+        let p = directory + "/" + name
+        guard rename(p + Self.partial, p) == 0 else { throw .io("cannot move \(p + Self.partial) to \(p)") }
+    }
+
+    /// Closes the files, puts them in place and writes meta.json with the counts, `render`'s
+    /// geometry and the model's identity.
     @discardableResult
     public func finish(
         documents: Int, render r: RenderConfig, modelFingerprint: String, chunkLength: Int, visualTokens: Int
     ) throws(RenderError) -> DatasetMeta {
+        finished = true
         try? images?.close()
         try? records.close()
         let meta = DatasetMeta(
             chunks: chunks, documents: documents, tokens: tokens, height: r.height, width: r.width, lineHeight: r.lineHeight,
             margin: r.margin, tile: r.tile, modelFingerprint: modelFingerprint, chunkLength: chunkLength, visualTokens: visualTokens,
             textOnly: renderer == nil ? true : nil)
-        guard let data = try? encoder.encode(meta), FileManager.default.createFile(atPath: directory + "/meta.json", contents: data) else {
+        // meta.json goes last: the files it describes are in place before it says so. A directory
+        // rendered before and now written text only must not keep stale images.
+        try? FileManager.default.removeItem(atPath: directory + "/meta.json")
+        if images != nil { try install("images.u8") } else { try? FileManager.default.removeItem(atPath: directory + "/images.u8") }
+        try install("chunks.jsonl")
+        guard let data = try? encoder.encode(meta), FileManager.default.createFile(atPath: directory + "/meta.json" + Self.partial, contents: data)
+        else {
             throw .io("cannot write \(directory)/meta.json")
         }
+        try install("meta.json")
         return meta
     }
 }

@@ -254,8 +254,12 @@ struct CLITests {
 
         let bad = dir.appendingPathComponent("bad.jsonl")
         try "{\"id\": 1}\n".write(to: bad, atomically: true, encoding: .utf8)
+        let before = ["images.u8", "chunks.jsonl", "meta.json"].map { FileManager.default.contents(atPath: out + "/" + $0) }
         let b = try vist2ctl(["dataset", "--model", Self.tinyVIST2, "--out", out, bad.path])
         #expect(b.status == 1 && b.err.contains("bad.jsonl:1"))
+        // The dataset already there is as it was, and no partial file is left behind.
+        #expect(["images.u8", "chunks.jsonl", "meta.json"].map { FileManager.default.contents(atPath: out + "/" + $0) } == before)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: out).sorted() == ["chunks.jsonl", "images.u8", "meta.json"])
 
         let hf = dir.appendingPathComponent("hf").path
         let e = try vist2ctl(["export-backbone", "--model", Self.tinyVIST2, "--json", hf])
