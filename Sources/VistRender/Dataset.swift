@@ -142,7 +142,8 @@ public final class DatasetWriter {
         try? FileManager.default.removeItem(atPath: directory + "/meta.json")
         if images != nil { try install("images.u8") } else { try? FileManager.default.removeItem(atPath: directory + "/images.u8") }
         try install("chunks.jsonl")
-        guard let data = try? encoder.encode(meta), FileManager.default.createFile(atPath: directory + "/meta.json" + Self.partial, contents: data)
+        guard let data = try? encoder.encode(meta),
+            FileManager.default.createFile(atPath: directory + "/meta.json" + Self.partial, contents: data)
         else {
             throw .io("cannot write \(directory)/meta.json")
         }
