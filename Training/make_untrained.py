@@ -6,7 +6,7 @@ SmolLM2-135M backbone.
     python3 Training/make_untrained.py OUT_DIR --config CONFIG.json
 
 With --config, the geometry and vision sizes of a given model config (Training/run.sh uses this
-with Training/configs/vist2-smollm2-135m.json, the trained default model's, because
+with Training/configs/vist2-smollm2-135m-flow.json, the trained default model's, because
 `vist2ctl dataset` needs a model directory for the chunker and renderer).
 
 For efficiency benchmarks and for checking the renderer/chunker geometry on real documents

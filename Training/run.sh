@@ -12,8 +12,9 @@
 #   3. WORK_DIR/corpus: the corpus from named Debian packages (Training/build_corpus.py).
 #   4. WORK_DIR/ds-{train,heldout}: chunks, token ids and sketch images made by the engine's own
 #      chunker, tokenizer and renderer (`vist2ctl dataset`) with the geometry in
-#      Training/configs/vist2-smollm2-135m.json (the shipped model's), or --config FILE
-#      (e.g. Training/configs/vist2-smollm2-135m-tiled.json, see Training/EXPERIMENTS.md).
+#      Training/configs/vist2-smollm2-135m-flow.json (the shipped model's: flowing layout), or
+#      --config FILE (e.g. the page, Training/configs/vist2-smollm2-135m.json; see
+#      Training/EXPERIMENTS.md).
 #   5. WORK_DIR/run: run.json (paths, OCR prompt ids, schedule) and the training itself;
 #      WORK_DIR/run/best is the best model directory so far, log.jsonl the loss curve.
 #      --init MODEL_DIR starts a new run from a model directory's encoder and aligner (e.g.
@@ -33,7 +34,7 @@ shift
 MINUTES=150
 MAX_STEPS=0
 TINY=0
-CONFIG="$ROOT/Training/configs/vist2-smollm2-135m.json"
+CONFIG="$ROOT/Training/configs/vist2-smollm2-135m-flow.json"
 INIT=()
 ADAPTER=""
 DEVICE=cpu
