@@ -32,12 +32,11 @@ ENVCMD=(env)
 ((KEEP_ENV)) || ENVCMD=(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE)
 
 bash scripts/fetch-model.sh >/dev/null
-python3 -c "import torch, safetensors" 2>/dev/null || python3 -m pip install --quiet -r Training/requirements.txt
 WORK="${XDG_CACHE_HOME:-$HOME/.cache}/vist2/bench"
 mkdir -p "$WORK"
 if [[ -z "$MODEL" ]]; then
     MODEL="$WORK/untrained-vist2"
-    python3 Training/make_untrained.py "$MODEL" >/dev/null
+    "$(bash Training/python.sh)" Training/make_untrained.py "$MODEL" >/dev/null
 fi
 swift build -c release --product vist2ctl >/dev/null
 CTL=.build/release/vist2ctl
