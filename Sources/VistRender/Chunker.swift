@@ -24,8 +24,9 @@ public struct Chunk: Sendable, Equatable {
 /// license texts (19.8k tokens, 320x320 canvas, L = 400): ratio 3.66 at r = 4 and one-line edits
 /// changing one chunk (0.8: 3.58; 0.9: 3.73, but edits on synthetic text then rippled through up
 /// to 7 chunks). The chosen line depends on the content of a window of lines, not on offsets, so
-/// after an edit the next chunk's window still holds the same minimal line and the boundaries
-/// fall back on the same lines as before (they resynchronise).
+/// after an edit the next chunk's window usually still holds the same minimal line and the
+/// boundaries fall back on the same lines as before (they resynchronise) — usually, not always:
+/// `chunking(_:reusing:step:)` is what bounds an edit of an open document to two chunks.
 public struct Chunker: Sendable {
     public let maxTokens: Int
     public let minFill: Double
