@@ -321,6 +321,28 @@ class Adapter(unittest.TestCase):
         self.pos = torch.arange(T, dtype=torch.float32)[None]
         self.mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
 
+    def test_init_from_a_directory_with_another_adapter(self):
+        # --init from a model directory with a rank-4 adapter: a rank-4 run takes it, a rank-2 run
+        # (the CI smoke run from the shipped rank-8 model) starts its own adapter fresh.
+        with open(os.path.join(TINY, "config.json")) as f:
+            cfg = json.load(f)
+        with tempfile.TemporaryDirectory() as d:
+            src = train.Trainable(cfg, self.bb.dim, 5)
+            src.init_weights(1)
+            src.add_adapter(self.bb, {"rank": 4, "scope": "visual"})
+            with torch.no_grad():
+                for p in src.lora.B.values():
+                    p.normal_(0, 0.1)
+            src.export(d, cfg)
+            same = train.Trainable(cfg, self.bb.dim, 5)
+            same.add_adapter(self.bb, {"rank": 4, "scope": "visual"})
+            same.load_model_dir(d, cfg, self.bb)
+            self.assertTrue(all(torch.equal(same.lora.B[k], src.lora.B[k]) for k in src.lora.B))
+            other = train.Trainable(cfg, self.bb.dim, 5)
+            other.add_adapter(self.bb, {"rank": 2, "scope": "visual"})
+            other.load_model_dir(d, cfg, self.bb)
+            self.assertTrue(all(p.abs().sum() == 0 for p in other.lora.B.values()))
+
     def test_identity_scope_training_and_round_trip(self):
         from vist2.lora import LoRA
         lora = LoRA(self.bb, r=4, alpha=8)

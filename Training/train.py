@@ -139,7 +139,8 @@ class Trainable(nn.Module):
 
     def load_model_dir(self, directory, cfg, bb=None):
         """Vision encoder and aligner from a model directory whose geometry and sizes are cfg's,
-        and its adapter when both it and this run have one."""
+        and its adapter when this run trains one of the same rank, alpha, targets, layers and
+        scope (another one starts fresh)."""
         with open(os.path.join(directory, "config.json")) as f:
             other = json.load(f)
         for key in ("vision", "aligner", "chunk"):
@@ -157,7 +158,13 @@ class Trainable(nn.Module):
         load_vision(self.vision, self.aligner, os.path.join(directory, "vision.safetensors"))
         if self.lora is not None and other.get("adapter"):
             loaded = LoRA.load(os.path.join(directory, other["adapter"]["path"]), bb)
-            self.lora.load_state_dict(loaded.state_dict())
+            same = (loaded.r, loaded.alpha, list(loaded.targets), loaded.layers, other["adapter"].get("scope")) == (
+                self.lora.r, self.lora.alpha, list(self.lora.targets), self.lora.layers, self.lora_scope)
+            if same:
+                self.lora.load_state_dict(loaded.state_dict())
+            else:
+                print(f"note: {directory}'s adapter (rank {loaded.r}, scope {other['adapter'].get('scope')}) is not this "
+                      f"run's (rank {self.lora.r}, scope {self.lora_scope}): this run's adapter starts fresh", flush=True)
         elif other.get("adapter"):
             print(f"warning: {directory} has a backbone adapter and this run trains none: its encoder starts "
                   "from weights trained with an adapter that is left behind", flush=True)
