@@ -50,8 +50,10 @@ for f in "$EVAL"/heldout-*.txt "$EVAL/external-GPL-3.txt"; do
     label="$(basename "$f" .txt)"
     echo "eval $label ..." >&2
     r="$("$CTL" eval --model "$STAGE" --max-chunks "$CHUNKS" --json "$f")"
-    # Packing: text tokens per visual token over the whole text, as the engine chunks it.
-    p="$("$CTL" render --local --model "$STAGE" --out "$EVAL/render-$label" --json "$f" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["ratio"])')"
+    # Packing: text tokens per visual token over the whole text, as the engine chunks it (the
+    # chunks are kept for "What it reads" below).
+    "$CTL" render --local --model "$STAGE" --out "$EVAL/render-$label" --json "$f" > "$EVAL/render-$label.json"
+    p="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ratio"])' "$EVAL/render-$label.json")"
     [[ $first == 1 ]] || echo "," >> "$EVAL/evals.json"
     first=0
     printf '"%s": {"file": "%s", "packing": %s, "result": %s}\n' "$label" "$label" "$p" "$r" >> "$EVAL/evals.json"
@@ -94,9 +96,10 @@ ctl, model, tmp, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 out = []
 for f in files:
     run = lambda *a: json.loads(subprocess.run([ctl, *a], check=True, capture_output=True, text=True).stdout)
-    chunk = run("render", "--local", "--model", model, "--out", os.path.join(tmp, "render"), "--json", f)["chunk_list"][0]
+    label = os.path.basename(f)[:-4]
+    chunk = json.load(open(os.path.join(tmp, f"render-{label}.json")))["chunk_list"][0]
     read = run("eval", "--model", model, "--max-chunks", "1", "--show", "--json", f)
-    out.append({"title": os.path.basename(f)[:-4], "text": chunk["text"], "read": read["transcriptions"][0],
+    out.append({"title": label, "text": chunk["text"], "read": read["transcriptions"][0],
                 "ocr_char_accuracy": read["ocr_char_accuracy"]})
 print(json.dumps(out))
 EOF

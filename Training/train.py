@@ -37,8 +37,9 @@ named in best/config.json, and the held-out blind losses are then measured under
 adapter at every evaluation.
 
 Where it runs: on the CPU by default; with --device cuda on one GPU; under torchrun on several
-processes, one GPU each (DDP over NCCL; over Gloo with --device cpu). Every process draws the same global batch of a step from a generator seeded by (seed,
-step) and takes its own contiguous shard, so a run on G processes with per-process batch b steps
+processes, one GPU each (DDP over NCCL; over Gloo with --device cpu). Every process draws the
+same global batch of a step from a generator seeded by (seed, step) and takes its own
+contiguous shard, so a run on G processes with per-process batch b steps
 as one process with batch G x b does (test_train.py checks the gradients). --batch sets the
 per-process batch of stages B and C (stage A in the schedule's ratio); "auto" sizes it to the
 GPU's free memory from one probe step. Learning rates are the schedule's whatever the batch.

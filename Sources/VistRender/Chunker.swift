@@ -82,7 +82,8 @@ public struct Chunker: Sendable {
         guard let previous, !previous.chunks.isEmpty, previous.isTiling else { return afresh() }
         let old = previous.text
         let oldCount = previous.chunks[previous.chunks.count - 1].scalarRange.upperBound
-        let newCount = doc.unicodeScalars.count
+        let scalars = ScalarIndexer(doc)
+        let newCount = scalars.count
         // The common prefix and suffix, in scalars (they may not overlap in either text).
         var prefix = 0
         var oi = old.unicodeScalars.startIndex, ni = doc.unicodeScalars.startIndex
@@ -92,7 +93,7 @@ public struct Chunker: Sendable {
             ni = doc.unicodeScalars.index(after: ni)
         }
         if prefix == oldCount && prefix == newCount {
-            return Chunking(text: doc, chunks: previous.chunks(in: doc), baseline: previous.baseline)
+            return Chunking(text: doc, chunks: previous.chunks.map { $0.moved(by: 0, over: scalars) }, baseline: previous.baseline)
         }
         var suffix = 0
         var oj = old.unicodeScalars.endIndex, nj = doc.unicodeScalars.endIndex
@@ -111,17 +112,11 @@ public struct Chunker: Sendable {
         let first = ranges.firstIndex { $0.upperBound > prefix } ?? ranges.count - 1
         let last = changedEnd > prefix ? (ranges.firstIndex { $0.upperBound >= changedEnd } ?? ranges.count - 1) : first
         let shift = newCount - oldCount
-        let scalars = ScalarIndexer(doc)
         // The text from the first touched chunk's start to chunk `end`'s end, chunked afresh.
         func rechunk(through end: Int) -> [Chunk]? {
             let segment = ranges[first].lowerBound..<(ranges[end].upperBound + shift)
             guard let pieces = chunks(String(doc[scalars.range(segment)]), step: step) else { return nil }
-            return pieces.map { piece in
-                var c = piece
-                c.scalarRange = (piece.scalarRange.lowerBound + segment.lowerBound)..<(piece.scalarRange.upperBound + segment.lowerBound)
-                c.text = doc[scalars.range(c.scalarRange)]
-                return c
-            }
+            return pieces.map { $0.moved(by: segment.lowerBound, over: scalars) }
         }
         guard var fresh = rechunk(through: last) else { return nil }
         var end = last
@@ -134,17 +129,17 @@ public struct Chunker: Sendable {
                 end = last + 1
             }
         }
-        var out: [Chunk] = previous.chunks(in: doc, 0..<first, shift: 0, scalars: scalars)
-        var after = previous.chunks(in: doc, (end + 1)..<ranges.count, shift: shift, scalars: scalars)
+        var out = previous.chunks[..<first].map { $0.moved(by: 0, over: scalars) }
+        var after = previous.chunks[(end + 1)...].map { $0.moved(by: shift, over: scalars) }
         // A short re-chunked piece joins its neighbour when the two fit one chunk.
-        if let tail = fresh.last, underfull(tail), let next = after.first, let joined = join(tail, next, in: doc, scalars) {
+        if let tail = fresh.last, underfull(tail), let next = after.first, let joined = join(tail, next, over: scalars) {
             fresh[fresh.count - 1] = joined
             after.removeFirst()
         }
         // (Not the document's last chunk: a generation reads that one as text, and typing at the
         // end of a document would otherwise re-render the chunk before it at every keystroke.)
         if let head = fresh.first, underfull(head), fresh.count > 1 || !after.isEmpty, let prev = out.last,
-            let joined = join(prev, head, in: doc, scalars)
+            let joined = join(prev, head, over: scalars)
         {
             out[out.count - 1] = joined
             fresh.removeFirst()
@@ -170,9 +165,9 @@ public struct Chunker: Sendable {
     func underfull(_ c: Chunk) -> Bool { fill(c) < minFill }
 
     /// `a` and `b` (adjacent, `a` first) as one chunk, if that fits.
-    func join(_ a: Chunk, _ b: Chunk, in doc: String, _ scalars: ScalarIndexer) -> Chunk? {
+    func join(_ a: Chunk, _ b: Chunk, over scalars: ScalarIndexer) -> Chunk? {
         let range = a.scalarRange.lowerBound..<b.scalarRange.upperBound
-        let text = doc[scalars.range(range)]
+        let text = scalars.doc[scalars.range(range)]
         let (ok, tokens, fit) = fits(text)
         guard ok else { return nil }
         return Chunk(scalarRange: range, text: text, tokens: tokens, rows: fit.rows, missing: fit.missing)
@@ -258,20 +253,16 @@ public struct Chunking: Sendable {
         }
         return next == text.unicodeScalars.count
     }
+}
 
-    /// These chunks over `doc`, which has the same text.
-    func chunks(in doc: String) -> [Chunk] {
-        chunks(in: doc, chunks.indices, shift: 0, scalars: ScalarIndexer(doc))
-    }
-
-    /// `chunks[indices]`, moved by `shift` scalars, over `doc`.
-    func chunks(in doc: String, _ indices: Range<Int>, shift: Int, scalars: ScalarIndexer) -> [Chunk] {
-        indices.map { i in
-            var c = chunks[i]
-            c.scalarRange = (c.scalarRange.lowerBound + shift)..<(c.scalarRange.upperBound + shift)
-            c.text = doc[scalars.range(c.scalarRange)]
-            return c
-        }
+extension Chunk {
+    /// The same chunk `shift` scalars further on, as a slice of the indexer's document (which
+    /// holds the same text there).
+    func moved(by shift: Int, over scalars: ScalarIndexer) -> Chunk {
+        var c = self
+        c.scalarRange = (scalarRange.lowerBound + shift)..<(scalarRange.upperBound + shift)
+        c.text = scalars.doc[scalars.range(c.scalarRange)]
+        return c
     }
 }
 
@@ -281,6 +272,8 @@ struct ScalarIndexer {
     let doc: String
     /// The index of every 256th scalar.
     let marks: [String.Index]
+    /// The document's length in scalars.
+    let count: Int
 
     init(_ doc: String) {
         self.doc = doc
@@ -294,6 +287,7 @@ struct ScalarIndexer {
             n += 1
         }
         self.marks = marks
+        count = n
     }
 
     func index(_ offset: Int) -> String.Index {
