@@ -21,6 +21,12 @@ public enum Ops {
         vk_swiglu(gate, up, Int64(n))
     }
 
+    /// x = gelu(x), tanh approximation (vectorized exp in C).
+    @inlinable
+    public static func geluTanh(_ x: UnsafeMutablePointer<Float>, n: Int) {
+        vk_gelu_tanh(x, Int64(n))
+    }
+
     /// x += y
     @inlinable
     public static func add(_ x: UnsafeMutablePointer<Float>, _ y: UnsafePointer<Float>, n: Int) {

@@ -193,6 +193,21 @@ struct KernelTests {
         #expect(abs(lse - ref) < 1e-5)
     }
 
+    @Test("GELU (tanh form) matches the direct formula on the vector and the scalar path", .serialized, arguments: [false, true])
+    func geluTanh(scalar: Bool) {
+        let old = forceScalarKernels(scalar)
+        defer { _ = forceScalarKernels(old) }
+        var rng = TestRNG(7)
+        // Both tails (exp's clamp at +-88), zero, and the rest; n = 203 leaves a scalar tail.
+        let x = [-1000, -90, -30, -5, -1e-6, 0, 1e-6, 5, 30, 90, 1000] + (0..<192).map { _ in rng.float() * 8 }
+        var out = x
+        out.withUnsafeMutableBufferPointer { Ops.geluTanh($0.baseAddress!, n: $0.count) }
+        for (z, y) in zip(x.map(Double.init), out.map(Double.init)) {
+            let ref = 0.5 * z * (1 + tanh(0.797_884_560_802_865_4 * (z + 0.044715 * z * z * z)))
+            #expect(abs(y - ref) <= 1e-6 * max(1, abs(ref)), "x = \(z): \(y) vs \(ref)")
+        }
+    }
+
     @Test("The thread pool runs every index exactly once, many times over")
     func threadPool() {
         let pool = ThreadPool(threads: 4)

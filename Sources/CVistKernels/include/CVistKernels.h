@@ -73,6 +73,9 @@ double vk_logsumexp(const float *x, int64_t n);
 /// gate[i] = silu(gate[i]) * up[i]  (SwiGLU), silu(g) = g / (1 + exp(-g)).
 void vk_swiglu(float *gate, const float *up, int64_t n);
 
+/// x[i] = gelu(x[i]), the tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+void vk_gelu_tanh(float *x, int64_t n);
+
 /// Name of the SIMD path chosen at run time ("avx512vnni", "avx2", "scalar").
 const char *vk_simd_path(void);
 

@@ -123,7 +123,8 @@ public final class VisionEncoder: @unchecked Sendable {
         var h = [Float](repeating: 0, count: P * D)
         var q = [Float](repeating: 0, count: P * D), k = q, v = q, att = q, tmp = q
         var mid = [Float](repeating: 0, count: P * F)
-        var scores = [Float](repeating: 0, count: P * P)
+        let rowsPerThread = (P + pool.size - 1) / pool.size
+        var scores = [Float](repeating: 0, count: pool.size * rowsPerThread * P)
         func linear(_ w: WeightMatrix, _ bias: [Float], _ input: [Float], _ output: inout [Float], _ n: Int) {
             input.withUnsafeBufferPointer { ip in
                 output.withUnsafeMutableBufferPointer { op in
@@ -154,23 +155,30 @@ public final class VisionEncoder: @unchecked Sendable {
             linear(L.q, L.qb, h, &q, P)
             linear(L.k, L.kb, h, &k, P)
             linear(L.v, L.vb, h, &v, P)
-            for head in 0..<H {
-                q.withUnsafeBufferPointer { qp in
-                    k.withUnsafeBufferPointer { kp in
-                        scores.withUnsafeMutableBufferPointer { sp in
-                            cblas_sgemm(
-                                CblasRowMajor, CblasNoTrans, CblasTrans, Int32(P), Int32(P), Int32(hd), scale,
-                                qp.baseAddress! + head * hd, Int32(D), kp.baseAddress! + head * hd, Int32(D), 0, sp.baseAddress!, Int32(P))
-                            for r in 0..<P { Ops.softmax(sp.baseAddress! + r * P, n: P) }
-                        }
-                    }
-                }
-                scores.withUnsafeBufferPointer { sp in
+            // Full attention, the query rows split over the pool's threads: each thread scores
+            // its rows against all keys, one head at a time, with single-threaded sgemm.
+            q.withUnsafeBufferPointer { qp in
+                k.withUnsafeBufferPointer { kp in
                     v.withUnsafeBufferPointer { vp in
                         att.withUnsafeMutableBufferPointer { ap in
-                            cblas_sgemm(
-                                CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(P), Int32(hd), Int32(P), 1,
-                                sp.baseAddress!, Int32(P), vp.baseAddress! + head * hd, Int32(D), 0, ap.baseAddress! + head * hd, Int32(D))
+                            scores.withUnsafeMutableBufferPointer { sb in
+                                let (q0, k0, v0, a0, s0) = (qp.baseAddress!, kp.baseAddress!, vp.baseAddress!, ap.baseAddress!, sb.baseAddress!)
+                                pool.parallel { ith, nth in
+                                    let rows = ThreadPool.slice(P, ith, nth)
+                                    guard !rows.isEmpty else { return }
+                                    let n = Int32(rows.count), sp = s0 + ith * rowsPerThread * P
+                                    for head in 0..<H {
+                                        let col = rows.lowerBound * D + head * hd
+                                        cblas_sgemm(
+                                            CblasRowMajor, CblasNoTrans, CblasTrans, n, Int32(P), Int32(hd), scale,
+                                            q0 + col, Int32(D), k0 + head * hd, Int32(D), 0, sp, Int32(P))
+                                        for r in 0..<rows.count { Ops.softmax(sp + r * P, n: P) }
+                                        cblas_sgemm(
+                                            CblasRowMajor, CblasNoTrans, CblasNoTrans, n, Int32(hd), Int32(P), 1,
+                                            sp, Int32(P), v0 + head * hd, Int32(D), 0, a0 + col, Int32(D))
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -179,9 +187,12 @@ public final class VisionEncoder: @unchecked Sendable {
             for i in 0..<(P * D) { x[i] += tmp[i] }
             layerNorm(x, L.ln2w, L.ln2b, &h)
             linear(L.fc1, L.fc1b, h, &mid, P)
-            for i in 0..<(P * F) {
-                let z = mid[i]
-                mid[i] = 0.5 * z * (1 + tanhf(0.797_884_56 * (z + 0.044715 * z * z * z)))  // GELU, tanh approximation
+            mid.withUnsafeMutableBufferPointer { mp in
+                let m0 = mp.baseAddress!
+                pool.parallel { ith, nth in
+                    let rows = ThreadPool.slice(P, ith, nth)
+                    Ops.geluTanh(m0 + rows.lowerBound * F, n: rows.count * F)
+                }
             }
             linear(L.fc2, L.fc2b, mid, &tmp, P)
             for i in 0..<(P * D) { x[i] += tmp[i] }
