@@ -106,6 +106,30 @@ class TrainingForward(unittest.TestCase):
         self.assertFalse(torch.allclose(got[P:P + m], frozen[P:P + m]))
         self.assertFalse(torch.allclose(got[P + m:], frozen[P + m:]))
 
+    def test_mean_teacher_starts_at_the_backbones_states(self):
+        # interface_probe.py teacher --start mean: each slot is tanh(s * mean of its group's states),
+        # the last group averaged over the tokens it has; layer 0 is the token embeddings, layer L
+        # the residual stream after L layers (all of them, then the final norm: Backbone.hidden).
+        torch.manual_seed(0)
+        bb = VIST2(TINY).backbone
+        ids = [5, 9, 17, 40, 41, 42, 43]
+        with torch.no_grad():
+            t0 = interface_probe.MeanTeacher(bb, 3, 0, [ids])
+            e = bb.embed(torch.tensor(ids))
+            rms = bb.embed.weight.pow(2).mean().sqrt()
+            self.assertAlmostEqual(t0.scale, float(rms / e.pow(2).mean().sqrt()), places=4)
+            want = torch.tanh(torch.stack([e[0:3].mean(0), e[3:6].mean(0), e[6:7].mean(0)]) * t0.scale)
+            self.assertTrue(torch.allclose(t0(ids), want, atol=1e-6))
+            T, n = len(ids), len(bb.layers)
+            mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
+            pos = torch.arange(T, dtype=torch.float32)[None]
+            top = bb.hidden(e[None], pos, mask, layers=n)
+            self.assertTrue(torch.allclose(bb.norm(top), bb.hidden(e[None], pos, mask), atol=1e-6))
+            t1 = interface_probe.MeanTeacher(bb, 3, 1, [ids])
+            h = bb.hidden(e[None], pos, mask, layers=1)[0]
+            self.assertAlmostEqual(t1.scale, float(rms / h.pow(2).mean().sqrt()), places=4)
+            self.assertTrue(torch.allclose(t1(ids)[2], torch.tanh(h[6] * t1.scale), atol=1e-6))
+
     def test_reading_targets(self):
         # A dataset as `vist2ctl dataset` writes it: cells are [scalar, x, y, advance].
         with tempfile.TemporaryDirectory() as d:

@@ -74,6 +74,14 @@ grep -q '"ocr_blind"' "$SMOKE/run/log.jsonl"
 "$PY" Training/interface_probe.py teacher --backbone "$SMOKE/backbone" --data "$SMOKE/ds-train" --heldout "$SMOKE/ds-heldout" \
     --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 2 --start first --causal --curriculum 2:1 --adapter 2 \
     | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert r["curve"][0]["group_now"] == 2 and r["adapter"] == 2, r'
+# The autoencoding probe (section 9): a code from the backbone's own states, saved, then a vision
+# encoder regressed onto it with no backbone in the loop.
+"$PY" Training/interface_probe.py teacher --backbone "$SMOKE/backbone" --data "$SMOKE/ds-train" --heldout "$SMOKE/ds-heldout" \
+    --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 1 --start mean --layer 1 --causal --save "$SMOKE/code.pt" \
+    | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert r["layer"] == 1 and len(r["curve"]) == 2, r'
+"$PY" Training/interface_probe.py autoencode --backbone "$SMOKE/backbone" --data "$SMOKE/ds-train" --heldout "$SMOKE/ds-heldout" \
+    --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 2 --batch 2 --eval-every 1 --teacher "$SMOKE/code.pt" --model-dir "$SMOKE/run/best" \
+    | "$PY" -c 'import json, sys; r = json.load(sys.stdin); c = r["curve"]; assert len(c) == 3 and c[2]["heldout_mse"] >= 0, r'
 rm -rf "$SMOKE"
 # The prepared GPU run (Training/gpu/), end to end on this CPU: parts within the device tool's
 # limits, rendering by the static vist2-render, a few training steps, results collected and

@@ -4,13 +4,18 @@ import Testing
 
 @testable import VistCache
 
-@Suite struct CacheStoreTests {
+@Suite final class CacheStoreTests {
+    /// The directories this test made (`tempDir`), removed when it ends.
+    private var dirs: [URL] = []
+    deinit { for d in dirs { try? FileManager.default.removeItem(at: d) } }
+
     let identity = CacheStore.Identity(fingerprint: Array(repeating: 1, count: 32), renderConfig: Array(repeating: 2, count: 32))
     func key(_ b: UInt8) -> [UInt8] { Array(repeating: b, count: 32) }
 
     func tempDir() -> URL {
         let u = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-cache-\(UUID().uuidString)")
         try? FileManager.default.createDirectory(at: u, withIntermediateDirectories: true)
+        dirs.append(u)
         return u
     }
 
@@ -18,6 +23,7 @@ import Testing
     /// The file name (without .v2c) of `me`'s entry under key(b).
     func name(_ b: UInt8, _ owner: CacheStore.Owner? = nil) -> String { CacheStore.hex(CacheStore.storageKey(key(b), owner ?? me)) }
 
+    @discardableResult
     func put(_ s: CacheStore, _ level: CacheStore.Level, _ k: [UInt8], _ payload: [UInt8], owner: CacheStore.Owner? = nil) -> Bool {
         payload.withUnsafeBytes { s.put(level, key: k, owner: owner ?? me, payload: $0) }
     }

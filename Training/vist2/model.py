@@ -109,12 +109,13 @@ class Backbone(nn.Module):
     def output_weight(self):
         return self.embed.weight if self.tied else self.lm_head
 
-    def hidden(self, x, pos, mask, lora=None, rows=None):
+    def hidden(self, x, pos, mask, lora=None, rows=None, layers=None):
         """Batched: x (B, T, dim), pos (B, T), mask (B, T, T) bool (every row must allow at least
         one key). With `lora` (vist2.lora.LoRA), its low-rank term is added to the projections it
         adapts, on the rows where `rows` (B, T) bool is True, or on every row when rows is None;
         other rows are computed by the backbone's weights exactly. Returns the final-normed hidden
-        states (B, T, dim)."""
+        states (B, T, dim); with `layers`, the residual stream after the first `layers` layers
+        instead (no final norm; 0: the input embeddings)."""
         B, T, _ = x.shape
         g = self.heads // self.kv_heads
         bias = torch.zeros(B, 1, T, T, dtype=x.dtype, device=x.device).masked_fill(~mask[:, None], float("-inf"))
@@ -126,7 +127,7 @@ class Backbone(nn.Module):
             d = y + lora.delta(i, name, h)
             return d if rows is None else torch.where(rows[..., None], d, y)
 
-        for i, L in enumerate(self.layers):
+        for i, L in enumerate(self.layers if layers is None else self.layers[:layers]):
             h = L.attn_norm(x)
             q = proj(i, L, "q_proj", h).view(B, T, self.heads, self.head_dim)
             k = proj(i, L, "k_proj", h).view(B, T, self.kv_heads, self.head_dim)
@@ -140,7 +141,7 @@ class Backbone(nn.Module):
             x = x + proj(i, L, "o_proj", a.transpose(1, 2).reshape(B, T, -1))
             h = L.ffn_norm(x)
             x = x + proj(i, L, "down_proj", F.silu(proj(i, L, "gate_proj", h)) * proj(i, L, "up_proj", h))
-        return self.norm(x)
+        return self.norm(x) if layers is None else x
 
 
 # ---------------------------------------------------------------- vision

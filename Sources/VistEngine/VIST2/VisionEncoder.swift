@@ -162,7 +162,8 @@ public final class VisionEncoder: @unchecked Sendable {
                     v.withUnsafeBufferPointer { vp in
                         att.withUnsafeMutableBufferPointer { ap in
                             scores.withUnsafeMutableBufferPointer { sb in
-                                let (q0, k0, v0, a0, s0) = (qp.baseAddress!, kp.baseAddress!, vp.baseAddress!, ap.baseAddress!, sb.baseAddress!)
+                                let (q0, k0, v0) = (qp.baseAddress!, kp.baseAddress!, vp.baseAddress!)
+                                let (a0, s0) = (ap.baseAddress!, sb.baseAddress!)
                                 pool.parallel { ith, nth in
                                     let rows = ThreadPool.slice(P, ith, nth)
                                     guard !rows.isEmpty else { return }
