@@ -74,8 +74,8 @@ grep -q '"ocr_blind"' "$SMOKE/run/log.jsonl"
 "$PY" Training/interface_probe.py teacher --backbone "$SMOKE/backbone" --data "$SMOKE/ds-train" --heldout "$SMOKE/ds-heldout" \
     --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 2 --start first --causal --curriculum 2:1 --adapter 2 \
     | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert r["curve"][0]["group_now"] == 2 and r["adapter"] == 2, r'
-# The autoencoding probe (Training/EXPERIMENTS.md, section 9): a code from the backbone's own states, saved, then a vision
-# encoder regressed onto it with no backbone in the loop.
+# The autoencoding probe (Training/EXPERIMENTS.md, section 9): a code from the backbone's own
+# states, saved, then a vision encoder regressed onto it with no backbone in the loop.
 "$PY" Training/interface_probe.py teacher --backbone "$SMOKE/backbone" --data "$SMOKE/ds-train" --heldout "$SMOKE/ds-heldout" \
     --ocr-ids "$IDS" --chunks 1 --tokens 16 --steps 1 --start mean --layer 1 --causal --save "$SMOKE/code.pt" \
     | "$PY" -c 'import json, sys; r = json.load(sys.stdin); assert r["layer"] == 1 and len(r["curve"]) == 2, r'
