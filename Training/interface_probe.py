@@ -278,7 +278,7 @@ def autoencode(bb, train_ds, held, ocr, args):
     (`teacher --save`): MSE between the encoder's m visual tokens for a chunk's image and the
     teacher's slots for its text (zero rows past them), no backbone in the loop. Reports the
     regression's held-out error and, the real test, the held-out OCR loss of the backbone reading
-    the encoder's tokens, beside the teacher's own (the ceiling) and blind."""
+    the encoder's tokens, beside the code's own (what the regression aims at) and blind."""
     torch.manual_seed(0)
     saved = torch.load(args.teacher, weights_only=False)
     sample = [train_ds.tokens[i][: args.tokens].tolist() for i in range(min(16, train_ds.n))]
@@ -309,7 +309,7 @@ def autoencode(bb, train_ds, held, ocr, args):
     held_idx = train.eval_chunks(held, args.chunks)[0]
     held_t = [target(held, i) for i in held_idx]
     with torch.no_grad():
-        ceiling = float(np.mean([ocr_loss(bb, ocr, v, ids, causal).item() for ids, v in held_t]))
+        code_ocr = float(np.mean([ocr_loss(bb, ocr, v, ids, causal).item() for ids, v in held_t]))
         blind = float(np.mean([ocr_loss(bb, ocr, torch.zeros_like(v), ids, causal).item() for ids, v in held_t]))
 
     @torch.no_grad()
@@ -319,7 +319,7 @@ def autoencode(bb, train_ds, held, ocr, args):
         rec = {"step": step, "seconds": round(seconds, 1), "heldout_mse": float(F.mse_loss(v, t)),
                "heldout_cos": float(F.cosine_similarity(v.flatten(1), t.flatten(1)).mean()),
                "heldout_ocr": float(np.mean([ocr_loss(bb, ocr, v[b], ids, causal).item() for b, (ids, _) in enumerate(held_t)])),
-               "teacher_ocr": ceiling, "blind": blind}
+               "teacher_ocr": code_ocr, "blind": blind}
         print(json.dumps(rec), file=sys.stderr, flush=True)
         return rec
 
@@ -363,6 +363,12 @@ def nonnegative(text):
     return int(text)
 
 
+def positive(text):
+    if not text.isdecimal() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("probe", choices=("constructions", "teacher", "autoencode"))
@@ -381,8 +387,8 @@ def main():
     ap.add_argument("--save", help="teacher: save the trained code here (for autoencode)")
     ap.add_argument("--teacher", help="autoencode: a code saved by teacher --save")
     ap.add_argument("--model-dir", default="weights/vist2-smollm2-135m", help="autoencode: the vision encoder and aligner to start from")
-    ap.add_argument("--batch", type=int, default=8, help="autoencode: images per step")
-    ap.add_argument("--eval-every", type=int, default=50, help="autoencode: steps between held-out evaluations")
+    ap.add_argument("--batch", type=positive, default=8, help="autoencode: images per step")
+    ap.add_argument("--eval-every", type=positive, default=50, help="autoencode: steps between held-out evaluations")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "f32"],
                     help="bf16 autocast or f32; auto: bf16 on CPUs with AVX-512, f32 elsewhere (train.py's rule)")
     ap.add_argument("--curriculum", type=curriculum, default=[],
