@@ -174,9 +174,11 @@ class MeanTeacher(nn.Module):
         super().__init__()
         self.bb, self.group, self.layer = [bb], group, layer  # a list: the backbone is not a submodule
         d = bb.dim
-        with torch.no_grad():
-            h = torch.cat([self.states(ids) for ids in sample])
-            self.scale = float(bb.embed.weight.pow(2).mean().sqrt() / h.pow(2).mean().sqrt())
+        self.scale = 1.0  # no sample: the weights come from a saved state
+        if sample:
+            with torch.no_grad():
+                h = torch.cat([self.states(ids) for ids in sample])
+                self.scale = float(bb.embed.weight.pow(2).mean().sqrt() / h.pow(2).mean().sqrt())
         self.w = nn.Parameter(torch.eye(d) * self.scale)
         self.b = nn.Parameter(torch.zeros(d))
 
@@ -281,8 +283,7 @@ def autoencode(bb, train_ds, held, ocr, args):
     the encoder's tokens, beside the code's own (what the regression aims at) and blind."""
     torch.manual_seed(0)
     saved = torch.load(args.teacher, weights_only=False)
-    sample = [train_ds.tokens[i][: args.tokens].tolist() for i in range(min(16, train_ds.n))]
-    code = make_teacher(bb, saved["start"], saved["group"], saved["layer"], sample)
+    code = make_teacher(bb, saved["start"], saved["group"], saved["layer"])  # its weights: the saved state
     code.load_state_dict(saved["state"])
     for p in code.parameters():
         p.requires_grad_(False)
