@@ -70,6 +70,8 @@ let package = Package(
             dependencies: ["VistServer", "VistEngine", "VistWire", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         // The typed client library vist2ctl is a thin shell over.
         .target(name: "VistClient", dependencies: ["VistWire", "VistProtocol"]),
+        // `vist2ctl bridge`: JSON lines for editors over one daemon connection (docs/BRIDGE.md).
+        .target(name: "VistBridge", dependencies: ["VistClient", "VistProtocol"]),
         .executableTarget(
             name: "vist2ctl",
             dependencies: [
@@ -77,6 +79,7 @@ let package = Package(
                 "VistTokenizer",
                 "VistRender",
                 "VistClient",
+                "VistBridge",
                 "VistProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import VistBridge
 import VistClient
 import VistEngine
 import VistProtocol
@@ -132,32 +133,7 @@ struct Generate: ParsableCommand {
             }
             for id in ids { try c.closeDocument(id: id) }
             if json {
-                var out: [String: AnyEncodable] = [
-                    "text": AnyEncodable(r.text), "prompt_tokens": AnyEncodable(Int(r.promptTokens)),
-                    "generated_tokens": AnyEncodable(Int(r.generatedTokens)), "ttft_ms": AnyEncodable(r.ttftMs),
-                    "prefill_tokens_per_s": AnyEncodable(r.prefillTokensPerS), "decode_tokens_per_s": AnyEncodable(r.decodeTokensPerS),
-                    "stop_reason": AnyEncodable(r.stopReason),
-                ]
-                if !c.hello.modelFingerprint.isEmpty {
-                    out["mode"] = AnyEncodable(fullText ? "full-text" : "vist2")
-                    for (k, v) in [
-                        ("doc_text_tokens", r.docTextTokens), ("visual_tokens", r.visualTokens), ("chunks", r.chunks), ("swaps", r.swaps),
-                        ("chunks_encoded", r.chunksEncoded), ("chunk_cache_hits", r.chunkCacheHits),
-                        ("prefix_cache_hits", r.prefixCacheHits),
-                    ] {
-                        out[k] = AnyEncodable(Int(v))
-                    }
-                    for (k, v) in [("kv_bytes", r.kvBytes), ("kv_bytes_final", r.kvBytesFinal), ("flops", r.flops)] {
-                        out[k] = AnyEncodable(Int(v))
-                    }
-                    for (k, v) in [
-                        ("compression_ratio", r.compressionRatio), ("render_ms", r.renderMs), ("vision_ms", r.visionMs),
-                        ("prefill_ms", r.prefillMs), ("decode_ms", r.decodeMs),
-                    ] {
-                        out[k] = AnyEncodable(v)
-                    }
-                }
-                printJSON(out)
+                printJSON(JSONValue.object(generateResultFields(r, fullText: fullText, readsDocuments: !c.hello.modelFingerprint.isEmpty)))
             } else {
                 FileHandle.standardOutput.write(Data("\n".utf8))
             }

@@ -36,6 +36,10 @@ struct Status: ParsableCommand {
         var uptime_seconds: UInt64
         var chunk_length: UInt32
         var visual_tokens: UInt32
+        var clients: UInt32
+        var documents_open: UInt32
+        var cache_bytes: UInt64
+        var engine_stalled_seconds: Double
     }
 
     func run() throws {
@@ -48,7 +52,8 @@ struct Status: ParsableCommand {
         let out = Out(
             state: s.state, model: s.modelName, model_fingerprint: s.modelFingerprint, server_version: c.hello.serverVersion,
             protocol_version: c.hello.protocolVersion, queue_length: s.queueLength, uptime_seconds: s.uptimeSeconds,
-            chunk_length: c.hello.chunkLength, visual_tokens: c.hello.visualTokens)
+            chunk_length: c.hello.chunkLength, visual_tokens: c.hello.visualTokens, clients: s.clients, documents_open: s.documentsOpen,
+            cache_bytes: s.cacheBytes, engine_stalled_seconds: s.engineStalledSeconds)
         if json {
             printJSON(out)
         } else {

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import VistBridge
 import VistClient
 import VistEngine
 import VistTokenizer
@@ -19,7 +20,8 @@ struct VistCtl: ParsableCommand {
             ~/.local/share/vist2/models.
             """,
         subcommands: [
-            Status.self, Compress.self, Generate.self, Render.self, Cache.self, Metrics.self, Tokenize.self, Perplexity.self, Bench.self,
+            Status.self, Compress.self, Generate.self, Bridge.self, Render.self, Cache.self, Metrics.self, Tokenize.self, Perplexity.self,
+            Bench.self,
             Eval.self, Dataset.self, ExportBackbone.self,
         ])
 }
@@ -123,13 +125,7 @@ func fail(_ message: String, code: String, json: Bool) -> Never {
 func daemonCode(_ e: Error) -> String {
     guard let ce = e as? VistClient.ClientError else { return "io" }
     switch ce {
-    case .server(let code, _):
-        // The protocol's enum case name in snake_case: contextOverflow -> context_overflow.
-        var out = ""
-        for ch in "\(code)" {
-            if ch.isUppercase { out += "_" + ch.lowercased() } else { out.append(ch) }
-        }
-        return out
+    case .server(let code, _): return errorCodeName(code)
     case .connect: return "daemon_unavailable"
     case .closed: return "connection_closed"
     case .protocolError: return "protocol"

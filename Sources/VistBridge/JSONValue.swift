@@ -1,0 +1,110 @@
+import Foundation
+import VistProtocol
+
+/// A JSON value, for the bridge's line protocol: request ids are whatever the client chose (a
+/// number or a string), and events are objects of mixed values encoded with sorted keys.
+public enum JSONValue: Codable, Hashable, Sendable {
+    case null
+    case bool(Bool)
+    case int(Int64)
+    case double(Double)
+    case string(String)
+    case array([JSONValue])
+    case object([String: JSONValue])
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if c.decodeNil() {
+            self = .null
+        } else if let b = try? c.decode(Bool.self) {
+            self = .bool(b)
+        } else if let i = try? c.decode(Int64.self) {
+            self = .int(i)
+        } else if let d = try? c.decode(Double.self) {
+            self = .double(d)
+        } else if let s = try? c.decode(String.self) {
+            self = .string(s)
+        } else if let a = try? c.decode([JSONValue].self) {
+            self = .array(a)
+        } else {
+            self = .object(try c.decode([String: JSONValue].self))
+        }
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.singleValueContainer()
+        switch self {
+        case .null: try c.encodeNil()
+        case .bool(let b): try c.encode(b)
+        case .int(let i): try c.encode(i)
+        // JSON has no NaN or infinity; a figure that is not finite is reported as null.
+        case .double(let d): if d.isFinite { try c.encode(d) } else { try c.encodeNil() }
+        case .string(let s): try c.encode(s)
+        case .array(let a): try c.encode(a)
+        case .object(let o): try c.encode(o)
+        }
+    }
+
+    /// One line of compact JSON with sorted keys (no newline).
+    public func line() -> Data {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return (try? enc.encode(self)) ?? Data("null".utf8)
+    }
+}
+
+extension JSONValue: ExpressibleByStringLiteral, ExpressibleByIntegerLiteral, ExpressibleByBooleanLiteral {
+    public init(stringLiteral s: String) { self = .string(s) }
+    public init(integerLiteral i: Int64) { self = .int(i) }
+    public init(booleanLiteral b: Bool) { self = .bool(b) }
+}
+
+extension JSONValue {
+    public static func uint(_ v: some BinaryInteger) -> JSONValue { .int(Int64(clamping: v)) }
+}
+
+/// The fields `vist2ctl generate --json` prints for a daemon's GenerateResult, which the bridge's
+/// `done` event repeats: text, token counts and timings, and, when the daemon's model reads
+/// documents, the compression figures and the mode (`vist2` or `full-text`).
+public func generateResultFields(_ r: Vist2_V1_GenerateResult, fullText: Bool, readsDocuments: Bool) -> [String: JSONValue] {
+    var out: [String: JSONValue] = [
+        "text": .string(r.text), "prompt_tokens": .uint(r.promptTokens), "generated_tokens": .uint(r.generatedTokens),
+        "ttft_ms": .double(r.ttftMs), "prefill_tokens_per_s": .double(r.prefillTokensPerS),
+        "decode_tokens_per_s": .double(r.decodeTokensPerS), "stop_reason": .string(r.stopReason),
+    ]
+    guard readsDocuments else { return out }
+    out["mode"] = .string(fullText ? "full-text" : "vist2")
+    for (k, v) in [
+        ("doc_text_tokens", r.docTextTokens), ("visual_tokens", r.visualTokens), ("chunks", r.chunks), ("swaps", r.swaps),
+        ("chunks_encoded", r.chunksEncoded), ("chunk_cache_hits", r.chunkCacheHits), ("prefix_cache_hits", r.prefixCacheHits),
+    ] {
+        out[k] = .uint(v)
+    }
+    for (k, v) in [("kv_bytes", r.kvBytes), ("kv_bytes_final", r.kvBytesFinal), ("flops", r.flops)] { out[k] = .uint(v) }
+    for (k, v) in [
+        ("compression_ratio", r.compressionRatio), ("render_ms", r.renderMs), ("vision_ms", r.visionMs), ("prefill_ms", r.prefillMs),
+        ("decode_ms", r.decodeMs),
+    ] {
+        out[k] = .double(v)
+    }
+    return out
+}
+
+/// The fields `vist2ctl compress --json` prints for a CompressResult (without the file name).
+public func compressResultFields(_ r: Vist2_V1_CompressResult) -> [String: JSONValue] {
+    [
+        "chunks": .uint(r.chunks), "text_tokens": .uint(r.textTokens), "visual_tokens": .uint(r.visualTokens), "ratio": .double(r.ratio),
+        "chunks_encoded": .uint(r.chunksRendered), "chunk_cache_hits": .uint(r.chunkCacheHits),
+        "prefix_cache_hits": .uint(r.prefixCacheHits), "elapsed_ms": .double(r.elapsedMs),
+    ]
+}
+
+/// The stable code of a daemon error: the protocol's ErrorCode name in snake_case
+/// (CONTEXT_OVERFLOW -> "context_overflow"), as vist2ctl and the bridge report it.
+public func errorCodeName(_ code: Vist2_V1_ErrorCode) -> String {
+    var out = ""
+    for ch in "\(code)" {
+        if ch.isUppercase { out += "_" + ch.lowercased() } else { out.append(ch) }
+    }
+    return out
+}
