@@ -493,8 +493,9 @@ public final class Bridge: @unchecked Sendable {
             event.merge(documentEvent(f.id, handle, bytes: Int(d.bytes), chunks: Int(d.chunks), synced: true)) { $1 }
         case (.update(let handle, _, _), .document(let d)):
             event.merge(documentEvent(f.id, handle, bytes: Int(d.bytes), chunks: Int(d.chunks), synced: true)) { $1 }
-        case (.close, .ack):
+        case (.close(let handle), .ack):
             event["event"] = "closed"
+            event["document"] = .string(handle)
         case (.compress, .compressProgress(let p)):
             event["event"] = "progress"
             event["chunks_done"] = .uint(p.chunksDone)
