@@ -267,6 +267,7 @@ public final class Bridge: @unchecked Sendable {
     func open(_ id: JSONValue, _ r: BridgeRequest) throws {
         guard let text = try r.string("text") else { throw BridgeError.bad("open needs 'text'") }
         let path = try r.string("path") ?? ""
+        let chosen = try r.string("document")
         state.lock()
         let limits = documentLimits()
         let held = documents.values.reduce(0) { $0 + $1.text.utf8.count }
@@ -280,8 +281,25 @@ public final class Bridge: @unchecked Sendable {
             state.unlock()
             throw BridgeError(code: "document_too_large", message: "this session holds too many documents or bytes (close some)")
         }
-        let handle = "doc\(nextHandle)"
-        nextHandle += 1
+        // The client's own name for it (an editor names a buffer's document before the answer
+        // arrives), or one of the bridge's.
+        var handle: String
+        if let chosen {
+            guard !chosen.isEmpty, chosen.utf8.count <= 256 else {
+                state.unlock()
+                throw BridgeError.bad("'document' must be 1 to 256 bytes")
+            }
+            guard documents[chosen] == nil else {
+                state.unlock()
+                throw BridgeError.bad("a document '\(chosen.prefix(64))' is already open in this bridge")
+            }
+            handle = chosen
+        } else {
+            repeat {
+                handle = "doc\(nextHandle)"
+                nextHandle += 1
+            } while documents[handle] != nil
+        }
         // Kept here whatever happens to the daemon; `send` answers offline when it is away.
         documents[handle] = Document(path: path, text: text, daemonID: nil, opening: true)
         state.unlock()
