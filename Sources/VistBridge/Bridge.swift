@@ -76,8 +76,8 @@ public final class Bridge: @unchecked Sendable {
     // MARK: - the session
 
     /// Connects (or reports the daemon down and keeps trying), then serves request lines from
-    /// `input` until it ends. Returns when the input ends; the daemon closes the connection's
-    /// documents when this process exits.
+    /// `input` until it ends. Returns when the input has ended and the requests in flight have
+    /// finished; the daemon closes the connection's documents when this process exits.
     public func run(input: Int32 = 0) {
         signal(SIGPIPE, SIG_IGN)
         _ = connect()
@@ -97,6 +97,11 @@ public final class Bridge: @unchecked Sendable {
                 handle(line: bytes)
             }
         }
+        // The requests already sent finish first (`printf ... | vist2ctl bridge` gets its
+        // answers); a client that wants to stop them cancels them, or ends the process.
+        state.lock()
+        while !inFlight.isEmpty { state.wait() }
+        state.unlock()
     }
 
     /// One connection attempt with the handshake; on success the documents are opened again on

@@ -123,7 +123,8 @@ class BridgeClient:
 
     def close(self):
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            if not self.proc.stdin.closed:
+                self.proc.stdin.close()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

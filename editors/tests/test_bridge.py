@@ -188,6 +188,30 @@ class BridgeTests(DaemonTestCase):
         _, c = b.call(id=3, op="compress", document=o["document"])
         self.assertEqual(c["event"], "compressed")
 
+    def test_stdin_end_lets_requests_finish(self):
+        b = self.bridge
+        b.send(id=1, op="open", text=DOC)
+        b.send(id=2, op="generate", documents=["doc1"], prompt="Hi", max_tokens=30, temperature=0)
+        b.proc.stdin.close()
+        seen = b.until(lambda e: e.get("id") == 2 and e.get("final"))
+        self.assertEqual(seen[-1]["event"], "done")
+        self.assertEqual(seen[-1]["generated_tokens"], 30)
+        self.assertEqual(b.proc.wait(timeout=10), 0)
+
+    def test_chosen_handles(self):
+        _, o = self.bridge.call(id=1, op="open", text="one\n", document="buffer-7")
+        self.assertEqual(o["document"], "buffer-7")
+        _, dup = self.bridge.call(id=2, op="open", text="two\n", document="buffer-7")
+        self.assertEqual(dup["error"]["code"], "bad_request")
+        _, empty = self.bridge.call(id=3, op="open", text="two\n", document="")
+        self.assertEqual(empty["error"]["code"], "bad_request")
+        _, auto = self.bridge.call(id=4, op="open", text="three\n")
+        self.assertEqual(auto["document"], "doc1")
+        _, ds = self.bridge.call(id=5, op="documents")
+        self.assertEqual([d["document"] for d in ds["documents"]], ["buffer-7", "doc1"])
+        _, g = self.bridge.call(id=6, op="generate", documents=["buffer-7", "doc1"], prompt="x", max_tokens=2, temperature=0)
+        self.assertEqual(g["event"], "done")
+
     def test_stdin_end_closes_the_connection(self):
         self.open(DOC)
         self.assertEqual(self.daemon.ctl_json("status")["documents_open"], 1)

@@ -158,6 +158,17 @@ class NvimTests(DaemonTestCase):
         answer = self.ask("Summarize:")
         self.assertEqual(answer, self.reference_generate([text], "Summarize:", 12)["text"])
 
+    def test_help(self):
+        import shutil
+        doc = os.path.join(self.tmp, "nvim-plugin")
+        shutil.copytree(PLUGIN, doc)
+        self.nvim.command("helptags " + os.path.join(doc, "doc"))  # E154 on a duplicate tag
+        self.nvim.command("set rtp^=" + doc)
+        for tag in ("vist2", "vist2-setup", ":Vist2Ask", ":Vist2Cancel", "vist2-statusline", "<Plug>(vist2-ask)", "vist2-health"):
+            self.nvim.command("help " + tag)
+            self.assertTrue(self.nvim.current.buffer.name.endswith("vist2.txt"), tag)
+            self.nvim.command("helpclose")
+
     def test_checkhealth(self):
         self.nvim.command("checkhealth vist2")
         report = "\n".join(self.nvim.current.buffer[:])

@@ -129,9 +129,10 @@ function Bridge:request(req, handler)
   return req.id
 end
 
+-- Ends the bridge now (what it had in flight stops with the connection).
 function Bridge:stop()
   if self.handle then
-    self.stdin:close()
+    self.handle:kill("sigterm")
   end
 end
 
