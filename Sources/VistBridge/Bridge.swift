@@ -61,6 +61,9 @@ public final class Bridge: @unchecked Sendable {
     var inFlight: [UInt64: InFlight] = [:]
     var wireIDs: [JSONValue: UInt64] = [:]
     var nextWireID: UInt64 = 1
+    /// Final events taken out of `inFlight` and not yet written (so that the end of input waits
+    /// for them too).
+    var finishing = 0
 
     public init(
         socketPath: String, clientName: String = "vist2ctl-bridge", output: Int32 = 1, maxLineBytes: Int = 32 << 20,
@@ -100,7 +103,7 @@ public final class Bridge: @unchecked Sendable {
         // The requests already sent finish first (`printf ... | vist2ctl bridge` gets its
         // answers); a client that wants to stop them cancels them, or ends the process.
         state.lock()
-        while !inFlight.isEmpty { state.wait() }
+        while !inFlight.isEmpty || finishing > 0 { state.wait() }
         state.unlock()
     }
 
@@ -198,9 +201,11 @@ public final class Bridge: @unchecked Sendable {
         }
         inFlight = [:]
         wireIDs = [:]
+        finishing += 1
         state.broadcast()
         state.unlock()
         for e in events { emit(e) }
+        finished()
     }
 
     /// The answer to a document request made (or cut off) while the daemon is away, with `state`
@@ -492,7 +497,10 @@ public final class Bridge: @unchecked Sendable {
         if m.final {
             inFlight[m.requestID] = nil
             wireIDs[f.id] = nil
+            finishing += 1
         }
+        // Written after the lock is released; the end of input waits for it.
+        defer { if m.final { finished() } }
         var event: [String: JSONValue] = ["id": f.id]
         if m.final { event["final"] = true }
         if case .error(let e) = m.body {
@@ -558,6 +566,14 @@ public final class Bridge: @unchecked Sendable {
         state.broadcast()
         state.unlock()
         emit(event)
+    }
+
+    /// A final event taken out of `inFlight` has been written.
+    func finished() {
+        state.lock()
+        finishing -= 1
+        state.broadcast()
+        state.unlock()
     }
 
     func documentEvent(_ id: JSONValue, _ handle: String, bytes: Int, chunks: Int, synced: Bool) -> [String: JSONValue] {

@@ -14,7 +14,7 @@ from harness import DOC, ROOT, DaemonTestCase
 PLUGIN = os.path.join(ROOT, "editors", "nvim")
 
 
-class NvimTests(DaemonTestCase):
+class NvimCase(DaemonTestCase):
     def setUp(self):
         super().setUp()
         self.file = os.path.join(self.tmp, "notes.txt")
@@ -73,6 +73,7 @@ class NvimTests(DaemonTestCase):
         self.wait(lambda: self.status() not in ("generating",), timeout, "the answer")
         return self.lua("return require('vist2').answer()")
 
+class NvimTests(NvimCase):
     def test_attach_edit_ask(self):
         self.attach()
         self.assertEqual(self.lua("return #require('vist2').documents()"), 1)
@@ -118,34 +119,6 @@ class NvimTests(DaemonTestCase):
         ref = self.reference_generate([DOC], "Explain:\n\n" + "\n".join(lines[:2]), 12)
         self.assertEqual(answer, ref["text"])
 
-    def test_cancel_stops_the_stream(self):
-        self.attach()
-        events = []
-        self.lua("""
-            vim.g.vist2_events = {}
-            vim.api.nvim_create_autocmd('User', { pattern = { 'Vist2RequestStarted', 'Vist2RequestFinished' },
-              callback = function(a) local e = vim.g.vist2_events; table.insert(e, a.match); vim.g.vist2_events = e end })
-        """)
-        self.lua("require('vist2').ask('Write a long story:', { max_tokens = 60000 })")
-        self.wait(lambda: len(self.lua("return require('vist2').answer()") or "") > 3, what="text to stream")
-        self.assertEqual(self.status(), "generating")
-        # q in the answer buffer stops it.
-        win = self.lua("return vim.fn.bufwinid(vim.fn.bufnr('vist2://answer'))")
-        self.nvim.command("call win_gotoid(%d)" % win)
-        self.nvim.feedkeys("q")
-        self.wait(lambda: self.status() == "cancelled", what="the cancel")
-        stopped = self.lua("return require('vist2').answer()")
-        time.sleep(0.5)
-        self.assertEqual(self.lua("return require('vist2').answer()"), stopped, "no more text arrives")
-        self.assertLess(len(stopped), 60000)
-        self.assertEqual(self.lua("return require('vist2').last_result.error.code"), "cancelled")
-        self.assertEqual(self.nvim.vars["vist2_events"], ["Vist2RequestStarted", "Vist2RequestFinished"])
-        # :Vist2Cancel works the same way.
-        self.lua("require('vist2').ask('Write a long story:', { max_tokens = 60000 })")
-        self.wait(lambda: len(self.lua("return require('vist2').answer()") or "") > 3, what="text to stream")
-        self.nvim.command("Vist2Cancel")
-        self.wait(lambda: self.status() == "cancelled", what="the cancel")
-
     def test_daemon_restart_mid_session(self):
         self.attach()
         self.daemon.kill()
@@ -157,6 +130,25 @@ class NvimTests(DaemonTestCase):
         text = self.buffer_text()
         answer = self.ask("Summarize:")
         self.assertEqual(answer, self.reference_generate([text], "Summarize:", 12)["text"])
+
+    def test_auto_attach_status_and_a_bridge_that_dies(self):
+        self.lua("require('vist2').setup({ debounce_ms = 200, temperature = 0, chat = false, max_tokens = 12, auto_attach = { 'text' } })")
+        self.nvim.command("edit " + self.file)
+        self.nvim.command("setfiletype text")
+        self.wait(lambda: self.daemon.ctl_json("status")["documents_open"] == 1, what="the automatic attach")
+        other = os.path.join(self.tmp, "code.c")
+        with open(other, "w") as f:
+            f.write("int main(void) { return 0; }\n")
+        self.nvim.command("edit " + other)  # filetype c: not attached
+        self.assertFalse(self.lua("return require('vist2').is_attached(0)"))
+        self.nvim.command("Vist2Status")
+        self.wait(lambda: "1 attached here, 1 documents open in the daemon" in self.nvim.command_output("messages"), what=":Vist2Status")
+        # The bridge process dies: the next ask starts a new one, which opens the buffer again.
+        self.nvim.command("buffer " + self.file)
+        self.assertEqual(os.system("pkill -KILL -P %d -f 'vist2ctl bridge'" % self.nvim.call("getpid")), 0)
+        self.wait(lambda: self.status() == "daemon down", what="the plugin to notice")
+        answer = self.ask("Summarize:")
+        self.assertEqual(answer, self.reference_generate([self.buffer_text()], "Summarize:", 12)["text"])
 
     def test_help(self):
         import shutil
@@ -199,6 +191,44 @@ class NvimTests(DaemonTestCase):
         self.assertTrue(any(s.startswith("compressing") and s != "compressing 0%" for s in seen), seen)
         self.assertGreater(ticks, 3, "the timer kept firing")
         self.assertIn("chunks", self.nvim.command_output("messages"))
+
+
+class NvimCancelTests(NvimCase):
+    daemon_model = "default"
+
+    def test_cancel_stops_the_stream(self):
+        self.attach()
+        events = []
+        self.lua("""
+            vim.g.vist2_events = {}
+            vim.api.nvim_create_autocmd('User', { pattern = { 'Vist2RequestStarted', 'Vist2RequestFinished' },
+              callback = function(a) local e = vim.g.vist2_events; table.insert(e, a.match); vim.g.vist2_events = e end })
+        """)
+        self.lua("require('vist2').ask('Write a long story:', { max_tokens = 2000 })")
+        self.wait(lambda: len(self.lua("return require('vist2').answer()") or "") > 3, what="text to stream")
+        self.assertEqual(self.status(), "generating")
+        # q in the answer buffer stops it.
+        win = self.lua("return vim.fn.bufwinid(vim.fn.bufnr('vist2://answer'))")
+        self.nvim.command("call win_gotoid(%d)" % win)
+        self.nvim.feedkeys("q")
+        self.wait(lambda: self.status() == "cancelled", what="the cancel")
+        stopped = self.lua("return require('vist2').answer()")
+        time.sleep(0.5)
+        self.assertEqual(self.lua("return require('vist2').answer()"), stopped, "no more text arrives")
+        self.assertLess(len(stopped), 8000)
+        self.assertEqual(self.lua("return require('vist2').last_result.error.code"), "cancelled")
+        self.assertEqual(self.nvim.vars["vist2_events"], ["Vist2RequestStarted", "Vist2RequestFinished"])
+        # So do <C-c> in the answer buffer and :Vist2Cancel.
+        self.nvim.command("wincmd p")
+        self.lua("require('vist2').ask('Write a long story:', { max_tokens = 2000 })")
+        self.wait(lambda: len(self.lua("return require('vist2').answer()") or "") > 3, what="text to stream")
+        self.nvim.command("call win_gotoid(%d)" % win)
+        self.nvim.input("<C-c>")
+        self.wait(lambda: self.status() == "cancelled", what="the cancel")
+        self.lua("require('vist2').ask('Write a long story:', { max_tokens = 2000 })")
+        self.wait(lambda: len(self.lua("return require('vist2').answer()") or "") > 3, what="text to stream")
+        self.nvim.command("Vist2Cancel")
+        self.wait(lambda: self.status() == "cancelled", what="the cancel")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ end
 
 local function buffer_text(buf)
   local text = table.concat(vim.api.nvim_buf_get_lines(buf, 0, -1, false), "\n")
-  if vim.api.nvim_buf_get_option(buf, "eol") and text ~= "" then
+  if vim.bo[buf].eol and text ~= "" then
     text = text .. "\n"
   end
   return text
@@ -221,8 +221,8 @@ local function answer_window()
   if not (answer_buf and vim.api.nvim_buf_is_valid(answer_buf)) then
     answer_buf = vim.api.nvim_create_buf(false, true)
     vim.api.nvim_buf_set_name(answer_buf, "vist2://answer")
-    vim.api.nvim_buf_set_option(answer_buf, "filetype", "markdown")
-    vim.api.nvim_buf_set_option(answer_buf, "bufhidden", "hide")
+    vim.bo[answer_buf].filetype = "markdown"
+    vim.bo[answer_buf].bufhidden = "hide"
     vim.keymap.set("n", "q", function()
       if current then
         M.cancel()
@@ -407,7 +407,7 @@ function M.setup(opts)
       group = augroup,
       pattern = M.config.auto_attach,
       callback = function(args)
-        if vim.api.nvim_buf_get_option(args.buf, "buftype") == "" then
+        if vim.bo[args.buf].buftype == "" then
           M.attach(args.buf)
         end
       end,
