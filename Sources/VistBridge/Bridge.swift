@@ -64,6 +64,8 @@ public final class Bridge: @unchecked Sendable {
     /// Final events taken out of `inFlight` and not yet written (so that the end of input waits
     /// for them too).
     var finishing = 0
+    /// Why the last connection attempt failed (the daemon_down message at start).
+    var lastConnectError = ""
 
     public init(
         socketPath: String, clientName: String = "vist2ctl-bridge", output: Int32 = 1, maxLineBytes: Int = 32 << 20,
@@ -111,7 +113,12 @@ public final class Bridge: @unchecked Sendable {
     /// the new connection before it is published, so no request can see a half-restored state.
     func connect() -> VistClient? {
         let c: VistClient
-        do { c = try VistClient(socketPath: socketPath, clientName: clientName) } catch { return nil }
+        do { c = try VistClient(socketPath: socketPath, clientName: clientName) } catch {
+            state.lock()
+            lastConnectError = "\(error)"
+            state.unlock()
+            return nil
+        }
         state.lock()
         var lost: [(String, String, String)] = []
         var reopened = 0
@@ -151,10 +158,11 @@ public final class Bridge: @unchecked Sendable {
     func connectionLoop() {
         state.lock()
         let first = client
+        let lastConnectError = lastConnectError
         state.unlock()
         var current = first
         var reported = first == nil
-        if first == nil { emit(["event": "daemon_down", "message": .string("cannot connect to the vist2 daemon at \(socketPath)")]) }
+        if first == nil { emit(["event": "daemon_down", "message": .string(lastConnectError)]) }
         var pause = 0.05
         while true {
             guard let c = current else {

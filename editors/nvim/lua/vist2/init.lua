@@ -36,6 +36,11 @@ local function fire(pattern)
   vim.api.nvim_exec_autocmds("User", { pattern = pattern, modeline = false })
 end
 
+-- nil or 0: the current buffer.
+local function bufnr(buf)
+  return (buf == nil or buf == 0) and vim.api.nvim_get_current_buf() or buf
+end
+
 local function buffer_text(buf)
   local text = table.concat(vim.api.nvim_buf_get_lines(buf, 0, -1, false), "\n")
   if vim.bo[buf].eol and text ~= "" then
@@ -85,6 +90,15 @@ local function get_bridge()
   return bridge
 end
 
+-- The bridge, started if need be; nil (and the reason shown) when it cannot run.
+local function bridge_or_notify()
+  local b, err = get_bridge()
+  if not b then
+    notify(err, vim.log.levels.ERROR)
+  end
+  return b
+end
+
 local function send_update(buf)
   local d = docs[buf]
   if not d then
@@ -113,13 +127,12 @@ local function flush()
 end
 
 function M.attach(buf)
-  buf = (buf == nil or buf == 0) and vim.api.nvim_get_current_buf() or buf
+  buf = bufnr(buf)
   if docs[buf] then
     return true
   end
-  local b, err = get_bridge()
+  local b = bridge_or_notify()
   if not b then
-    notify(err, vim.log.levels.ERROR)
     return false
   end
   handles = handles + 1
@@ -171,7 +184,7 @@ function M.attach(buf)
 end
 
 function M.detach(buf)
-  buf = (buf == nil or buf == 0) and vim.api.nvim_get_current_buf() or buf
+  buf = bufnr(buf)
   local d = docs[buf]
   if not d then
     return
@@ -191,7 +204,7 @@ function M.detach(buf)
 end
 
 function M.is_attached(buf)
-  buf = (buf == nil or buf == 0) and vim.api.nvim_get_current_buf() or buf
+  buf = bufnr(buf)
   return docs[buf] ~= nil
 end
 
@@ -271,9 +284,8 @@ function M.ask(prompt, opts)
     notify("a request is running; :Vist2Cancel stops it", vim.log.levels.WARN)
     return nil
   end
-  local b, err = get_bridge()
+  local b = bridge_or_notify()
   if not b then
-    notify(err, vim.log.levels.ERROR)
     return nil
   end
   flush()
@@ -328,7 +340,7 @@ end
 
 -- Compresses the current buffer (attaching it) in the daemon, with progress in the message area.
 function M.compress(buf, instruction)
-  buf = (buf == nil or buf == 0) and vim.api.nvim_get_current_buf() or buf
+  buf = bufnr(buf)
   if current then
     notify("a request is running; :Vist2Cancel stops it", vim.log.levels.WARN)
     return nil
@@ -385,9 +397,9 @@ end
 
 -- :Vist2Status: the daemon's state, as the bridge reports it.
 function M.show_status()
-  local b, err = get_bridge()
+  local b = bridge_or_notify()
   if not b then
-    return notify(err, vim.log.levels.ERROR)
+    return
   end
   b:request({ op = "status" }, function(e)
     if e.event == "status" then
