@@ -66,6 +66,8 @@ public final class Bridge: @unchecked Sendable {
     var finishing = 0
     /// Why the last connection attempt failed (the daemon_down message at start).
     var lastConnectError = ""
+    /// When a request last went to the daemon (the keepalive's clock).
+    var lastSent = Date()
 
     public init(
         socketPath: String, clientName: String = "vist2ctl-bridge", output: Int32 = 1, maxLineBytes: Int = 32 << 20,
@@ -89,6 +91,9 @@ public final class Bridge: @unchecked Sendable {
         let thread = Thread { [self] in connectionLoop() }
         thread.stackSize = 1 << 20
         thread.start()
+        let keepalive = Thread { [self] in keepaliveLoop() }
+        keepalive.stackSize = 256 << 10
+        keepalive.start()
         var reader = LineReader(fd: input, maxLine: maxLineBytes)
         while let line = reader.next() {
             switch line {
@@ -141,6 +146,7 @@ public final class Bridge: @unchecked Sendable {
         }
         client = c
         hello = c.hello
+        lastSent = Date()
         state.broadcast()
         state.unlock()
         for (handle, code, message) in lost {
@@ -187,6 +193,35 @@ public final class Bridge: @unchecked Sendable {
                 emit(["event": "daemon_down", "message": .string(why)])
                 reported = true
             }
+        }
+    }
+
+    /// The daemon closes a connection that stays silent past its idle timeout; an editor's
+    /// bridge may sit unused for hours with its documents open. A status request (its reply
+    /// ignored: no request waits for that wire id) every third of the timeout keeps it open.
+    func keepaliveLoop() {
+        while true {
+            state.lock()
+            let timeoutMs = hello?.limits.idleTimeoutMs ?? 0
+            let due = timeoutMs > 0 && Date().timeIntervalSince(lastSent) >= Double(timeoutMs) / 3000
+            let c = due ? client : nil
+            var wire: UInt64 = 0
+            if c != nil {
+                wire = nextWireID
+                nextWireID += 1
+                lastSent = Date()
+            }
+            state.unlock()
+            if let c {
+                var m = Vist2_V1_ClientMessage()
+                m.requestID = wire
+                m.status = .init()
+                sendLock.lock()
+                try? c.send(m)
+                sendLock.unlock()
+            }
+            // Often enough for the shortest timeout the daemon takes (1 s).
+            Thread.sleep(forTimeInterval: timeoutMs > 0 ? min(Double(timeoutMs) / 6000, 60) : 1)
         }
     }
 
@@ -482,6 +517,7 @@ public final class Bridge: @unchecked Sendable {
         nextWireID += 1
         inFlight[wire] = InFlight(id: id, kind: kind)
         wireIDs[id] = wire
+        lastSent = Date()
         state.unlock()
         var m = Vist2_V1_ClientMessage()
         m.requestID = wire

@@ -20,7 +20,8 @@ TINY_MODEL = os.path.join(ROOT, "Tests", "VistEngineTests", "Fixtures", "tiny-vi
 VIST2CTL = os.path.join(BIN, "vist2ctl")
 VIST2D = os.path.join(BIN, "vist2d")
 # A document the tiny model (context 512) reads whole: ~40 chunks of 32 tokens.
-DOC = open("/usr/share/common-licenses/Apache-2.0", encoding="utf-8").read()[:1000]
+with open("/usr/share/common-licenses/Apache-2.0", encoding="utf-8") as _f:
+    DOC = _f.read()[:1000]
 
 
 class Daemon:
@@ -141,11 +142,12 @@ class DaemonTestCase(unittest.TestCase):
     writes its ~600 tokens in a fifth of a second), on the default model (~75 tokens/s here)."""
 
     daemon_model = TINY_MODEL
+    daemon_extra = ()
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="vist2-editor-")
         self.runtime = os.path.join(self.tmp, "run")
-        self.daemon = Daemon(self.runtime, os.path.join(self.tmp, "cache"), model=self.daemon_model).start()
+        self.daemon = Daemon(self.runtime, os.path.join(self.tmp, "cache"), extra=self.daemon_extra, model=self.daemon_model).start()
         self.env = dict(os.environ, XDG_RUNTIME_DIR=self.runtime, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
 
     def tearDown(self):

@@ -203,6 +203,22 @@ class BridgeTests(BridgeCase):
         self.assertEqual(self.daemon.ctl_json("status")["documents_open"], 0)
 
 
+class BridgeIdleTests(BridgeCase):
+    """A daemon that closes connections silent for a second."""
+
+    daemon_extra = ("--idle-timeout", "1")
+
+    def test_an_idle_session_keeps_its_connection(self):
+        doc = self.open(DOC)
+        time.sleep(3.5)
+        self.assertTrue(self.bridge.events.empty(), "no daemon_down, no reconnect")
+        self.assertEqual(self.daemon.ctl_json("status")["documents_open"], 1)
+        _, st = self.bridge.call(id=1, op="status")
+        self.assertEqual((st["event"], st["documents_open"]), ("status", 1))
+        _, c = self.bridge.call(id=2, op="compress", document=doc)
+        self.assertEqual(c["event"], "compressed")
+
+
 class BridgeCancelTests(BridgeCase):
     daemon_model = "default"
 

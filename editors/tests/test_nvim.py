@@ -3,6 +3,7 @@ a live vist2d on the tiny model."""
 
 import os
 import re
+import shutil
 import signal
 import time
 import unittest
@@ -151,7 +152,6 @@ class NvimTests(NvimCase):
         self.assertEqual(answer, self.reference_generate([self.buffer_text()], "Summarize:", 12)["text"])
 
     def test_help(self):
-        import shutil
         doc = os.path.join(self.tmp, "nvim-plugin")
         shutil.copytree(PLUGIN, doc)
         self.nvim.command("helptags " + os.path.join(doc, "doc"))  # E154 on a duplicate tag
@@ -182,8 +182,7 @@ class NvimDefaultModelTests(NvimCase):
     def test_compress_keeps_the_editor_responsive(self):
         # The whole licence on the default model: ~30 chunks, seconds of encoding and prefill.
         big = os.path.join(self.tmp, "Apache-2.0.txt")
-        with open(big, "w", encoding="utf-8") as f:
-            f.write(open("/usr/share/common-licenses/Apache-2.0", encoding="utf-8").read())
+        shutil.copy("/usr/share/common-licenses/Apache-2.0", big)
         self.nvim.command("edit " + big)
         self.lua("vim.g.ticks = 0; _G.vist2_timer = vim.loop.new_timer(); "
                  "_G.vist2_timer:start(5, 5, vim.schedule_wrap(function() vim.g.ticks = vim.g.ticks + 1 end))")
