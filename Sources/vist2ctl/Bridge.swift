@@ -10,7 +10,8 @@ struct Bridge: ParsableCommand {
             cancel, status, cache_stats, documents; each with a client-chosen "id") and writes one \
             JSON event per line on stdout. Documents are held by the bridge under stable handles: \
             when the daemon restarts, the bridge reconnects and opens them again, and reports \
-            daemon_down / daemon_up. Ends when stdin ends. Every request and event: docs/BRIDGE.md.
+            daemon_down / daemon_up. When stdin ends, the requests in flight finish, then it exits. \
+            Every request and event: docs/BRIDGE.md.
             """)
 
     @OptionGroup var socketOption: SocketOption
