@@ -231,6 +231,16 @@ The current buffer visits a copy of the test document."
        (should (> ticks 50))
        (should (string-match-p "chunks" (with-current-buffer "*Messages*" (buffer-string))))))))
 
+(ert-deftest vist2-refused-buffer-leaves-the-mode ()
+  (vist2-test--with-daemon
+   (erase-buffer)
+   (insert (make-string (1+ (* 4 1024 1024)) ?x))
+   (vist2-mode 1)
+   (should (vist2-test--wait (lambda () (not vist2-mode))))
+   (should (string-match-p "cannot attach .*document_too_large"
+                           (with-current-buffer "*Messages*" (buffer-string))))
+   (set-buffer-modified-p nil)))
+
 (ert-deftest vist2-status-reports-the-daemon ()
   (vist2-test--with-daemon
    (vist2-mode 1)

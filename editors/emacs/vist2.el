@@ -200,7 +200,11 @@ Returns the request's id."
                       (path . ,(or (buffer-file-name buf) (buffer-name buf))))
                     (lambda (event)
                       (when (equal (alist-get 'event event) "error")
-                        (message "vist2: cannot attach %s: %s" (buffer-name buf) (vist2--error-text event)))))))
+                        (message "vist2: cannot attach %s: %s" (buffer-name buf) (vist2--error-text event))
+                        ;; Not a document: leave the mode rather than ask with a handle the
+                        ;; bridge does not know.
+                        (when (buffer-live-p buf)
+                          (with-current-buffer buf (vist2-mode -1))))))))
 
 (defun vist2--send-update (buf)
   "Send the text of BUF if it changed since it was last sent."

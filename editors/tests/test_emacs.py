@@ -35,7 +35,7 @@ class EmacsTests(unittest.TestCase):
         r = subprocess.run(["emacs", "--batch", "-Q", "-L", EMACS_DIR, "-l", "vist2-tests", "-f", "ert-run-tests-batch-and-exit"],
                            capture_output=True, text=True, timeout=600, env=env)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        self.assertIn("Ran 5 tests, 5 results as expected", r.stdout + r.stderr)
+        self.assertIn("Ran 6 tests, 6 results as expected", r.stdout + r.stderr)
 
 
 if __name__ == "__main__":
