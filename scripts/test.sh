@@ -20,6 +20,9 @@ bash scripts/live-test.sh
 # package in batch Emacs, each against live daemons on the tiny model (/usr/bin/python3: Debian's
 # pynvim).
 (cd editors/tests && /usr/bin/python3 -m unittest -v test_bridge test_nvim test_emacs)
+# The Neovim tests again on a current Neovim: Debian 13's 0.10, unpacked with its own glibc.
+NVIM_NEW="$(bash scripts/nvim-trixie.sh "${TMPDIR:-/tmp}/vist2-nvim-trixie")"
+(cd editors/tests && VIST2_NVIM="$NVIM_NEW" /usr/bin/python3 -m unittest -v test_nvim)
 # The shipped system units under a real systemd 252 booted in a container (root only; ~1 min the
 # first time on a machine, while it builds the container's tree, then ~10 s), and a cache on a
 # full and on a read-only filesystem (root: tmpfs mounts). RELIABILITY.md has the long runs.

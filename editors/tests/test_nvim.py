@@ -13,6 +13,8 @@ import pynvim
 from harness import DOC, ROOT, DaemonTestCase
 
 PLUGIN = os.path.join(ROOT, "editors", "nvim")
+# The Neovim to test (default: Debian's, on PATH); e.g. VIST2_NVIM=/path/to/nvim-0.10.
+NVIM = os.environ.get("VIST2_NVIM", "nvim")
 
 
 class NvimCase(DaemonTestCase):
@@ -25,7 +27,7 @@ class NvimCase(DaemonTestCase):
 
     def start_nvim(self):
         # pynvim 0.4 (Debian 12) cannot pass an environment: env(1) does.
-        argv = ["env", "XDG_RUNTIME_DIR=" + self.env["XDG_RUNTIME_DIR"], "PATH=" + self.env["PATH"], "nvim", "--embed", "--headless", "-u", "NONE", "-i", "NONE", "-n",
+        argv = ["env", "XDG_RUNTIME_DIR=" + self.env["XDG_RUNTIME_DIR"], "PATH=" + self.env["PATH"], NVIM, "--embed", "--headless", "-u", "NONE", "-i", "NONE", "-n",
                 "--cmd", "set rtp^=" + PLUGIN, "--cmd", "runtime! plugin/vist2.lua"]
         nvim = pynvim.attach("child", argv=argv)
         nvim.exec_lua("require('vist2').setup({ debounce_ms = 200, temperature = 0, chat = false, max_tokens = 12 })")
