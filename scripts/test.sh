@@ -17,8 +17,8 @@ swift test -c release -Xswiftc -enable-testing --skip-build 2>&1 | tee .build/te
 make -C clients/c test
 bash scripts/live-test.sh
 # The editor-facing bridge (vist2ctl bridge), the Neovim plugin in a headless Neovim and the Emacs
-# package in batch Emacs, each against live daemons on the tiny model (/usr/bin/python3: Debian's
-# pynvim).
+# package in batch Emacs, each against live daemons: on the tiny model, and on the default one where
+# a request must last seconds (cancel, a long compress). /usr/bin/python3: Debian's pynvim.
 (cd editors/tests && /usr/bin/python3 -m unittest -v test_bridge test_nvim test_emacs)
 # The Neovim tests again on a current Neovim: Debian 13's 0.10, unpacked with its own glibc.
 NVIM_NEW="$(bash scripts/nvim-trixie.sh "${TMPDIR:-/tmp}/vist2-nvim-trixie")"
