@@ -588,17 +588,12 @@ public final class Bridge: @unchecked Sendable {
         case (.cancel, .ack):
             event["event"] = "ack"
         case (.status, .status(let s)):
-            event.merge(statusFields(s)) { $1 }
+            event.merge(statusFields(s, hello: hello)) { $1 }
             event["documents"] = .uint(documents.count)
             event["event"] = "status"
         case (.cacheStats, .cacheStats(let s)):
+            event.merge(cacheStatsFields(s)) { $1 }
             event["event"] = "cache_stats"
-            for (k, v) in [
-                ("bytes", s.bytes), ("budget_bytes", s.budgetBytes), ("entries", s.entries), ("hits", s.hits), ("misses", s.misses),
-                ("evictions", s.evictions), ("rejected_damaged", s.rejectedDamaged),
-            ] {
-                event[k] = .uint(v)
-            }
         default:
             if !m.final {
                 state.unlock()
@@ -634,22 +629,6 @@ public final class Bridge: @unchecked Sendable {
             "visual_tokens": .uint(h.visualTokens), "context_length": .uint(h.contextLength),
             "max_document_bytes": .uint(h.limits.maxDocumentBytes), "capabilities": .array(h.capabilities.map { .string($0) }),
         ]
-    }
-
-    func statusFields(_ s: Vist2_V1_Status) -> [String: JSONValue] {
-        var out: [String: JSONValue] = [
-            "state": .string(s.state), "model": .string(s.modelName), "model_fingerprint": .string(s.modelFingerprint),
-            "queue_length": .uint(s.queueLength), "clients": .uint(s.clients), "documents_open": .uint(s.documentsOpen),
-            "cache_bytes": .uint(s.cacheBytes), "uptime_seconds": .uint(s.uptimeSeconds),
-            "engine_stalled_seconds": .double(s.engineStalledSeconds),
-        ]
-        if let h = hello {
-            out["server_version"] = .string(h.serverVersion)
-            out["protocol_version"] = .uint(h.protocolVersion)
-            out["chunk_length"] = .uint(h.chunkLength)
-            out["visual_tokens"] = .uint(h.visualTokens)
-        }
-        return out
     }
 
     // MARK: - output

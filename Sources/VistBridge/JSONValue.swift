@@ -99,6 +99,32 @@ public func compressResultFields(_ r: Vist2_V1_CompressResult) -> [String: JSONV
     ]
 }
 
+/// The fields `vist2ctl status --json` prints (and the bridge's `status` event): the daemon's
+/// Status, with the server's version and model geometry from its HelloReply.
+public func statusFields(_ s: Vist2_V1_Status, hello: Vist2_V1_HelloReply?) -> [String: JSONValue] {
+    var out: [String: JSONValue] = [
+        "state": .string(s.state), "model": .string(s.modelName), "model_fingerprint": .string(s.modelFingerprint),
+        "queue_length": .uint(s.queueLength), "clients": .uint(s.clients), "documents_open": .uint(s.documentsOpen),
+        "cache_bytes": .uint(s.cacheBytes), "uptime_seconds": .uint(s.uptimeSeconds),
+        "engine_stalled_seconds": .double(s.engineStalledSeconds),
+    ]
+    if let h = hello {
+        out["server_version"] = .string(h.serverVersion)
+        out["protocol_version"] = .uint(h.protocolVersion)
+        out["chunk_length"] = .uint(h.chunkLength)
+        out["visual_tokens"] = .uint(h.visualTokens)
+    }
+    return out
+}
+
+/// The fields `vist2ctl cache stats --json` prints (and the bridge's `cache_stats` event).
+public func cacheStatsFields(_ s: Vist2_V1_CacheStats) -> [String: JSONValue] {
+    [
+        "bytes": .uint(s.bytes), "budget_bytes": .uint(s.budgetBytes), "entries": .uint(s.entries), "hits": .uint(s.hits),
+        "misses": .uint(s.misses), "evictions": .uint(s.evictions), "rejected_damaged": .uint(s.rejectedDamaged),
+    ]
+}
+
 /// The stable code of a daemon error: the protocol's ErrorCode name in snake_case
 /// (CONTEXT_OVERFLOW -> "context_overflow"), as vist2ctl and the bridge report it.
 public func errorCodeName(_ code: Vist2_V1_ErrorCode) -> String {

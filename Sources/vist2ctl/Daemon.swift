@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import VistBridge
 import VistClient
 import VistEngine
 import VistProtocol
@@ -48,18 +49,6 @@ struct Compress: ParsableCommand {
         guard !files.isEmpty else { throw ValidationError("name at least one file") }
     }
 
-    struct Out: Encodable {
-        var file: String
-        var chunks: UInt32
-        var text_tokens: UInt32
-        var visual_tokens: UInt32
-        var ratio: Double
-        var chunks_encoded: UInt32
-        var chunk_cache_hits: UInt32
-        var prefix_cache_hits: UInt32
-        var elapsed_ms: Double
-    }
-
     func run() throws {
         let c = try socketOption.connect()
         let bar = isatty(2) == 1 && !json
@@ -77,12 +66,10 @@ struct Compress: ParsableCommand {
                 }
                 if bar { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
                 try c.closeDocument(id: doc.documentID)
-                let out = Out(
-                    file: file, chunks: r.chunks, text_tokens: r.textTokens, visual_tokens: r.visualTokens, ratio: r.ratio,
-                    chunks_encoded: r.chunksRendered, chunk_cache_hits: r.chunkCacheHits, prefix_cache_hits: r.prefixCacheHits,
-                    elapsed_ms: r.elapsedMs)
                 if json {
-                    printJSON(out)
+                    var out = compressResultFields(r)
+                    out["file"] = .string(file)
+                    printJSON(JSONValue.object(out))
                 } else {
                     print(
                         "\(file): \(r.chunks) chunks, \(r.textTokens) tokens -> \(r.visualTokens) visual tokens (ratio \(String(format: "%.2f", r.ratio))); encoded \(r.chunksRendered), chunk-cache hits \(r.chunkCacheHits), prefix-cache hits \(r.prefixCacheHits); \(String(format: "%.0f", r.elapsedMs)) ms"
@@ -170,28 +157,15 @@ struct Cache: ParsableCommand {
         @OptionGroup var socketOption: SocketOption
         @Flag(help: "Print JSON.") var json = false
 
-        struct Out: Encodable {
-            var bytes: UInt64
-            var budget_bytes: UInt64
-            var entries: UInt64
-            var hits: UInt64
-            var misses: UInt64
-            var evictions: UInt64
-            var rejected_damaged: UInt64
-        }
-
         func run() throws {
             let c = try socketOption.connect()
             do {
                 let s = try c.cacheStats()
-                let o = Out(
-                    bytes: s.bytes, budget_bytes: s.budgetBytes, entries: s.entries, hits: s.hits, misses: s.misses, evictions: s.evictions,
-                    rejected_damaged: s.rejectedDamaged)
                 if json {
-                    printJSON(o)
+                    printJSON(JSONValue.object(cacheStatsFields(s)))
                 } else {
                     print(
-                        "\(o.entries) entries, \(o.bytes) of \(o.budget_bytes) bytes; \(o.hits) hits, \(o.misses) misses, \(o.evictions) evictions, \(o.rejected_damaged) damaged or foreign entries dropped"
+                        "\(s.entries) entries, \(s.bytes) of \(s.budgetBytes) bytes; \(s.hits) hits, \(s.misses) misses, \(s.evictions) evictions, \(s.rejectedDamaged) damaged or foreign entries dropped"
                     )
                 }
             } catch { fail("\(error)", code: daemonCode(error), json: json) }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import VistBridge
 import VistClient
 import VistProtocol
 
@@ -26,22 +27,6 @@ struct Status: ParsableCommand {
     @Flag(help: "Print one JSON object.")
     var json = false
 
-    struct Out: Encodable {
-        var state: String
-        var model: String
-        var model_fingerprint: String
-        var server_version: String
-        var protocol_version: UInt32
-        var queue_length: UInt32
-        var uptime_seconds: UInt64
-        var chunk_length: UInt32
-        var visual_tokens: UInt32
-        var clients: UInt32
-        var documents_open: UInt32
-        var cache_bytes: UInt64
-        var engine_stalled_seconds: Double
-    }
-
     func run() throws {
         let c = try socketOption.connect()
         let s: Vist2_V1_Status
@@ -49,16 +34,11 @@ struct Status: ParsableCommand {
             FileHandle.standardError.write(Data("vist2ctl: \(error)\n".utf8))
             throw ExitCode(1)
         }
-        let out = Out(
-            state: s.state, model: s.modelName, model_fingerprint: s.modelFingerprint, server_version: c.hello.serverVersion,
-            protocol_version: c.hello.protocolVersion, queue_length: s.queueLength, uptime_seconds: s.uptimeSeconds,
-            chunk_length: c.hello.chunkLength, visual_tokens: c.hello.visualTokens, clients: s.clients, documents_open: s.documentsOpen,
-            cache_bytes: s.cacheBytes, engine_stalled_seconds: s.engineStalledSeconds)
         if json {
-            printJSON(out)
+            printJSON(JSONValue.object(statusFields(s, hello: c.hello)))
         } else {
             print(
-                "\(out.state): \(out.model) (\(out.server_version), protocol \(out.protocol_version)), queue \(out.queue_length), up \(out.uptime_seconds) s"
+                "\(s.state): \(s.modelName) (\(c.hello.serverVersion), protocol \(c.hello.protocolVersion)), queue \(s.queueLength), up \(s.uptimeSeconds) s"
             )
         }
     }
