@@ -485,3 +485,53 @@ void vk_matvec_rows(int type, const void *w, size_t row_bytes, const vk_block_q8
         y[r] = vk_dot_row(type, base + (size_t)r * row_bytes, xq, xf, n);
     }
 }
+
+void vk_matvec_rows_multi(int type, const void *w, size_t row_bytes, const vk_block_q8a *xq, const float *xf, float *y,
+                          int64_t n, int64_t nx, int64_t y_stride, int64_t r0, int64_t r1) {
+    const uint8_t *base = w;
+    const int64_t nb = n / VK_QK;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = base + (size_t)r * row_bytes;
+        for (int64_t i = 0; i < nx; i++) {
+            y[i * y_stride + r] = vk_dot_row(type, row, xq ? xq + i * nb : NULL, xf ? xf + i * n : NULL, n);
+        }
+    }
+}
+
+// ---- f16 rows (the f16 KV cache) -----------------------------------------------------------
+
+#ifdef VK_X86
+AVX2 static void f32_to_f16_avx2(const float *src, uint16_t *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++) dst[i] = vk_fp32_to_fp16(src[i]);
+}
+
+AVX2 static void f16_to_f32_avx2(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = h2f(src[i]);
+}
+#endif
+
+void vk_f32_to_f16(const float *src, uint16_t *dst, int64_t n) {
+#ifdef VK_X86
+    if (path() != PATH_SCALAR) {
+        f32_to_f16_avx2(src, dst, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) dst[i] = vk_fp32_to_fp16(src[i]);
+}
+
+void vk_f16_to_f32(const uint16_t *src, float *dst, int64_t n) {
+#ifdef VK_X86
+    if (path() != PATH_SCALAR) {
+        f16_to_f32_avx2(src, dst, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) dst[i] = h2f(src[i]);
+}

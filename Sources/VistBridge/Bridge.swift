@@ -34,7 +34,7 @@ public final class Bridge: @unchecked Sendable {
             case update(handle: String, previous: String, sent: String)
             case close(handle: String)
             case compress
-            case generate(fullText: Bool)
+            case generate
             case cancel
             case status
             case cacheStats
@@ -445,7 +445,7 @@ public final class Bridge: @unchecked Sendable {
         if let v = try r.number("repeat_penalty") { g.sampling.repetitionPenalty = v }
         if let v = try r.integer("seed", 0...Int64.max) { g.sampling.seed = UInt64(v) }
         g.documentIds = try daemonIDs(try r.strings("documents") ?? [])
-        try send(id, .generate(fullText: fullText)) { $0.generate = g }
+        try send(id, .generate) { $0.generate = g }
     }
 
     func cancel(_ id: JSONValue, _ r: BridgeRequest) throws {
@@ -581,9 +581,8 @@ public final class Bridge: @unchecked Sendable {
         case (.generate, .textDelta(let d)):
             event["event"] = "delta"
             event["text"] = .string(d.text)
-        case (.generate(let fullText), .generateResult(let r)):
-            let readsDocuments = !(hello?.modelFingerprint.isEmpty ?? true)
-            event.merge(generateResultFields(r, fullText: fullText, readsDocuments: readsDocuments)) { $1 }
+        case (.generate, .generateResult(let r)):
+            event.merge(generateResultFields(r)) { $1 }
             event["event"] = "done"
         case (.cancel, .ack):
             event["event"] = "ack"

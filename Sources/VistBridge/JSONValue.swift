@@ -63,28 +63,31 @@ extension JSONValue {
     public static func uint(_ v: some BinaryInteger) -> JSONValue { .int(Int64(clamping: v)) }
 }
 
-/// The fields `vist2ctl generate --json` prints for a daemon's GenerateResult, which the bridge's
-/// `done` event repeats: text, token counts and timings, and, when the daemon's model reads
-/// documents, the compression figures and the mode (`vist2` or `full-text`).
-public func generateResultFields(_ r: Vist2_V1_GenerateResult, fullText: Bool, readsDocuments: Bool) -> [String: JSONValue] {
+/// The fields `vist2ctl generate --json` prints for a GenerateResult (the same keys as the
+/// engine's `GenerationResult` in `--local` mode), which the bridge's `done` event repeats: text,
+/// token counts, timings, KV and FLOP figures, and when the request read documents (or wrote past
+/// a chunk boundary) the compression figures and the mode (`vist2` or `full-text`).
+public func generateResultFields(_ r: Vist2_V1_GenerateResult) -> [String: JSONValue] {
     var out: [String: JSONValue] = [
         "text": .string(r.text), "prompt_tokens": .uint(r.promptTokens), "generated_tokens": .uint(r.generatedTokens),
         "ttft_ms": .double(r.ttftMs), "prefill_tokens_per_s": .double(r.prefillTokensPerS),
         "decode_tokens_per_s": .double(r.decodeTokensPerS), "stop_reason": .string(r.stopReason),
+        "kv_type": .string(r.kvType), "token_ids": .array(r.tokenIds.map { .int(Int64($0)) }),
     ]
-    guard readsDocuments else { return out }
-    out["mode"] = .string(fullText ? "full-text" : "vist2")
+    for (k, v) in [("kv_bytes", r.kvBytes), ("kv_bytes_final", r.kvBytesFinal), ("flops", r.flops), ("peak_rss_bytes", r.peakRssBytes)] {
+        out[k] = .uint(v)
+    }
+    out["prefill_ms"] = .double(r.prefillMs)
+    out["decode_ms"] = .double(r.decodeMs)
+    guard !r.mode.isEmpty else { return out }
+    out["mode"] = .string(r.mode)
     for (k, v) in [
         ("doc_text_tokens", r.docTextTokens), ("visual_tokens", r.visualTokens), ("chunks", r.chunks), ("swaps", r.swaps),
         ("chunks_encoded", r.chunksEncoded), ("chunk_cache_hits", r.chunkCacheHits), ("prefix_cache_hits", r.prefixCacheHits),
     ] {
         out[k] = .uint(v)
     }
-    for (k, v) in [("kv_bytes", r.kvBytes), ("kv_bytes_final", r.kvBytesFinal), ("flops", r.flops)] { out[k] = .uint(v) }
-    for (k, v) in [
-        ("compression_ratio", r.compressionRatio), ("render_ms", r.renderMs), ("vision_ms", r.visionMs), ("prefill_ms", r.prefillMs),
-        ("decode_ms", r.decodeMs),
-    ] {
+    for (k, v) in [("compression_ratio", r.compressionRatio), ("render_ms", r.renderMs), ("vision_ms", r.visionMs)] {
         out[k] = .double(v)
     }
     return out
@@ -95,7 +98,8 @@ public func compressResultFields(_ r: Vist2_V1_CompressResult) -> [String: JSONV
     [
         "chunks": .uint(r.chunks), "text_tokens": .uint(r.textTokens), "visual_tokens": .uint(r.visualTokens), "ratio": .double(r.ratio),
         "chunks_encoded": .uint(r.chunksRendered), "chunk_cache_hits": .uint(r.chunkCacheHits),
-        "prefix_cache_hits": .uint(r.prefixCacheHits), "elapsed_ms": .double(r.elapsedMs),
+        "prefix_cache_hits": .uint(r.prefixCacheHits), "elapsed_ms": .double(r.elapsedMs), "render_ms": .double(r.renderMs),
+        "vision_ms": .double(r.visionMs),
     ]
 }
 

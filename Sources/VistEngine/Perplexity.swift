@@ -20,56 +20,102 @@ public struct PerplexityResult: Sendable, Codable {
     public var ctx: Int
 }
 
-extension LanguageModel {
-    /// With `step`, each window runs in forward batches of `Transformer.stepBatch` tokens (else
-    /// `maxBatch`) and `step` is called after every batch and while the text is tokenized;
-    /// returning false stops the computation with `.cancelled` (the daemon yields to other
-    /// clients there).
-    public func perplexity(
-        text: String, ctx: Int, progress: (Int, Int, Double) -> Void = { _, _, _ in }, step: (() -> Bool)? = nil
-    ) throws(EngineError) -> PerplexityResult {
-        guard ctx >= 4, ctx <= config.contextLength else {
-            throw .badArgument("--ctx must be in 4...\(config.contextLength), got \(ctx)")
+/// A perplexity computation in steps: `init` tokenizes (text work, any thread), each `step` runs
+/// one forward slice of a window (`Transformer.prefillSlices` with `sliced`, else whole batches).
+public final class PerplexityTask: @unchecked Sendable {
+    let lm: LanguageModel
+    let tokens: [Int32]
+    public let ctx: Int
+    public let windows: Int
+    let cache: KVCache
+    let slices: [Range<Int>]
+    var window = 0
+    var slice = 0
+    var nll = 0.0
+    var count = 0
+
+    public init(
+        model lm: LanguageModel, text: String, ctx: Int, sliced: Bool = false, kvType: KVType = .f32, isCancelled: (() -> Bool)? = nil
+    ) throws(EngineError) {
+        guard ctx >= 4, ctx <= lm.config.contextLength else {
+            throw .badArgument("--ctx must be in 4...\(lm.config.contextLength), got \(ctx)")
         }
-        guard let tokens = tokenizer.encode(text, addSpecial: true, parseSpecial: false, step: step) else { throw .cancelled }
+        let step: (() -> Bool)? = isCancelled.map { c in { !c() } }
+        guard let tokens = lm.tokenizer.encode(text, addSpecial: true, parseSpecial: false, step: step) else { throw .cancelled }
         guard tokens.count >= 2 * ctx else {
             throw .tooFewTokens("the file tokenizes to \(tokens.count) tokens; perplexity with --ctx \(ctx) needs at least \(2 * ctx)")
         }
-        let windows = tokens.count / ctx
-        let first = ctx / 2
-        let vocab = config.vocabSize
-        let tf = transformer
-        let cache = tf.makeCache(capacity: ctx)
-        var nll = 0.0
-        var count = 0
-        for w in 0..<windows {
-            var window = Array(tokens[(w * ctx)..<((w + 1) * ctx)])
-            if tokenizer.addBOS, let bos = tokenizer.bos { window[0] = bos }
-            cache.truncate(to: 0)
-            var start = 0
-            while start < ctx {
-                let end = min(ctx, start + (step == nil ? tf.maxBatch : tf.stepBatch))
-                let batch = Array(window[start..<end])
-                let from = first - start
-                if end - 1 < first {
-                    tf.forward(batch, cache: cache, logits: .none)
-                } else {
-                    tf.forward(batch, cache: cache, logits: .from(max(0, from)))
-                    // Row r of the logits is position start + max(0, from) + r.
-                    let p0 = start + max(0, from)
-                    for pos in p0..<min(end, ctx - 1) {
-                        let row = tf.logits + (pos - p0) * vocab
-                        let target = Int(window[pos + 1])
-                        nll -= Double(row[target]) - Ops.logSumExp(row, n: vocab)
-                        count += 1
-                    }
-                }
-                start = end
-                guard step?() ?? true else { throw .cancelled }
-            }
-            progress(w + 1, windows, exp(nll / Double(count)))
+        self.lm = lm
+        self.tokens = tokens
+        self.ctx = ctx
+        windows = tokens.count / ctx
+        let tf = lm.transformer
+        cache = tf.makeCache(capacity: ctx, type: kvType)
+        if sliced {
+            slices = tf.prefillSlices(ctx)
+        } else {
+            slices = stride(from: 0, to: ctx, by: tf.maxBatch).map { $0..<min(ctx, $0 + tf.maxBatch) }
         }
-        return PerplexityResult(
-            perplexity: exp(nll / Double(count)), tokens: tokens.count, windows: windows, scored_tokens: count, ctx: ctx)
+    }
+
+    public var isDone: Bool { window == windows }
+    /// Windows finished, and the perplexity over them.
+    public var progress: (windows: Int, perplexity: Double) { (window, count > 0 ? exp(nll / Double(count)) : 0) }
+
+    /// Runs one slice; true when every window is scored.
+    @discardableResult
+    public func step(_ ws: Workspace) -> Bool {
+        guard window < windows else { return true }
+        let tf = lm.transformer, vocab = lm.config.vocabSize
+        var ids = Array(tokens[(window * ctx)..<((window + 1) * ctx)])
+        if lm.tokenizer.addBOS, let bos = lm.tokenizer.bos { ids[0] = bos }
+        if slice == 0 { cache.truncate(to: 0) }
+        let r = slices[slice]
+        let first = ctx / 2
+        if r.upperBound - 1 < first {
+            _ = tf.forward(ids[r], cache: cache, workspace: ws, logits: .none)
+        } else {
+            let from = max(0, first - r.lowerBound)
+            let pass = tf.forward(ids[r], cache: cache, workspace: ws, logits: .from(from))
+            // Row i of the logits is position r.lowerBound + from + i.
+            let p0 = r.lowerBound + from
+            for pos in p0..<min(r.upperBound, ctx - 1) {
+                pass.logits.withRow(pos - p0) { row in
+                    nll -= Double(row[Int(ids[pos + 1])]) - Ops.logSumExp(row.baseAddress!, n: vocab)
+                }
+                count += 1
+            }
+        }
+        slice += 1
+        if slice == slices.count {
+            slice = 0
+            window += 1
+        }
+        return window == windows
+    }
+
+    public var result: PerplexityResult {
+        PerplexityResult(perplexity: progress.perplexity, tokens: tokens.count, windows: windows, scored_tokens: count, ctx: ctx)
+    }
+}
+
+extension LanguageModel {
+    /// Perplexity over `text` with windows of `ctx` tokens, run alone; `progress(windows done,
+    /// total, perplexity so far)` after every window.
+    public func perplexity(
+        text: String, ctx: Int, kvType: KVType = .f32, progress: (Int, Int, Double) -> Void = { _, _, _ in }
+    ) throws(EngineError) -> PerplexityResult {
+        let task = try PerplexityTask(model: self, text: text, ctx: ctx, kvType: kvType)
+        let ws = transformer.makeWorkspace()
+        var reported = 0
+        while !task.isDone {
+            task.step(ws)
+            let p = task.progress
+            if p.windows != reported {
+                reported = p.windows
+                progress(p.windows, task.windows, p.perplexity)
+            }
+        }
+        return task.result
     }
 }

@@ -1,24 +1,39 @@
 import CBLAS
+import CVistKernels
 import Foundation
 import VistKernels
 
-/// Keys and values of every layer for positions 0..<count, preallocated for `capacity` positions.
+/// The element type of a KV cache: f32, or IEEE half (half the memory and the bytes attention
+/// reads per step; attention still accumulates in f32).
+public enum KVType: String, Sendable, CaseIterable, Codable {
+    case f32
+    case f16
+
+    /// Bytes per element.
+    public var bytes: Int { self == .f32 ? 4 : 2 }
+}
+
+/// Keys and values of every layer for positions 0..<count, preallocated for `capacity`
+/// positions, in f32 or f16 (`type`). A request's own state: the engine's forward passes write it
+/// and read it, and nothing else does.
 public final class KVCache: @unchecked Sendable {
     public let layers: Int
     public let kvDim: Int
+    public let type: KVType
     public private(set) var capacity: Int
-    private(set) var keys: UnsafeMutablePointer<Float>  // (layers, capacity, kvDim)
-    private(set) var values: UnsafeMutablePointer<Float>  // (layers, capacity, kvDim)
+    private var keys: UnsafeMutableRawPointer  // (layers, capacity, kvDim) of `type`
+    private var values: UnsafeMutableRawPointer  // (layers, capacity, kvDim) of `type`
     /// Number of positions filled.
     public internal(set) var count = 0
 
-    public init(config: ModelConfig, capacity: Int) {
+    public init(config: ModelConfig, capacity: Int, type: KVType = .f32) {
         layers = config.layers
         kvDim = config.kvDim
+        self.type = type
         self.capacity = max(1, capacity)
-        let n = layers * self.capacity * kvDim
-        keys = .allocate(capacity: n)
-        values = .allocate(capacity: n)
+        let n = layers * self.capacity * kvDim * type.bytes
+        keys = .allocate(byteCount: n, alignment: 64)
+        values = .allocate(byteCount: n, alignment: 64)
     }
 
     deinit {
@@ -26,17 +41,20 @@ public final class KVCache: @unchecked Sendable {
         values.deallocate()
     }
 
+    /// Bytes of one position of one layer (keys or values).
+    public var rowBytes: Int { kvDim * type.bytes }
+
     /// Grows the cache to hold `n` positions (keeping what it holds); nothing happens when it
     /// already does. Generation plans its capacity up front and grows only when a chunk swap
     /// turns out to need more blocks than planned.
     public func reserve(_ n: Int) {
         guard n > capacity else { return }
-        let total = layers * n * kvDim
-        let k = UnsafeMutablePointer<Float>.allocate(capacity: total)
-        let v = UnsafeMutablePointer<Float>.allocate(capacity: total)
+        let total = layers * n * rowBytes
+        let k = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: 64)
+        let v = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: 64)
         for l in 0..<layers {
-            (k + l * n * kvDim).update(from: keys(layer: l), count: count * kvDim)
-            (v + l * n * kvDim).update(from: values(layer: l), count: count * kvDim)
+            (k + l * n * rowBytes).copyMemory(from: keys(layer: l), byteCount: count * rowBytes)
+            (v + l * n * rowBytes).copyMemory(from: values(layer: l), byteCount: count * rowBytes)
         }
         keys.deallocate()
         values.deallocate()
@@ -45,46 +63,62 @@ public final class KVCache: @unchecked Sendable {
         capacity = n
     }
 
-    func keys(layer: Int) -> UnsafeMutablePointer<Float> { keys + layer * capacity * kvDim }
-    func values(layer: Int) -> UnsafeMutablePointer<Float> { values + layer * capacity * kvDim }
+    func keys(layer: Int) -> UnsafeMutableRawPointer { keys + layer * capacity * rowBytes }
+    func values(layer: Int) -> UnsafeMutableRawPointer { values + layer * capacity * rowBytes }
+
+    /// Writes the key and value rows of position `pos` of `layer` (converting to f16 if need be).
+    func store(layer: Int, pos: Int, key: UnsafePointer<Float>, value: UnsafePointer<Float>) {
+        let kd = keys(layer: layer) + pos * rowBytes, vd = values(layer: layer) + pos * rowBytes
+        switch type {
+        case .f32:
+            kd.assumingMemoryBound(to: Float.self).update(from: key, count: kvDim)
+            vd.assumingMemoryBound(to: Float.self).update(from: value, count: kvDim)
+        case .f16:
+            vk_f32_to_f16(key, kd.assumingMemoryBound(to: UInt16.self), Int64(kvDim))
+            vk_f32_to_f16(value, vd.assumingMemoryBound(to: UInt16.self), Int64(kvDim))
+        }
+    }
 
     /// Forgets positions from `n` on (the next forward pass writes position n).
     public func truncate(to n: Int) { count = min(count, max(0, n)) }
 
-    /// Bytes the filled entries take (f32 keys and values).
-    public var bytesUsed: Int { 2 * layers * count * kvDim * 4 }
+    /// Bytes the filled entries take.
+    public var bytesUsed: Int { 2 * layers * count * rowBytes }
 
-    /// Floats `rows(from:count:)` returns for `n` positions.
-    public func rowFloats(_ n: Int) -> Int { 2 * layers * n * kvDim }
+    /// Bytes `rows(from:count:)` returns for `n` positions.
+    public func payloadBytes(_ n: Int) -> Int { 2 * layers * n * rowBytes }
 
-    /// Keys and values of positions start..<start+n of every layer, as one array: per layer, the
-    /// n key rows, then the n value rows (the persistent prefix cache's payload).
-    public func rows(from start: Int, count n: Int) -> [Float] {
-        precondition(start >= 0 && start + n <= count)
-        var out = [Float](repeating: 0, count: rowFloats(n))
-        out.withUnsafeMutableBufferPointer { o in
+    /// Keys and values of positions start..<start+n of every layer, as bytes in the cache's
+    /// element type: per layer, the n key rows, then the n value rows (the persistent prefix
+    /// cache's payload). Empty when the range is not filled.
+    public func rows(from start: Int, count n: Int) -> [UInt8] {
+        guard start >= 0, n >= 0, start + n <= count else { return [] }
+        var out = [UInt8](repeating: 0, count: payloadBytes(n))
+        let bytes = n * rowBytes
+        out.withUnsafeMutableBytes { o in
             var off = 0
             for l in 0..<layers {
-                o.baseAddress!.advanced(by: off).update(from: keys(layer: l) + start * kvDim, count: n * kvDim)
-                off += n * kvDim
-                o.baseAddress!.advanced(by: off).update(from: values(layer: l) + start * kvDim, count: n * kvDim)
-                off += n * kvDim
+                (o.baseAddress! + off).copyMemory(from: keys(layer: l) + start * rowBytes, byteCount: bytes)
+                off += bytes
+                (o.baseAddress! + off).copyMemory(from: values(layer: l) + start * rowBytes, byteCount: bytes)
+                off += bytes
             }
         }
         return out
     }
 
     /// Appends positions laid out as `rows` returns them; false (and nothing changed) if the
-    /// array does not hold whole positions of this cache's shape or they do not fit.
-    public func append(rows data: [Float], count n: Int) -> Bool {
-        guard n > 0, data.count == rowFloats(n), count + n <= capacity else { return false }
-        data.withUnsafeBufferPointer { d in
+    /// bytes are not whole positions of this cache's shape and type or they do not fit.
+    public func append(rows data: [UInt8], count n: Int) -> Bool {
+        guard n > 0, data.count == payloadBytes(n), count + n <= capacity else { return false }
+        let bytes = n * rowBytes
+        data.withUnsafeBytes { d in
             var off = 0
             for l in 0..<layers {
-                (keys(layer: l) + count * kvDim).update(from: d.baseAddress! + off, count: n * kvDim)
-                off += n * kvDim
-                (values(layer: l) + count * kvDim).update(from: d.baseAddress! + off, count: n * kvDim)
-                off += n * kvDim
+                (keys(layer: l) + count * rowBytes).copyMemory(from: d.baseAddress! + off, byteCount: bytes)
+                off += bytes
+                (values(layer: l) + count * rowBytes).copyMemory(from: d.baseAddress! + off, byteCount: bytes)
+                off += bytes
             }
         }
         count += n
@@ -101,31 +135,13 @@ public enum LogitRows: Sendable {
     case from(Int)
 }
 
-/// The decoder forward pass (Llama / Qwen3), after llama2.c's `forward()`: one function that reads
-/// top to bottom, all activation buffers allocated once, shapes in comments. A batch of T tokens
-/// at positions pos0..<pos0+T goes through every layer together, so weight matrices are read
-/// once per batch (sgemm for T > 8, quantized matrix-vector kernels for small T).
-public final class Transformer: @unchecked Sendable {
-    public let weights: TransformerWeights
-    public let config: ModelConfig
-    public let pool: ThreadPool
-    public let maxBatch: Int
-    /// Tokens per sub-batch of a forward pass given a `step` (the daemon's): the most that stays
-    /// within about 16 GFLOP of layer work (~100 ms on two cores for SmolLM2-135M, 64 tokens),
-    /// a multiple of 16 in 16...maxBatch. Fixed per model, so the same request always runs in the
-    /// same batches and gives the same numbers.
-    public var stepBatch: Int
-    static let stepFLOPs = 16e9
-    let rope: RopeTable
-    let scratch = MatmulScratch()
-    /// The backbone adapter, if the model has one (`attach`), and its scratch for maxBatch rows.
-    public private(set) var adapter: LoRAAdapter?
-    var loraScratch: UnsafeMutablePointer<Float>?
-    /// The adapted projections by shared input, writing into this transformer's buffers:
-    /// q, k, v (from xn); o (from att); gate, up (from xn); down (from gate).
-    var loraGroups: [[LoRAAdapter.Slot]] = []
-
-    // Run state, sized for maxBatch rows.
+/// The activation buffers of forward passes of up to `rows` rows at a time, and their scratch.
+/// Whoever runs passes owns one (the daemon's engine thread, a CLI command) and hands it to each
+/// pass; nothing in it outlives a pass except the logits it returned, which stay valid until the
+/// next pass with this workspace.
+public final class Workspace: @unchecked Sendable {
+    public let rows: Int
+    let config: ModelConfig
     let x: UnsafeMutablePointer<Float>  // (B, dim) residual stream
     let xn: UnsafeMutablePointer<Float>  // (B, dim) normalised input of a sub-layer
     let q: UnsafeMutablePointer<Float>  // (B, qDim)
@@ -135,11 +151,121 @@ public final class Transformer: @unchecked Sendable {
     let proj: UnsafeMutablePointer<Float>  // (B, dim) output of wo / down
     let gate: UnsafeMutablePointer<Float>  // (B, ffn)
     let up: UnsafeMutablePointer<Float>  // (B, ffn)
-    var scores: UnsafeMutablePointer<Float>  // (B, S) one head's attention weights, or (threads, S) in decode
-    var scoresCapacity: Int
-    /// Logits of the last forward pass: (1, vocab) for `.last`, (T, vocab) for `.all`.
-    public private(set) var logits: UnsafeMutablePointer<Float>
-    var logitsCapacity: Int
+    private(set) var scores = Buffer()  // attention weights, per thread
+    private(set) var headKV = Buffer()  // an f16 cache's keys and values of one head as f32, per thread
+    private(set) var logits = Buffer()  // (rows with logits, vocab)
+    private(set) var lora = Buffer()  // the adapter's scratch
+    let matmul = MatmulScratch()
+
+    /// A growable float buffer.
+    struct Buffer {
+        var base = UnsafeMutablePointer<Float>.allocate(capacity: 1)
+        var capacity = 1
+
+        mutating func reserve(_ n: Int) {
+            guard n > capacity else { return }
+            base.deallocate()
+            base = .allocate(capacity: n)
+            capacity = n
+        }
+    }
+
+    public init(config: ModelConfig, rows: Int) {
+        self.config = config
+        self.rows = max(1, rows)
+        let b = self.rows, c = config
+        x = .allocate(capacity: b * c.dim)
+        xn = .allocate(capacity: b * c.dim)
+        q = .allocate(capacity: b * c.qDim)
+        k = .allocate(capacity: b * c.kvDim)
+        v = .allocate(capacity: b * c.kvDim)
+        att = .allocate(capacity: b * c.qDim)
+        proj = .allocate(capacity: b * c.dim)
+        gate = .allocate(capacity: b * c.ffnDim)
+        up = .allocate(capacity: b * c.ffnDim)
+    }
+
+    deinit {
+        for p in [x, xn, q, k, v, att, proj, gate, up, scores.base, headKV.base, logits.base, lora.base] { p.deallocate() }
+    }
+
+    func reserveScores(_ n: Int) -> UnsafeMutablePointer<Float> {
+        scores.reserve(n)
+        return scores.base
+    }
+
+    func reserveHeadKV(_ n: Int) -> UnsafeMutablePointer<Float> {
+        headKV.reserve(n)
+        return headKV.base
+    }
+
+    func reserveLogits(_ n: Int) -> UnsafeMutablePointer<Float> {
+        logits.reserve(n)
+        return logits.base
+    }
+
+    func reserveLoRA(_ n: Int) -> UnsafeMutablePointer<Float> {
+        lora.reserve(n)
+        return lora.base
+    }
+}
+
+/// Logits of a forward pass: `rows` rows of `vocab` floats in the workspace that ran it (which it
+/// keeps alive), valid until that workspace runs its next pass (copy a row to keep it).
+public struct Logits: @unchecked Sendable {
+    public let rows: Int
+    public let vocab: Int
+    let base: UnsafePointer<Float>?
+    let owner: Workspace?
+
+    static let none = Logits(rows: 0, vocab: 0, base: nil, owner: nil)
+
+    /// `body` with row i (0..<rows; an empty buffer when there is no such row), read in place.
+    public func withRow<R>(_ i: Int, _ body: (UnsafeBufferPointer<Float>) throws -> R) rethrows -> R {
+        try withExtendedLifetime(owner) {
+            guard let base, i >= 0, i < rows else { return try body(UnsafeBufferPointer(start: nil, count: 0)) }
+            return try body(UnsafeBufferPointer(start: base + i * vocab, count: vocab))
+        }
+    }
+
+    /// A copy of row i.
+    public func row(_ i: Int) -> [Float] { withRow(i) { Array($0) } }
+
+    /// A copy of the last row, the one that predicts the next token.
+    public var last: [Float] { row(rows - 1) }
+}
+
+/// What a forward pass returns: its logits and the FLOPs it did (multiply-add = 2), counted
+/// analytically (the weight products, attention over the visible keys, the adapter, and the
+/// output projection for rows with logits), so each request adds up its own work.
+public struct Pass {
+    public let logits: Logits
+    public let flops: Int
+}
+
+/// The decoder forward pass (Llama / Qwen3), after llama2.c's `forward()`: one function that reads
+/// top to bottom, shapes in comments. A batch of T tokens at positions pos0..<pos0+T goes through
+/// every layer together, so weight matrices are read once per batch (sgemm for T > 8, quantized
+/// matrix-vector kernels for small T); `decode` runs one token of each of several requests the
+/// same way, each row attending to its own cache.
+///
+/// The transformer holds the weights, the adapter and the thread pool only. The state of a
+/// request (its KV cache, logits, FLOPs) is its own and passed in; activations live in a
+/// `Workspace` the caller owns. Passes may run from one thread at a time (the pool is shared).
+public final class Transformer: @unchecked Sendable {
+    public let weights: TransformerWeights
+    public let config: ModelConfig
+    public let pool: ThreadPool
+    public let maxBatch: Int
+    /// Tokens per prefill slice when a caller works in steps (`prefillSlices`): the most that
+    /// stays within about 16 GFLOP of layer work (~100 ms on two cores for SmolLM2-135M, 64
+    /// tokens), a multiple of 16 in 16...maxBatch. Fixed per model, so the same request always
+    /// runs in the same batches and gives the same numbers.
+    public var stepBatch: Int
+    static let stepFLOPs = 16e9
+    let rope: RopeTable
+    /// The backbone adapter, if the model has one (`attach`).
+    public private(set) var adapter: LoRAAdapter?
 
     public init(weights: TransformerWeights, threads: Int, maxBatch: Int = 512) {
         self.weights = weights
@@ -151,39 +277,15 @@ public final class Transformer: @unchecked Sendable {
         let perToken = max(1, 2 * Double(config.layers) * (2 * d * qd + 2 * d * kvd + 3 * d * ffn))
         stepBatch = min(self.maxBatch, max(16, Int(min(1e6, Self.stepFLOPs / perToken)) / 16 * 16))
         rope = RopeTable(dims: config.headDim, base: config.ropeBase, style: config.ropeStyle)
-        let b = self.maxBatch, c = config
-        x = .allocate(capacity: b * c.dim)
-        xn = .allocate(capacity: b * c.dim)
-        q = .allocate(capacity: b * c.qDim)
-        k = .allocate(capacity: b * c.kvDim)
-        v = .allocate(capacity: b * c.kvDim)
-        att = .allocate(capacity: b * c.qDim)
-        proj = .allocate(capacity: b * c.dim)
-        gate = .allocate(capacity: b * c.ffnDim)
-        up = .allocate(capacity: b * c.ffnDim)
-        scoresCapacity = 0
-        scores = .allocate(capacity: 1)
-        logitsCapacity = c.vocabSize
-        logits = .allocate(capacity: c.vocabSize)
-    }
-
-    deinit {
-        for p in [x, xn, q, k, v, att, proj, gate, up, scores, logits] { p.deallocate() }
-        loraScratch?.deallocate()
     }
 
     /// Applies `adapter` from now on: to visual-block rows (`forward(embeddings:)`) with scope
     /// `visual`, to every row with scope `all`. Its shapes were checked against this model's
-    /// config when it was loaded.
-    public func attach(_ adapter: LoRAAdapter) {
-        loraScratch?.deallocate()
-        loraScratch = .allocate(capacity: adapter.scratchFloats(maxBatch))
-        loraGroups = [
-            [.init(target: .q, y: q), .init(target: .k, y: k), .init(target: .v, y: v)], [.init(target: .o, y: proj)],
-            [.init(target: .gate, y: gate), .init(target: .up, y: up)], [.init(target: .down, y: proj)],
-        ]
-        self.adapter = adapter
-    }
+    /// config when it was loaded. Call before any pass runs.
+    public func attach(_ adapter: LoRAAdapter) { self.adapter = adapter }
+
+    /// A workspace for passes of up to `maxBatch` rows.
+    public func makeWorkspace() -> Workspace { Workspace(config: config, rows: maxBatch) }
 
     /// The input embedding of a token (a row of the token embedding matrix, dequantized).
     public func embedding(of token: Int32) -> [Float] {
@@ -195,69 +297,94 @@ public final class Transformer: @unchecked Sendable {
         return out
     }
 
-    public func makeCache(capacity: Int) -> KVCache {
-        KVCache(config: config, capacity: min(capacity, config.contextLength))
+    public func makeCache(capacity: Int, type: KVType = .f32) -> KVCache {
+        KVCache(config: config, capacity: min(capacity, config.contextLength), type: type)
+    }
+
+    /// How a prefill of `n` tokens is cut when the caller works in steps: slices of `stepBatch`
+    /// tokens, except that a short tail (one that would take the matrix-vector path, with other
+    /// rounding than the rows before it) joins the slice before it when both fit one batch.
+    public func prefillSlices(_ n: Int) -> [Range<Int>] {
+        var out: [Range<Int>] = []
+        var start = 0
+        while start < n {
+            var end = min(n, start + stepBatch)
+            if n - end <= Matmul.gemmThreshold, n - start <= maxBatch { end = n }
+            out.append(start..<end)
+            start = end
+        }
+        return out
     }
 
     /// Runs `tokens` at positions cache.count ..< cache.count + tokens.count, appending their keys
-    /// and values to the cache. With `.all`, logits of every token are in `logits` (T, vocab)
-    /// when T <= maxBatch; with more tokens only the last sub-batch's rows are kept.
-    ///
-    /// With `step` (and `.none` or `.last`), the tokens go in sub-batches of `stepBatch` and
-    /// `step` is called between them — never after the last, so the logits are this request's
-    /// when it returns. The daemon yields to other clients and checks for cancellation there; when
-    /// `step` returns false the pass stops and returns false (the cache then holds the tokens run
-    /// so far).
-    @discardableResult
-    public func forward(_ tokens: [Int32], cache: KVCache, logits rows: LogitRows, step: (() -> Bool)? = nil) -> Bool {
+    /// and values to the cache, in batches of up to `maxBatch` tokens. Logits come from the last
+    /// batch (`.all` and `.from` then need tokens.count <= maxBatch for every row to be there).
+    public func forward<C: RandomAccessCollection<Int32>>(
+        _ tokens: C, cache: KVCache, workspace ws: Workspace, logits rows: LogitRows
+    ) -> Pass where C.Index == Int {
         precondition(cache.count + tokens.count <= cache.capacity, "KV cache overflow")
-        if case .from = rows { precondition(tokens.count <= maxBatch, "logits from a row need one batch") }
-        let batch: Int
-        switch rows {
-        case .none, .last: batch = step == nil ? maxBatch : stepBatch
-        case .all, .from: batch = maxBatch
-        }
-        var start = 0
-        while start < tokens.count {
-            if start > 0, let step, !step() { return false }
-            var end = min(tokens.count, start + batch)
-            // A short tail would take the matrix-vector path (other rounding than the rows
-            // before it); with a step it joins this sub-batch instead.
-            if step != nil, tokens.count - end <= Matmul.gemmThreshold, tokens.count - start <= maxBatch { end = tokens.count }
-            let last = end == tokens.count
-            tokens.withUnsafeBufferPointer { buf in
+        let ids = Array(tokens)
+        var start = 0, flops = 0
+        var logits = Logits.none
+        while start < ids.count {
+            let end = min(ids.count, start + min(maxBatch, ws.rows))
+            let pass = ids.withUnsafeBufferPointer { buf in
                 forwardBatch(
-                    .tokens(UnsafeBufferPointer(rebasing: buf[start..<end])), cache: cache, rows: last ? rows : .none, causal: true,
-                    adapted: adapter?.scope == .all)
+                    .tokens(UnsafeBufferPointer(rebasing: buf[start..<end])), placement: .sequence(cache, causal: true),
+                    rows: end == ids.count ? rows : .none, adapted: adapter?.scope == .all, ws: ws)
             }
+            flops += pass.flops
+            logits = pass.logits
             start = end
         }
-        return true
+        return Pass(logits: logits, flops: flops)
     }
 
     /// Runs rows given as input embeddings (T, dim) — VIST2's visual tokens — at positions
     /// cache.count ..< cache.count + T. With `causal: false` the rows attend to each other in both
     /// directions (a visual block), and to everything already in the cache; T <= maxBatch then.
-    public func forward(embeddings: [Float], cache: KVCache, causal: Bool, logits rows: LogitRows) {
+    public func forward(embeddings: [Float], cache: KVCache, workspace ws: Workspace, causal: Bool, logits rows: LogitRows) -> Pass {
         let T = embeddings.count / config.dim
+        let batch = min(maxBatch, ws.rows)
         precondition(T * config.dim == embeddings.count, "embeddings must be whole rows")
         precondition(cache.count + T <= cache.capacity, "KV cache overflow")
-        precondition(causal || T <= maxBatch, "a bidirectional block must fit one batch")
-        var start = 0
+        precondition(causal || T <= batch, "a bidirectional block must fit one batch")
+        var start = 0, flops = 0
+        var logits = Logits.none
         while start < T {
-            let end = min(T, start + maxBatch)
-            embeddings.withUnsafeBufferPointer { buf in
+            let end = min(T, start + batch)
+            let pass = embeddings.withUnsafeBufferPointer { buf in
                 forwardBatch(
-                    .embeddings(buf.baseAddress! + start * config.dim, end - start), cache: cache, rows: end == T ? rows : .none,
-                    causal: causal, adapted: adapter != nil)
+                    .embeddings(buf.baseAddress! + start * config.dim, end - start), placement: .sequence(cache, causal: causal),
+                    rows: end == T ? rows : .none, adapted: adapter != nil, ws: ws)
             }
+            flops += pass.flops
+            logits = pass.logits
             start = end
         }
+        return Pass(logits: logits, flops: flops)
     }
 
-    /// FLOPs of the forward passes so far (multiply-add = 2), counted analytically: the weight
-    /// products, attention over the visible keys, and the output projection for rows with logits.
-    public var flops = 0
+    /// One decoding step of several requests at once: `tokens[i]` goes to position
+    /// caches[i].count of caches[i] (distinct caches, each with room for one more position) and
+    /// attends to that cache alone. Weights are read once for all rows; row i's logits and
+    /// numbers are exactly those of running its token alone. Returns every row's logits and each
+    /// row's FLOPs.
+    public func decode(_ tokens: [Int32], caches: [KVCache], workspace ws: Workspace) -> (logits: Logits, flops: [Int]) {
+        precondition(tokens.count == caches.count && tokens.count <= ws.rows, "one token per cache, within the workspace's rows")
+        precondition(caches.allSatisfy { $0.count < $0.capacity }, "KV cache overflow")
+        precondition(Set(caches.map(ObjectIdentifier.init)).count == caches.count, "a cache may appear once per step")
+        guard !tokens.isEmpty else { return (.none, []) }
+        let before = caches.map(\.count)
+        let pass = tokens.withUnsafeBufferPointer { buf in
+            forwardBatch(.tokens(buf), placement: .decode(caches), rows: .all, adapted: adapter?.scope == .all, ws: ws)
+        }
+        // The weight and output products are the same for every row; attention differs by the
+        // keys each row sees.
+        let attention = before.map { 4 * ($0 + 1) * config.qDim * config.layers }
+        let shared = (pass.flops - attention.reduce(0, +)) / tokens.count
+        return (pass.logits, attention.map { shared + $0 })
+    }
 
     enum Input {
         case tokens(UnsafeBufferPointer<Int32>)
@@ -271,29 +398,56 @@ public final class Transformer: @unchecked Sendable {
         }
     }
 
-    private func reserveScores(_ n: Int) {
-        if n > scoresCapacity {
-            scores.deallocate()
-            scores = .allocate(capacity: n)
-            scoresCapacity = n
-        }
+    /// Where the rows of a batch go: consecutive positions of one cache (row t at cache.count + t,
+    /// attending causally or, for a visual block, in both directions), or one row per cache at
+    /// its next position (a decoding step of several requests).
+    enum Placement {
+        case sequence(KVCache, causal: Bool)
+        case decode([KVCache])
     }
 
     /// One batch through every layer; with `adapted`, the adapter's low-rank terms are added to
     /// the projections it names, right after each product (before Qwen3's norms and RoPE).
-    private func forwardBatch(_ input: Input, cache: KVCache, rows: LogitRows, causal: Bool, adapted: Bool) {
+    private func forwardBatch(_ input: Input, placement: Placement, rows: LogitRows, adapted: Bool, ws: Workspace) -> Pass {
         let c = config, w = weights
-        let lora = adapted ? adapter : nil
-        func adapt(_ l: Int, _ group: Int, _ x: UnsafeMutablePointer<Float>, _ n: Int) {
-            guard let lora, let u = loraScratch else { return }
-            flops += lora.apply(l, loraGroups[group], x: x, n: n, scratch: u, pool: pool, matmul: scratch)
-        }
-        let T = input.count, pos0 = cache.count, S = pos0 + T
+        let T = input.count
+        precondition(T <= ws.rows, "batch larger than the workspace")
         let dim = c.dim, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
         let group = c.heads / c.kvHeads
         let scale = 1 / Float(hd).squareRoot()
-        rope.reserve(S)
-        reserveScores(pool.size * (T > 1 ? min(T, Self.queryBlock) * S : S))
+        // Row t's cache and position.
+        let caches: [KVCache], positions: [Int]
+        var flops = 0
+        let matrixParams = 2 * c.qDim * dim + 2 * c.kvDim * dim + 3 * dim * c.ffnDim
+        switch placement {
+        case .sequence(let cache, let causal):
+            caches = [cache]
+            positions = (0..<T).map { cache.count + $0 }
+            let pos0 = cache.count
+            flops += c.layers * 4 * (causal ? T * pos0 + T * (T + 1) / 2 : T * (pos0 + T)) * c.qDim
+        case .decode(let cs):
+            caches = cs
+            positions = cs.map(\.count)
+            flops += c.layers * 4 * positions.reduce(0) { $0 + $1 + 1 } * c.qDim
+        }
+        flops += c.layers * 2 * T * matrixParams
+        func cache(_ t: Int) -> KVCache { caches.count == 1 ? caches[0] : caches[t] }
+        let maxS = (positions.max() ?? 0) + 1
+        rope.reserve(maxS + T)
+
+        let lora = adapted ? adapter : nil
+        let loraScratch = lora.map { ws.reserveLoRA($0.scratchFloats(ws.rows)) }
+        let loraGroups: [[LoRAAdapter.Slot]] =
+            lora == nil
+            ? []
+            : [
+                [.init(target: .q, y: ws.q), .init(target: .k, y: ws.k), .init(target: .v, y: ws.v)], [.init(target: .o, y: ws.proj)],
+                [.init(target: .gate, y: ws.gate), .init(target: .up, y: ws.up)], [.init(target: .down, y: ws.proj)],
+            ]
+        func adapt(_ l: Int, _ group: Int, _ x: UnsafeMutablePointer<Float>) {
+            guard let lora, let u = loraScratch else { return }
+            flops += lora.apply(l, loraGroups[group], x: x, n: T, scratch: u, pool: pool, matmul: ws.matmul)
+        }
 
         // Input rows: token embeddings x[t] = E[token t], or given embeddings.
         switch input {
@@ -301,124 +455,147 @@ public final class Transformer: @unchecked Sendable {
             for t in 0..<T {
                 let id = Int(tokens[t])
                 precondition(id >= 0 && id < c.vocabSize, "token id out of range")
-                dequantize(w.tokenEmbedding.type, w.tokenEmbedding.row(id), x + t * dim, count: dim)
+                dequantize(w.tokenEmbedding.type, w.tokenEmbedding.row(id), ws.x + t * dim, count: dim)
             }
         case .embeddings(let e, _):
-            x.update(from: e, count: T * dim)
+            ws.x.update(from: e, count: T * dim)
         }
-        let matrixParams = 2 * c.qDim * dim + 2 * c.kvDim * dim + 3 * dim * c.ffnDim
-        let visibleKeys = causal ? T * pos0 + T * (T + 1) / 2 : T * S
-        flops += c.layers * (2 * T * matrixParams + 4 * visibleKeys * c.qDim)
 
         for (l, L) in w.layers.enumerated() {
             // Attention sub-layer: xn = RMSNorm(x) * attn_norm.
             rowsParallel(T) { t in
                 L.attnNorm.withUnsafeBufferPointer {
-                    Ops.rmsNorm(self.x + t * dim, weight: $0.baseAddress!, out: self.xn + t * dim, n: dim, eps: c.normEps)
+                    Ops.rmsNorm(ws.x + t * dim, weight: $0.baseAddress!, out: ws.xn + t * dim, n: dim, eps: c.normEps)
                 }
             }
             // q = xn Wq^T (T, qDim); k, v = xn Wk^T, xn Wv^T (T, kvDim).
-            Matmul.forward(L.wq, x: xn, y: q, n: T, pool: pool, scratch: scratch)
-            Matmul.forward(L.wk, x: xn, y: k, n: T, pool: pool, scratch: scratch)
-            Matmul.forward(L.wv, x: xn, y: v, n: T, pool: pool, scratch: scratch)
-            adapt(l, 0, xn, T)  // q, k, v
-            let kc = cache.keys(layer: l), vc = cache.values(layer: l)
+            Matmul.forward(L.wq, x: ws.xn, y: ws.q, n: T, pool: pool, scratch: ws.matmul)
+            Matmul.forward(L.wk, x: ws.xn, y: ws.k, n: T, pool: pool, scratch: ws.matmul)
+            Matmul.forward(L.wv, x: ws.xn, y: ws.v, n: T, pool: pool, scratch: ws.matmul)
+            adapt(l, 0, ws.xn)  // q, k, v
             rowsParallel(T) { t in
                 // Qwen3: RMSNorm over each query and key head before RoPE.
                 if let qn = L.qNorm, let kn = L.kNorm {
                     qn.withUnsafeBufferPointer { wp in
                         for h in 0..<c.heads {
-                            let p = self.q + t * qDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps)
+                            let p = ws.q + t * qDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps)
                         }
                     }
                     kn.withUnsafeBufferPointer { wp in
                         for h in 0..<c.kvHeads {
-                            let p = self.k + t * kvDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps)
+                            let p = ws.k + t * kvDim + h * hd; Ops.rmsNorm(p, weight: wp.baseAddress!, out: p, n: hd, eps: c.normEps)
                         }
                     }
                 }
-                // RoPE at position pos0 + t, then append k and v to the cache.
-                for h in 0..<c.heads { self.rope.apply(self.q + t * qDim + h * hd, pos: pos0 + t) }
-                for h in 0..<c.kvHeads { self.rope.apply(self.k + t * kvDim + h * hd, pos: pos0 + t) }
-                (kc + (pos0 + t) * kvDim).update(from: self.k + t * kvDim, count: kvDim)
-                (vc + (pos0 + t) * kvDim).update(from: self.v + t * kvDim, count: kvDim)
+                // RoPE at the row's position, then append k and v to its cache.
+                let pos = positions[t]
+                for h in 0..<c.heads { self.rope.apply(ws.q + t * qDim + h * hd, pos: pos) }
+                for h in 0..<c.kvHeads { self.rope.apply(ws.k + t * kvDim + h * hd, pos: pos) }
+                cache(t).store(layer: l, pos: pos, key: ws.k + t * kvDim, value: ws.v + t * kvDim)
             }
             // att = softmax(q K^T / sqrt(hd), causal) V, per head; query head h reads kv head h / group.
-            if T == 1 {
-                attendOne(kc: kc, vc: vc, S: S, scale: scale, group: group)
-            } else {
-                attendBatch(kc: kc, vc: vc, T: T, pos0: pos0, scale: scale, group: group, causal: causal)
+            switch placement {
+            case .sequence(let kv, let causal) where T > 1:
+                attendBatch(kv, layer: l, T: T, pos0: positions[0], scale: scale, group: group, causal: causal, ws: ws)
+            default:
+                attendRows(caches: (0..<T).map(cache), layer: l, positions: positions, scale: scale, group: group, ws: ws)
             }
             // x += att Wo^T
-            Matmul.forward(L.wo, x: att, y: proj, n: T, pool: pool, scratch: scratch)
-            adapt(l, 1, att, T)  // o
-            rowsParallel(T) { t in Ops.add(self.x + t * dim, self.proj + t * dim, n: dim) }
+            Matmul.forward(L.wo, x: ws.att, y: ws.proj, n: T, pool: pool, scratch: ws.matmul)
+            adapt(l, 1, ws.att)  // o
+            rowsParallel(T) { t in Ops.add(ws.x + t * dim, ws.proj + t * dim, n: dim) }
 
             // Feed-forward sub-layer: x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T, xn = RMSNorm(x) * ffn_norm.
             rowsParallel(T) { t in
                 L.ffnNorm.withUnsafeBufferPointer {
-                    Ops.rmsNorm(self.x + t * dim, weight: $0.baseAddress!, out: self.xn + t * dim, n: dim, eps: c.normEps)
+                    Ops.rmsNorm(ws.x + t * dim, weight: $0.baseAddress!, out: ws.xn + t * dim, n: dim, eps: c.normEps)
                 }
             }
-            Matmul.forward(L.gate, x: xn, y: gate, n: T, pool: pool, scratch: scratch)
-            Matmul.forward(L.up, x: xn, y: up, n: T, pool: pool, scratch: scratch)
-            adapt(l, 2, xn, T)  // gate, up
-            rowsParallel(T) { t in Ops.swiglu(self.gate + t * c.ffnDim, up: self.up + t * c.ffnDim, n: c.ffnDim) }
-            Matmul.forward(L.down, x: gate, y: proj, n: T, pool: pool, scratch: scratch)
-            adapt(l, 3, gate, T)  // down
-            rowsParallel(T) { t in Ops.add(self.x + t * dim, self.proj + t * dim, n: dim) }
+            Matmul.forward(L.gate, x: ws.xn, y: ws.gate, n: T, pool: pool, scratch: ws.matmul)
+            Matmul.forward(L.up, x: ws.xn, y: ws.up, n: T, pool: pool, scratch: ws.matmul)
+            adapt(l, 2, ws.xn)  // gate, up
+            rowsParallel(T) { t in Ops.swiglu(ws.gate + t * c.ffnDim, up: ws.up + t * c.ffnDim, n: c.ffnDim) }
+            Matmul.forward(L.down, x: ws.gate, y: ws.proj, n: T, pool: pool, scratch: ws.matmul)
+            adapt(l, 3, ws.gate)  // down
+            rowsParallel(T) { t in Ops.add(ws.x + t * dim, ws.proj + t * dim, n: dim) }
         }
-        cache.count = S
+        switch placement {
+        case .sequence(let kv, _): kv.count += T
+        case .decode(let cs): for kv in cs { kv.count += 1 }
+        }
 
         // Final norm and logits for the requested rows.
         let first: Int
         switch rows {
-        case .none: return
+        case .none: return Pass(logits: .none, flops: flops)
         case .last: first = T - 1
         case .all: first = 0
         case .from(let i): first = min(max(0, i), T)
         }
-        guard first < T else { return }
+        guard first < T else { return Pass(logits: .none, flops: flops) }
         let n = T - first
-        if n * c.vocabSize > logitsCapacity {
-            logits.deallocate()
-            logits = .allocate(capacity: n * c.vocabSize)
-            logitsCapacity = n * c.vocabSize
-        }
+        let logits = ws.reserveLogits(n * c.vocabSize)
         rowsParallel(n) { i in
             w.outputNorm.withUnsafeBufferPointer {
-                Ops.rmsNorm(self.x + (first + i) * dim, weight: $0.baseAddress!, out: self.xn + i * dim, n: dim, eps: c.normEps)
+                Ops.rmsNorm(ws.x + (first + i) * dim, weight: $0.baseAddress!, out: ws.xn + i * dim, n: dim, eps: c.normEps)
             }
         }
-        Matmul.forward(w.output, x: xn, y: logits, n: n, pool: pool, scratch: scratch)
+        Matmul.forward(w.output, x: ws.xn, y: logits, n: n, pool: pool, scratch: ws.matmul)
         flops += 2 * n * c.vocabSize * dim
+        return Pass(logits: Logits(rows: n, vocab: c.vocabSize, base: logits, owner: ws), flops: flops)
     }
 
     /// Query rows per attention block: a block attends to keys up to its last row's position, so
     /// the causal mask skips most of the upper triangle instead of computing and zeroing it.
     static let queryBlock = 64
 
-    /// Causal attention of T queries at pos0..<pos0+T over the cache, (head, query block) work
-    /// items split over the pool's threads, each with single-threaded sgemm.
-    private func attendBatch(
-        kc: UnsafeMutablePointer<Float>, vc: UnsafeMutablePointer<Float>, T: Int, pos0: Int, scale: Float, group: Int, causal: Bool
+    /// Attention of T queries at pos0..<pos0+T over one cache (causal, or both ways inside the
+    /// batch), (head, query block) work items split over the pool's threads, each with
+    /// single-threaded sgemm. An f16 cache's keys and values of the head are widened to f32 per
+    /// item first (a small cost next to the two products).
+    func attendBatch(
+        _ cache: KVCache, layer l: Int, T: Int, pos0: Int, scale: Float, group: Int, causal: Bool, ws: Workspace
     ) {
         let c = config, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim
         let blocks = (T + Self.queryBlock - 1) / Self.queryBlock
         let items = c.heads * blocks
-        let stride = min(T, Self.queryBlock) * (pos0 + T)  // matches reserveScores in forwardBatch
+        let S = pos0 + T
+        let stride = min(T, Self.queryBlock) * S
+        let scores = ws.reserveScores(pool.size * stride)
+        let f16 = cache.type == .f16
+        let headKV = f16 ? ws.reserveHeadKV(pool.size * 2 * S * hd) : ws.reserveHeadKV(1)
+        let kBase = cache.keys(layer: l), vBase = cache.values(layer: l), rowBytes = cache.rowBytes
+        let (q, att) = (ws.q, ws.att)
         pool.parallel { ith, nth in
-            let s = self.scores + ith * stride
+            let s = scores + ith * stride
             // Interleave items so both threads get a mix of short (early) and long (late) blocks.
             var item = ith
+            var widened = -1  // the kv head whose keys and values are in this thread's headKV
             while item < items {
                 let h = item % c.heads, b = item / c.heads
                 let g = h / group
                 let t0 = b * Self.queryBlock, t1 = min(T, t0 + Self.queryBlock)
-                let rows = t1 - t0, keys = causal ? pos0 + t1 : pos0 + T
+                let rows = t1 - t0, keys = causal ? pos0 + t1 : S
+                let kp: UnsafePointer<Float>, vp: UnsafePointer<Float>, ld: Int
+                if f16 {
+                    let kw = headKV + ith * 2 * S * hd, vw = kw + S * hd
+                    if widened != g {
+                        // All S positions once per kv head (items of one thread run heads in turn).
+                        for p in 0..<S {
+                            vk_f16_to_f32((kBase + p * rowBytes).assumingMemoryBound(to: UInt16.self) + g * hd, kw + p * hd, Int64(hd))
+                            vk_f16_to_f32((vBase + p * rowBytes).assumingMemoryBound(to: UInt16.self) + g * hd, vw + p * hd, Int64(hd))
+                        }
+                        widened = g
+                    }
+                    (kp, vp, ld) = (UnsafePointer(kw), UnsafePointer(vw), hd)
+                } else {
+                    kp = UnsafePointer(kBase.assumingMemoryBound(to: Float.self) + g * hd)
+                    vp = UnsafePointer(vBase.assumingMemoryBound(to: Float.self) + g * hd)
+                    ld = kvDim
+                }
                 cblas_sgemm(
                     CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(hd), scale,
-                    self.q + t0 * qDim + h * hd, Int32(qDim), kc + g * hd, Int32(kvDim), 0, s, Int32(keys))
+                    q + t0 * qDim + h * hd, Int32(qDim), kp, Int32(ld), 0, s, Int32(keys))
                 for r in 0..<rows {
                     let row = s + r * keys
                     let visible = causal ? pos0 + t0 + r + 1 : keys  // causal: keys 0...pos0+t
@@ -427,26 +604,46 @@ public final class Transformer: @unchecked Sendable {
                 }
                 cblas_sgemm(
                     CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(hd), Int32(keys), 1,
-                    s, Int32(keys), vc + g * hd, Int32(kvDim), 0, self.att + t0 * qDim + h * hd, Int32(qDim))
+                    s, Int32(keys), vp, Int32(ld), 0, att + t0 * qDim + h * hd, Int32(qDim))
                 item += nth
             }
         }
     }
 
-    /// Single-query attention over the cache, heads split over the pool's threads.
-    private func attendOne(kc: UnsafeMutablePointer<Float>, vc: UnsafeMutablePointer<Float>, S: Int, scale: Float, group: Int) {
-        let c = config, hd = c.headDim, kvDim = c.kvDim
+    /// Single-query attention of each row t over keys 0...positions[t] of its cache, (row, head)
+    /// work items split over the pool's threads: decoding, alone or batched.
+    func attendRows(caches: [KVCache], layer l: Int, positions: [Int], scale: Float, group: Int, ws: Workspace) {
+        let c = config, hd = c.headDim, qDim = c.qDim
+        let maxS = (positions.max() ?? 0) + 1
+        let scores = ws.reserveScores(pool.size * (maxS + hd))
+        let (q, att) = (ws.q, ws.att)
+        let items = positions.count * c.heads
         pool.parallel { ith, nth in
-            let s = self.scores + ith * S
-            for h in ThreadPool.slice(c.heads, ith, nth) {
+            let s = scores + ith * (maxS + hd)
+            for item in ThreadPool.slice(items, ith, nth) {
+                let t = item / c.heads, h = item % c.heads
+                let cache = caches[t], S = positions[t] + 1
                 let g = h / group
-                let qh = self.q + h * hd
-                // scores = K_g q * scale; K_g is (S, hd) with rows kvDim apart. Single-threaded
-                // sgemv per head from the pool's threads.
-                cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(S), Int32(hd), scale, kc + g * hd, Int32(kvDim), qh, 1, 0, s, 1)
-                Ops.softmax(s, n: S)
-                // out = V_g^T p
-                cblas_sgemv(CblasRowMajor, CblasTrans, Int32(S), Int32(hd), 1, vc + g * hd, Int32(kvDim), s, 1, 0, self.att + h * hd, 1)
+                let qh = q + t * qDim + h * hd, out = att + t * qDim + h * hd
+                let kb = cache.keys(layer: l), vb = cache.values(layer: l)
+                switch cache.type {
+                case .f32:
+                    // scores = K_g q * scale; K_g is (S, hd) with rows kvDim apart. Single-threaded
+                    // sgemv per head from the pool's threads.
+                    let kc = kb.assumingMemoryBound(to: Float.self), vc = vb.assumingMemoryBound(to: Float.self)
+                    cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(S), Int32(hd), scale, kc + g * hd, Int32(c.kvDim), qh, 1, 0, s, 1)
+                    Ops.softmax(s, n: S)
+                    // out = V_g^T p
+                    cblas_sgemv(CblasRowMajor, CblasTrans, Int32(S), Int32(hd), 1, vc + g * hd, Int32(c.kvDim), s, 1, 0, out, 1)
+                case .f16:
+                    // The same with f16 rows, widened inside the dot products: q is scaled first.
+                    let qs = s + maxS
+                    for i in 0..<hd { qs[i] = qh[i] * scale }
+                    let f16 = Int32(TensorType.f16.rawValue)
+                    vk_matvec_rows(f16, kb + g * hd * 2, cache.rowBytes, nil, qs, s, Int64(hd), 0, Int64(S))
+                    Ops.softmax(s, n: S)
+                    vk_combine_rows(f16, vb + g * hd * 2, cache.rowBytes, s, Int64(S), out, 0, Int64(hd))
+                }
             }
         }
     }

@@ -82,9 +82,7 @@ public enum Matmul {
         pool: ThreadPool, scratch: MatmulScratch
     ) {
         if n <= gemmThreshold {
-            for i in 0..<n {
-                matvec(w, x: x + i * w.cols, y: y + i * w.rows, pool: pool, scratch: scratch)
-            }
+            matvec(w, x: x, y: y, n: n, pool: pool, scratch: scratch)
             return
         }
         // Each thread owns a contiguous slice of the weight rows (output columns): it dequantizes
@@ -128,24 +126,30 @@ public enum Matmul {
             Int32(w.type.rawValue), w.data, w.rowBytes, x, Int64(w.rows), d, Int64(columns.lowerBound), Int64(columns.upperBound))
     }
 
-    /// y (rows) = W x, with the integer kernels for block types (x is quantized to 8 bits per
-    /// 32-element block first, as llama.cpp does) and float kernels otherwise.
+    /// y (n, rows) = x (n, cols) W^T for a few rows of x, with the integer kernels for block
+    /// types (each row of x is quantized to 8 bits per 32-element block first, as llama.cpp
+    /// does) and float kernels otherwise. Each weight row is read once for all n inputs, and
+    /// row i's result is exactly what a call with that row alone gives (batched decoding relies
+    /// on it).
     public static func matvec(
-        _ w: WeightMatrix, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>,
+        _ w: WeightMatrix, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, n: Int = 1,
         pool: ThreadPool, scratch: MatmulScratch
     ) {
+        guard n > 0 else { return }
         var xq: UnsafeMutablePointer<ActivationBlock>? = nil
         if w.type.isQuantized {
-            scratch.reserve(cols: w.cols)
-            quantizeActivations(x, scratch.xq, count: w.cols)
+            scratch.reserve(cols: w.cols, batch: n)
+            let blocks = w.cols / 32
+            for i in 0..<n { quantizeActivations(x + i * w.cols, scratch.xq + i * blocks, count: w.cols) }
             xq = scratch.xq
         }
         let blocks = UnsafePointer(xq)
+        let xf: UnsafePointer<Float>? = w.type.isQuantized ? nil : x
         pool.parallel { ith, nth in
             let part = ThreadPool.slice(w.rows, ith, nth, align: 16)
             if !part.isEmpty {
-                vk_matvec_rows(
-                    Int32(w.type.rawValue), w.data, w.rowBytes, blocks, x, y, Int64(w.cols),
+                vk_matvec_rows_multi(
+                    Int32(w.type.rawValue), w.data, w.rowBytes, blocks, xf, y, Int64(w.cols), Int64(n), Int64(w.rows),
                     Int64(part.lowerBound), Int64(part.upperBound))
             }
         }

@@ -819,6 +819,10 @@ public nonisolated struct Vist2_V1_CompressResult: Sendable {
 
   public var elapsedMs: Double = 0
 
+  public var renderMs: Double = 0
+
+  public var visionMs: Double = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1013,6 +1017,31 @@ public nonisolated struct Vist2_V1_GenerateResult: @unchecked Sendable {
   public var prefixCacheHits: UInt32 {
     get {_storage._prefixCacheHits}
     set {_uniqueStorage()._prefixCacheHits = newValue}
+  }
+
+  /// "vist2" or "full-text" when the request read documents or images or wrote past a chunk
+  /// boundary (fields 8-10, 14-15 and 18-22 are then set); empty otherwise.
+  public var mode: String {
+    get {_storage._mode}
+    set {_uniqueStorage()._mode = newValue}
+  }
+
+  /// the KV cache's element type: "f32" or "f16"
+  public var kvType: String {
+    get {_storage._kvType}
+    set {_uniqueStorage()._kvType = newValue}
+  }
+
+  /// the daemon's peak resident set size so far
+  public var peakRssBytes: UInt64 {
+    get {_storage._peakRssBytes}
+    set {_uniqueStorage()._peakRssBytes = newValue}
+  }
+
+  /// the generated tokens
+  public var tokenIds: [Int32] {
+    get {_storage._tokenIds}
+    set {_uniqueStorage()._tokenIds = newValue}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -2656,7 +2685,7 @@ nonisolated extension Vist2_V1_CompressProgress: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Vist2_V1_CompressResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CompressResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}chunks\0\u{3}text_tokens\0\u{3}visual_tokens\0\u{1}ratio\0\u{3}chunks_rendered\0\u{3}chunk_cache_hits\0\u{3}prefix_cache_hits\0\u{3}elapsed_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}chunks\0\u{3}text_tokens\0\u{3}visual_tokens\0\u{1}ratio\0\u{3}chunks_rendered\0\u{3}chunk_cache_hits\0\u{3}prefix_cache_hits\0\u{3}elapsed_ms\0\u{3}render_ms\0\u{3}vision_ms\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2672,6 +2701,8 @@ nonisolated extension Vist2_V1_CompressResult: SwiftProtobuf.Message, SwiftProto
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.chunkCacheHits) }()
       case 7: try { try decoder.decodeSingularUInt32Field(value: &self.prefixCacheHits) }()
       case 8: try { try decoder.decodeSingularDoubleField(value: &self.elapsedMs) }()
+      case 9: try { try decoder.decodeSingularDoubleField(value: &self.renderMs) }()
+      case 10: try { try decoder.decodeSingularDoubleField(value: &self.visionMs) }()
       default: break
       }
     }
@@ -2702,6 +2733,12 @@ nonisolated extension Vist2_V1_CompressResult: SwiftProtobuf.Message, SwiftProto
     if self.elapsedMs.bitPattern != 0 {
       try visitor.visitSingularDoubleField(value: self.elapsedMs, fieldNumber: 8)
     }
+    if self.renderMs.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.renderMs, fieldNumber: 9)
+    }
+    if self.visionMs.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.visionMs, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2714,6 +2751,8 @@ nonisolated extension Vist2_V1_CompressResult: SwiftProtobuf.Message, SwiftProto
     if lhs.chunkCacheHits != rhs.chunkCacheHits {return false}
     if lhs.prefixCacheHits != rhs.prefixCacheHits {return false}
     if lhs.elapsedMs != rhs.elapsedMs {return false}
+    if lhs.renderMs != rhs.renderMs {return false}
+    if lhs.visionMs != rhs.visionMs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2875,7 +2914,7 @@ nonisolated extension Vist2_V1_TextDelta: SwiftProtobuf.Message, SwiftProtobuf._
 
 nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".GenerateResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}text\0\u{3}prompt_tokens\0\u{3}generated_tokens\0\u{3}ttft_ms\0\u{3}prefill_tokens_per_s\0\u{3}decode_tokens_per_s\0\u{3}stop_reason\0\u{3}doc_text_tokens\0\u{3}visual_tokens\0\u{3}compression_ratio\0\u{3}kv_bytes\0\u{3}kv_bytes_final\0\u{1}flops\0\u{3}render_ms\0\u{3}vision_ms\0\u{3}prefill_ms\0\u{3}decode_ms\0\u{1}chunks\0\u{1}swaps\0\u{3}chunks_encoded\0\u{3}chunk_cache_hits\0\u{3}prefix_cache_hits\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}text\0\u{3}prompt_tokens\0\u{3}generated_tokens\0\u{3}ttft_ms\0\u{3}prefill_tokens_per_s\0\u{3}decode_tokens_per_s\0\u{3}stop_reason\0\u{3}doc_text_tokens\0\u{3}visual_tokens\0\u{3}compression_ratio\0\u{3}kv_bytes\0\u{3}kv_bytes_final\0\u{1}flops\0\u{3}render_ms\0\u{3}vision_ms\0\u{3}prefill_ms\0\u{3}decode_ms\0\u{1}chunks\0\u{1}swaps\0\u{3}chunks_encoded\0\u{3}chunk_cache_hits\0\u{3}prefix_cache_hits\0\u{1}mode\0\u{3}kv_type\0\u{3}peak_rss_bytes\0\u{3}token_ids\0")
 
   fileprivate class _StorageClass {
     var _text: String = String()
@@ -2900,6 +2939,10 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
     var _chunksEncoded: UInt32 = 0
     var _chunkCacheHits: UInt32 = 0
     var _prefixCacheHits: UInt32 = 0
+    var _mode: String = String()
+    var _kvType: String = String()
+    var _peakRssBytes: UInt64 = 0
+    var _tokenIds: [Int32] = []
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -2932,6 +2975,10 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
       _chunksEncoded = source._chunksEncoded
       _chunkCacheHits = source._chunkCacheHits
       _prefixCacheHits = source._prefixCacheHits
+      _mode = source._mode
+      _kvType = source._kvType
+      _peakRssBytes = source._peakRssBytes
+      _tokenIds = source._tokenIds
     }
   }
 
@@ -2972,6 +3019,10 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
         case 20: try { try decoder.decodeSingularUInt32Field(value: &_storage._chunksEncoded) }()
         case 21: try { try decoder.decodeSingularUInt32Field(value: &_storage._chunkCacheHits) }()
         case 22: try { try decoder.decodeSingularUInt32Field(value: &_storage._prefixCacheHits) }()
+        case 23: try { try decoder.decodeSingularStringField(value: &_storage._mode) }()
+        case 24: try { try decoder.decodeSingularStringField(value: &_storage._kvType) }()
+        case 25: try { try decoder.decodeSingularUInt64Field(value: &_storage._peakRssBytes) }()
+        case 26: try { try decoder.decodeRepeatedInt32Field(value: &_storage._tokenIds) }()
         default: break
         }
       }
@@ -3046,6 +3097,18 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
       if _storage._prefixCacheHits != 0 {
         try visitor.visitSingularUInt32Field(value: _storage._prefixCacheHits, fieldNumber: 22)
       }
+      if !_storage._mode.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._mode, fieldNumber: 23)
+      }
+      if !_storage._kvType.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._kvType, fieldNumber: 24)
+      }
+      if _storage._peakRssBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._peakRssBytes, fieldNumber: 25)
+      }
+      if !_storage._tokenIds.isEmpty {
+        try visitor.visitPackedInt32Field(value: _storage._tokenIds, fieldNumber: 26)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -3077,6 +3140,10 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
         if _storage._chunksEncoded != rhs_storage._chunksEncoded {return false}
         if _storage._chunkCacheHits != rhs_storage._chunkCacheHits {return false}
         if _storage._prefixCacheHits != rhs_storage._prefixCacheHits {return false}
+        if _storage._mode != rhs_storage._mode {return false}
+        if _storage._kvType != rhs_storage._kvType {return false}
+        if _storage._peakRssBytes != rhs_storage._peakRssBytes {return false}
+        if _storage._tokenIds != rhs_storage._tokenIds {return false}
         return true
       }
       if !storagesAreEqual {return false}

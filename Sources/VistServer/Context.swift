@@ -8,11 +8,7 @@ import VistWire
 /// What every connection shares: the loaded model, the engine worker, the persistent cache,
 /// limits, the peer policy and the counters behind `Metrics`.
 public final class ServerContext: @unchecked Sendable {
-    public enum Model {
-        case vist2(VIST2Model)
-        case language(LanguageModel)
-    }
-
+    public typealias Model = EngineModel
     public typealias Limits = ServerLimits
 
     public let model: Model
@@ -23,6 +19,13 @@ public final class ServerContext: @unchecked Sendable {
     public let peers: PeerPolicy
     public let metrics = ServerMetrics()
     public let log: @Sendable (String) -> Void
+    /// The element type of every request's KV cache (`--kv-type`).
+    public let kvType: KVType
+    /// Where text work runs (tokenizing, chunking, rendering): beside the engine thread, so a
+    /// long document never holds up other clients' decoding.
+    let text = DispatchQueue(label: "vist2-text", qos: .userInitiated, attributes: .concurrent)
+    /// Request handlers by message kind.
+    let handlers: [String: Handler]
     public let started = Date()
     public static let serverVersion = "vist2d 0.2.0"
     public static let protocolVersion: UInt32 = 1
@@ -37,12 +40,14 @@ public final class ServerContext: @unchecked Sendable {
 
     public init(
         model: Model, modelName: String, limits: Limits = Limits(), cache: CacheStore? = nil, peers: PeerPolicy = .sameUser,
-        log: @escaping @Sendable (String) -> Void = { _ in }
+        kvType: KVType = .f32, log: @escaping @Sendable (String) -> Void = { _ in }
     ) {
         self.model = model
         self.modelName = modelName
         self.limits = limits
-        worker = EngineWorker(capacity: limits.queueCapacity)
+        self.kvType = kvType
+        handlers = Handlers.table
+        worker = EngineWorker(capacity: limits.queueCapacity, maxActive: limits.maxActive, transformer: model.language.transformer)
         self.cache = cache
         self.peers = peers
         self.log = log
@@ -50,12 +55,7 @@ public final class ServerContext: @unchecked Sendable {
 
     public var maxFrame: Int { limits.maxFrame }
 
-    var language: LanguageModel {
-        switch model {
-        case .vist2(let m): return m.language
-        case .language(let l): return l
-        }
-    }
+    var language: LanguageModel { model.language }
 
     /// The engine's view of the persistent cache for one request: lookups and stores in
     /// `owner`'s namespace (a user's own entries, or the shared ones).
@@ -173,7 +173,8 @@ public final class ServerContext: @unchecked Sendable {
     }
 }
 
-/// `VIST2BlockCache` over the on-disk `CacheStore`: floats stored as their little-endian bytes.
+/// `VIST2BlockCache` over the on-disk `CacheStore`: aligner outputs stored as their floats'
+/// little-endian bytes, block KV entries as the bytes the KV cache gives.
 final class StoreBlockCache: VIST2BlockCache, @unchecked Sendable {
     let store: CacheStore
     let owner: CacheStore.Owner
@@ -193,8 +194,9 @@ final class StoreBlockCache: VIST2BlockCache, @unchecked Sendable {
     func storeAlignerOutput(key: [UInt8], _ values: ArraySlice<Float>) {
         _ = values.withUnsafeBytes { store.put(.chunk, key: key, owner: owner, payload: $0) }
     }
-    func blockKV(key: [UInt8]) -> [Float]? { store.get(.prefix, key: key, owner: owner, decode: Self.floats) ?? nil }
-    func storeBlockKV(key: [UInt8], _ values: [Float]) {
-        _ = values.withUnsafeBytes { store.put(.prefix, key: key, owner: owner, payload: $0) }
+    func blockKV(key: [UInt8]) -> [UInt8]? { store.get(.prefix, key: key, owner: owner, decode: { Array($0) }) }
+    func storeBlockKV(key: [UInt8], _ bytes: [UInt8]) {
+        guard !bytes.isEmpty else { return }
+        _ = bytes.withUnsafeBytes { store.put(.prefix, key: key, owner: owner, payload: $0) }
     }
 }

@@ -1,43 +1,83 @@
 import Dispatch
 import Foundation
 import Synchronization
+import VistEngine
 
-/// One engine, one worker thread, a bounded queue. Jobs run one at a time (the engine's run
-/// state is shared); past `capacity` waiting jobs `submit` refuses at once, so a client gets BUSY
-/// instead of hanging. Each job carries a cancel flag the engine checks between decode steps.
-/// Fairness: the next job is the oldest one of the owner (connection) served longest ago, so a
-/// client that queues many requests takes turns with the others instead of going first. And a
-/// long job does not hold the engine for its whole length: between its steps it calls
-/// `yieldToOthers`, which runs one waiting job of another client right there (on the same
-/// thread, while the long job's run state is idle), so a short request waits for at most one
-/// decode step plus the jobs queued before it, not for a 1000-token generation to end.
+/// One engine, one worker thread that steps every running request together (continuous
+/// batching; docs/ARCHITECTURE.md, "The engine thread").
+///
+/// A request becomes a `Job` as soon as it is accepted (its text work may still be preparing it
+/// elsewhere); once it has engine work (`start`), each turn of the loop:
+///
+/// 1. ends jobs that were cancelled (their clients get CANCELLED at once, not after the request);
+/// 2. lets every generation whose logits are ready sample its next token and stream it;
+/// 3. runs one batched decoding step over every generation waiting for a forward pass: the
+///    weights are read once for all of them, each row attends to its own KV cache;
+/// 4. gives one bounded step (a prefill slice, one visual block, a perplexity slice, a bench
+///    pass) to one job that needs steps of its own, taking turns between connections.
+///
+/// So a long prefill never freezes others' decoding (they get a token between each of its
+/// slices), a short request starts within one turn, and each request's state (KV cache, logits,
+/// counters) is its own: nothing is paused, nested or subtracted.
+///
+/// Bounds: at most `maxActive` jobs run at once; up to `capacity` more wait (oldest job of the
+/// connection served longest ago first), and past that `submit` refuses, so a client gets BUSY
+/// instead of hanging.
 public final class EngineWorker: @unchecked Sendable {
     public final class Job: @unchecked Sendable {
-        let run: (Job) -> Void
-        let cancelled = Atomic<Bool>(false)
         public let owner: ObjectIdentifier?
+        let cancelled = Atomic<Bool>(false)
+        fileprivate var work: Work? = nil
+        fileprivate var active = false
 
-        public init(owner: ObjectIdentifier? = nil, run: @escaping (Job) -> Void) {
-            self.owner = owner
-            self.run = run
+        public init(owner: ObjectIdentifier? = nil) { self.owner = owner }
+
+        /// A job whose engine work is one step running `run` (tests, and work that is one piece).
+        public convenience init(owner: ObjectIdentifier? = nil, run: @escaping (Job) -> Void) {
+            self.init(owner: owner)
+            work = .call { [unowned self] in run(self) }
         }
 
         public var isCancelled: Bool { cancelled.load(ordering: .acquiring) }
         public func cancel() { cancelled.store(true, ordering: .releasing) }
     }
 
+    /// What a job runs on the engine thread. `onEnd(cancelled)` is called there once, when the
+    /// job ends (done, or cancelled: then it stopped at a step boundary).
+    public enum Work {
+        /// A generation (or a compression, which ends with its prefill): prefill steps of its own,
+        /// then batched decoding. `onText` receives each piece of text, `onProgress` the
+        /// documents' blocks done and total after each prefill step that advanced them.
+        case generation(
+            GenerationTask, onText: (String) -> Void, onProgress: ((Int, Int) -> Void)?, onEnd: (Bool) -> Void)
+        /// Steps until `step` returns true (perplexity windows, bench passes).
+        case steps((Workspace) -> Bool, onEnd: (Bool) -> Void)
+        /// One step that needs no model (`Job(owner:run:)`).
+        case call(() -> Void)
+    }
+
     public let capacity: Int
+    /// Jobs that run at once (decode together, take turns for steps).
+    public let maxActive: Int
+    let transformer: Transformer?
+    private let workspace: Workspace?
     private let lock = NSCondition()
-    private var queue: [Job] = []
-    private var running: Job? = nil
+    /// Every accepted job, in arrival order: preparing (no work yet), waiting, or active.
+    private var jobs: [Job] = []
     private var stopping = false
     private var thread: Thread? = nil
+    /// The turn at which each owner was last given a step of its own.
     private var served: [ObjectIdentifier: UInt64] = [:]
-    private var nested: Job? = nil
     private var turn: UInt64 = 0
+    /// Where the next decoding batch starts when more generations run than a batch holds.
+    private var batchStart = 0
 
-    public init(capacity: Int) {
+    /// `transformer` runs generations (tests of the scheduling alone pass none).
+    public init(capacity: Int, maxActive: Int = 32, transformer: Transformer? = nil) {
         self.capacity = max(1, capacity)
+        self.maxActive = max(1, maxActive)
+        self.transformer = transformer
+        workspace = transformer?.makeWorkspace()
         // Weak: a worker released before its thread first runs (a Context that failed to start)
         // is gone, and the thread just ends; an unowned reference read then was a crash (seen
         // in CI). Once `loop` runs, the call keeps the worker alive until it stops.
@@ -48,61 +88,86 @@ public final class EngineWorker: @unchecked Sendable {
         t.start()
     }
 
-    /// Queues a job; false when the queue is full or the worker is stopping.
+    /// Accepts a job (its work now, or later through `start`); false when `capacity` jobs are
+    /// already waiting or the worker is stopping.
     public func submit(_ job: Job) -> Bool {
         lock.lock()
         defer { lock.unlock() }
-        guard !stopping, queue.count < capacity else { return false }
-        queue.append(job)
+        guard !stopping, jobs.count(where: { !$0.active }) < capacity else { return false }
+        jobs.append(job)
         lock.signal()
         return true
     }
 
-    /// When the engine last made progress (uptime ns): a job started or ended, or a running job
-    /// reported a step through `heartbeat` (every decode step, visual block, perplexity window
-    /// and bench run does, through `yieldToOthers` or directly).
+    /// Gives a submitted job its engine work (its text work is done).
+    public func start(_ job: Job, _ work: Work) {
+        lock.lock()
+        job.work = work
+        lock.signal()
+        lock.unlock()
+    }
+
+    /// Forgets a submitted job that will have no engine work (it failed while preparing, or
+    /// was text work only); its session replies itself.
+    public func withdraw(_ job: Job) {
+        lock.lock()
+        jobs.removeAll { $0 === job }
+        lock.broadcast()
+        lock.unlock()
+    }
+
+    /// When the engine last made progress (uptime ns): a turn of the loop ended, or a job
+    /// started or ended.
     private let lastProgress = Atomic<UInt64>(DispatchTime.now().uptimeNanoseconds)
 
-    /// A running job made progress.
-    public func heartbeat() { lastProgress.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed) }
+    private func heartbeat() { lastProgress.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed) }
 
     /// For the watchdog and Status: seconds since the engine last made progress while it has
-    /// work (a running or queued job); 0 when idle. A stuck engine (a job that stopped making
-    /// progress, or a worker that no longer takes jobs) shows here as a growing number.
+    /// work; 0 when idle. A stuck engine (a step that never returns, or a worker that no longer
+    /// takes jobs) shows here as a growing number.
     public var stalledSeconds: Double {
-        guard !isIdle else { return 0 }
+        lock.lock()
+        let busy = jobs.contains { $0.work != nil }
+        lock.unlock()
+        guard busy else { return 0 }
         let now = DispatchTime.now().uptimeNanoseconds, last = lastProgress.load(ordering: .relaxed)
         return now > last ? Double(now - last) / 1e9 : 0
     }
 
-    /// No job running or waiting.
+    /// No job accepted and not ended.
     public var isIdle: Bool {
         lock.lock()
         defer { lock.unlock() }
-        return running == nil && queue.isEmpty
+        return jobs.isEmpty
     }
 
-    /// Jobs waiting (not counting the running one).
+    /// Jobs accepted but not yet running (preparing or waiting for a place).
     public var queueLength: Int {
         lock.lock()
         defer { lock.unlock() }
-        return queue.count
+        return jobs.count(where: { !$0.active })
     }
 
-    /// Cancels every queued or running job of `owner` (a connection that went away).
-    public func cancelAll(owner: ObjectIdentifier) {
+    /// Jobs running now.
+    public var activeCount: Int {
         lock.lock()
         defer { lock.unlock() }
-        for j in queue where j.owner == owner { j.cancel() }
-        if let r = running, r.owner == owner { r.cancel() }
-        if let n = nested, n.owner == owner { n.cancel() }
-        served[owner] = nil
+        return jobs.count(where: \.active)
     }
 
-    /// Stops taking new jobs and lets the queued and running ones finish until `deadline`; then
-    /// cancels what is left (queued jobs end at once with their CANCELLED reply, running ones at
-    /// their next step) and waits up to `grace` more for them. Returns the jobs that were
-    /// cancelled, or nil if some job was still running after the grace period (SIGTERM drain).
+    /// Cancels every job of `owner` (a connection that went away).
+    public func cancelAll(owner: ObjectIdentifier) {
+        lock.lock()
+        for j in jobs where j.owner == owner { j.cancel() }
+        served[owner] = nil
+        lock.signal()
+        lock.unlock()
+    }
+
+    /// Stops taking new jobs and lets the accepted ones finish until `deadline`; then cancels
+    /// what is left (each ends at its next step with its CANCELLED reply) and waits up to
+    /// `grace` more. Returns the jobs that were cancelled, or nil if some job was still there
+    /// after the grace period (SIGTERM drain).
     @discardableResult
     public func drain(deadline: Duration, grace: Duration = .seconds(10)) -> Int? {
         lock.lock()
@@ -111,94 +176,169 @@ public final class EngineWorker: @unchecked Sendable {
         lock.broadcast()
         func waitIdle(_ d: Duration) -> Bool {
             let until = Date().addingTimeInterval(d.asSeconds)
-            while running != nil || !queue.isEmpty {
-                if !lock.wait(until: until) { return running == nil && queue.isEmpty }
+            while !jobs.isEmpty {
+                if !lock.wait(until: until) { return jobs.isEmpty }
             }
             return true
         }
         if waitIdle(deadline) { return 0 }
         var cancelled = 0
-        for j in queue + [running, nested].compactMap({ $0 }) where !j.isCancelled {
+        for j in jobs where !j.isCancelled {
             j.cancel()
             cancelled += 1
         }
+        lock.broadcast()
         return waitIdle(grace) ? cancelled : nil
     }
 
-    /// Round robin over owners: the queued job whose owner had its last turn longest ago (never
-    /// served first; oldest job first within an owner). With the lock held.
-    private func pick(excluding owner: ObjectIdentifier?) -> Int? {
-        var pick: Int? = nil
-        var best = UInt64.max
-        for (i, j) in queue.enumerated() where owner == nil || j.owner != owner {
-            let last = j.owner.map { served[$0].map { $0 + 1 } ?? 0 } ?? 0
-            if last < best {
-                best = last
-                pick = i
+    /// Fills free places with waiting jobs that have work: the oldest job of the owner served
+    /// longest ago (never served first). With the lock held.
+    private func admit() {
+        var running = jobs.count(where: \.active)
+        while running < maxActive {
+            var pick: Job? = nil
+            var best = UInt64.max
+            for j in jobs where !j.active && j.work != nil {
+                let last = j.owner.map { served[$0].map { $0 + 1 } ?? 0 } ?? 0
+                if last < best {
+                    best = last
+                    pick = j
+                }
             }
+            guard let job = pick else { return }
+            job.active = true
+            running += 1
         }
-        return pick
-    }
-
-    /// With the lock held.
-    private func take(at i: Int) -> Job {
-        let job = queue.remove(at: i)
-        turn += 1
-        if let o = job.owner { served[o] = turn }
-        return job
-    }
-
-    /// A long job's pause between its steps: `yieldToOthers`, then whether `job` may go on
-    /// (false once it is cancelled).
-    public func pause(_ job: Job) -> Bool {
-        yieldToOthers(from: job)
-        return !job.isCancelled
-    }
-
-    /// Called by the running job between its steps: runs one waiting job of another owner to
-    /// completion, if there is one. Nested jobs do not yield further (the depth stays one).
-    public func yieldToOthers(from job: Job) {
-        heartbeat()
-        lock.lock()
-        guard running === job, nested == nil, let i = pick(excluding: job.owner) else {
-            lock.unlock()
-            return
-        }
-        let other = take(at: i)
-        nested = other
-        lock.unlock()
-        other.run(other)
-        lock.lock()
-        nested = nil
-        turn += 1
-        if let o = job.owner { served[o] = turn }
-        lock.broadcast()
-        lock.unlock()
     }
 
     private func loop() {
         while true {
             lock.lock()
-            while queue.isEmpty && !stopping { lock.wait() }
-            if queue.isEmpty && stopping {
-                lock.broadcast()
-                lock.unlock()
-                return
+            admit()
+            var active = jobs.filter(\.active)
+            // Preparing jobs have no work yet; a cancelled one still needs ending.
+            while active.isEmpty {
+                if stopping && jobs.isEmpty {
+                    lock.broadcast()
+                    lock.unlock()
+                    return
+                }
+                lock.wait()
+                admit()
+                active = jobs.filter(\.active)
             }
-            guard let next = pick(excluding: nil) else {
-                lock.unlock()
-                continue
-            }
-            let job = take(at: next)
-            running = job
-            heartbeat()
             lock.unlock()
-            job.run(job)
-            lock.lock()
+            runTurn(active)
             heartbeat()
-            running = nil
-            lock.broadcast()
-            lock.unlock()
         }
+    }
+
+    /// One turn over the running jobs (see the type's comment).
+    private func runTurn(_ active: [Job]) {
+        var live: [Job] = []
+        for job in active {
+            if job.isCancelled {
+                if case .generation(let task, _, _, _) = job.work { task.cancel() }
+                end(job, cancelled: true)
+            } else {
+                live.append(job)
+            }
+        }
+        emitReady(live)
+        if let tf = transformer, let ws = workspace {
+            // One decoding step over every generation waiting for a forward pass.
+            var batch: [(Job, GenerationTask)] = []
+            for job in live {
+                if case .generation(let task, _, _, _) = job.work, case .decoding = task.state { batch.append((job, task)) }
+            }
+            if batch.count > ws.rows {
+                // More than a batch holds: take turns.
+                batchStart %= batch.count
+                batch = Array((batch[batchStart...] + batch[..<batchStart]).prefix(ws.rows))
+                batchStart += ws.rows
+            }
+            if !batch.isEmpty {
+                var tokens: [Int32] = []
+                for (_, task) in batch { if case .decoding(let t) = task.state { tokens.append(t) } }
+                let (logits, flops) = tf.decode(tokens, caches: batch.map(\.1.cache), workspace: ws)
+                for (i, (_, task)) in batch.enumerated() { task.accept(logits, row: i, flops: flops[i], ws: ws) }
+                emitReady(batch.map(\.0))
+            }
+        }
+        // One step of a job that needs steps of its own, by turns between connections.
+        lock.lock()
+        var pick: Job? = nil
+        var best = UInt64.max
+        for job in live where needsStep(job) {
+            let last = job.owner.map { served[$0].map { $0 + 1 } ?? 0 } ?? 0
+            if last < best {
+                best = last
+                pick = job
+            }
+        }
+        if let job = pick {
+            turn += 1
+            if let o = job.owner { served[o] = turn }
+        }
+        lock.unlock()
+        guard let job = pick else { return }
+        switch job.work {
+        case .generation(let task, _, let onProgress, _):
+            guard let ws = workspace else { return end(job, cancelled: true) }
+            let before = task.documentProgress.done
+            let done = task.prefillStep(ws)
+            let p = task.documentProgress
+            if p.done != before { onProgress?(p.done, p.total) }
+            if done {
+                // A compression ends with its prefill; a generation samples its first token now.
+                if task.compressOnly { end(job, cancelled: false) } else { emitReady([job]) }
+            }
+        case .steps(let step, _):
+            guard let ws = workspace else { return end(job, cancelled: true) }
+            if step(ws) { end(job, cancelled: false) }
+        case .call(let body):
+            body()
+            end(job, cancelled: false)
+        case nil:
+            break
+        }
+    }
+
+    private func needsStep(_ job: Job) -> Bool {
+        switch job.work {
+        case .generation(let task, _, _, _): return task.state == .prefilling
+        case .steps, .call: return true
+        case nil: return false
+        }
+    }
+
+    /// Lets each generation with ready logits sample and stream its next token; ends those
+    /// that finished.
+    private func emitReady(_ jobs: [Job]) {
+        for job in jobs {
+            guard case .generation(let task, let onText, _, _) = job.work, task.state == .ready else { continue }
+            if let piece = task.emit(), !piece.isEmpty { onText(piece) }
+            if case .finished = task.state {
+                let rest = task.takeLeftover()
+                if !rest.isEmpty { onText(rest) }
+                end(job, cancelled: false)
+            }
+        }
+    }
+
+    /// Ends a job: its final reply first (a drain waiting for the queue to empty returns only
+    /// after every final reply is on its way), then it leaves the worker.
+    private func end(_ job: Job, cancelled: Bool) {
+        switch job.work {
+        case .generation(_, _, _, let onEnd): onEnd(cancelled)
+        case .steps(_, let onEnd): onEnd(cancelled)
+        case .call, nil: break
+        }
+        lock.lock()
+        jobs.removeAll { $0 === job }
+        job.work = nil
+        lock.broadcast()
+        lock.unlock()
+        heartbeat()
     }
 }

@@ -8,6 +8,9 @@ import VistWire
 public struct ServerLimits: Sendable, Equatable {
     /// Requests waiting for the engine, server-wide; past it: BUSY.
     public var queueCapacity = 16
+    /// Requests the engine runs at once (decoding together in one batch, taking turns for
+    /// prefill steps); the next ones wait in the queue.
+    public var maxActive = 32
     /// Largest frame payload accepted; past it: FRAME_TOO_LARGE and the connection closes.
     public var maxFrame = Frame.defaultMaxPayload
     /// Requests in flight per connection; past it: TOO_MANY_REQUESTS.
@@ -56,6 +59,16 @@ public struct ServerLimits: Sendable, Equatable {
     /// The engine counts as stalled (Status "stalled", no watchdog keep-alive) when it has work
     /// and has made no progress for this long. One step of any request takes far less.
     public var stallTimeout: Duration = .seconds(120)
+    /// Bytes of the path an OpenDocument names (informational, echoed back).
+    public var maxPathBytes = 4096
+    /// Keys one CacheEvict may name.
+    public var maxEvictKeys = 100_000
+    /// Logits window of a Perplexity when the request leaves it 0.
+    public var defaultPerplexityContext = 512
+    /// max_tokens of a Generate that leaves it 0.
+    public var defaultMaxTokens = 128
+    /// Timed repetitions of a Bench that leaves them 0.
+    public var defaultBenchRepetitions = 5
     /// How often each connection's timeouts are checked.
     public var timerTick: Duration = .seconds(1)
 

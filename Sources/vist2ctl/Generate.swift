@@ -81,22 +81,20 @@ struct Generate: ParsableCommand {
                 if !json { FileHandle.standardOutput.write(Data(piece.utf8)) }
                 return true
             }
+            let model: EngineModel
             if VIST2Model.isModelDirectory(try ModelStore.resolve(modelOptions.model)) {
-                var docs: [String] = []
-                for path in doc { docs.append(try readText(path)) }
-                let model = try modelOptions.loadVIST2()
-                let result = try VIST2Generator(model: model).generate(
-                    VIST2Request(generation: req, documents: docs, fullText: fullText), onText: stream)
-                if json { printJSON(result) }
+                for path in doc { req.documents.append(try readText(path)) }
+                req.fullText = fullText
+                model = .vist2(try modelOptions.loadVIST2())
             } else {
                 guard doc.isEmpty, !fullText else {
                     throw EngineError.badArgument(
                         "--doc and --full-text need a VIST2 model directory; \(modelOptions.model) is a plain language model")
                 }
-                let model = try modelOptions.load()
-                let result = try Generator(model: model).generate(req, onText: stream)
-                if json { printJSON(result) }
+                model = .language(try modelOptions.load())
             }
+            let result = try GenerationTask.generate(req, model: model, onText: stream)
+            if json { printJSON(result) }
             if !json {
                 FileHandle.standardOutput.write(Data("\n".utf8))
             }
@@ -133,7 +131,7 @@ struct Generate: ParsableCommand {
             }
             for id in ids { try c.closeDocument(id: id) }
             if json {
-                printJSON(JSONValue.object(generateResultFields(r, fullText: fullText, readsDocuments: !c.hello.modelFingerprint.isEmpty)))
+                printJSON(JSONValue.object(generateResultFields(r)))
             } else {
                 FileHandle.standardOutput.write(Data("\n".utf8))
             }

@@ -47,6 +47,12 @@ struct Vist2d: ParsableCommand {
     @Option(help: "Requests that may wait for the engine; past this they get BUSY (default 16). [VIST2_QUEUE]")
     var queue: Int?
 
+    @Option(help: "Requests the engine runs at once, decoding in one batch (default 32). [VIST2_MAX_ACTIVE]")
+    var maxActive: Int?
+
+    @Option(help: "Element type of the KV cache, f32 or f16 (half the memory and cache files; default f32). [VIST2_KV_TYPE]")
+    var kvType: String?
+
     @Option(help: "Largest frame payload accepted, in bytes (default \(Frame.defaultMaxPayload)). [VIST2_MAX_FRAME]")
     var maxFrame: Int?
 
@@ -102,6 +108,7 @@ struct Vist2d: ParsableCommand {
         var peers: PeerPolicy
         var logLevel: Int
         var limits: ServerLimits
+        var kvType: KVType
     }
 
     func settings() throws -> Settings {
@@ -133,6 +140,9 @@ struct Vist2d: ParsableCommand {
         let maxFrame = try int(maxFrame, "VIST2_MAX_FRAME", Frame.defaultMaxPayload, 1024...Frame.hardMaxPayload, "--max-frame")
         var limits = ServerLimits()
         limits.queueCapacity = queue
+        limits.maxActive = try int(maxActive, "VIST2_MAX_ACTIVE", limits.maxActive, 1...256, "--max-active")
+        let kvName = self.kvType ?? env["VIST2_KV_TYPE"].flatMap { $0.isEmpty ? nil : $0 } ?? "f32"
+        guard let kvType = KVType(rawValue: kvName) else { throw ValidationError("--kv-type must be f32 or f16, got '\(kvName)'") }
         limits.maxFrame = maxFrame
         limits.maxConnections = try int(maxConnections, "VIST2_MAX_CONNECTIONS", limits.maxConnections, 1...1_000_000, "--max-connections")
         limits.idleTimeout = .seconds(try int(idleTimeout, "VIST2_IDLE_TIMEOUT", 3600, 0...(365 * 86400), "--idle-timeout"))
@@ -167,7 +177,7 @@ struct Vist2d: ParsableCommand {
         }
         return Settings(
             model: model, socket: socket, threads: threads, queue: queue, maxFrame: maxFrame, cacheDir: cacheDir, cacheSize: size,
-            peers: peers, logLevel: level, limits: limits)
+            peers: peers, logLevel: level, limits: limits, kvType: kvType)
     }
 
     func run() throws {
@@ -230,7 +240,8 @@ struct Vist2d: ParsableCommand {
             }
         }
         let context = ServerContext(
-            model: loaded, modelName: s.model, limits: s.limits, cache: cache, peers: s.peers, log: { logger.info($0) })
+            model: loaded, modelName: s.model, limits: s.limits, cache: cache, peers: s.peers, kvType: s.kvType,
+            log: { logger.info($0) })
         let server = UnixServer(context: context, socketPath: s.socket, inheritedFD: inherited)
         do {
             try server.start()

@@ -21,8 +21,8 @@ struct LoRATests {
     static func textLogits(_ model: VIST2Model, _ tokens: [Int32]) -> [Float] {
         let tf = model.language.transformer
         let cache = tf.makeCache(capacity: tokens.count)
-        tf.forward(tokens, cache: cache, logits: .all)
-        return Array(UnsafeBufferPointer(start: tf.logits, count: tokens.count * tf.config.vocabSize))
+        let logits = tf.forward(tokens, cache: cache, workspace: tf.makeWorkspace(), logits: .all).logits
+        return (0..<logits.rows).flatMap { Array(logits.row($0)) }
     }
 
     @Test("Adapters saved by PEFT load with their rank, scaling, modules and layers, and match the reference on every row")
@@ -58,11 +58,12 @@ struct LoRATests {
                 LoRAAdapter.serialMACs = serialMACs
                 defer { LoRAAdapter.serialMACs = saved }
                 let cache = tf.makeCache(capacity: tokens.count)
+                let ws = tf.makeWorkspace()
                 var stepErr: Float = 0
                 for (t, id) in tokens.enumerated() {
-                    tf.forward([id], cache: cache, logits: .last)
+                    let row = tf.decode([id], caches: [cache], workspace: ws).logits.row(0)
                     for v in 0..<g.vocab {
-                        stepErr = max(stepErr, abs(tf.logits[v] - golden[t * g.vocab + v]) / max(1, abs(golden[t * g.vocab + v])))
+                        stepErr = max(stepErr, abs(row[v] - golden[t * g.vocab + v]) / max(1, abs(golden[t * g.vocab + v])))
                     }
                 }
                 #expect(stepErr < 1e-4, "\(name): decode path (serial below \(serialMACs) MACs) max relative logit error \(stepErr)")
@@ -87,10 +88,11 @@ struct LoRATests {
         func blockLogits(_ m: VIST2Model, after text: [Int32]) -> [Float] {
             let tf = m.language.transformer
             let cache = tf.makeCache(capacity: text.count + 8)
-            if !text.isEmpty { tf.forward(text, cache: cache, logits: .none) }
+            let ws = tf.makeWorkspace()
+            if !text.isEmpty { _ = tf.forward(text, cache: cache, workspace: ws, logits: .none) }
             let rows = (0..<(8 * tf.config.dim)).map { Float(sin(Double($0) * 0.37)) * 0.5 }
-            tf.forward(embeddings: rows, cache: cache, causal: false, logits: .all)
-            return Array(UnsafeBufferPointer(start: tf.logits, count: 8 * tf.config.vocabSize))
+            let logits = tf.forward(embeddings: rows, cache: cache, workspace: ws, causal: false, logits: .all).logits
+            return (0..<logits.rows).flatMap { Array(logits.row($0)) }
         }
         let bareBlock = blockLogits(bare, after: tokens)
         let visualBlock = blockLogits(visual, after: tokens)

@@ -35,9 +35,9 @@ struct ParityTests {
             for p in golden.prompts {
                 let label = p.text.prefix(30).debugDescription
                 let cache = m.transformer.makeCache(capacity: p.ids.count)
-                m.transformer.forward(p.ids, cache: cache, logits: .all)
+                let logits = m.transformer.forward(p.ids, cache: cache, workspace: m.transformer.makeWorkspace(), logits: .all).logits
                 for t in 0..<p.ids.count {
-                    let row = m.transformer.logits + t * vocab
+                    let row = logits.row(t)
                     let (lse, argmax) = logProbs(row, vocab: vocab)
                     #expect(Int32(argmax) == p.reference.argmax_per_position[t], "argmax at \(t) for \(label)")
                     if t + 1 < p.ids.count {
@@ -45,7 +45,7 @@ struct ParityTests {
                         #expect(abs(lp - p.reference.next_token_logprobs[t]) < 5e-3, "next-token log-prob at \(t) for \(label)")
                     }
                 }
-                let last = m.transformer.logits + (p.ids.count - 1) * vocab
+                let last = logits.last
                 let (lse, _) = logProbs(last, vocab: vocab)
                 for (id, ref) in zip(p.reference.top_ids, p.reference.top_logprobs) {
                     #expect(abs(Double(last[Int(id)]) - lse - ref) < 5e-3, "token \(id) for \(label)")
@@ -63,13 +63,13 @@ struct ParityTests {
                 let label = p.text.prefix(30).debugDescription
                 #expect(m.tokenizer.encode(p.text, parseSpecial: true) == p.ids)
                 let cache = m.transformer.makeCache(capacity: p.ids.count)
-                m.transformer.forward(p.ids, cache: cache, logits: .all)
+                let logits = m.transformer.forward(p.ids, cache: cache, workspace: m.transformer.makeWorkspace(), logits: .all).logits
                 var agree = 0
-                for t in 0..<p.ids.count where logProbs(m.transformer.logits + t * vocab, vocab: vocab).argmax == p.argmax_per_position[t] {
+                for t in 0..<p.ids.count where logProbs(logits.row(t), vocab: vocab).argmax == p.argmax_per_position[t] {
                     agree += 1
                 }
                 #expect(3 * agree >= 2 * p.ids.count, "argmax agreement \(agree)/\(p.ids.count) for \(label)")
-                let last = m.transformer.logits + (p.ids.count - 1) * vocab
+                let last = logits.last
                 let (lse, argmax) = logProbs(last, vocab: vocab)
                 #expect(Int32(argmax) == p.top_ids[0], "top-1 for \(label)")
                 #expect(abs(Double(last[argmax]) - lse - p.top_logprobs[0]) < 0.05, "top-1 log-prob for \(label)")
@@ -87,15 +87,15 @@ struct ParityTests {
             let vocab = m.config.vocabSize
             for p in golden.prompts {
                 let cache = m.transformer.makeCache(capacity: p.ids.count)
+                let ws = m.transformer.makeWorkspace()
                 // Token by token: every product through the quantized matrix-vector kernels.
-                for (i, id) in p.ids.enumerated() {
-                    m.transformer.forward([id], cache: cache, logits: i + 1 == p.ids.count ? .last : .none)
-                }
-                let (lse, argmax) = logProbs(m.transformer.logits, vocab: vocab)
+                var logits: [Float] = []
+                for id in p.ids { logits = Array(m.transformer.decode([id], caches: [cache], workspace: ws).logits.row(0)) }
+                let (lse, argmax) = logProbs(logits, vocab: vocab)
                 #expect(Int32(argmax) == p.reference.top_ids[0])
                 for (id, ref) in zip(p.reference.top_ids, p.reference.top_logprobs) {
                     #expect(
-                        abs(Double(m.transformer.logits[Int(id)]) - lse - ref) < 0.5,
+                        abs(Double(logits[Int(id)]) - lse - ref) < 0.5,
                         "token \(id) for \(p.text.prefix(30).debugDescription)")
                 }
             }
@@ -109,11 +109,11 @@ struct ParityTests {
             for p in golden.prompts {
                 let label = p.text.prefix(30).debugDescription
                 let cache = m.transformer.makeCache(capacity: p.ids.count + p.greedy.count + 1)
-                m.transformer.forward(p.ids, cache: cache, logits: .last)
+                let ws = m.transformer.makeWorkspace()
+                var logits = Array(m.transformer.forward(p.ids, cache: cache, workspace: ws, logits: .last).logits.last)
                 var sampler = Sampler(.greedy)
                 var matched = 0
                 for expected in p.greedy {
-                    let logits = m.transformer.logits
                     let next = sampler.sample(logits, vocab: m.config.vocabSize, history: [])
                     if next != expected {
                         // Allowed only where llama.cpp's token was within its own error of ours.
@@ -122,7 +122,7 @@ struct ParityTests {
                         break
                     }
                     matched += 1
-                    m.transformer.forward([next], cache: cache, logits: .last)
+                    logits = Array(m.transformer.decode([next], caches: [cache], workspace: ws).logits.row(0))
                 }
                 #expect(matched >= min(4, p.greedy.count), "only \(matched) greedy tokens matched for \(label)")
             }

@@ -130,21 +130,24 @@ struct SamplingTests {
     @Test("Generation stops at stop strings, EOS and max tokens, and can be cancelled")
     func generation() throws {
         try SharedModel.with { m in
-            let g = Generator(model: m)
+            let model = EngineModel.language(m)
+            func generate(_ r: GenerationRequest, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+                try GenerationTask.generate(r, model: model, onText: onText)
+            }
             var req = GenerationRequest(prompt: "1, 2, 3, 4, 5,")
             req.sampling = .greedy
             req.maxTokens = 40
             req.stop = [" 9"]
-            let r = try g.generate(req)
+            let r = try generate(req)
             #expect(r.stop_reason == .stopString)
             #expect(r.text.hasPrefix(" 6, 7, 8,") && !r.text.contains("9"))
             req.stop = []
             req.maxTokens = 5
-            let r2 = try g.generate(req)
+            let r2 = try generate(req)
             #expect(r2.stop_reason == .maxTokens && r2.generated_tokens == 5)
             var pieces = 0
             req.maxTokens = 30
-            let r3 = try g.generate(req) { _ in
+            let r3 = try generate(req) { _ in
                 pieces += 1
                 return pieces < 3
             }
@@ -153,71 +156,73 @@ struct SamplingTests {
             chat.chat = true
             chat.sampling = .greedy
             chat.maxTokens = 200
-            let r4 = try g.generate(chat)
+            let r4 = try generate(chat)
             #expect(r4.stop_reason == .endOfGeneration && !r4.text.contains("<|im_end|>"))
             req.maxTokens = -1
-            #expect(throws: EngineError.self) { try g.generate(req) }
+            #expect(throws: EngineError.self) { try generate(req) }
         }
     }
 }
 
 @Suite("Long work in steps", .serialized)
 struct StepTests {
-    @Test("A forward pass with a step runs in stepBatch sub-batches, calls it between them, and stops when it says so")
+    @Test("A prefill in steps runs in stepBatch slices (a short tail joins the last) and gives the one-batch logits")
     func forwardInSteps() throws {
         try SharedModel.with { m in
             let tf = m.transformer
             #expect(tf.stepBatch == 64)  // SmolLM2-135M: ~16 GFLOP of layer work
+            #expect(tf.prefillSlices(200) == [0..<64, 64..<128, 128..<200])  // the 8-token tail joins the third
+            #expect(tf.prefillSlices(64) == [0..<64])
+            #expect(tf.prefillSlices(0).isEmpty)
             let ids = (0..<200).map { Int32(100 + $0 * 7) }
+            let ws = tf.makeWorkspace()
             let plain = tf.makeCache(capacity: 256)
-            tf.forward(ids, cache: plain, logits: .last)
-            let want = Array(UnsafeBufferPointer(start: tf.logits, count: m.config.vocabSize))
+            let want = Array(tf.forward(ids, cache: plain, workspace: ws, logits: .last).logits.last)
             let stepped = tf.makeCache(capacity: 256)
-            var steps: [Int] = []
-            #expect(
-                tf.forward(
-                    ids, cache: stepped, logits: .last,
-                    step: {
-                        steps.append(stepped.count)
-                        return true
-                    }))
-            #expect(steps == [64, 128])  // between sub-batches, never after the last (the 8-token tail joins the third)
-            let got = Array(UnsafeBufferPointer(start: tf.logits, count: m.config.vocabSize))
+            var got: [Float] = []
+            for r in tf.prefillSlices(ids.count) {
+                let pass = tf.forward(ids[r], cache: stepped, workspace: ws, logits: r.upperBound == ids.count ? .last : .none)
+                #expect(stepped.count == r.upperBound)
+                if r.upperBound == ids.count { got = Array(pass.logits.last) }
+            }
             let diff = zip(want, got).map { abs($0 - $1) }.max() ?? 1
             #expect(diff < 0.05, "max logit difference \(diff)")
             #expect(want.indices.max { want[$0] < want[$1] } == got.indices.max { got[$0] < got[$1] })
-            let stopped = tf.makeCache(capacity: 256)
-            #expect(!tf.forward(ids, cache: stopped, logits: .last, step: { false }))
-            #expect(stopped.count == 64)
         }
     }
 
-    @Test("Generation checks for cancellation during a long prefill; perplexity and bench stop at their steps")
-    func cancelledPrefill() throws {
+    @Test("A generation prefills in bounded steps and can be cancelled between them; perplexity and bench run in steps")
+    func prefillSteps() throws {
         try SharedModel.with { m in
-            var req = GenerationRequest(prompt: String(repeating: "Tell me a story about a cat. ", count: 60))  // ~420 tokens
-            let asked = Counter()
-            req.isCancelled = { asked.bump() >= 2 }
-            func isCancelled(_ f: () throws -> Void) -> Bool {
-                do { try f() } catch { if case EngineError.cancelled = error { return true } }
-                return false
+            let ws = m.transformer.makeWorkspace()
+            let req = GenerationRequest(prompt: String(repeating: "Tell me a story about a cat. ", count: 60))  // ~420 tokens
+            let task = try GenerationTask.prepare(req, model: .language(m))
+            let slices = m.transformer.prefillSlices(task.cache.capacity - req.maxTokens)
+            var steps = 0
+            while !task.prefillStep(ws) {
+                steps += 1
+                #expect(task.cache.count == slices[steps - 1].upperBound)
+                #expect(task.state == .prefilling)
             }
-            #expect(isCancelled { _ = try Generator(model: m).generate(req) })
-            #expect(asked.value == 2)
-            let text = String(repeating: "The quick brown fox jumps over the lazy dog. ", count: 200)
-            #expect(isCancelled { _ = try m.perplexity(text: text, ctx: 128, step: { false }) })
-            #expect(isCancelled { _ = try m.bench(prompt: 256, generate: 0, repetitions: 1, step: { false }) })
-        }
-    }
-}
+            #expect(steps + 1 == slices.count && task.state == .ready)
+            let cancelled = try GenerationTask.prepare(req, model: .language(m))
+            cancelled.prefillStep(ws)
+            cancelled.cancel()
+            #expect(cancelled.state == .finished(.cancelled) && cancelled.next(ws) == nil)
+            #expect(cancelled.result.stop_reason == .cancelled && cancelled.cache.count == 64)
 
-final class Counter: @unchecked Sendable {
-    let lock = NSLock()
-    var value = 0
-    func bump() -> Int {
-        lock.lock()
-        defer { lock.unlock() }
-        value += 1
-        return value
+            let text = String(repeating: "The quick brown fox jumps over the lazy dog. ", count: 200)
+            let ppl = try PerplexityTask(model: m, text: text, ctx: 128, sliced: true)
+            var pplSteps = 0
+            while !ppl.step(ws) { pplSteps += 1 }
+            #expect(pplSteps + 1 == ppl.windows * 2)  // two 64-token slices per 128-token window
+            let whole = try m.perplexity(text: text, ctx: 128)
+            #expect(abs(whole.perplexity - ppl.result.perplexity) / whole.perplexity < 1e-3)
+            let bench = try BenchTask(model: m, prompt: 256, generate: 4, repetitions: 1, sliced: true)
+            var benchSteps = 0
+            while !bench.step(ws) { benchSteps += 1 }
+            #expect(benchSteps + 1 == 2 * 4 + 2 * 4)  // (warm-up + 1 run) x (4 pp slices, then 4 tg tokens)
+            #expect(bench.result.pp_tokens_per_s > 0 && bench.result.tg_tokens_per_s > 0)
+        }
     }
 }

@@ -7,7 +7,7 @@ import Testing
 /// (scripts/fetch-model.sh); a missing model fails these tests rather than skipping them.
 enum SharedModel {
     static let result: Result<LanguageModel, Error> = Result { try LanguageModel(name: "smollm2-135m", threads: 2) }
-    /// Forward passes share the model's run state; tests that use it take this lock.
+    /// Forward passes share the model's thread pool (one caller at a time); tests that use it take this lock.
     static let lock = NSLock()
 
     static func with<T>(_ body: (LanguageModel) throws -> T) throws -> T {

@@ -227,14 +227,10 @@ struct TinyModelTests {
             #expect(m.tokenizer.encode("Hello world!") == Array(ids[0..<12]))
             // Prefill in two batches (8 + 6) then two single-token steps: all paths of the forward pass.
             let cache = m.transformer.makeCache(capacity: ids.count)
-            m.transformer.forward(Array(ids[0..<12]), cache: cache, logits: .all)
-            var rows: [[Float]] = (8..<12).map { t in
-                Array(UnsafeBufferPointer(start: m.transformer.logits + (t - 8) * tiny.vocab, count: tiny.vocab))
-            }
-            for id in ids[12...] {
-                m.transformer.forward([id], cache: cache, logits: .last)
-                rows.append(Array(UnsafeBufferPointer(start: m.transformer.logits, count: tiny.vocab)))
-            }
+            let ws = m.transformer.makeWorkspace()
+            let logits = m.transformer.forward(ids[0..<12], cache: cache, workspace: ws, logits: .all).logits
+            var rows: [[Float]] = (8..<12).map { t in Array(logits.row(t - 8)) }
+            for id in ids[12...] { rows.append(Array(m.transformer.decode([id], caches: [cache], workspace: ws).logits.row(0))) }
             #expect(cache.count == ids.count)
             var maxErr = 0.0
             for (i, row) in rows.enumerated() {
@@ -270,8 +266,7 @@ struct TinyModelTests {
         let ids: [Int32] = [72, 101, 108, 108, 111, 32, 119]
         let ref = tiny.naiveLogits(ids)
         let cache = m.transformer.makeCache(capacity: ids.count)
-        m.transformer.forward(ids, cache: cache, logits: .last)
-        let row = UnsafeBufferPointer(start: m.transformer.logits, count: tiny.vocab)
+        let row = Array(m.transformer.forward(ids, cache: cache, workspace: m.transformer.makeWorkspace(), logits: .last).logits.last)
         let err = (0..<tiny.vocab).map { abs(Double(row[$0]) - ref[ids.count - 1][$0]) / (1 + abs(ref[ids.count - 1][$0])) }.max()!
         #expect(err < 1e-4)
     }

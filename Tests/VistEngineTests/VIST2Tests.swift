@@ -38,8 +38,8 @@ struct TinyVIST2Golden: Decodable {
 struct VIST2Tests {
     static let model: Result<VIST2Model, Error> = Result { try VIST2Model(directory: TinyVIST2Golden.directory, threads: 2) }
 
-    func request(_ g: TinyVIST2Golden, documents: [String]) -> VIST2Request {
-        VIST2Request(generation: GenerationRequest(prompt: g.instruction), documents: documents)
+    func request(_ g: TinyVIST2Golden, documents: [String]) -> GenerationRequest {
+        GenerationRequest(prompt: g.instruction, documents: documents)
     }
 
     @Test("Logits match the reference through chunk-boundary swaps, and the KV cache holds instruction + m per chunk + live text")
@@ -124,8 +124,8 @@ struct VIST2Tests {
         #expect(ids.count == g.rows)
         var maxErr: Float = 0
         var swaps: [Int] = []
-        let r = try VIST2Generator(model: model).teacherForce(
-            VIST2Request(generation: GenerationRequest(prompt: g.instruction), documents: [g.document]), tokens: ids,
+        let r = try GenerationTask.teacherForce(
+            GenerationRequest(prompt: g.instruction, documents: [g.document]), model: model, tokens: ids,
             observe: { j, logits in
                 for v in 0..<g.vocab {
                     let ref = golden[j * g.vocab + v]
@@ -133,15 +133,16 @@ struct VIST2Tests {
                 }
             }, onSwap: { swaps.append($0) })
         #expect(maxErr < 1e-4, "max relative logit error \(maxErr)")
-        #expect(r.chunks == g.document_chunks - 1 + g.kv_after_swaps.count)
+        let c = try #require(r.compression)
+        #expect(c.chunks == g.document_chunks - 1 + g.kv_after_swaps.count)
         #expect(swaps == g.kv_after_swaps, "KV entries after each swap")
-        #expect(r.swaps == g.kv_after_swaps.count && r.swaps >= 2)
+        #expect(c.swaps == g.kv_after_swaps.count && c.swaps >= 2)
         // Final cache: instruction + m per finished chunk + the live text of the last chunk (the
         // last forced token is never run: nothing follows it).
         let len0 = model.language.tokenizer.encode(String(model.chunker.chunks(g.document).last!.text), addSpecial: false).count
-        let live = len0 + ids.count - 1 - r.swaps * g.chunk_length
+        let live = len0 + ids.count - 1 - c.swaps * g.chunk_length
         #expect(r.kv_bytes_final == 2 * model.language.config.layers * model.language.config.kvDim * 4 * (g.kv_after_swaps.last! + live))
-        #expect(r.visual_tokens == r.chunks * g.visual_tokens)
+        #expect(c.visual_tokens == c.chunks * g.visual_tokens)
     }
 
     @Test("Earlier chunks given as images or as text give identical logits: their text never reaches the model otherwise")
@@ -151,10 +152,9 @@ struct VIST2Tests {
         let chunks = model.chunker.chunks(g.document)
         let images = chunks.dropLast().map { model.renderer.render($0.text).image.normalized() }
         let ids = Array(model.language.tokenizer.encode(g.continuation, addSpecial: false).prefix(20))
-        func logits(_ req: VIST2Request) throws -> [[Float]] {
+        func logits(_ req: GenerationRequest) throws -> [[Float]] {
             var rows: [[Float]] = []
-            _ = try VIST2Generator(model: model).teacherForce(
-                req, tokens: ids, observe: { _, l in rows.append(Array(UnsafeBufferPointer(start: l, count: g.vocab))) })
+            _ = try GenerationTask.teacherForce(req, model: model, tokens: ids, observe: { _, l in rows.append(Array(l)) })
             return rows
         }
         let fromText = try logits(request(g, documents: [g.document]))
@@ -172,17 +172,18 @@ struct VIST2Tests {
         let (g, _) = try TinyVIST2Golden.load()
         let model = try Self.model.get()
         var req = request(g, documents: [g.document, g.document, g.document])
-        req.generation.maxTokens = 40
-        req.generation.sampling = .greedy
-        let compressed = try VIST2Generator(model: model).generate(req)
+        req.maxTokens = 40
+        req.sampling = .greedy
+        let compressed = try GenerationTask.generate(req, model: .vist2(model))
         req.fullText = true
-        let full = try VIST2Generator(model: model).generate(req)
-        #expect(full.mode == "full-text" && compressed.mode == "vist2")
-        #expect(full.visual_tokens == 0 && compressed.visual_tokens > 0)
+        let full = try GenerationTask.generate(req, model: .vist2(model))
+        let (cc, fc) = (try #require(compressed.compression), try #require(full.compression))
+        #expect(fc.mode == "full-text" && cc.mode == "vist2")
+        #expect(fc.visual_tokens == 0 && cc.visual_tokens > 0)
         #expect(compressed.kv_bytes < full.kv_bytes)
         #expect(compressed.flops < full.flops)
-        #expect(compressed.compression_ratio > 1)
-        #expect(full.doc_text_tokens == compressed.doc_text_tokens)
+        #expect(cc.compression_ratio > 1)
+        #expect(fc.doc_text_tokens == cc.doc_text_tokens)
     }
 
     @Test("A vision checkpoint with a missing or misshapen tensor names it; a wrong font is refused")
@@ -289,13 +290,13 @@ struct VIST2Tests {
         let L = model.chunkLength
         #expect(model.chunker.chunks(tok.decode(ids[0..<L])).count > 1)
         var swaps: [Int] = []
-        let req = VIST2Request(generation: GenerationRequest(prompt: "Count."))
-        let some = try VIST2Generator(model: model).teacherForce(
-            req, tokens: Array(ids[0...(6 * L)]), observe: { _, _ in }, onSwap: { swaps.append($0) })
+        let req = GenerationRequest(prompt: "Count.")
+        let some = try GenerationTask.teacherForce(
+            req, model: model, tokens: Array(ids[0...(6 * L)]), observe: { _, _ in }, onSwap: { swaps.append($0) })
         #expect(some.generated_tokens == 6 * L + 1 && some.stop_reason == .maxTokens && swaps.count == 6)
-        #expect(some.chunks > swaps.count)
+        #expect((some.compression?.chunks ?? 0) > swaps.count)
         // Far past what the context holds: the generation stops at the context, no trap.
-        let all = try VIST2Generator(model: model).teacherForce(req, tokens: ids, observe: { _, _ in })
+        let all = try GenerationTask.teacherForce(req, model: model, tokens: ids, observe: { _, _ in })
         #expect(all.stop_reason == .contextFull && all.generated_tokens < ids.count)
         #expect(all.kv_bytes <= model.language.config.contextLength * 2 * model.language.config.layers * model.language.config.kvDim * 4)
     }

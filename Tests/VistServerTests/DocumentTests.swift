@@ -54,10 +54,10 @@ struct DocumentTests {
         let r = try c.generate(greedy([doc.documentID]))
         #expect(r.prefixCacheHits == finished && r.chunksEncoded == 0 && r.chunks == finished)
         let model = try VIST2Model(directory: TestDaemon.modelDir, threads: 1)
-        var req = GenerationRequest(prompt: "")
+        var req = GenerationRequest(prompt: "", documents: [smallDoc])
         req.maxTokens = 12
         req.sampling = .greedy
-        let fresh = try VIST2Generator(model: model).generate(VIST2Request(generation: req, documents: [smallDoc]))
+        let fresh = try GenerationTask.generate(req, model: .vist2(model))
         #expect(r.text == fresh.text && Int(r.generatedTokens) == fresh.generated_tokens)
         // Another instruction is another prefix (visual blocks attend to it): chunk-cache hits only.
         var other = greedy([doc.documentID])
@@ -313,33 +313,6 @@ struct DocumentTests {
         w.drain(deadline: .seconds(60))
         // a was served last (the blocker), so b and c go first, then turns alternate.
         #expect(order.all == ["b1", "c1", "a1", "b2", "a2", "a3"])
-    }
-
-    @Test("A long job yields between its steps: another client's job runs inside it, one per step")
-    func yieldBetweenSteps() {
-        let w = EngineWorker(capacity: 16)
-        let order = LogLines()
-        let started = DispatchSemaphore(value: 0), queued = DispatchSemaphore(value: 0)
-        let a = NSObject(), b = NSObject()
-        let long = EngineWorker.Job(owner: ObjectIdentifier(a)) { job in
-            started.signal()
-            queued.wait()
-            for step in 0..<3 {
-                order.add("long\(step)")
-                w.yieldToOthers(from: job)
-            }
-            order.add("long-end")
-        }
-        #expect(w.submit(long))
-        started.wait()
-        // Two short jobs of another client and one more of the long job's own client.
-        for (owner, name) in [(b, "b1"), (b, "b2"), (a, "a2")] {
-            #expect(w.submit(EngineWorker.Job(owner: ObjectIdentifier(owner)) { _ in order.add(name) }))
-        }
-        queued.signal()
-        w.drain(deadline: .seconds(60))
-        // b's jobs run between the long job's steps, one per step; a's own next job waits its turn.
-        #expect(order.all == ["long0", "b1", "long1", "b2", "long2", "long-end", "a2"])
     }
 }
 

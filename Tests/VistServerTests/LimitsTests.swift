@@ -228,8 +228,8 @@ struct LimitsTests {
         #expect(d.logs.all.contains { $0.contains("drain: cancelled 2") })
     }
 
-    @Test("Tokenizing megabytes yields to other clients between pieces and stops when cancelled")
-    func longTokenizeYieldsAndCancels() throws {
+    @Test("Tokenizing megabytes runs beside the engine: a short request of another client finishes first, and a cancel stops it")
+    func longTokenizeBesideAndCancels() throws {
         let d = try TestDaemon(maxFrame: 16 << 20)
         let a = try VistClient(socketPath: d.path), b = try VistClient(socketPath: d.path)
         let text = String(repeating: "lorem ipsum dolor sit amet\n", count: 110_000)  // 3 MB: ~45 pieces
@@ -246,41 +246,30 @@ struct LimitsTests {
                 if r.requestID == id && r.final { return r }
             }
         }
-        // Both requests wait behind a job of the test's own; A's long one is picked first.
+        // Even with the engine busy (a job of the test's own holds it), text work goes on.
         let release = DispatchSemaphore(value: 0)
         #expect(d.context.worker.submit(EngineWorker.Job { _ in release.wait() }))
+        defer { release.signal() }
         try tokenize(a, 1, text)
-        #expect(try eventually { d.context.worker.queueLength == 1 })
         try tokenize(b, 1, "hi")
-        #expect(try eventually { d.context.worker.queueLength == 2 })
         let order = LogLines()
         nonisolated(unsafe) let bClient = b
         let other = Thread {
             if (try? final(bClient, 1))?.tokenizeResult.ids.isEmpty == false { order.add("b") }
         }
         other.start()
-        release.signal()
         let long = try final(a, 1)
         order.add("a")
         #expect(long.tokenizeResult.ids.count >= 600_000)
         #expect(try eventually { order.all.count == 2 })
-        #expect(order.all == ["b", "a"])  // B ran inside A's tokenization, at its first pause
+        #expect(order.all == ["b", "a"])
 
-        // Cancelled while it runs: a job of another owner, run at A's first pause, cancels A.
-        let blocker = DispatchSemaphore(value: 0)
-        #expect(d.context.worker.submit(EngineWorker.Job { _ in blocker.wait() }))
+        // Cancelled while it runs: it stops between pieces.
         try tokenize(a, 2, text)
-        #expect(try eventually { d.context.worker.queueLength == 1 })
-        let owner = NSObject()
-        let canceller = EngineWorker.Job(owner: ObjectIdentifier(owner)) { _ in
-            try? a.send(
-                .with {
-                    $0.requestID = 3; $0.cancel = .with { $0.targetRequestID = 2 }
-                })
-            Thread.sleep(forTimeInterval: 0.3)  // the event loop marks request 2 cancelled meanwhile
-        }
-        #expect(d.context.worker.submit(canceller))
-        blocker.signal()
+        try a.send(
+            .with {
+                $0.requestID = 3; $0.cancel = .with { $0.targetRequestID = 2 }
+            })
         #expect(try final(a, 2).error.code == .cancelled)
     }
 

@@ -168,21 +168,12 @@ struct ServerTests {
             }
             return deltas
         }
-        // Generate and Cancel in one write, while another request of this connection holds the
-        // engine (jobs of one client do not interleave with each other): the Generate is still
-        // queued when its Cancel arrives, whatever the machine's load, so it stops before or at
-        // its first step. (The tiny model makes thousands of tokens a second, so without the
-        // holder how many deltas precede the cancel would depend on scheduling.)
-        var holder = m
-        holder.requestID = 8
-        holder.generate = generateRequest("Hold the engine", tokens: 60_000)
-        try c.send(holder)
-        let held = try c.receive()
-        #expect(held.requestID == 8 && !held.final)
+        // Generate and Cancel in one write: the Cancel is handled on the event loop right after
+        // the Generate, while the request is still being prepared (or at the engine's next
+        // turn at the latest), so it stops before or within its first few tokens, however fast
+        // the tiny model writes.
         let payloads: [[UInt8]] = [try m.serializedBytes(), try cancel.serializedBytes()]
         try c.sendRaw(try payloads.flatMap { try Frame.encode($0) })
-        // The cancelled request leaves the queue only after the holder has run to the end of the
-        // context (its replies were read and skipped above).
         #expect(try awaitCancelled() < 100)
         // Cancelled mid-stream: it ends CANCELLED, acknowledged, long before its 2000-token budget.
         m.requestID = 9

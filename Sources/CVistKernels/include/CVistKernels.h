@@ -64,6 +64,17 @@ void vk_combine_rows(int type, const void *w, size_t row_bytes, const float *x, 
 void vk_matvec_rows(int type, const void *w, size_t row_bytes, const vk_block_q8a *xq,
                     const float *xf, float *y, int64_t n, int64_t r0, int64_t r1);
 
+/// y[i * y_stride + r] = dot(W[r], x_i) for rows r in [r0, r1) and the nx input rows x_i (block
+/// types: xq + i * n/32; float types: xf + i * n). Each weight row is read once for all nx inputs,
+/// and every dot product is the one vk_matvec_rows computes, so results are bit-identical to nx
+/// separate calls (batched decoding gives each request exactly what it would get alone).
+void vk_matvec_rows_multi(int type, const void *w, size_t row_bytes, const vk_block_q8a *xq, const float *xf, float *y,
+                          int64_t n, int64_t nx, int64_t y_stride, int64_t r0, int64_t r1);
+
+/// f32 <-> IEEE half for n elements (round to nearest even; F16C when the CPU has AVX2).
+void vk_f32_to_f16(const float *src, uint16_t *dst, int64_t n);
+void vk_f16_to_f32(const uint16_t *src, float *dst, int64_t n);
+
 /// In-place softmax of n floats (max-subtracted, sum in double).
 void vk_softmax(float *x, int64_t n);
 

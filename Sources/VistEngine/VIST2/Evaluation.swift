@@ -81,10 +81,10 @@ public struct VIST2Evaluator {
         let m = model.blockSize, v = model.visualTokens, dim = lm.config.dim
         let limit = lm.config.contextLength
         let prompt = tok.encode(model.config.ocrPrompt ?? "", addSpecial: false)
-        let generator = VIST2Generator(model: model)
+        let ws = tf.makeWorkspace()
 
         // The visual tokens of every chunk, encoded in batches of 8; a block is prefilled (with
-        // its boundary tokens, if the model has them) by the generator's own prefillBlock.
+        // its boundary tokens, if the model has them) by VIST2Model.prefillBlock, as generation does.
         var blocks: [ArraySlice<Float>] = []
         for s in stride(from: 0, to: chunks.count, by: 8) {
             let e = model.encodeChunks(chunks[s..<min(chunks.count, s + 8)].map(\.text)).embeddings
@@ -104,14 +104,14 @@ public struct VIST2Evaluator {
             let n = ids[i].count
             guard prompt.count + m + n <= limit else { throw .contextOverflow(needed: prompt.count + m + n, limit: limit) }
             let cache = tf.makeCache(capacity: prompt.count + m + n + 1)
-            if !prompt.isEmpty { tf.forward(prompt, cache: cache, logits: .none) }
-            generator.prefillBlock(blocks[i], kv: cache, logits: .last)
+            if !prompt.isEmpty { _ = tf.forward(prompt, cache: cache, workspace: ws, logits: .none) }
+            var logits = Array(model.prefillBlock(blocks[i], kv: cache, ws: ws, logits: .last).logits.last)
             var greedy = Sampler(.greedy)
             var out: [Int32] = []
             for k in 0..<n {
-                let t = greedy.sample(tf.logits, vocab: lm.config.vocabSize, history: [])
+                let t = greedy.sample(logits, vocab: lm.config.vocabSize, history: [])
                 out.append(t)
-                if k + 1 < n { tf.forward([t], cache: cache, logits: .last) }
+                if k + 1 < n { logits = Array(tf.decode([t], caches: [cache], workspace: ws).logits.row(0)) }
             }
             let want = Array(c.text.unicodeScalars)
             let decoded = tok.decode(out)
@@ -141,20 +141,19 @@ public struct VIST2Evaluator {
             func score(_ prefill: (KVCache) -> Void) -> Double {
                 let cache = tf.makeCache(capacity: need + 1)
                 prefill(cache)
-                tf.forward(target, cache: cache, logits: .all)
+                let logits = tf.forward(target, cache: cache, workspace: ws, logits: .all).logits
                 var s = 0.0
                 // Row r predicts target[r + 1].
                 let vocab = lm.config.vocabSize
                 for r in 0..<(target.count - 1) {
-                    let row = tf.logits + r * vocab
-                    s -= Double(row[Int(target[r + 1])]) - Ops.logSumExp(row, n: vocab)
+                    logits.withRow(r) { row in s -= Double(row[Int(target[r + 1])]) - Ops.logSumExp(row.baseAddress!, n: vocab) }
                 }
                 return s
             }
             nll.none += score { _ in }
-            nll.text += score { cache in tf.forward(contextText, cache: cache, logits: .none) }
+            nll.text += score { cache in _ = tf.forward(contextText, cache: cache, workspace: ws, logits: .none) }
             nll.visual += score { cache in
-                for b in first..<j { generator.prefillBlock(blocks[b], kv: cache) }
+                for b in first..<j { _ = model.prefillBlock(blocks[b], kv: cache, ws: ws) }
             }
             scored += target.count - 1
             pairs += 1

@@ -3295,7 +3295,7 @@ const ProtobufCMessageDescriptor vist2__v1__compress_progress__descriptor =
   (ProtobufCMessageInit) vist2__v1__compress_progress__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__compress_result__field_descriptors[8] =
+static const ProtobufCFieldDescriptor vist2__v1__compress_result__field_descriptors[10] =
 {
   {
     "chunks",
@@ -3393,6 +3393,30 @@ static const ProtobufCFieldDescriptor vist2__v1__compress_result__field_descript
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "render_ms",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CompressResult, render_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "vision_ms",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__CompressResult, vision_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__compress_result__field_indices_by_name[] = {
   5,   /* field[5] = chunk_cache_hits */
@@ -3401,13 +3425,15 @@ static const unsigned vist2__v1__compress_result__field_indices_by_name[] = {
   7,   /* field[7] = elapsed_ms */
   6,   /* field[6] = prefix_cache_hits */
   3,   /* field[3] = ratio */
+  8,   /* field[8] = render_ms */
   1,   /* field[1] = text_tokens */
+  9,   /* field[9] = vision_ms */
   2,   /* field[2] = visual_tokens */
 };
 static const ProtobufCIntRange vist2__v1__compress_result__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 10 }
 };
 const ProtobufCMessageDescriptor vist2__v1__compress_result__descriptor =
 {
@@ -3417,7 +3443,7 @@ const ProtobufCMessageDescriptor vist2__v1__compress_result__descriptor =
   "Vist2__V1__CompressResult",
   "vist2.v1",
   sizeof(Vist2__V1__CompressResult),
-  8,
+  10,
   vist2__v1__compress_result__field_descriptors,
   vist2__v1__compress_result__field_indices_by_name,
   1,  vist2__v1__compress_result__number_ranges,
@@ -3694,7 +3720,7 @@ const ProtobufCMessageDescriptor vist2__v1__text_delta__descriptor =
   (ProtobufCMessageInit) vist2__v1__text_delta__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descriptors[22] =
+static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descriptors[26] =
 {
   {
     "text",
@@ -3960,6 +3986,54 @@ static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descript
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "mode",
+    23,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateResult, mode),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "kv_type",
+    24,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateResult, kv_type),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "peak_rss_bytes",
+    25,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateResult, peak_rss_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "token_ids",
+    26,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_INT32,
+    offsetof(Vist2__V1__GenerateResult, n_token_ids),
+    offsetof(Vist2__V1__GenerateResult, token_ids),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
   20,   /* field[20] = chunk_cache_hits */
@@ -3973,6 +4047,9 @@ static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
   2,   /* field[2] = generated_tokens */
   10,   /* field[10] = kv_bytes */
   11,   /* field[11] = kv_bytes_final */
+  23,   /* field[23] = kv_type */
+  22,   /* field[22] = mode */
+  24,   /* field[24] = peak_rss_bytes */
   15,   /* field[15] = prefill_ms */
   4,   /* field[4] = prefill_tokens_per_s */
   21,   /* field[21] = prefix_cache_hits */
@@ -3981,6 +4058,7 @@ static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
   6,   /* field[6] = stop_reason */
   18,   /* field[18] = swaps */
   0,   /* field[0] = text */
+  25,   /* field[25] = token_ids */
   3,   /* field[3] = ttft_ms */
   14,   /* field[14] = vision_ms */
   8,   /* field[8] = visual_tokens */
@@ -3988,7 +4066,7 @@ static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
 static const ProtobufCIntRange vist2__v1__generate_result__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 22 }
+  { 0, 26 }
 };
 const ProtobufCMessageDescriptor vist2__v1__generate_result__descriptor =
 {
@@ -3998,7 +4076,7 @@ const ProtobufCMessageDescriptor vist2__v1__generate_result__descriptor =
   "Vist2__V1__GenerateResult",
   "vist2.v1",
   sizeof(Vist2__V1__GenerateResult),
-  22,
+  26,
   vist2__v1__generate_result__field_descriptors,
   vist2__v1__generate_result__field_indices_by_name,
   1,  vist2__v1__generate_result__number_ranges,

@@ -493,10 +493,12 @@ struct  Vist2__V1__CompressResult
    */
   uint32_t prefix_cache_hits;
   double elapsed_ms;
+  double render_ms;
+  double vision_ms;
 };
 #define VIST2__V1__COMPRESS_RESULT__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__compress_result__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 
 struct  Vist2__V1__Sampling
@@ -589,10 +591,28 @@ struct  Vist2__V1__GenerateResult
    * visual blocks whose KV came from the prefix cache
    */
   uint32_t prefix_cache_hits;
+  /*
+   * "vist2" or "full-text" when the request read documents or images or wrote past a chunk
+   * boundary (fields 8-10, 14-15 and 18-22 are then set); empty otherwise.
+   */
+  char *mode;
+  /*
+   * the KV cache's element type: "f32" or "f16"
+   */
+  char *kv_type;
+  /*
+   * the daemon's peak resident set size so far
+   */
+  uint64_t peak_rss_bytes;
+  /*
+   * the generated tokens
+   */
+  size_t n_token_ids;
+  int32_t *token_ids;
 };
 #define VIST2__V1__GENERATE_RESULT__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__generate_result__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL }
 
 
 struct  Vist2__V1__RenderRequest
