@@ -61,6 +61,26 @@ AVX2 static void softmax_avx2(float *x, int64_t n) {
     for (; i < n; i++) x[i] *= (float)(1.0 / sum);
 }
 
+AVX2 static double exp_shifted_avx2(float *x, int64_t n, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+        _mm256_storeu_ps(x + i, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, vs);
+    double sum = 0;
+    for (int j = 0; j < 8; j++) sum += tmp[j];
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    return sum;
+}
+
 AVX2 static double vk_sum_exp_avx2(const float *x, int64_t n, float m) {
     const __m256 mv = _mm256_set1_ps(m);
     __m256 vs = _mm256_setzero_ps();
@@ -99,6 +119,22 @@ AVX2 static void gelu_tanh_avx2(float *x, int64_t n) {
     for (; i < n; i++) x[i] = x[i] / (1.0f + expf(-2.0f * 0.7978845608028654f * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
 }
 #endif
+
+double vk_exp_shifted(float *x, int64_t n, float *max_out) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) m = fmaxf(m, x[i]);
+    *max_out = m;
+    if (n <= 0) return 0;
+#ifdef VK_X86
+    if (vk_simd_level() > 0) return exp_shifted_avx2(x, n, m);
+#endif
+    double sum = 0;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    return sum;
+}
 
 void vk_softmax(float *x, int64_t n) {
     if (n <= 0) return;

@@ -535,3 +535,186 @@ void vk_f16_to_f32(const uint16_t *src, float *dst, int64_t n) {
 #endif
     for (int64_t i = 0; i < n; i++) dst[i] = h2f(src[i]);
 }
+
+// ---- attention over f16 rows (the f16 KV cache) --------------------------------------------
+
+#ifdef VK_X86
+AVX2 static void dot_rows_f16_avx2(const uint16_t *k, int64_t stride, const float *q, int64_t hd, int64_t n, float *out) {
+    for (int64_t s = 0; s < n; s++) {
+        const uint16_t *row = k + s * stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= hd; i += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i))), _mm256_loadu_ps(q + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i + 8))), _mm256_loadu_ps(q + i + 8), a1);
+        }
+        float acc = hsum256(_mm256_add_ps(a0, a1));
+        for (; i < hd; i++) acc += h2f(row[i]) * q[i];
+        out[s] = acc;
+    }
+}
+
+AVX2 static void combine_rows_f16_avx2(const uint16_t *v, int64_t stride, const float *p, int64_t n, int64_t hd, float *out) {
+    int64_t c = 0;
+    for (; c + 32 <= hd; c += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t s = 0; s < n; s++) {
+            const uint16_t *row = v + s * stride + c;
+            const __m256 ps = _mm256_set1_ps(p[s]);
+            a0 = _mm256_fmadd_ps(ps, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)row)), a0);
+            a1 = _mm256_fmadd_ps(ps, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 8))), a1);
+            a2 = _mm256_fmadd_ps(ps, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 16))), a2);
+            a3 = _mm256_fmadd_ps(ps, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 24))), a3);
+        }
+        _mm256_storeu_ps(out + c, a0);
+        _mm256_storeu_ps(out + c + 8, a1);
+        _mm256_storeu_ps(out + c + 16, a2);
+        _mm256_storeu_ps(out + c + 24, a3);
+    }
+    for (; c < hd; c++) {
+        float acc = 0;
+        for (int64_t s = 0; s < n; s++) acc += p[s] * h2f(v[s * stride + c]);
+        out[c] = acc;
+    }
+}
+#endif
+
+void vk_dot_rows_f16(const uint16_t *k, int64_t stride, const float *q, int64_t hd, int64_t n, float *out) {
+#ifdef VK_X86
+    if (path() != PATH_SCALAR) {
+        dot_rows_f16_avx2(k, stride, q, hd, n, out);
+        return;
+    }
+#endif
+    for (int64_t s = 0; s < n; s++) {
+        float acc = 0;
+        for (int64_t i = 0; i < hd; i++) acc += h2f(k[s * stride + i]) * q[i];
+        out[s] = acc;
+    }
+}
+
+void vk_combine_rows_f16(const uint16_t *v, int64_t stride, const float *p, int64_t n, int64_t hd, float *out) {
+#ifdef VK_X86
+    if (path() != PATH_SCALAR) {
+        combine_rows_f16_avx2(v, stride, p, n, hd, out);
+        return;
+    }
+#endif
+    for (int64_t c = 0; c < hd; c++) {
+        float acc = 0;
+        for (int64_t s = 0; s < n; s++) acc += p[s] * h2f(v[s * stride + c]);
+        out[c] = acc;
+    }
+}
+
+void vk_widen_rows_f16(const uint16_t *src, int64_t stride, int64_t n, int64_t hd, float *dst) {
+#ifdef VK_X86
+    if (path() != PATH_SCALAR) {
+        for (int64_t s = 0; s < n; s++) f16_to_f32_avx2(src + s * stride, dst + s * hd, hd);
+        return;
+    }
+#endif
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t i = 0; i < hd; i++) dst[s * hd + i] = h2f(src[s * stride + i]);
+}
+
+// ---- attention of a group of query heads over part of one KV head (decoding) ----------------
+
+static inline float elem_at(int f16, const void *base, int64_t i) {
+    return f16 ? h2f(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+#ifdef VK_X86
+// Eight elements from element i of an f32 or f16 row, as f32.
+AVX2 static inline __m256 load8kv(int f16, const void *base, int64_t i) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)))
+               : _mm256_loadu_ps((const float *)base + i);
+}
+
+#define VK_GMAX 8
+#define VK_HDMAX 256
+
+AVX2 static void attend_group_avx2(int f16, const void *k, const void *v, int64_t stride, const float *q, int64_t G, int64_t hd,
+                                   float scale, int64_t n, float *scores, float *m, float *l, float *o) {
+    const size_t es = f16 ? 2 : 4;
+    // scores[g][s] = scale * q_g . k_s, eight keys at a time: eight partial-sum vectors reduced
+    // together by a transpose (three rounds of pairwise adds) instead of one horizontal sum per
+    // key. A block of eight key rows stays in L1 while the G queries pass over it.
+    const __m256 sv = _mm256_set1_ps(scale);
+    int64_t s = 0;
+    float kb[8 * VK_HDMAX];  // the block's keys as f32 (an f16 block is widened once, not once per query)
+    for (; s + 8 <= n; s += 8) {
+        const char *rows = (const char *)k + (size_t)(s * stride) * es;
+        for (int j = 0; j < 8; j++)
+            for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(kb + j * hd + i, load8kv(f16, rows + (size_t)(j * stride) * es, i));
+        for (int64_t g = 0; g < G; g++) {
+            __m256 a[8];
+            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < hd; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + g * hd + i);
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(kb + j * hd + i), qv, a[j]);
+            }
+            const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+            const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+            const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+            const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+            _mm256_storeu_ps(scores + g * n + s, _mm256_mul_ps(r, sv));
+        }
+    }
+    for (; s < n; s++) {
+        const char *row = (const char *)k + (size_t)(s * stride) * es;
+        for (int64_t g = 0; g < G; g++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t i = 0; i < hd; i += 8) acc = _mm256_fmadd_ps(load8kv(f16, row, i), _mm256_loadu_ps(q + g * hd + i), acc);
+            scores[g * n + s] = scale * hsum256(acc);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) l[g] = (float)vk_exp_shifted(scores + g * n, n, m + g);
+    // o[g] = sum_s p[g][s] v_s, 32 columns at a time: each value row is read once for all G.
+    for (int64_t c = 0; c < hd; c += 32) {
+        for (int64_t g0 = 0; g0 < G; g0 += 3) {
+            const int64_t gn = G - g0 < 3 ? G - g0 : 3;
+            __m256 a[3][4];
+            for (int64_t g = 0; g < gn; g++)
+                for (int j = 0; j < 4; j++) a[g][j] = _mm256_setzero_ps();
+            for (int64_t s = 0; s < n; s++) {
+                const char *row = (const char *)v + (size_t)(s * stride + c) * es;
+                const __m256 v0 = load8kv(f16, row, 0), v1 = load8kv(f16, row, 8), v2 = load8kv(f16, row, 16),
+                             v3 = load8kv(f16, row, 24);
+                for (int64_t g = 0; g < gn; g++) {
+                    const __m256 p = _mm256_set1_ps(scores[(g0 + g) * n + s]);
+                    a[g][0] = _mm256_fmadd_ps(p, v0, a[g][0]);
+                    a[g][1] = _mm256_fmadd_ps(p, v1, a[g][1]);
+                    a[g][2] = _mm256_fmadd_ps(p, v2, a[g][2]);
+                    a[g][3] = _mm256_fmadd_ps(p, v3, a[g][3]);
+                }
+            }
+            for (int64_t g = 0; g < gn; g++)
+                for (int j = 0; j < 4; j++) _mm256_storeu_ps(o + (g0 + g) * hd + c + 8 * j, a[g][j]);
+        }
+    }
+}
+#endif
+
+void vk_attend_group(int f16, const void *k, const void *v, int64_t stride, const float *q, int64_t G, int64_t hd, float scale,
+                     int64_t n, float *scores, float *m, float *l, float *o) {
+#ifdef VK_X86
+    if (path() != PATH_SCALAR && hd % 32 == 0 && hd <= VK_HDMAX && G <= VK_GMAX) {
+        attend_group_avx2(f16, k, v, stride, q, G, hd, scale, n, scores, m, l, o);
+        return;
+    }
+#endif
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t g = 0; g < G; g++) {
+            float acc = 0;
+            for (int64_t i = 0; i < hd; i++) acc += elem_at(f16, k, s * stride + i) * q[g * hd + i];
+            scores[g * n + s] = scale * acc;
+        }
+    for (int64_t g = 0; g < G; g++) l[g] = (float)vk_exp_shifted(scores + g * n, n, m + g);
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < hd; c++) {
+            float acc = 0;
+            for (int64_t s = 0; s < n; s++) acc += scores[g * n + s] * elem_at(f16, v, s * stride + c);
+            o[g * hd + c] = acc;
+        }
+}

@@ -224,6 +224,9 @@ public final class GenerationTask: @unchecked Sendable {
         case ready
         /// `token` needs a forward pass (alone or in a batch) before the next `emit`.
         case decoding(token: Int32)
+        /// The current chunk is full: `prefillStep` swaps it for its visual block (the logits
+        /// of the next token are kept), then the state is `.ready`.
+        case swapping
         case finished(StopReason)
     }
 
@@ -389,6 +392,11 @@ public final class GenerationTask: @unchecked Sendable {
     /// can be sampled.
     @discardableResult
     public func prefillStep(_ ws: Workspace) -> Bool {
+        if state == .swapping, let vist = model.vist2 {
+            swap(vist, ws: ws)
+            if state == .swapping { state = .ready }
+            return true
+        }
         guard state == .prefilling else { return true }
         let t = DispatchTime.now().uptimeNanoseconds
         let (done, f) = program.step(ws)
@@ -409,7 +417,7 @@ public final class GenerationTask: @unchecked Sendable {
     public func next(_ ws: Workspace) -> String? {
         while true {
             switch state {
-            case .prefilling: prefillStep(ws)
+            case .prefilling, .swapping: prefillStep(ws)
             case .decoding(let token):
                 let (l, f) = tf.decode([token], caches: [cache], workspace: ws)
                 accept(l, row: 0, flops: f[0], ws: ws)
@@ -489,7 +497,8 @@ public final class GenerationTask: @unchecked Sendable {
     }
 
     /// Takes the logits of the token this task was `.decoding` (its row of a batched step's
-    /// logits) and the FLOPs of its row; at a chunk boundary, swaps T_cur for its visual block (with `ws`).
+    /// logits) and the FLOPs of its row. At a chunk boundary the state becomes `.swapping`: the
+    /// swap is a step of its own, so a batch is not held up by one member's render and encode.
     public func accept(_ batch: Logits, row: Int, flops f: Int, ws: Workspace) {
         guard case .decoding(let token) = state else { return }
         flops += f
@@ -500,15 +509,12 @@ public final class GenerationTask: @unchecked Sendable {
         state = .ready
         guard let vist = model.vist2, !request.fullText else { return }
         current.append(token)
-        guard current.count >= vist.chunkLength else { return }
-        swap(vist, ws: ws)
+        if current.count >= vist.chunkLength { state = .swapping }
     }
 
     /// Chunk boundary: evicts T_cur's text and prefills its image instead. The logits of the
     /// next token were computed from T_cur's last token and are kept.
     func swap(_ vist: VIST2Model, ws: Workspace) {
-        let t = DispatchTime.now().uptimeNanoseconds
-        defer { prefillNs += DispatchTime.now().uptimeNanoseconds - t }
         let text = tok.decode(current)
         // Generated text that does not fit one canvas becomes several images (short lines fill a
         // canvas's rows long before L tokens), so a swap can need more blocks than planned.

@@ -580,11 +580,11 @@ public final class Transformer: @unchecked Sendable {
                 if f16 {
                     let kw = headKV + ith * 2 * S * hd, vw = kw + S * hd
                     if widened != g {
-                        // All S positions once per kv head (items of one thread run heads in turn).
-                        for p in 0..<S {
-                            vk_f16_to_f32((kBase + p * rowBytes).assumingMemoryBound(to: UInt16.self) + g * hd, kw + p * hd, Int64(hd))
-                            vk_f16_to_f32((vBase + p * rowBytes).assumingMemoryBound(to: UInt16.self) + g * hd, vw + p * hd, Int64(hd))
-                        }
+                        // All S positions of the kv head, kept while this thread's items stay on it.
+                        let k16 = kBase.assumingMemoryBound(to: UInt16.self) + g * hd,
+                            v16 = vBase.assumingMemoryBound(to: UInt16.self) + g * hd
+                        vk_widen_rows_f16(k16, Int64(kvDim), Int64(S), Int64(hd), kw)
+                        vk_widen_rows_f16(v16, Int64(kvDim), Int64(S), Int64(hd), vw)
                         widened = g
                     }
                     (kp, vp, ld) = (UnsafePointer(kw), UnsafePointer(vw), hd)
@@ -610,39 +610,89 @@ public final class Transformer: @unchecked Sendable {
         }
     }
 
-    /// Single-query attention of each row t over keys 0...positions[t] of its cache, (row, head)
-    /// work items split over the pool's threads: decoding, alone or batched.
+    /// Keys per part of a decoding row's attention: a longer row is split into parts that run on
+    /// different threads and are merged after (flash-decoding). Fixed, so how a row is split
+    /// depends on its length only, never on the batch it is in: a request's numbers are the same
+    /// alone and batched.
+    static let attentionPart = 1024
+
+    /// Single-query attention of each row t over keys 0...positions[t] of its cache: decoding,
+    /// alone or batched. Over an f32 cache, one sgemv pair per query head. Over an f16 cache,
+    /// work items are (row, KV head, part of the keys): the query heads that share a KV head are
+    /// done together, so each key and value row is read (and widened) once per KV head
+    /// (`vk_attend_group`), and the parts of a row are merged by their softmax maxima and sums.
     func attendRows(caches: [KVCache], layer l: Int, positions: [Int], scale: Float, group: Int, ws: Workspace) {
-        let c = config, hd = c.headDim, qDim = c.qDim
-        let maxS = (positions.max() ?? 0) + 1
-        let scores = ws.reserveScores(pool.size * (maxS + hd))
-        let (q, att) = (ws.q, ws.att)
-        let items = positions.count * c.heads
+        let c = config, hd = c.headDim, qDim = c.qDim, kvDim = c.kvDim, G = group
+        // Rows over f32 caches: one sgemv pair per query head (the path the parity fixtures
+        // were measured on).
+        let f32Rows = positions.indices.filter { caches[$0].type == .f32 }
+        if !f32Rows.isEmpty {
+            let maxS = (f32Rows.map { positions[$0] }.max() ?? 0) + 1
+            let scores = ws.reserveScores(pool.size * maxS)
+            let (q, att) = (ws.q, ws.att)
+            pool.parallel { ith, nth in
+                let s = scores + ith * maxS
+                for item in ThreadPool.slice(f32Rows.count * c.heads, ith, nth) {
+                    let t = f32Rows[item / c.heads], h = item % c.heads, g = h / G, S = positions[t] + 1
+                    let kc = caches[t].keys(layer: l).assumingMemoryBound(to: Float.self) + g * hd
+                    let vc = caches[t].values(layer: l).assumingMemoryBound(to: Float.self) + g * hd
+                    // scores = K_g q * scale; K_g is (S, hd) with rows kvDim apart; out = V_g^T p.
+                    cblas_sgemv(
+                        CblasRowMajor, CblasNoTrans, Int32(S), Int32(hd), scale, kc, Int32(kvDim), q + t * qDim + h * hd, 1, 0, s, 1)
+                    Ops.softmax(s, n: S)
+                    cblas_sgemv(CblasRowMajor, CblasTrans, Int32(S), Int32(hd), 1, vc, Int32(kvDim), s, 1, 0, att + t * qDim + h * hd, 1)
+                }
+            }
+        }
+        // Rows over f16 caches: the group kernel, in parts.
+        let half = positions.indices.filter { caches[$0].type == .f16 }
+        guard !half.isEmpty else { return }
+        let part = Self.attentionPart
+        var items: [(t: Int, g: Int, s0: Int, s1: Int)] = []
+        var first = [Int](repeating: 0, count: positions.count)  // each row's first item
+        for t in half {
+            first[t] = items.count
+            let S = positions[t] + 1
+            for g in 0..<c.kvHeads {
+                for s0 in stride(from: 0, to: S, by: part) { items.append((t, g, s0, min(S, s0 + part))) }
+            }
+        }
+        let stat = G * (2 + hd)  // per item: m (G), l (G), o (G x hd)
+        let outs = ws.reserveHeadKV(items.count * stat)
+        let scores = ws.reserveScores(pool.size * G * part)
+        let q = ws.q
         pool.parallel { ith, nth in
-            let s = scores + ith * (maxS + hd)
-            for item in ThreadPool.slice(items, ith, nth) {
-                let t = item / c.heads, h = item % c.heads
-                let cache = caches[t], S = positions[t] + 1
-                let g = h / group
-                let qh = q + t * qDim + h * hd, out = att + t * qDim + h * hd
-                let kb = cache.keys(layer: l), vb = cache.values(layer: l)
-                switch cache.type {
-                case .f32:
-                    // scores = K_g q * scale; K_g is (S, hd) with rows kvDim apart. Single-threaded
-                    // sgemv per head from the pool's threads.
-                    let kc = kb.assumingMemoryBound(to: Float.self), vc = vb.assumingMemoryBound(to: Float.self)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(S), Int32(hd), scale, kc + g * hd, Int32(c.kvDim), qh, 1, 0, s, 1)
-                    Ops.softmax(s, n: S)
-                    // out = V_g^T p
-                    cblas_sgemv(CblasRowMajor, CblasTrans, Int32(S), Int32(hd), 1, vc + g * hd, Int32(c.kvDim), s, 1, 0, out, 1)
-                case .f16:
-                    // The same with f16 rows, widened inside the dot products: q is scaled first.
-                    let qs = s + maxS
-                    for i in 0..<hd { qs[i] = qh[i] * scale }
-                    let f16 = Int32(TensorType.f16.rawValue)
-                    vk_matvec_rows(f16, kb + g * hd * 2, cache.rowBytes, nil, qs, s, Int64(hd), 0, Int64(S))
-                    Ops.softmax(s, n: S)
-                    vk_combine_rows(f16, vb + g * hd * 2, cache.rowBytes, s, Int64(S), out, 0, Int64(hd))
+            let sc = scores + ith * G * part
+            for i in ThreadPool.slice(items.count, ith, nth) {
+                let it = items[i], cache = caches[it.t]
+                let eb = cache.type.bytes, off = (it.s0 * kvDim + it.g * hd) * eb
+                let o = outs + i * stat
+                vk_attend_group(
+                    cache.type == .f16 ? 1 : 0, cache.keys(layer: l) + off, cache.values(layer: l) + off, Int64(kvDim),
+                    q + it.t * qDim + it.g * G * hd, Int64(G), Int64(hd), scale, Int64(it.s1 - it.s0), sc, o, o + G, o + 2 * G)
+            }
+        }
+        // Merge each row's parts: weights exp(m_p - M), normalised by the weighted sums.
+        let att = ws.att, parts = (0..<positions.count).map { ((positions[$0] + 1) + part - 1) / part }
+        rowsParallel(half.count) { i in
+            let t = half[i]
+            for g in 0..<c.kvHeads {
+                let base = first[t] + g * parts[t]
+                for j in 0..<G {
+                    let out = att + t * qDim + (g * G + j) * hd
+                    var M = -Float.infinity
+                    for p in 0..<parts[t] { M = max(M, outs[(base + p) * stat + j]) }
+                    var L: Float = 0
+                    for i in 0..<hd { out[i] = 0 }
+                    for p in 0..<parts[t] {
+                        let o = outs + (base + p) * stat
+                        let w = exp(o[j] - M)
+                        L += o[G + j] * w
+                        let op = o + 2 * G + j * hd
+                        for i in 0..<hd { out[i] += w * op[i] }
+                    }
+                    let inv = 1 / L
+                    for i in 0..<hd { out[i] *= inv }
                 }
             }
         }

@@ -881,6 +881,9 @@ public nonisolated struct Vist2_V1_GenerateRequest: Sendable {
   /// as CompressRequest.shared
   public var shared: Bool = false
 
+  /// keep generating past end-of-generation tokens (benchmarks)
+  public var ignoreEos: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -2815,7 +2818,7 @@ nonisolated extension Vist2_V1_Sampling: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Vist2_V1_GenerateRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".GenerateRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_ids\0\u{1}instruction\0\u{1}chat\0\u{1}sampling\0\u{1}stop\0\u{3}max_tokens\0\u{3}full_text\0\u{1}shared\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}document_ids\0\u{1}instruction\0\u{1}chat\0\u{1}sampling\0\u{1}stop\0\u{3}max_tokens\0\u{3}full_text\0\u{1}shared\0\u{3}ignore_eos\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2831,6 +2834,7 @@ nonisolated extension Vist2_V1_GenerateRequest: SwiftProtobuf.Message, SwiftProt
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.maxTokens) }()
       case 7: try { try decoder.decodeSingularBoolField(value: &self.fullText) }()
       case 8: try { try decoder.decodeSingularBoolField(value: &self.shared) }()
+      case 9: try { try decoder.decodeSingularBoolField(value: &self.ignoreEos) }()
       default: break
       }
     }
@@ -2865,6 +2869,9 @@ nonisolated extension Vist2_V1_GenerateRequest: SwiftProtobuf.Message, SwiftProt
     if self.shared != false {
       try visitor.visitSingularBoolField(value: self.shared, fieldNumber: 8)
     }
+    if self.ignoreEos != false {
+      try visitor.visitSingularBoolField(value: self.ignoreEos, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2877,6 +2884,7 @@ nonisolated extension Vist2_V1_GenerateRequest: SwiftProtobuf.Message, SwiftProt
     if lhs.maxTokens != rhs.maxTokens {return false}
     if lhs.fullText != rhs.fullText {return false}
     if lhs.shared != rhs.shared {return false}
+    if lhs.ignoreEos != rhs.ignoreEos {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -306,7 +306,7 @@ public final class EngineWorker: @unchecked Sendable {
 
     private func needsStep(_ job: Job) -> Bool {
         switch job.work {
-        case .generation(let task, _, _, _): return task.state == .prefilling
+        case .generation(let task, _, _, _): return task.state == .prefilling || task.state == .swapping
         case .steps, .call: return true
         case nil: return false
         }

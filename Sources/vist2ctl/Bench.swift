@@ -51,7 +51,7 @@ struct Bench: ParsableCommand {
         }
         try runReportingErrors(json: json) {
             let model = try modelOptions.load()
-            let b = try model.bench(prompt: p, generate: n, repetitions: r)
+            let b = try model.bench(prompt: p, generate: n, repetitions: r, kvType: modelOptions.kvType)
             if json {
                 printJSON(b)
             } else {

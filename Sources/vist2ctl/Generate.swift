@@ -93,6 +93,7 @@ struct Generate: ParsableCommand {
                 }
                 model = .language(try modelOptions.load())
             }
+            req.kvType = modelOptions.kvType
             let result = try GenerationTask.generate(req, model: model, onText: stream)
             if json { printJSON(result) }
             if !json {

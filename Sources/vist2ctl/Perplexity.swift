@@ -60,7 +60,7 @@ struct Perplexity: ParsableCommand {
         try runReportingErrors(json: json) {
             let text = try readText(file)
             let model = try modelOptions.load()
-            let r = try model.perplexity(text: text, ctx: ctx) { done, total, ppl in
+            let r = try model.perplexity(text: text, ctx: ctx, kvType: modelOptions.kvType) { done, total, ppl in
                 if !json { FileHandle.standardError.write(Data("[\(done)/\(total)] \(String(format: "%.4f", ppl))\n".utf8)) }
             }
             if json {

@@ -34,6 +34,9 @@ struct ModelOptions: ParsableArguments {
     @Option(name: .long, help: "Threads for the engine (default: the cores this process may use).")
     var threads: Int?
 
+    @Option(name: .long, help: "Element type of the KV cache with --local: f16 (default, as vist2d) or f32.")
+    var kvType: KVType = .f16
+
     func validate() throws {
         if let t = threads, !(1...256).contains(t) { throw ValidationError("--threads must be in 1...256, got \(t)") }
     }
@@ -132,3 +135,5 @@ func daemonCode(_ e: Error) -> String {
     case .io: return "io"
     }
 }
+
+extension KVType: ExpressibleByArgument {}

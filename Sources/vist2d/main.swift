@@ -50,7 +50,7 @@ struct Vist2d: ParsableCommand {
     @Option(help: "Requests the engine runs at once, decoding in one batch (default 32). [VIST2_MAX_ACTIVE]")
     var maxActive: Int?
 
-    @Option(help: "Element type of the KV cache, f32 or f16 (half the memory and cache files; default f32). [VIST2_KV_TYPE]")
+    @Option(help: "Element type of the KV cache: f16 (default; half the memory and cache files of f32) or f32. [VIST2_KV_TYPE]")
     var kvType: String?
 
     @Option(help: "Largest frame payload accepted, in bytes (default \(Frame.defaultMaxPayload)). [VIST2_MAX_FRAME]")
@@ -141,7 +141,7 @@ struct Vist2d: ParsableCommand {
         var limits = ServerLimits()
         limits.queueCapacity = queue
         limits.maxActive = try int(maxActive, "VIST2_MAX_ACTIVE", limits.maxActive, 1...256, "--max-active")
-        let kvName = self.kvType ?? env["VIST2_KV_TYPE"].flatMap { $0.isEmpty ? nil : $0 } ?? "f32"
+        let kvName = self.kvType ?? env["VIST2_KV_TYPE"].flatMap { $0.isEmpty ? nil : $0 } ?? "f16"
         guard let kvType = KVType(rawValue: kvName) else { throw ValidationError("--kv-type must be f32 or f16, got '\(kvName)'") }
         limits.maxFrame = maxFrame
         limits.maxConnections = try int(maxConnections, "VIST2_MAX_CONNECTIONS", limits.maxConnections, 1...1_000_000, "--max-connections")

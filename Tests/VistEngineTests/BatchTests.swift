@@ -12,6 +12,7 @@ func runBatched(_ tasks: [GenerationTask], tf: Transformer, ws: Workspace) -> [[
     var seen = [[[Float]]](repeating: [], count: tasks.count)
     for t in tasks { while !t.prefillStep(ws) {} }
     while true {
+        for t in tasks where t.state == .swapping { t.prefillStep(ws) }
         for (i, t) in tasks.enumerated() where t.state == .ready {
             seen[i].append(t.logits)
             _ = t.emit()
@@ -38,6 +39,8 @@ func runAlone(_ task: GenerationTask, ws: Workspace) -> [[Float]] {
         case .decoding(let token):
             let (l, f) = task.tf.decode([token], caches: [task.cache], workspace: ws)
             task.accept(l, row: 0, flops: f[0], ws: ws)
+        case .swapping:
+            task.prefillStep(ws)
         default:
             return seen
         }

@@ -75,6 +75,24 @@ void vk_matvec_rows_multi(int type, const void *w, size_t row_bytes, const vk_bl
 void vk_f32_to_f16(const float *src, uint16_t *dst, int64_t n);
 void vk_f16_to_f32(const uint16_t *src, float *dst, int64_t n);
 
+/// Attention over an f16 KV cache, one head: rows s = 0..<n of `hd` halves, `stride` halves apart.
+/// out[s] = dot(k[s], q);  out[c] = sum_s p[s] v[s][c] (c < hd);  dst[s][i] = v[s][i] as f32.
+void vk_dot_rows_f16(const uint16_t *k, int64_t stride, const float *q, int64_t hd, int64_t n, float *out);
+void vk_combine_rows_f16(const uint16_t *v, int64_t stride, const float *p, int64_t n, int64_t hd, float *out);
+void vk_widen_rows_f16(const uint16_t *src, int64_t stride, int64_t n, int64_t hd, float *dst);
+
+/// Decoding attention of G query heads that share one KV head, over keys 0..<n of that head:
+/// k and v point at the head's slice of key/value row 0 (f32, or f16 when `f16`), rows `stride`
+/// elements apart; q holds the G queries (hd floats each, one after another). Each key and value
+/// row is read once for all G queries. Outputs per query g, unnormalized so that parts over
+/// disjoint key ranges can be merged: m[g] = max score, l[g] = sum of exp(score - m[g]),
+/// o[g*hd..] = sum of exp(score - m[g]) v_s. `scores` is scratch of G*n floats.
+void vk_attend_group(int f16, const void *k, const void *v, int64_t stride, const float *q, int64_t G, int64_t hd, float scale,
+                     int64_t n, float *scores, float *m, float *l, float *o);
+
+/// x[i] = exp(x[i] - max); returns the sum (in double) and sets *max_out (n >= 1).
+double vk_exp_shifted(float *x, int64_t n, float *max_out);
+
 /// In-place softmax of n floats (max-subtracted, sum in double).
 void vk_softmax(float *x, int64_t n);
 

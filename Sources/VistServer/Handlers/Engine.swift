@@ -21,6 +21,7 @@ enum EngineHandlers {
             return s.error(id, .badRequest, "at most \(limits.maxStopStrings) stop strings of at most \(limits.maxStopBytes) bytes")
         }
         req.stop = g.stop
+        req.ignoreEOS = g.ignoreEos
         if g.hasSampling {
             req.sampling.temperature = g.sampling.temperature
             req.sampling.topK = Int(g.sampling.topK)

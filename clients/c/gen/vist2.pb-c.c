@@ -3553,7 +3553,7 @@ const ProtobufCMessageDescriptor vist2__v1__sampling__descriptor =
   (ProtobufCMessageInit) vist2__v1__sampling__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__generate_request__field_descriptors[8] =
+static const ProtobufCFieldDescriptor vist2__v1__generate_request__field_descriptors[9] =
 {
   {
     "document_ids",
@@ -3651,11 +3651,24 @@ static const ProtobufCFieldDescriptor vist2__v1__generate_request__field_descrip
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "ignore_eos",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateRequest, ignore_eos),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__generate_request__field_indices_by_name[] = {
   2,   /* field[2] = chat */
   0,   /* field[0] = document_ids */
   6,   /* field[6] = full_text */
+  8,   /* field[8] = ignore_eos */
   1,   /* field[1] = instruction */
   5,   /* field[5] = max_tokens */
   3,   /* field[3] = sampling */
@@ -3665,7 +3678,7 @@ static const unsigned vist2__v1__generate_request__field_indices_by_name[] = {
 static const ProtobufCIntRange vist2__v1__generate_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor vist2__v1__generate_request__descriptor =
 {
@@ -3675,7 +3688,7 @@ const ProtobufCMessageDescriptor vist2__v1__generate_request__descriptor =
   "Vist2__V1__GenerateRequest",
   "vist2.v1",
   sizeof(Vist2__V1__GenerateRequest),
-  8,
+  9,
   vist2__v1__generate_request__field_descriptors,
   vist2__v1__generate_request__field_indices_by_name,
   1,  vist2__v1__generate_request__number_ranges,

@@ -538,10 +538,14 @@ struct  Vist2__V1__GenerateRequest
    * as CompressRequest.shared
    */
   protobuf_c_boolean shared;
+  /*
+   * keep generating past end-of-generation tokens (benchmarks)
+   */
+  protobuf_c_boolean ignore_eos;
 };
 #define VIST2__V1__GENERATE_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__generate_request__descriptor) \
-    , 0,NULL, (char *)protobuf_c_empty_string, 0, NULL, 0,NULL, 0, 0, 0 }
+    , 0,NULL, (char *)protobuf_c_empty_string, 0, NULL, 0,NULL, 0, 0, 0, 0 }
 
 
 struct  Vist2__V1__TextDelta

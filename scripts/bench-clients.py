@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Throughput as clients grow: N concurrent clients (N = 1, 2, 4, 8 by default) each generate
+--tokens tokens over the same open document in one vist2d, all at once.
+
+    /usr/bin/python3 scripts/bench-clients.py [--model default] [--tokens 128] [--clients 1,2,4,8]
+        [--kv-type f32] [--out DIR]
+
+Starts vist2d (.build/release/vist2d, built if missing) on a fresh socket and cache, compresses the document once (so every
+client's prefill reads the cached visual blocks), then for each N: N connections open the
+document, wait at a barrier, send a Generate (greedy, ignore_eos, --tokens tokens) and record when
+each delta arrives. Per run it reports:
+
+- aggregate decode tokens/s: over the window in which every client is decoding (from the last
+  client's first token to the first client's last token), the tokens (text deltas) that arrived
+  in it over its length;
+- per-token latency: the mean gap between a client's consecutive tokens in that window,
+  averaged over the clients;
+- the time to first token, averaged over the clients.
+
+Writes results.json and clients.png (both curves against N) to --out (default
+.build/bench-clients) and prints a Markdown table with the ratios to one client. The OpenBLAS
+environment variables are unset for the daemon. Needs the protobuf package (Debian:
+python3-protobuf) and, for the plot, matplotlib (installed into .build/plot-venv if missing).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+import vist2_client  # noqa: E402
+
+
+def document(names):
+    lic = "/usr/share/common-licenses"
+    return "".join(open(os.path.join(lic, f), encoding="utf-8").read() for f in names.split(","))
+
+
+def run_clients(pb, sock, text, n, tokens, instruction):
+    barrier = threading.Barrier(n)
+    results = [None] * n
+    errors = []
+
+    def client(i):
+        try:
+            c = vist2_client.Client(pb, sock)
+            doc = c.request(lambda m: (m.open_document.SetInParent(), setattr(m.open_document, "text", text))).document
+            times = []
+
+            def gen(m):
+                m.generate.document_ids.append(doc.document_id)
+                m.generate.instruction = instruction
+                m.generate.max_tokens = tokens
+                m.generate.ignore_eos = True
+                m.generate.sampling.temperature = 0
+                m.generate.sampling.top_p = 1
+
+            barrier.wait()
+            t0 = time.monotonic()
+            res = c.request(gen, lambda r: times.append(time.monotonic())).generate_result
+            t1 = time.monotonic()
+            c.request(lambda m: setattr(m.close_document, "document_id", doc.document_id))
+            results[i] = {"start": t0, "end": t1, "deltas": times, "generated": res.generated_tokens,
+                          "ttft_ms": res.ttft_ms, "decode_ms": res.decode_ms, "decode_tps": res.decode_tokens_per_s,
+                          "prefix_hits": res.prefix_cache_hits, "text": res.text}
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append("client %d: %s" % (i, e))
+            barrier.abort()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    # The window in which every client was decoding: from the last client's first token to the
+    # first client's last one. Tokens (text deltas) that arrived in it, over its length.
+    lo = max(r["deltas"][0] for r in results)
+    hi = min(r["deltas"][-1] for r in results)
+    inside = [[t for t in r["deltas"] if lo <= t <= hi] for r in results]
+    gaps = [(ts[-1] - ts[0]) / (len(ts) - 1) for ts in inside if len(ts) > 1]
+    return {
+        "clients": n, "tokens_per_client": tokens, "generated": [r["generated"] for r in results],
+        "window_s": hi - lo, "tokens_in_window": sum(len(ts) - 1 for ts in inside),
+        "aggregate_decode_tps": sum(len(ts) - 1 for ts in inside) / (hi - lo) if hi > lo else 0,
+        "per_token_latency_ms": 1000 * sum(gaps) / len(gaps) if gaps else 0,
+        "request_decode_tps": [r["decode_tps"] for r in results],
+        "mean_ttft_ms": sum(r["ttft_ms"] for r in results) / n, "texts_identical": len({r["text"] for r in results}) == 1,
+        "prefix_hits": [r["prefix_hits"] for r in results],
+    }
+
+
+def plot(rows, path):
+    code = r'''
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+rows = json.load(open(sys.argv[1]))["runs"]
+n = [r["clients"] for r in rows]
+fig, ax = plt.subplots(figsize=(6.4, 4))
+ax.plot(n, [r["aggregate_decode_tps"] for r in rows], "o-", color="tab:blue", label="aggregate decode tokens/s")
+ax.set_xlabel("concurrent clients"); ax.set_ylabel("aggregate decode tokens/s", color="tab:blue")
+ax.set_xticks(n); ax.set_ylim(bottom=0)
+ax2 = ax.twinx()
+ax2.plot(n, [r["per_token_latency_ms"] for r in rows], "s--", color="tab:red", label="per-token latency (ms)")
+ax2.set_ylabel("per-token latency per client (ms)", color="tab:red"); ax2.set_ylim(bottom=0)
+ax.set_title("vist2d: clients generating over the same document at once")
+fig.tight_layout(); fig.savefig(sys.argv[2], dpi=120)
+'''
+    results = os.path.join(os.path.dirname(path), "results.json")
+    for py in ("python3", os.path.join(ROOT, ".build", "plot-venv", "bin", "python")):
+        if shutil.which(py) or os.path.exists(py):
+            if subprocess.run([py, "-c", "import matplotlib"], capture_output=True).returncode == 0:
+                subprocess.run([py, "-c", code, results, path], check=True)
+                return
+    venv = os.path.join(ROOT, ".build", "plot-venv")
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "matplotlib"], check=True)
+    subprocess.run([os.path.join(venv, "bin", "python"), "-c", code, results, path], check=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--kv-type", default="f32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--instruction", default="Summarize the license above.")
+    ap.add_argument("--document", default="GPL-3,Apache-2.0", help="files of /usr/share/common-licenses, concatenated")
+    ap.add_argument("--out", default=os.path.join(ROOT, ".build", "bench-clients"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    if not os.path.exists(os.path.join(ROOT, ".build", "release", "vist2d")):
+        subprocess.run(["swift", "build", "-c", "release", "--product", "vist2d"], cwd=ROOT, check=True)
+    pb = vist2_client.load_protocol()
+    tmp = tempfile.mkdtemp(prefix="vist2-bench-")
+    sock = os.path.join(tmp, "s.sock")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    log = open(os.path.join(a.out, "vist2d.log"), "w")
+    daemon = subprocess.Popen([os.path.join(ROOT, ".build", "release", "vist2d"), "--model", a.model, "--socket", sock,
+                               "--cache-dir", os.path.join(tmp, "cache"), "--threads", str(a.threads),
+                               "--kv-type", a.kv_type, "--queue", "64"], env=env, stdout=log, stderr=log)
+    try:
+        for _ in range(600):
+            if os.path.exists(sock):
+                try:
+                    vist2_client.Client(pb, sock)
+                    break
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        text = document(a.document)
+        c = vist2_client.Client(pb, sock)
+        doc = c.request(lambda m: (m.open_document.SetInParent(), setattr(m.open_document, "text", text))).document
+
+        def compress(m):
+            m.compress.document_id = doc.document_id
+            m.compress.instruction = a.instruction
+
+        comp = c.request(compress).compress_result
+        runs = []
+        for n in [int(x) for x in a.clients.split(",")]:
+            r = run_clients(pb, sock, text, n, a.tokens, a.instruction)
+            runs.append(r)
+            print("N=%d: aggregate %.1f tokens/s, per-token latency %.1f ms, TTFT %.0f ms, identical texts %s" % (
+                n, r["aggregate_decode_tps"], r["per_token_latency_ms"], r["mean_ttft_ms"], r["texts_identical"]), flush=True)
+        out = {"model": a.model, "kv_type": a.kv_type, "threads": a.threads, "document_chunks": comp.chunks,
+               "document_text_tokens": comp.text_tokens, "runs": runs}
+        json.dump(out, open(os.path.join(a.out, "results.json"), "w"), indent=1)
+        base = runs[0]
+        print("\n| clients | aggregate decode tokens/s | vs 1 client | per-token latency (ms) | vs 1 client | mean TTFT (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in runs:
+            print("| %d | %.1f | %.2fx | %.1f | %.2fx | %.0f |" % (
+                r["clients"], r["aggregate_decode_tps"], r["aggregate_decode_tps"] / base["aggregate_decode_tps"],
+                r["per_token_latency_ms"], r["per_token_latency_ms"] / base["per_token_latency_ms"], r["mean_ttft_ms"]))
+        plot(runs, os.path.join(a.out, "clients.png"))
+        print("\nwrote %s/results.json and clients.png" % a.out)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
