@@ -334,6 +334,83 @@ VNNI static inline __m256 dot_u8s8_vnni(__m256i u, __m256i s) {
 DEFINE_Q4_DOTS(avx2, AVX2, dot_u8s8_avx2)
 DEFINE_Q4_DOTS(vnni, VNNI, dot_u8s8_vnni)
 
+// The same dot products of one weight row with nx <= VK_NXMAX activation rows (x + i * nb): the
+// weight block is unpacked and its scales converted once for all rows, and each row's arithmetic
+// is exactly the single-row kernel's (same operations in the same order), so results are
+// bit-identical to nx calls of it. Batched decoding runs on these.
+// A copy of the body for each row count, so its loops over rows unroll and the accumulators
+// stay in registers.
+#define VK_MULTI_DISPATCH(NAME, BLK, SUFFIX, ATTR)                                                                   \
+    ATTR static void dot_##NAME##_multi_##SUFFIX(const BLK *w, const vk_block_q8a *x, int64_t nb, int64_t nx, float *out) { \
+        switch (nx) {                                                                                                \
+        case 1: dot_##NAME##_multi_body_##SUFFIX(w, x, nb, 1, out); break;                                           \
+        case 2: dot_##NAME##_multi_body_##SUFFIX(w, x, nb, 2, out); break;                                           \
+        case 3: dot_##NAME##_multi_body_##SUFFIX(w, x, nb, 3, out); break;                                           \
+        case 4: dot_##NAME##_multi_body_##SUFFIX(w, x, nb, 4, out); break;                                           \
+        case 5: dot_##NAME##_multi_body_##SUFFIX(w, x, nb, 5, out); break;                                           \
+        case 6: dot_##NAME##_multi_body_##SUFFIX(w, x, nb, 6, out); break;                                           \
+        case 7: dot_##NAME##_multi_body_##SUFFIX(w, x, nb, 7, out); break;                                           \
+        default: dot_##NAME##_multi_body_##SUFFIX(w, x, nb, 8, out); break;                                          \
+        }                                                                                                            \
+    }
+
+#define VK_NXMAX 8
+#define DEFINE_MULTI_DOTS(SUFFIX, ATTR, DOTU8)                                                                       \
+    ATTR static inline __attribute__((always_inline)) void dot_q4_1_multi_body_##SUFFIX(const blk_q4_1 *w, const vk_block_q8a *x, int64_t nb, int64_t nx, float *out) { \
+        __m256 acc[VK_NXMAX];                                                                                        \
+        float summ[VK_NXMAX];                                                                                        \
+        for (int64_t j = 0; j < nx; j++) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }                          \
+        for (int64_t i = 0; i < nb; i++) {                                                                           \
+            const __m256i q = unpack_nibbles(w[i].qs);                                                               \
+            const float d = h2f(w[i].d), m = h2f(w[i].m);                                                            \
+            for (int64_t j = 0; j < nx; j++) {                                                                       \
+                const vk_block_q8a *xb = x + j * nb + i;                                                             \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);                                      \
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), DOTU8(q, xv), acc[j]);                           \
+                summ[j] += m * xb->s;                                                                                \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int64_t j = 0; j < nx; j++) out[j] = hsum256(acc[j]) + summ[j];                                         \
+    }                                                                                                                \
+    ATTR static inline __attribute__((always_inline)) void dot_q4_0_multi_body_##SUFFIX(const blk_q4_0 *w, const vk_block_q8a *x, int64_t nb, int64_t nx, float *out) { \
+        __m256 acc[VK_NXMAX];                                                                                        \
+        float summ[VK_NXMAX];                                                                                        \
+        for (int64_t j = 0; j < nx; j++) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }                          \
+        for (int64_t i = 0; i < nb; i++) {                                                                           \
+            const __m256i q = unpack_nibbles(w[i].qs);                                                               \
+            const float d = h2f(w[i].d);                                                                             \
+            for (int64_t j = 0; j < nx; j++) {                                                                       \
+                const vk_block_q8a *xb = x + j * nb + i;                                                             \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);                                      \
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), DOTU8(q, xv), acc[j]);                           \
+                summ[j] -= 8.0f * d * xb->s;                                                                         \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int64_t j = 0; j < nx; j++) out[j] = hsum256(acc[j]) + summ[j];                                         \
+    }                                                                                                                \
+    ATTR static inline __attribute__((always_inline)) void dot_q8_0_multi_body_##SUFFIX(const blk_q8_0 *w, const vk_block_q8a *x, int64_t nb, int64_t nx, float *out) { \
+        __m256 acc[VK_NXMAX];                                                                                        \
+        for (int64_t j = 0; j < nx; j++) acc[j] = _mm256_setzero_ps();                                               \
+        for (int64_t i = 0; i < nb; i++) {                                                                           \
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)w[i].qs);                                         \
+            const __m256i aw = _mm256_sign_epi8(wv, wv);                                                             \
+            const float d = h2f(w[i].d);                                                                             \
+            for (int64_t j = 0; j < nx; j++) {                                                                       \
+                const vk_block_q8a *xb = x + j * nb + i;                                                             \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);                                      \
+                const __m256 p = DOTU8(aw, _mm256_sign_epi8(xv, wv));                                                \
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), p, acc[j]);                                      \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int64_t j = 0; j < nx; j++) out[j] = hsum256(acc[j]);                                                   \
+    } \
+    VK_MULTI_DISPATCH(q4_1, blk_q4_1, SUFFIX, ATTR)                                                                  \
+    VK_MULTI_DISPATCH(q4_0, blk_q4_0, SUFFIX, ATTR)                                                                  \
+    VK_MULTI_DISPATCH(q8_0, blk_q8_0, SUFFIX, ATTR)
+
+DEFINE_MULTI_DOTS(avx2, AVX2, dot_u8s8_avx2)
+DEFINE_MULTI_DOTS(vnni, VNNI, dot_u8s8_vnni)
+
 AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -490,6 +567,32 @@ void vk_matvec_rows_multi(int type, const void *w, size_t row_bytes, const vk_bl
                           int64_t n, int64_t nx, int64_t y_stride, int64_t r0, int64_t r1) {
     const uint8_t *base = w;
     const int64_t nb = n / VK_QK;
+#ifdef VK_X86
+    const int p = path();
+    if (p != PATH_SCALAR && nx > 1 && xq && (type == VK_TYPE_Q4_1 || type == VK_TYPE_Q4_0 || type == VK_TYPE_Q8_0)) {
+        float out[VK_NXMAX];
+        for (int64_t r = r0; r < r1; r++) {
+            const void *row = base + (size_t)r * row_bytes;
+            for (int64_t i0 = 0; i0 < nx; i0 += VK_NXMAX) {
+                const int64_t m = nx - i0 < VK_NXMAX ? nx - i0 : VK_NXMAX;
+                const vk_block_q8a *x = xq + i0 * nb;
+                switch (type) {
+                case VK_TYPE_Q4_1:
+                    if (p == PATH_VNNI) dot_q4_1_multi_vnni(row, x, nb, m, out); else dot_q4_1_multi_avx2(row, x, nb, m, out);
+                    break;
+                case VK_TYPE_Q4_0:
+                    if (p == PATH_VNNI) dot_q4_0_multi_vnni(row, x, nb, m, out); else dot_q4_0_multi_avx2(row, x, nb, m, out);
+                    break;
+                default:
+                    if (p == PATH_VNNI) dot_q8_0_multi_vnni(row, x, nb, m, out); else dot_q8_0_multi_avx2(row, x, nb, m, out);
+                    break;
+                }
+                for (int64_t i = 0; i < m; i++) y[(i0 + i) * y_stride + r] = out[i];
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = base + (size_t)r * row_bytes;
         for (int64_t i = 0; i < nx; i++) {

@@ -614,7 +614,7 @@ public final class Transformer: @unchecked Sendable {
     /// different threads and are merged after (flash-decoding). Fixed, so how a row is split
     /// depends on its length only, never on the batch it is in: a request's numbers are the same
     /// alone and batched.
-    static let attentionPart = 1024
+    static let attentionPart = 256
 
     /// Single-query attention of each row t over keys 0...positions[t] of its cache: decoding,
     /// alone or batched. Over an f32 cache, one sgemv pair per query head. Over an f16 cache,
