@@ -96,17 +96,19 @@ let package = Package(
         .executableTarget(name: "fuzz-frames", dependencies: ["VistFuzz"], swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
         .executableTarget(name: "fuzz-messages", dependencies: ["VistFuzz"], swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
         .executableTarget(name: "fuzz-session", dependencies: ["VistFuzz"], swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
-        .testTarget(name: "VistKernelsTests", dependencies: ["VistKernels"]),
-        .testTarget(name: "VistFormatsTests", dependencies: ["VistFormats"]),
+        // What only tests use: naive reference kernels, a seeded generator.
+        .target(name: "VistTestSupport", dependencies: ["VistKernels"], path: "Tests/Support"),
+        .testTarget(name: "VistKernelsTests", dependencies: ["VistKernels", "VistTestSupport"]),
+        .testTarget(name: "VistFormatsTests", dependencies: ["VistFormats", "VistTestSupport"]),
         .testTarget(name: "VistRenderTests", dependencies: ["VistRender"]),
-        .testTarget(name: "VistWireTests", dependencies: ["VistWire", "VistProtocol"]),
+        .testTarget(name: "VistWireTests", dependencies: ["VistWire", "VistProtocol", "VistTestSupport"]),
         .testTarget(name: "VistCacheTests", dependencies: ["VistCache", "CVistKernels"]),
         .testTarget(name: "VistServerTests", dependencies: ["VistServer", "VistClient", "VistCache"]),
         .testTarget(
             name: "VistTokenizerTests", dependencies: ["VistTokenizer", "VistEngine"],
             resources: [.copy("Fixtures")]),
         .testTarget(
-            name: "VistEngineTests", dependencies: ["VistEngine"],
+            name: "VistEngineTests", dependencies: ["VistEngine", "VistTestSupport"],
             resources: [.copy("Fixtures")]),
         // Runs the built vist2ctl binary as a user would (depending on it makes `swift test` build it).
         .testTarget(name: "CLITests", dependencies: ["vist2ctl", "vist2d", "vist2-render", "VistEngine", "VistClient"]),

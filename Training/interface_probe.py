@@ -7,7 +7,7 @@ V -> T, the VIST2 mask and positions), teacher-forced, loss in nats per text tok
                  token per visual token ("r1": the text itself, so an upper bound for any block),
                  the first token of every 2 or 4, and all-zero ("blind": what the backbone guesses
                  from the prompt and the text so far alone). Each with the block's tokens
-                 attending bidirectionally (VIST2.md section 3) and causally (block_attention
+                 attending bidirectionally (docs/MODEL.md section 3) and causally (block_attention
                  "causal").
   teacher        A text-side encoder with perfect input: an MLP from the ids of each group of
                  --group consecutive tokens to one visual token, trained through the frozen
@@ -15,7 +15,7 @@ V -> T, the VIST2 mask and positions), teacher-forced, loss in nats per text tok
                  encoder that needs no reading learn a code the backbone reads? With --start
                  first: a linear map that starts at the "first token of each group" code (with
                  --start zero: the same map starting at zero, the blind code). --curriculum 2:200
-                 trains on groups of 2 for 200 steps before --group (VIST2.md's ratio
+                 trains on groups of 2 for 200 steps before --group (docs/MODEL.md's ratio
                  curriculum); --adapter RANK also trains a low-rank "visual expert" in the
                  backbone's projections, on the visual rows only (not part of the engine's model).
                  --start mean [--layer L]: a linear map from the mean of each group's backbone

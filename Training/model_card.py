@@ -178,7 +178,7 @@ def main():
       + ("causally (`block_attention` \"causal\")." if cfg.get("block_attention") == "causal" else "to each other in both directions."))
     w(f"- Weights: {n_params / 1e6:.2f} M parameters, {size / 1e6:.1f} MB in F16.")
     w(f"- OCR instruction: `{cfg.get('ocr_prompt', '')}` (the transcription is prompted with it; see conventions).\n")
-    w("## Recipe (VIST2.md section 6)\n")
+    w("## Recipe (docs/MODEL.md section 6)\n")
     w(f"- Stage A, reading ({sched['steps_A']} steps, batch {sched['batch_A']} images, lr {sched['lr_A']}): no backbone. A "
       f"linear head on each visual token's merged patch features predicts the character in each of the "
       f"{(region // r['line_height']) * (region // advance)} cells it "
@@ -189,7 +189,7 @@ def main():
       f"{through} (weights dequantized by the engine, `vist2ctl export-backbone`). "
       f"{int(sched['ocr_share_B'] * 100)}% `[ocr prompt] V_i -> T_i`, the rest `V_i -> T_(i+1)`.")
     w(f"- Stage C, optical language modelling (lr {sched['lr_C']}, open-ended): `V_0 .. V_k -> T_(k+1)` with k <= "
-      f"{sched['max_blocks']} earlier chunks of the same document, the mask and compressed positions of VIST2.md "
+      f"{sched['max_blocks']} earlier chunks of the same document, the mask and compressed positions of docs/MODEL.md "
       f"section 3, mixed with {int(sched['ocr_share_C'] * 100)}% OCR.")
     scale = (f", plus {sched['scale_weight']} x a scale term, the mean of (RMS of a visual token / RMS of the backbone's "
              "token embeddings - 1)^2, which keeps the aligner's tanh out of saturation") if sched.get("scale_weight") else ""

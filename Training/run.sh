@@ -92,7 +92,7 @@ if [[ ! -f "$WORK/run/run.json" ]]; then
     "$PY" - "$WORK" "$CONFIG" "$PROMPT" "$IDS" "$TINY" "$ADAPTER" <<'EOF'
 import json, sys
 work, config, prompt, ids, tiny = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])["ids"], sys.argv[5] == "1"
-# The backbone adapter (VIST2.md section 6): --adapter RANK:SCOPE; the smoke test trains a rank-2
+# The backbone adapter (docs/MODEL.md section 6): --adapter RANK:SCOPE; the smoke test trains a rank-2
 # visual one so that the path from training to the engine is exercised.
 adapter = sys.argv[6] or ("2:visual" if tiny else "")
 if tiny:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the VIST2 vision encoder and aligner on a frozen backbone (issue 5, VIST2.md section 6).
+"""Train the VIST2 vision encoder and aligner on a frozen backbone (issue 5, docs/MODEL.md section 6).
 
     python3 Training/train.py --run RUN_DIR [--minutes N] [--device cpu|cuda|auto] [--batch N|auto]
     torchrun --nproc_per_node=G Training/train.py --run-dir RUN_DIR --device cuda --batch auto
@@ -17,7 +17,7 @@ Stages (steps are optimizer steps; the schedule is in run.json):
             continuation V_i -> T_{i+1}; loss on every text token, the first one predicted at
             the block's last visual token.
   C  OLM:   multi-chunk documents [] V_0 .. V_k -> T_{k+1} with the mask and compressed positions
-            of VIST2.md section 3, mixed with OCR.
+            of docs/MODEL.md section 3, mixed with OCR.
 With schedule "distill_weight" w > 0, stages B and C add w x KL(teacher || student) on every
 sequence that continues a document (continuation and OLM): the teacher is the bare backbone
 reading the earlier chunks as text (their token ids, then the next chunk's), the student the
@@ -28,7 +28,7 @@ The auxiliary reading loss stays on (small weight) in B and C. With scale_weight
 pulls each visual token's RMS towards the RMS of the backbone's token embeddings (off for the
 shipped model; Training/EXPERIMENTS.md).
 
-Backbone adapter (VIST2.md section 6): with run.json's "adapter": {"rank": R, "scope": "visual" |
+Backbone adapter (docs/MODEL.md section 6): with run.json's "adapter": {"rank": R, "scope": "visual" |
 "all", "alpha": (default 2R), "targets": (default all seven projections), "dtype": the exported
 factors' type, "float32" (default) or "bfloat16"}, a LoRA
 (Training/vist2/lora.py) trains with the encoder and aligner from stage B on; "visual" adapts only
@@ -205,7 +205,7 @@ class Trainable(nn.Module):
 # ---------------------------------------------------------------- sequences
 
 def build(bb, instr, blocks, text, m, causal=False):
-    """One sequence of VIST2.md section 3: instruction ids, visual blocks (list of (m, D)
+    """One sequence of docs/MODEL.md section 3: instruction ids, visual blocks (list of (m, D)
     tensors), then the text ids of the chunk after them. Returns embeddings, positions, the
     allowed-attention matrix, and for each text token the index of the row whose output
     predicts it (the first from the last visual token, or the instruction's last token if

@@ -2,7 +2,7 @@ import Foundation
 import VistFormats
 import VistKernels
 
-/// A low-rank backbone adapter (LoRA) in the Hugging Face PEFT layout (VIST2.md section 6):
+/// A low-rank backbone adapter (LoRA) in the Hugging Face PEFT layout (docs/MODEL.md section 6):
 ///
 ///     adapter_config.json        peft_type "LORA", r, lora_alpha, target_modules, use_rslora,
 ///                                layers_to_transform (optional)

@@ -760,7 +760,7 @@ public nonisolated struct Vist2_V1_DocumentInfo: Sendable {
 
 /// Prefills the document as a generation over it with this instruction would, filling both
 /// cache levels; a later Generate with the same document and instruction starts from the prefix
-/// cache. The instruction matters because visual blocks attend to it (VIST2.md section 3).
+/// cache. The instruction matters because visual blocks attend to it (docs/MODEL.md section 3).
 public nonisolated struct Vist2_V1_CompressRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for

@@ -8,7 +8,7 @@ struct Eval: ParsableCommand {
         discussion: """
             Cuts FILE with the model's chunker. OCR: each chunk is transcribed greedily from its \
             visual block alone (after the model's ocr_prompt) and compared with the chunk's text \
-            (character accuracy = 1 - edit distance / length). Retention (VIST2.md section 7): \
+            (character accuracy = 1 - edit distance / length). Retention (docs/MODEL.md section 7): \
             for every chunk after the first, the perplexity of its tokens (all but its first) \
             given nothing (ppl_none), the full text of the --context-chunks chunks before it \
             (ppl_text), or only their visual blocks (ppl_visual); retention = \

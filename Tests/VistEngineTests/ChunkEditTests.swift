@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import VistTestSupport
 
 @testable import VistEngine
 @testable import VistRender
@@ -37,7 +38,7 @@ struct ChunkEditTests {
             let original = try #require(try? String(contentsOfFile: path, encoding: .utf8), "\(path) is missing")
             var text = original
             var chunking = try #require(c.chunking(text))
-            var rng = SplitMix(seed: UInt64(path.utf8.count))
+            var rng = TestRNG(UInt64(path.utf8.count))
             for _ in 0..<12 {
                 var lines = text.components(separatedBy: "\n")
                 let i = Int(rng.next() % UInt64(lines.count))
@@ -63,18 +64,5 @@ struct ChunkEditTests {
             "mean \(String(format: "%.2f", Double(v.reduce(0, +)) / Double(v.count))), max \(v.max() ?? 0), over 2: \(v.filter { $0 > 2 }.count) of \(v.count)"
         }
         print("\(configFile): re-chunked \(summary(changedAll)); stateless \(summary(statelessChanged))")
-    }
-}
-
-/// A small seeded generator for the edits.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

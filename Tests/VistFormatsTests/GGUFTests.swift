@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import VistTestSupport
 
 @testable import VistFormats
 @testable import VistKernels

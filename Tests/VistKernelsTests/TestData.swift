@@ -1,19 +1,5 @@
 import VistKernels
-
-/// Deterministic pseudo-random data for kernel tests.
-struct TestRNG {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
-    mutating func next() -> UInt64 {
-        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-        var z = state
-        z = (z ^ (z >> 33)) &* 0xff51_afd7_ed55_8ccd
-        return z ^ (z >> 33)
-    }
-    /// Uniform in [-1, 1).
-    mutating func float() -> Float { Float(Double(next() >> 11) * 0x1.0p-53 * 2 - 1) }
-    mutating func byte() -> UInt8 { UInt8(truncatingIfNeeded: next()) }
-}
+import VistTestSupport
 
 /// Random bytes forming valid rows of `type`: block scales are finite, modest halves.
 func randomMatrixBytes(_ type: TensorType, rows: Int, cols: Int, rng: inout TestRNG) -> [UInt8] {

@@ -1,18 +1,11 @@
 import Testing
+import VistTestSupport
 
 @testable import VistWire
 
-struct SplitRNG {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-        return state >> 33
-    }
-}
-
 @Suite("Wire framing")
 struct FramingTests {
-    func payloads(_ rng: inout SplitRNG) -> [[UInt8]] {
+    func payloads(_ rng: inout TestRNG) -> [[UInt8]] {
         (0..<40).map { i in
             let n = i % 7 == 0 ? 0 : Int(rng.next() % (i % 5 == 0 ? 70_000 : 300))
             return (0..<n).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
@@ -21,7 +14,7 @@ struct FramingTests {
 
     @Test("Frames fed one byte at a time decode to the same payloads")
     func byteAtATime() throws {
-        var rng = SplitRNG(state: 1)
+        var rng = TestRNG(1)
         let ps = Array(payloads(&rng).prefix(12))
         let stream = try ps.flatMap { try Frame.encode($0) }
         var d = FrameDecoder()
@@ -33,7 +26,7 @@ struct FramingTests {
 
     @Test("Frames fed in random splits decode to the same payloads", arguments: 1...20)
     func randomSplits(seed: UInt64) throws {
-        var rng = SplitRNG(state: seed)
+        var rng = TestRNG(seed)
         let ps = payloads(&rng)
         let stream = try ps.flatMap { try Frame.encode($0) }
         var d = FrameDecoder()
@@ -73,7 +66,7 @@ struct FramingTests {
         d = FrameDecoder()
         #expect(throws: FrameError.reservedFlags(0x80)) { _ = try d.feed([0x56, 0x32, 1, 0x80]) }
         // Random bytes never crash the decoder and never produce a payload over the limit.
-        var rng = SplitRNG(state: 99)
+        var rng = TestRNG(99)
         for _ in 0..<2000 {
             var dec = FrameDecoder(maxPayload: 64)
             let n = Int(rng.next() % 40)

@@ -1,1 +1,1 @@
-"""PyTorch reference implementation of VIST2 (see ../../shared docs VIST2.md, and README.md here)."""
+"""PyTorch reference implementation of VIST2 (see docs/MODEL.md, and README.md here)."""

@@ -1,5 +1,5 @@
 """A low-rank backbone adapter (LoRA) in the Hugging Face PEFT layout, for the reference and for
-training (VIST2.md section 6, "The backbone adapts").
+training (docs/MODEL.md section 6, "The backbone adapts").
 
 On disk, as PEFT's `save_pretrained` writes it:
   adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, use_rslora, ...

@@ -1,6 +1,6 @@
 """The VIST2 forward pass in PyTorch: backbone (Llama / Qwen3), vision encoder (ViT, SigLIP
 layout), tanh-linear aligner with the optional s x s merge, and the interleaved sequence with the
-mask and compressed positions of VIST2.md section 3.
+mask and compressed positions of docs/MODEL.md section 3.
 
 It reads the same model directory as the Swift engine (config.json, vision.safetensors, a
 Hugging Face backbone directory) and the renderer's raw output (`vist2ctl render --raw`:
@@ -316,7 +316,7 @@ class VIST2(nn.Module):
         return self.aligner(self.vision(x))
 
     def forward(self, instruction, segments):
-        """The interleaved sequence of VIST2.md section 3.
+        """The interleaved sequence of docs/MODEL.md section 3.
 
         instruction: (P,) token ids. segments: list over chunks i = 0, 1, ... of dicts with an
         optional "image" ((H, W) pixels: the chunk's visual block V_i) and optional "text" (token

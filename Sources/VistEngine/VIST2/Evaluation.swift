@@ -2,7 +2,7 @@ import Foundation
 import VistKernels
 import VistTokenizer
 
-/// How faithfully a VIST2 model reads its own sketch images (VIST2.md section 7), on any text.
+/// How faithfully a VIST2 model reads its own sketch images (docs/MODEL.md section 7), on any text.
 public struct VIST2Evaluation: Sendable, Codable, Equatable {
     /// 1 - (edit distance / reference length) over all evaluated chunks, in Unicode scalars, of
     /// the greedy transcription of each chunk from its visual block alone (after the model's

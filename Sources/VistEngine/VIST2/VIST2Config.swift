@@ -68,7 +68,7 @@ public struct VIST2Config: Codable, Sendable, Equatable {
     }
 
     /// A backbone adapter (LoRA, Hugging Face PEFT layout) and the rows it acts on: "visual"
-    /// (the rows of visual blocks; text rows are the backbone's own) or "all" (VIST2.md section 6).
+    /// (the rows of visual blocks; text rows are the backbone's own) or "all" (docs/MODEL.md section 6).
     public struct Adapter: Codable, Sendable, Equatable {
         public var path: String
         public var scope: String
@@ -85,7 +85,7 @@ public struct VIST2Config: Codable, Sendable, Equatable {
     /// The instruction the model was trained to transcribe a visual block after (`[ocr_prompt]
     /// V_i -> T_i`); `vist2ctl eval` measures OCR with it. Absent: no instruction.
     public var ocrPrompt: String?
-    /// How the tokens of one visual block attend to each other: "bidirectional" (VIST2.md
+    /// How the tokens of one visual block attend to each other: "bidirectional" (docs/MODEL.md
     /// section 3; the default when absent) or "causal" (each visual token sees the block's
     /// earlier ones only, as a causal backbone sees text: Training/EXPERIMENTS.md). Either way a
     /// block depends only on pixels, the instruction and earlier blocks, so its KV is cacheable.

@@ -92,7 +92,7 @@ public final class VIST2Model: @unchecked Sendable {
         renderConfigHash = Array(SHA256.hash(data: (try? enc.encode(config.render)) ?? Data()))
     }
 
-    // MARK: cache keys (DAEMON.md, persistent caches)
+    // MARK: cache keys (docs/MODEL.md section 5)
 
     /// Key of a chunk's aligner output: its text, the render config and the model. It does not
     /// depend on where the chunk sits, so it survives edits elsewhere in the document.

@@ -443,7 +443,7 @@ struct  Vist2__V1__DocumentInfo
 /*
  * Prefills the document as a generation over it with this instruction would, filling both
  * cache levels; a later Generate with the same document and instruction starts from the prefix
- * cache. The instruction matters because visual blocks attend to it (VIST2.md section 3).
+ * cache. The instruction matters because visual blocks attend to it (docs/MODEL.md section 3).
  */
 struct  Vist2__V1__CompressRequest
 {

@@ -1,7 +1,9 @@
 import Foundation
+import VistKernels
 
 /// Naive reference kernels: plain loops in Double, written from the format descriptions rather
-/// than shared with the fast paths, so tests can check the SIMD/BLAS kernels against them.
+/// than shared with the fast paths, so tests can check the SIMD/BLAS kernels against them. Test
+/// support only: no production target links it.
 public enum Reference {
     /// Dequantizes one block-format row by reading the bytes directly (llama.cpp block layouts).
     public static func dequantizeRow(_ type: TensorType, _ p: UnsafeRawPointer, count: Int) -> [Float] {
