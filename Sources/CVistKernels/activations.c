@@ -33,7 +33,7 @@ AVX2 static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-AVX2 static void softmax_avx2(float *x, int64_t n) {
+AVX2 static float max_avx2(const float *x, int64_t n) {
     __m256 vm = _mm256_set1_ps(-INFINITY);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
@@ -41,24 +41,8 @@ AVX2 static void softmax_avx2(float *x, int64_t n) {
     float tmp[8];
     _mm256_storeu_ps(tmp, vm);
     for (int j = 0; j < 8; j++) m = fmaxf(m, tmp[j]);
-    for (int64_t j = i; j < n; j++) m = fmaxf(m, x[j]);
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 vs = _mm256_setzero_ps();
-    for (i = 0; i + 8 <= n; i += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
-        _mm256_storeu_ps(x + i, e);
-        vs = _mm256_add_ps(vs, e);
-    }
-    _mm256_storeu_ps(tmp, vs);
-    double sum = 0;
-    for (int j = 0; j < 8; j++) sum += tmp[j];
-    for (; i < n; i++) {
-        x[i] = expf(x[i] - m);
-        sum += x[i];
-    }
-    const __m256 inv = _mm256_set1_ps((float)(1.0 / sum));
-    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
-    for (; i < n; i++) x[i] *= (float)(1.0 / sum);
+    for (; i < n; i++) m = fmaxf(m, x[i]);
+    return m;
 }
 
 AVX2 static double exp_shifted_avx2(float *x, int64_t n, float m) {
@@ -79,6 +63,14 @@ AVX2 static double exp_shifted_avx2(float *x, int64_t n, float m) {
         sum += x[i];
     }
     return sum;
+}
+
+AVX2 static void softmax_avx2(float *x, int64_t n) {
+    const double sum = exp_shifted_avx2(x, n, max_avx2(x, n));
+    const __m256 inv = _mm256_set1_ps((float)(1.0 / sum));
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    for (; i < n; i++) x[i] *= (float)(1.0 / sum);
 }
 
 AVX2 static double vk_sum_exp_avx2(const float *x, int64_t n, float m) {
@@ -121,13 +113,17 @@ AVX2 static void gelu_tanh_avx2(float *x, int64_t n) {
 #endif
 
 double vk_exp_shifted(float *x, int64_t n, float *max_out) {
+    *max_out = -INFINITY;
+    if (n <= 0) return 0;
+#ifdef VK_X86
+    if (vk_simd_level() > 0) {
+        *max_out = max_avx2(x, n);
+        return exp_shifted_avx2(x, n, *max_out);
+    }
+#endif
     float m = -INFINITY;
     for (int64_t i = 0; i < n; i++) m = fmaxf(m, x[i]);
     *max_out = m;
-    if (n <= 0) return 0;
-#ifdef VK_X86
-    if (vk_simd_level() > 0) return exp_shifted_avx2(x, n, m);
-#endif
     double sum = 0;
     for (int64_t i = 0; i < n; i++) {
         x[i] = expf(x[i] - m);

@@ -4,7 +4,7 @@ import Synchronization
 import VistEngine
 
 /// One engine, one worker thread that steps every running request together (continuous
-/// batching; docs/ARCHITECTURE.md, "The engine thread").
+/// batching; docs/ARCHITECTURE.md, "The daemon").
 ///
 /// A request becomes a `Job` as soon as it is accepted (its text work may still be preparing it
 /// elsewhere); once it has engine work (`start`), each turn of the loop:
