@@ -29,7 +29,7 @@ struct Bench: ParsableCommand {
             guard p >= 0, n >= 0, r >= 0, p <= Int(UInt32.max), n <= Int(UInt32.max), r <= 1000 else {
                 fail("-p, -n and -r must be >= 0 (r <= 1000)", code: "bad_argument", json: json)
             }
-            let c = try socketOption.connect()
+            let c = socketOption.connect(json: json)
             do {
                 let b = try c.bench(prompt: UInt32(p), generate: UInt32(n), repetitions: UInt32(r))
                 if json {

@@ -50,7 +50,7 @@ struct Compress: ParsableCommand {
     }
 
     func run() throws {
-        let c = try socketOption.connect()
+        let c = socketOption.connect(json: json)
         let bar = isatty(2) == 1 && !json
         for file in files {
             let text = readDocument(file, json: json)
@@ -104,7 +104,7 @@ struct Cache: ParsableCommand {
         }
 
         func run() throws {
-            let c = try socketOption.connect()
+            let c = socketOption.connect(json: json)
             do {
                 let entries = try c.cacheList(limit: limit).map {
                     Entry(
@@ -140,7 +140,7 @@ struct Cache: ParsableCommand {
         }
 
         func run() throws {
-            let c = try socketOption.connect()
+            let c = socketOption.connect(json: json)
             do {
                 let r = try c.cacheEvict(keys: keys, all: all)
                 if json {
@@ -158,7 +158,7 @@ struct Cache: ParsableCommand {
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
-            let c = try socketOption.connect()
+            let c = socketOption.connect(json: json)
             do {
                 let s = try c.cacheStats()
                 if json {
@@ -179,7 +179,7 @@ struct Metrics: ParsableCommand {
     @Flag(help: "Print JSON: {\"prometheus_text\": ...}.") var json = false
 
     func run() throws {
-        let c = try socketOption.connect()
+        let c = socketOption.connect(json: json)
         do {
             let text = try c.metrics()
             if json { printJSON(["prometheus_text": text]) } else { print(text, terminator: "") }

@@ -106,7 +106,7 @@ struct Generate: ParsableCommand {
     /// text streams as it arrives, and --json prints the same fields as --local.
     func runOnDaemon() throws {
         let texts = doc.map { readDocument($0, json: json) }
-        let c = try socketOption.connect()
+        let c = socketOption.connect(json: json)
         do {
             var ids: [String] = []
             for (path, text) in zip(doc, texts) { ids.append(try c.openDocument(text: text, path: path).documentID) }

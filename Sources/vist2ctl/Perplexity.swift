@@ -31,7 +31,7 @@ struct Perplexity: ParsableCommand {
         if !local {
             let text = readDocument(file, json: json)
             guard (1...Int(UInt32.max)).contains(ctx) else { fail("--ctx must be positive", code: "bad_argument", json: json) }
-            let c = try socketOption.connect()
+            let c = socketOption.connect(json: json)
             do {
                 let doc = try c.openDocument(text: text, path: file)
                 let r = try c.perplexity(documentID: doc.documentID, ctx: UInt32(ctx)) { p in

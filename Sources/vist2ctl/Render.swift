@@ -120,7 +120,7 @@ struct Render: ParsableCommand {
     /// The daemon renders with the model it holds; the PNGs arrive over the socket.
     func runOnDaemon() throws {
         let text = readDocument(file, json: json)
-        let c = try socketOption.connect()
+        let c = socketOption.connect(json: json)
         do {
             try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
             let doc = try c.openDocument(text: text, path: file)

@@ -9,12 +9,13 @@ struct SocketOption: ParsableArguments {
     @Option(help: "The daemon's socket (default: $XDG_RUNTIME_DIR/vist2/vist2.sock, else /run/vist2/vist2.sock).")
     var socket: String?
 
-    func connect() throws -> VistClient {
+    /// A connection to the daemon; when there is none, the error is reported like every other
+    /// (code `daemon_unavailable`, as JSON with `json`) and the command exits with status 1.
+    func connect(json: Bool) -> VistClient {
         do {
             return try VistClient(socketPath: socket ?? VistClient.defaultSocketPath)
         } catch {
-            FileHandle.standardError.write(Data("vist2ctl: \(error)\n".utf8))
-            throw ExitCode(1)
+            fail("\(error)", code: daemonCode(error), json: json)
         }
     }
 }
@@ -28,7 +29,7 @@ struct Status: ParsableCommand {
     var json = false
 
     func run() throws {
-        let c = try socketOption.connect()
+        let c = socketOption.connect(json: json)
         let s: Vist2_V1_Status
         do { s = try c.status() } catch {
             FileHandle.standardError.write(Data("vist2ctl: \(error)\n".utf8))

@@ -27,7 +27,7 @@ struct Tokenize: ParsableCommand {
 
     func run() throws {
         if !local {
-            let c = try socketOption.connect()
+            let c = socketOption.connect(json: json)
             do {
                 let ids = try c.tokenize(text, parseSpecial: parseSpecial, noSpecial: noSpecial)
                 if json { printJSON(["ids": ids]) } else { print(ids.map(String.init).joined(separator: " ")) }

@@ -515,6 +515,13 @@ struct CLITests {
         #expect(r.status != 0 && r.err.contains("/tmp/no-vist2-here/vist2.sock") && r.err.contains("vist2d"))
         r = try vist2ctl(["bench", "--socket", "/tmp/no-vist2-here/vist2.sock", "-p", "8", "-n", "0"])
         #expect(r.status != 0 && r.err.contains("/tmp/no-vist2-here/vist2.sock"))
+        // With --json, no daemon is an error object like every other, for every daemon command.
+        for command in [["status"], ["metrics"], ["cache", "stats"], ["cache", "ls"], ["generate", "hi"], ["tokenize", "hi"]] {
+            r = try vist2ctl(command + ["--socket", "/tmp/no-vist2-here/vist2.sock", "--json"])
+            let e = try json(r.err)["error"] as? [String: String]
+            #expect(r.status == 1 && e?["code"] == "daemon_unavailable", "\(command): \(r.err)")
+            #expect(e?["message"]?.contains("/tmp/no-vist2-here/vist2.sock") == true)
+        }
         r = try vist2ctl(["perplexity", "--local", "--ctx", "100000", "/usr/share/common-licenses/GPL-3"])
         #expect(r.status != 0 && r.err.contains("--ctx"))
         r = try vist2ctl(["perplexity", "--local", "--ctx", "4096", "/usr/share/common-licenses/Apache-2.0"])
