@@ -313,11 +313,11 @@ public final class EngineWorker: @unchecked Sendable {
     }
 
     /// Lets each generation with ready logits sample and stream its next token; ends those
-    /// that finished.
+    /// that finished (there, or in a step of their own: a chunk swap that found the context full).
     private func emitReady(_ jobs: [Job]) {
         for job in jobs {
-            guard case .generation(let task, let onText, _, _) = job.work, task.state == .ready else { continue }
-            if let piece = task.emit(), !piece.isEmpty { onText(piece) }
+            guard case .generation(let task, let onText, _, _) = job.work else { continue }
+            if task.state == .ready, let piece = task.emit(), !piece.isEmpty { onText(piece) }
             if case .finished = task.state {
                 let rest = task.takeLeftover()
                 if !rest.isEmpty { onText(rest) }
