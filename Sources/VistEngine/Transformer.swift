@@ -141,7 +141,6 @@ public enum LogitRows: Sendable {
 /// next pass with this workspace.
 public final class Workspace: @unchecked Sendable {
     public let rows: Int
-    let config: ModelConfig
     let x: UnsafeMutablePointer<Float>  // (B, dim) residual stream
     let xn: UnsafeMutablePointer<Float>  // (B, dim) normalised input of a sub-layer
     let q: UnsafeMutablePointer<Float>  // (B, qDim)
@@ -171,7 +170,6 @@ public final class Workspace: @unchecked Sendable {
     }
 
     public init(config: ModelConfig, rows: Int) {
-        self.config = config
         self.rows = max(1, rows)
         let b = self.rows, c = config
         x = .allocate(capacity: b * c.dim)
