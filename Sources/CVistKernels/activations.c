@@ -140,13 +140,8 @@ void vk_softmax(float *x, int64_t n) {
         return;
     }
 #endif
-    float m = -INFINITY;
-    for (int64_t i = 0; i < n; i++) m = fmaxf(m, x[i]);
-    double sum = 0;
-    for (int64_t i = 0; i < n; i++) {
-        x[i] = expf(x[i] - m);
-        sum += x[i];
-    }
+    float m;
+    const double sum = vk_exp_shifted(x, n, &m);
     const float inv = (float)(1.0 / sum);
     for (int64_t i = 0; i < n; i++) x[i] *= inv;
 }

@@ -150,22 +150,25 @@ public final class Workspace: @unchecked Sendable {
     let proj: UnsafeMutablePointer<Float>  // (B, dim) output of wo / down
     let gate: UnsafeMutablePointer<Float>  // (B, ffn)
     let up: UnsafeMutablePointer<Float>  // (B, ffn)
-    private(set) var scores = Buffer()  // attention weights, per thread
-    private(set) var headKV = Buffer()  // an f16 cache's keys and values of one head as f32, per thread
-    private(set) var logits = Buffer()  // (rows with logits, vocab)
-    private(set) var lora = Buffer()  // the adapter's scratch
+    var scores = Buffer()  // attention weights, per thread
+    var headKV = Buffer()  // an f16 cache's keys and values of one head as f32 per thread; attention parts' outputs
+    var logits = Buffer()  // (rows with logits, vocab)
+    var lora = Buffer()  // the adapter's scratch
     let matmul = MatmulScratch()
 
-    /// A growable float buffer.
+    /// A growable float buffer (contents are not kept when it grows).
     struct Buffer {
         var base = UnsafeMutablePointer<Float>.allocate(capacity: 1)
         var capacity = 1
 
-        mutating func reserve(_ n: Int) {
-            guard n > capacity else { return }
-            base.deallocate()
-            base = .allocate(capacity: n)
-            capacity = n
+        /// Room for at least n floats; returns the buffer.
+        mutating func reserve(_ n: Int) -> UnsafeMutablePointer<Float> {
+            if n > capacity {
+                base.deallocate()
+                base = .allocate(capacity: n)
+                capacity = n
+            }
+            return base
         }
     }
 
@@ -185,26 +188,6 @@ public final class Workspace: @unchecked Sendable {
 
     deinit {
         for p in [x, xn, q, k, v, att, proj, gate, up, scores.base, headKV.base, logits.base, lora.base] { p.deallocate() }
-    }
-
-    func reserveScores(_ n: Int) -> UnsafeMutablePointer<Float> {
-        scores.reserve(n)
-        return scores.base
-    }
-
-    func reserveHeadKV(_ n: Int) -> UnsafeMutablePointer<Float> {
-        headKV.reserve(n)
-        return headKV.base
-    }
-
-    func reserveLogits(_ n: Int) -> UnsafeMutablePointer<Float> {
-        logits.reserve(n)
-        return logits.base
-    }
-
-    func reserveLoRA(_ n: Int) -> UnsafeMutablePointer<Float> {
-        lora.reserve(n)
-        return lora.base
     }
 }
 
@@ -434,7 +417,7 @@ public final class Transformer: @unchecked Sendable {
         rope.reserve(maxS + T)
 
         let lora = adapted ? adapter : nil
-        let loraScratch = lora.map { ws.reserveLoRA($0.scratchFloats(ws.rows)) }
+        let loraScratch = lora.map { ws.lora.reserve($0.scratchFloats(ws.rows)) }
         let loraGroups: [[LoRAAdapter.Slot]] =
             lora == nil
             ? []
@@ -532,7 +515,7 @@ public final class Transformer: @unchecked Sendable {
         }
         guard first < T else { return Pass(logits: .none, flops: flops) }
         let n = T - first
-        let logits = ws.reserveLogits(n * c.vocabSize)
+        let logits = ws.logits.reserve(n * c.vocabSize)
         rowsParallel(n) { i in
             w.outputNorm.withUnsafeBufferPointer {
                 Ops.rmsNorm(ws.x + (first + i) * dim, weight: $0.baseAddress!, out: ws.xn + i * dim, n: dim, eps: c.normEps)
@@ -559,9 +542,9 @@ public final class Transformer: @unchecked Sendable {
         let items = c.heads * blocks
         let S = pos0 + T
         let stride = min(T, Self.queryBlock) * S
-        let scores = ws.reserveScores(pool.size * stride)
+        let scores = ws.scores.reserve(pool.size * stride)
         let f16 = cache.type == .f16
-        let headKV = f16 ? ws.reserveHeadKV(pool.size * 2 * S * hd) : ws.reserveHeadKV(1)
+        let headKV = f16 ? ws.headKV.reserve(pool.size * 2 * S * hd) : ws.headKV.reserve(1)
         let kBase = cache.keys(layer: l), vBase = cache.values(layer: l), rowBytes = cache.rowBytes
         let (q, att) = (ws.q, ws.att)
         pool.parallel { ith, nth in
@@ -626,7 +609,7 @@ public final class Transformer: @unchecked Sendable {
         let f32Rows = positions.indices.filter { caches[$0].type == .f32 }
         if !f32Rows.isEmpty {
             let maxS = (f32Rows.map { positions[$0] }.max() ?? 0) + 1
-            let scores = ws.reserveScores(pool.size * maxS)
+            let scores = ws.scores.reserve(pool.size * maxS)
             let (q, att) = (ws.q, ws.att)
             pool.parallel { ith, nth in
                 let s = scores + ith * maxS
@@ -656,8 +639,8 @@ public final class Transformer: @unchecked Sendable {
             }
         }
         let stat = G * (2 + hd)  // per item: m (G), l (G), o (G x hd)
-        let outs = ws.reserveHeadKV(items.count * stat)
-        let scores = ws.reserveScores(pool.size * G * part)
+        let outs = ws.headKV.reserve(items.count * stat)
+        let scores = ws.scores.reserve(pool.size * G * part)
         let q = ws.q
         pool.parallel { ith, nth in
             let sc = scores + ith * G * part
