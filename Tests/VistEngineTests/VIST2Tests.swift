@@ -186,6 +186,22 @@ struct VIST2Tests {
         #expect(fc.doc_text_tokens == cc.doc_text_tokens)
     }
 
+    @Test("A model whose visual block does not fit one forward batch is refused at load, not trapped on at prefill")
+    func blockLargerThanBatch() throws {
+        let m = try Self.model.get()
+        #expect(throws: Never.self) { _ = try VIST2Model(directory: TinyVIST2Golden.directory, threads: 1, maxBatch: m.blockSize) }
+        do {
+            _ = try VIST2Model(directory: TinyVIST2Golden.directory, threads: 1, maxBatch: m.blockSize - 1)
+            Issue.record("a block of \(m.blockSize) positions loaded with batches of \(m.blockSize - 1)")
+        } catch {
+            guard case .format(let f) = error else {
+                Issue.record("expected a format error, got \(error)")
+                return
+            }
+            #expect(f.description.contains("visual block takes \(m.blockSize) positions"), "\(f)")
+        }
+    }
+
     @Test("A vision checkpoint with a missing or misshapen tensor names it; a wrong font is refused")
     func badVisionWeights() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vist2-vis-\(UUID().uuidString)")

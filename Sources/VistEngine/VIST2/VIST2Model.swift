@@ -34,7 +34,8 @@ public final class VIST2Model: @unchecked Sendable {
     public let fingerprintBytes: [UInt8]
     public let renderConfigHash: [UInt8]
 
-    public init(directory: URL, threads: Int = LanguageModel.defaultThreads) throws(EngineError) {
+    /// `maxBatch`: rows per forward batch of the backbone (a visual block must fit one).
+    public init(directory: URL, threads: Int = LanguageModel.defaultThreads, maxBatch: Int = 512) throws(EngineError) {
         self.directory = directory
         let configPath = directory.appendingPathComponent("config.json").path
         let visionPath = directory.appendingPathComponent("vision.safetensors").path
@@ -44,7 +45,7 @@ public final class VIST2Model: @unchecked Sendable {
             throw .format(error)
         }
         let backboneURL = try Self.backboneURL(config: config, directory: directory)
-        language = try LanguageModel(url: backboneURL, threads: threads)
+        language = try LanguageModel(url: backboneURL, threads: threads, maxBatch: maxBatch)
         if let spec = config.adapter, let scope = LoRAAdapter.Scope(rawValue: spec.scope) {
             let url = spec.path.hasPrefix("/") ? URL(fileURLWithPath: spec.path) : directory.appendingPathComponent(spec.path)
             do {
@@ -84,6 +85,15 @@ public final class VIST2Model: @unchecked Sendable {
         }
         visionStart = try special(config.specialTokens?.visionStart, "vision_start")
         visionEnd = try special(config.specialTokens?.visionEnd, "vision_end")
+        // A block attends to itself in both directions, so it is prefilled in one batch.
+        let block = config.visualTokens + (visionStart == nil ? 0 : 1) + (visionEnd == nil ? 0 : 1)
+        guard block <= language.transformer.maxBatch else {
+            throw .format(
+                FormatError(
+                    file: configPath,
+                    problem: .invalid(
+                        "a visual block takes \(block) positions, more than one forward batch of \(language.transformer.maxBatch) rows")))
+        }
         chunker = Chunker(renderer: renderer, maxTokens: config.chunk.length) { tokenizer.encode(String($0), addSpecial: false).count }
         fingerprint = Self.fingerprint(files: [configPath, visionPath] + Self.backboneFiles(backboneURL) + (adapter?.files ?? []))
         fingerprintBytes = hexBytes(fingerprint)
