@@ -35,7 +35,14 @@ struct BatchingTests {
         let c = try VistClient(socketPath: d.path)
         var alone: [Vist2_V1_GenerateResult] = []
         for p in Self.prompts { alone.append(try c.generate(request(p, tokens: 40))) }
-        // All four on one connection at once: they run together.
+        // All four on one connection at once, prepared while a job of the test's own holds the
+        // engine (the tiny model writes 40 tokens in milliseconds, faster than the text queue
+        // may prepare the next request), then released together: they run together.
+        let gate = DispatchSemaphore(value: 0)
+        // (A finished request's final reply goes out just before it leaves the worker.)
+        #expect(try eventually { d.context.worker.isIdle })
+        #expect(d.context.worker.submit(EngineWorker.Job { _ in gate.wait() }))
+        #expect(try eventually { d.context.worker.activeCount == 1 })  // it holds the engine
         for (i, p) in Self.prompts.enumerated() {
             try c.send(
                 .with {
@@ -43,6 +50,10 @@ struct BatchingTests {
                     $0.generate = request(p, tokens: 40)
                 })
         }
+        let w = d.context.worker
+        #expect(try eventually { w.queueLength == 4 }, "queue \(w.queueLength), active \(w.activeCount)")
+        Thread.sleep(forTimeInterval: 0.5)  // their preparation (tokenizing four words) is done
+        gate.signal()
         let (finals, order) = try collect(c, Set(1...4))
         for i in 0..<4 {
             let r = finals[UInt64(i + 1)]!.generateResult
