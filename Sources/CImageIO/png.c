@@ -78,3 +78,33 @@ int vk_png_write_gray8(const char *path, const uint8_t *pixels, int width, int h
     int closed = fclose(f);
     return wrote == len && closed == 0 ? 0 : -1;
 }
+
+int vk_png_decode_gray8(const uint8_t *data, size_t len, size_t max_pixels, uint8_t **pixels, int *width, int *height) {
+    *pixels = NULL;
+    *width = 0;
+    *height = 0;
+    png_image image;
+    memset(&image, 0, sizeof image);
+    image.version = PNG_IMAGE_VERSION;
+    if (!png_image_begin_read_from_memory(&image, data, len)) return -2;
+    if (image.width == 0 || image.height == 0 || image.width > 65535 || image.height > 65535 ||
+        (size_t)image.width * (size_t)image.height > max_pixels) {
+        png_image_free(&image);
+        return -3;
+    }
+    image.format = PNG_FORMAT_GRAY;
+    uint8_t *buffer = malloc(PNG_IMAGE_SIZE(image));
+    if (!buffer) {
+        png_image_free(&image);
+        return -1;
+    }
+    if (!png_image_finish_read(&image, NULL, buffer, 0, NULL)) {
+        free(buffer);
+        png_image_free(&image);
+        return -2;
+    }
+    *pixels = buffer;
+    *width = (int)image.width;
+    *height = (int)image.height;
+    return 0;
+}

@@ -93,13 +93,32 @@ public func generateResultFields(_ r: Vist2_V1_GenerateResult) -> [String: JSONV
     return out
 }
 
-/// The fields `vist2ctl compress --json` prints for a CompressResult (without the file name).
+/// The fields `vist2ctl compress --json` prints for a CompressResult (the engine's
+/// CompressionResult keys; the command adds the file name).
 public func compressResultFields(_ r: Vist2_V1_CompressResult) -> [String: JSONValue] {
     [
         "chunks": .uint(r.chunks), "text_tokens": .uint(r.textTokens), "visual_tokens": .uint(r.visualTokens), "ratio": .double(r.ratio),
         "chunks_encoded": .uint(r.chunksRendered), "chunk_cache_hits": .uint(r.chunkCacheHits),
         "prefix_cache_hits": .uint(r.prefixCacheHits), "elapsed_ms": .double(r.elapsedMs), "render_ms": .double(r.renderMs),
         "vision_ms": .double(r.visionMs),
+    ]
+}
+
+/// The fields `vist2ctl perplexity --json` prints for a PerplexityResult (the engine's keys).
+public func perplexityResultFields(_ r: Vist2_V1_PerplexityResult) -> [String: JSONValue] {
+    [
+        "perplexity": .double(r.perplexity), "tokens": .uint(r.tokens), "windows": .uint(r.windows),
+        "scored_tokens": .uint(r.scoredTokens), "ctx": .uint(r.ctx),
+    ]
+}
+
+/// The fields `vist2ctl bench --json` prints for a BenchResult (the engine's keys).
+public func benchResultFields(_ b: Vist2_V1_BenchResult) -> [String: JSONValue] {
+    [
+        "pp_tokens": .uint(b.ppTokens), "tg_tokens": .uint(b.tgTokens), "threads": .uint(b.threads),
+        "repetitions": .uint(b.repetitions), "pp_tokens_per_s": .double(b.ppTokensPerS), "pp_stddev": .double(b.ppStddev),
+        "tg_tokens_per_s": .double(b.tgTokensPerS), "tg_stddev": .double(b.tgStddev), "peak_rss_bytes": .uint(b.peakRssBytes),
+        "model_bytes": .uint(b.modelBytes), "simd": .string(b.simd),
     ]
 }
 

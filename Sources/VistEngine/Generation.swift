@@ -168,8 +168,13 @@ public struct GenerationResult: Sendable, Codable {
         flops = try c.decode(Int.self, forKey: .flops)
         prefill_ms = try c.decode(Double.self, forKey: .prefill_ms)
         decode_ms = try c.decode(Double.self, forKey: .decode_ms)
-        compression = try? CompressionStats(from: decoder)
+        // The compression figures are there when "mode" is (a result with a mode but without one
+        // of them does not read).
+        let mode = try decoder.container(keyedBy: ModeKey.self)
+        compression = mode.contains(.mode) ? try CompressionStats(from: decoder) : nil
     }
+
+    private enum ModeKey: CodingKey { case mode }
 
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)

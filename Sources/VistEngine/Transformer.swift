@@ -545,7 +545,7 @@ public final class Transformer: @unchecked Sendable {
         let scores = ws.scores.reserve(pool.size * stride)
         let f16 = cache.type == .f16
         let headKV = f16 ? ws.headKV.reserve(pool.size * 2 * S * hd) : ws.headKV.reserve(1)
-        let kBase = cache.keys(layer: l), vBase = cache.values(layer: l), rowBytes = cache.rowBytes
+        let kBase = cache.keys(layer: l), vBase = cache.values(layer: l)
         let (q, att) = (ws.q, ws.att)
         pool.parallel { ith, nth in
             let s = scores + ith * stride

@@ -1081,6 +1081,9 @@ public nonisolated struct Vist2_V1_RenderedChunk: Sendable {
 
   public var missingGlyphs: UInt32 = 0
 
+  /// canvas rows the chunk's text takes
+  public var rows: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -3193,7 +3196,7 @@ nonisolated extension Vist2_V1_RenderRequest: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Vist2_V1_RenderedChunk: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RenderedChunk"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}index\0\u{1}png\0\u{1}text\0\u{1}tokens\0\u{3}missing_glyphs\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}index\0\u{1}png\0\u{1}text\0\u{1}tokens\0\u{3}missing_glyphs\0\u{1}rows\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3206,6 +3209,7 @@ nonisolated extension Vist2_V1_RenderedChunk: SwiftProtobuf.Message, SwiftProtob
       case 3: try { try decoder.decodeSingularStringField(value: &self.text) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.tokens) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.missingGlyphs) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.rows) }()
       default: break
       }
     }
@@ -3227,6 +3231,9 @@ nonisolated extension Vist2_V1_RenderedChunk: SwiftProtobuf.Message, SwiftProtob
     if self.missingGlyphs != 0 {
       try visitor.visitSingularUInt32Field(value: self.missingGlyphs, fieldNumber: 5)
     }
+    if self.rows != 0 {
+      try visitor.visitSingularUInt32Field(value: self.rows, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3236,6 +3243,7 @@ nonisolated extension Vist2_V1_RenderedChunk: SwiftProtobuf.Message, SwiftProtob
     if lhs.text != rhs.text {return false}
     if lhs.tokens != rhs.tokens {return false}
     if lhs.missingGlyphs != rhs.missingGlyphs {return false}
+    if lhs.rows != rhs.rows {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -28,6 +28,25 @@ public struct GrayImage: Sendable, Equatable {
         return Array(UnsafeBufferPointer(start: out, count: len))
     }
 
+    /// An image decoded from PNG bytes (converted to 8-bit gray), for example the chunks the
+    /// daemon's render request streams. Images of more than `maxPixels` pixels are refused before
+    /// they are decoded.
+    public init(png: [UInt8], maxPixels: Int = 1 << 24) throws(RenderError) {
+        var out: UnsafeMutablePointer<UInt8>? = nil
+        var w: Int32 = 0
+        var h: Int32 = 0
+        let rc = png.withUnsafeBufferPointer { vk_png_decode_gray8($0.baseAddress, $0.count, max(0, maxPixels), &out, &w, &h) }
+        defer { free(out) }
+        guard rc == 0, let out else {
+            throw .io(
+                rc == -3
+                    ? "the PNG image is empty or larger than \(maxPixels) pixels" : rc == -1 ? "out of memory" : "not a readable PNG image")
+        }
+        width = Int(w)
+        height = Int(h)
+        pixels = Array(UnsafeBufferPointer(start: out, count: width * height))
+    }
+
     /// Pixels as the vision encoder reads them: x / 255 * 2 - 1, in [-1, 1] (SigLIP's normalisation).
     public func normalized() -> [Float] { pixels.map { Float($0) / 127.5 - 1 } }
 

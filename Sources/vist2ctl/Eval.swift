@@ -38,7 +38,7 @@ struct Eval: ParsableCommand {
     }
 
     func run() throws {
-        try runReportingErrors(json: json) {
+        try Output(json: json).run {
             let text = try readText(file)
             let model = try modelOptions.loadVIST2()
             let tty = isatty(2) != 0 && !json

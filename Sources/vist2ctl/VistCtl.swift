@@ -1,7 +1,5 @@
 import ArgumentParser
 import Foundation
-import VistBridge
-import VistClient
 import VistEngine
 import VistTokenizer
 
@@ -24,18 +22,43 @@ struct VistCtl: ParsableCommand {
             Bench.self,
             Eval.self, Dataset.self, ExportBackbone.self,
         ])
+
+    /// Parses and runs a command like ArgumentParser's own `main`, except that with `--json` an
+    /// argument the parser or a command's `validate` refuses is reported as every other error
+    /// is: a JSON error object (code `bad_argument`) on stderr.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let exit = exitCode(for: error)
+            if CommandLine.arguments.dropFirst().contains("--json"), !(error is ExitCode), exit != .success {
+                Output.reportFailure(code: "bad_argument", message: message(for: error), json: true)
+                Foundation.exit(exit.rawValue)
+            }
+            self.exit(withError: error)
+        }
+    }
 }
 
 /// Options every model-using command shares.
 struct ModelOptions: ParsableArguments {
-    @Option(name: .long, help: "Model name or path.")
-    var model = "default"
+    @Option(name: .long, help: "Model name or path (default: default).")
+    var model: String?
 
     @Option(name: .long, help: "Threads for the engine (default: the cores this process may use).")
     var threads: Int?
 
-    @Option(name: .long, help: "Element type of the KV cache with --local: f16 (default, as vist2d) or f32.")
-    var kvType: KVType = .f16
+    @Option(name: .long, help: "Element type of the KV cache: f16 (default, as vist2d) or f32.")
+    var kvType: KVType?
+
+    /// The model's name or path.
+    var name: String { model ?? "default" }
+
+    /// The options given on the command line (the daemon backend refuses them).
+    var given: [String] {
+        [model.map { _ in "--model" }, threads.map { _ in "--threads" }, kvType.map { _ in "--kv-type" }].compactMap { $0 }
+    }
 
     func validate() throws {
         if let t = threads, !(1...256).contains(t) { throw ValidationError("--threads must be in 1...256, got \(t)") }
@@ -44,7 +67,7 @@ struct ModelOptions: ParsableArguments {
     /// The language model: a GGUF / Hugging Face model, or a VIST2 model's backbone as the model
     /// runs text (with its adapter when the adapter's scope is "all").
     func load() throws -> LanguageModel {
-        let url = try ModelStore.resolve(model)
+        let url = try ModelStore.resolve(name)
         if VIST2Model.isModelDirectory(url) {
             let config: VIST2Config
             do { config = try VIST2Config.load(path: url.appendingPathComponent("config.json").path) } catch {
@@ -61,13 +84,13 @@ struct ModelOptions: ParsableArguments {
     }
 
     func languageURL() throws -> URL {
-        let url = try ModelStore.resolve(model)
+        let url = try ModelStore.resolve(name)
         return VIST2Model.isModelDirectory(url) ? try VIST2Model.backboneURL(directory: url) : url
     }
 
     /// A VIST2 model directory (config.json with model_type "vist2", vision.safetensors).
     func loadVIST2() throws -> VIST2Model {
-        let url = try ModelStore.resolve(model)
+        let url = try ModelStore.resolve(name)
         guard VIST2Model.isModelDirectory(url) else {
             throw EngineError.badArgument("\(url.path) is not a VIST2 model directory (config.json with \"model_type\": \"vist2\")")
         }
@@ -77,62 +100,6 @@ struct ModelOptions: ParsableArguments {
     /// Only the tokenizer, without mapping the weights or starting threads.
     func loadTokenizer() throws -> Tokenizer {
         try LanguageModel.loadTokenizer(url: languageURL())
-    }
-}
-
-/// Runs a command body, turning engine errors into one clear line on stderr and exit status 1.
-func runReportingErrors(json: Bool, _ body: () throws -> Void) throws {
-    do {
-        try body()
-    } catch let e as EngineError {
-        if json {
-            printJSON(["error": ["code": e.code, "message": e.description]], to: .standardError)
-        } else {
-            FileHandle.standardError.write(Data("vist2ctl: error [\(e.code)]: \(e.description)\n".utf8))
-        }
-        throw ExitCode(1)
-    }
-}
-
-enum Stream { case standardOutput, standardError }
-
-func printJSON<T: Encodable>(_ value: T, to stream: Stream = .standardOutput) {
-    let enc = JSONEncoder()
-    enc.outputFormatting = [.sortedKeys]
-    let data = (try? enc.encode(value)) ?? Data("{}".utf8)
-    let h = stream == .standardOutput ? FileHandle.standardOutput : FileHandle.standardError
-    h.write(data)
-    h.write(Data("\n".utf8))
-}
-
-/// A UTF-8 text file (a document, a prompt file), or the engine error that says why not.
-func readText(_ path: String) throws(EngineError) -> String {
-    guard let data = FileManager.default.contents(atPath: path) else { throw .io("cannot read \(path)") }
-    guard let text = String(data: data, encoding: .utf8) else { throw .badArgument("\(path) is not valid UTF-8") }
-    return text
-}
-
-/// One clear line (or a JSON error object) on stderr, then exit status 1.
-func fail(_ message: String, code: String, json: Bool) -> Never {
-    // A server error's description carries its code in brackets; the code is printed separately.
-    let message = message.replacingOccurrences(of: #" \[[A-Za-z]+\]$"#, with: "", options: .regularExpression)
-    if json {
-        printJSON(["error": ["code": code, "message": message]], to: .standardError)
-    } else {
-        FileHandle.standardError.write(Data("vist2ctl: error [\(code)]: \(message)\n".utf8))
-    }
-    Foundation.exit(1)
-}
-
-/// The stable code of a daemon-side failure: the protocol's error code name, lowercased.
-func daemonCode(_ e: Error) -> String {
-    guard let ce = e as? VistClient.ClientError else { return "io" }
-    switch ce {
-    case .server(let code, _): return errorCodeName(code)
-    case .connect: return "daemon_unavailable"
-    case .closed: return "connection_closed"
-    case .protocolError: return "protocol"
-    case .io: return "io"
     }
 }
 

@@ -369,6 +369,12 @@ struct CLITests {
         let cj = try json(c1.out)
         let finished = (cj["chunks"] as? Int ?? 0) - 1
         #expect(finished > 10 && cj["chunks_encoded"] as? Int == finished)
+        // The same compression in this process: the same figures and keys, nothing cached.
+        let cl = try vist2ctl(["compress", "--local", "--model", Self.tinyVIST2, "--json", doc.path])
+        let clj = try json(cl.out)
+        #expect(cl.status == 0 && Set(clj.keys) == Set(cj.keys), "\(cl.err)")
+        for key in ["chunks", "text_tokens", "visual_tokens", "chunks_encoded"] { #expect(clj[key] as? Int == cj[key] as? Int, "\(key)") }
+        #expect(clj["prefix_cache_hits"] as? Int == 0 && clj["file"] as? String == doc.path)
         let gd = try vist2ctl(["generate", "--socket", sock, "--doc", doc.path, "--max-tokens", "8", "--temperature", "0", "--json", ""])
         #expect(gd.status == 0, "\(gd.err)")
         let gj = try json(gd.out)
@@ -382,9 +388,36 @@ struct CLITests {
         #expect(ls.status == 0 && listed == 2)
         let mt = try vist2ctl(["metrics", "--socket", sock])
         #expect(mt.status == 0 && mt.out.contains("vist2_cache_hits_total{level=\"prefix\"} \(finished)"))
-        let rd = try vist2ctl(["render", "--socket", sock, "--out", dir.appendingPathComponent("r").path, "--json", doc.path])
-        let rendered = try json(rd.out)["chunks"] as? Int
-        #expect(rd.status == 0 && rendered == finished + 1)
+        // Either backend, one output: the same JSON keys from the daemon as from --local, and
+        // render writes the same files (the PNGs decode to the same pixels: the .f32 tensors match).
+        let gl = try vist2ctl([
+            "generate", "--local", "--model", Self.tinyVIST2, "--kv-type", "f16", "--doc", doc.path, "--max-tokens", "8",
+            "--temperature", "0", "--json", "",
+        ])
+        let glj = try json(gl.out)
+        #expect(gl.status == 0 && Set(glj.keys) == Set(gj.keys), "\(gl.err)")
+        #expect(glj["text"] as? String == gj["text"] as? String && glj["kv_bytes"] as? Int == kvBytes)
+        let plain = try vist2ctl(["generate", "--socket", sock, "--max-tokens", "4", "--temperature", "0", "--json", "Hi"])
+        let plainLocal = try vist2ctl([
+            "generate", "--local", "--model", Self.tinyVIST2, "--max-tokens", "4", "--temperature", "0", "--json", "Hi",
+        ])
+        #expect(Set(try json(plain.out).keys) == Set(try json(plainLocal.out).keys), "\(plain.err) \(plainLocal.err)")
+        let rdOut = dir.appendingPathComponent("r").path, rlOut = dir.appendingPathComponent("rl").path
+        let rd = try vist2ctl(["render", "--socket", sock, "--out", rdOut, "--raw", "--json", doc.path])
+        let rl = try vist2ctl(["render", "--local", "--model", Self.tinyVIST2, "--out", rlOut, "--raw", "--json", doc.path])
+        let rdj = try json(rd.out), rlj = try json(rl.out)
+        #expect(rd.status == 0 && rdj["chunks"] as? Int == finished + 1, "\(rd.err)")
+        #expect(rl.status == 0 && rlj["characters"] as? Int == rdj["characters"] as? Int, "\(rl.err)")
+        func chunkList(_ j: [String: Any]) -> [String] {
+            (j["chunk_list"] as? [[String: Any]] ?? []).map {
+                "\($0["text"] ?? "") \($0["tokens"] ?? "") \($0["rows"] ?? "") \($0["missing_glyphs"] ?? "")"
+            }
+        }
+        #expect(!chunkList(rdj).isEmpty && chunkList(rdj) == chunkList(rlj))
+        for name in ["contact-sheet.png", "chunks.json", "chunk-000.f32", String(format: "chunk-%03d.f32", finished)] {
+            let a = FileManager.default.contents(atPath: rdOut + "/" + name), b = FileManager.default.contents(atPath: rlOut + "/" + name)
+            #expect(a != nil && (name == "chunks.json" || a == b), "\(name)")
+        }
         let tk = try vist2ctl(["tokenize", "--socket", sock, "--json", "Hello world"])
         let tkl = try vist2ctl(["tokenize", "--local", "--model", Self.tinyVIST2 + "/backbone", "--json", "Hello world"])
         #expect(tk.status == 0 && tk.out == tkl.out, "\(tk.err) \(tkl.err)")
@@ -532,5 +565,25 @@ struct CLITests {
         #expect(r.status != 0 && r.err.contains("-p"))
         r = try vist2ctl(["frobnicate"])
         #expect(r.status != 0)
+        // With --json, arguments the parser refuses are JSON errors too; options of the local
+        // engine are refused when the daemon would answer (it runs its own model).
+        for args in [
+            ["generate", "--json"], ["bench", "-p", "x", "--json"], ["cache", "rm", "--json"], ["status", "--bogus", "--json"],
+        ] {
+            r = try vist2ctl(args)
+            let e = try json(r.err)["error"] as? [String: String]
+            #expect(r.status != 0 && e?["code"] == "bad_argument" && e?["message"]?.isEmpty == false, "\(args): \(r.err)")
+        }
+        for option in [["--model", "default"], ["--threads", "1"], ["--kv-type", "f32"]] {
+            r = try vist2ctl(["tokenize", "--socket", "/tmp/no-vist2-here/vist2.sock", "--json", "hi"] + option)
+            let e = try json(r.err)["error"] as? [String: String]
+            #expect(r.status == 1 && e?["code"] == "bad_argument" && e?["message"]?.contains(option[0]) == true, "\(r.err)")
+        }
+        r = try vist2ctl(["generate", "--local", "--shared", "--json", "hi"])
+        var code = (try json(r.err)["error"] as? [String: String])?["code"]
+        #expect(r.status == 1 && code == "bad_argument", "\(r.err)")
+        r = try vist2ctl(["render", "--local", "--out", "/proc/no-such-dir/x", "--json", "/usr/share/common-licenses/Apache-2.0"])
+        code = (try json(r.err)["error"] as? [String: String])?["code"]
+        #expect(r.status == 1 && code == "io", "\(r.err)")
     }
 }

@@ -215,4 +215,19 @@ struct RendererTests {
         #expect(sheet.width == 2 * (img.width + 2) && sheet.height == 2 * (img.height + 2))
         #expect(img.normalized().allSatisfy { $0 >= -1 && $0 <= 1 })
     }
+
+    @Test("PNG bytes decode to the image that was encoded; damaged, truncated and oversized PNGs are refused")
+    func pngDecode() throws {
+        let r = try SketchRenderer(config: testConfig())
+        let img = r.render("Decode me\n\tindented").image
+        let png = try img.pngData()
+        #expect(try GrayImage(png: png) == img)
+        #expect(throws: RenderError.self) { try GrayImage(png: Array(png.prefix(png.count / 2))) }
+        #expect(throws: RenderError.self) { try GrayImage(png: [UInt8](repeating: 0x89, count: 100)) }
+        #expect(throws: RenderError.self) { try GrayImage(png: []) }
+        var damaged = png
+        damaged[damaged.count / 2] ^= 0xFF  // inside the compressed data: its CRC no longer matches
+        #expect(throws: RenderError.self) { try GrayImage(png: damaged) }
+        #expect(throws: RenderError.self) { try GrayImage(png: png, maxPixels: img.width * img.height - 1) }
+    }
 }

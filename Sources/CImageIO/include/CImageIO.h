@@ -13,4 +13,10 @@ int vk_png_write_gray8(const char *path, const uint8_t *pixels, int width, int h
 /// Returns 0 on success, -1 when out of memory, -2 on a libpng error.
 int vk_png_encode_gray8(const uint8_t *pixels, int width, int height, uint8_t **out, size_t *out_len);
 
+/// Decodes PNG bytes (any colour type, converted to 8-bit gray by libpng) into *pixels (free with
+/// free()), *width and *height. Images of more than `max_pixels` pixels are refused before any
+/// pixel is decoded. Returns 0 on success, -1 when out of memory, -2 when the bytes are not a
+/// PNG libpng can read, -3 when the image is empty or too large.
+int vk_png_decode_gray8(const uint8_t *data, size_t len, size_t max_pixels, uint8_t **pixels, int *width, int *height);
+
 #endif

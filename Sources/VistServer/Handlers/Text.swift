@@ -43,6 +43,7 @@ enum TextHandlers {
                         $0.text = String(c.text)
                         $0.tokens = UInt32(c.tokens)
                         $0.missingGlyphs = UInt32(c.missing)
+                        $0.rows = UInt32(c.rows)
                     }
                 }
             }

@@ -4134,7 +4134,7 @@ const ProtobufCMessageDescriptor vist2__v1__render_request__descriptor =
   (ProtobufCMessageInit) vist2__v1__render_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__rendered_chunk__field_descriptors[5] =
+static const ProtobufCFieldDescriptor vist2__v1__rendered_chunk__field_descriptors[6] =
 {
   {
     "index",
@@ -4196,18 +4196,31 @@ static const ProtobufCFieldDescriptor vist2__v1__rendered_chunk__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "rows",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__RenderedChunk, rows),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__rendered_chunk__field_indices_by_name[] = {
   0,   /* field[0] = index */
   4,   /* field[4] = missing_glyphs */
   1,   /* field[1] = png */
+  5,   /* field[5] = rows */
   2,   /* field[2] = text */
   3,   /* field[3] = tokens */
 };
 static const ProtobufCIntRange vist2__v1__rendered_chunk__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor vist2__v1__rendered_chunk__descriptor =
 {
@@ -4217,7 +4230,7 @@ const ProtobufCMessageDescriptor vist2__v1__rendered_chunk__descriptor =
   "Vist2__V1__RenderedChunk",
   "vist2.v1",
   sizeof(Vist2__V1__RenderedChunk),
-  5,
+  6,
   vist2__v1__rendered_chunk__field_descriptors,
   vist2__v1__rendered_chunk__field_indices_by_name,
   1,  vist2__v1__rendered_chunk__number_ranges,

@@ -637,10 +637,14 @@ struct  Vist2__V1__RenderedChunk
   char *text;
   uint32_t tokens;
   uint32_t missing_glyphs;
+  /*
+   * canvas rows the chunk's text takes
+   */
+  uint32_t rows;
 };
 #define VIST2__V1__RENDERED_CHUNK__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__rendered_chunk__descriptor) \
-    , 0, {0,NULL}, (char *)protobuf_c_empty_string, 0, 0 }
+    , 0, {0,NULL}, (char *)protobuf_c_empty_string, 0, 0, 0 }
 
 
 struct  Vist2__V1__RenderResult
