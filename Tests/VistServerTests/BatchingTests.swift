@@ -1,9 +1,9 @@
 import Foundation
 import Testing
 import VistClient
-import VistEngine
 import VistProtocol
 
+@testable import VistEngine
 @testable import VistServer
 
 /// Reads replies on `c` until `ids` all had their final one; returns the finals and, per id, the
@@ -157,5 +157,41 @@ struct BatchingTests {
         gate.signal()
         w.drain(deadline: .seconds(60))
         #expect(order.all == ["a1", "b1", "a2", "b2", "a3", "b3"])
+    }
+
+    @Test("A generation that ends in its chunk swap (the images no longer fit the context) leaves the worker, beside another")
+    func generationEndingInASwap() throws {
+        let model = try VIST2Model(directory: TestDaemon.modelDir, threads: 1)
+        let tok = model.language.tokenizer
+        // A letter and blank lines: each chunk of L tokens re-chunks into five images, more room
+        // than the text it replaces, so near the end of the context the swap is what no longer
+        // fits (this prompt puts the boundary there) and the generation ends in it, not in a
+        // decode step.
+        let ids = tok.encode(String(repeating: "a\n\n\n\n", count: 900), addSpecial: false)
+        #expect(model.chunker.chunks(tok.decode(ids[0..<model.chunkLength])).count == 5)
+        var r = GenerationRequest(prompt: "Count" + String(repeating: " on", count: 9) + ".")
+        r.maxTokens = ids.count
+        r.sampling = .greedy
+        let forced = GenerationTask.Forced(tokens: ids, observe: { _, _ in }, onSwap: { _ in })
+        let task = try GenerationTask(r, model: .vist2(model), forced: forced, compressOnly: false, isCancelled: nil)
+        var other = GenerationRequest(prompt: "Hello")
+        other.maxTokens = 4
+        other.ignoreEOS = true
+        let beside = try GenerationTask.prepare(other, model: .vist2(model))
+        let w = EngineWorker(capacity: 4, transformer: model.language.transformer)
+        let ended = DispatchSemaphore(value: 0)
+        for t in [task, beside] {
+            let job = EngineWorker.Job()
+            #expect(w.submit(job))
+            w.start(job, .generation(t, onText: { _ in }, onProgress: nil, onEnd: { _ in ended.signal() }))
+        }
+        #expect(ended.wait(timeout: .now() + 120) == .success && ended.wait(timeout: .now() + 120) == .success)
+        w.drain(deadline: .seconds(10))
+        #expect(w.isIdle)
+        let result = task.result
+        #expect(result.stop_reason == .contextFull && result.generated_tokens < ids.count)
+        // It ended in the swap: the chunk it was writing is still there, whole.
+        #expect(task.current.count >= model.chunkLength)
+        #expect(beside.result.generated_tokens == 4)
     }
 }
