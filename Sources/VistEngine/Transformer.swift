@@ -450,9 +450,7 @@ public final class Transformer: @unchecked Sendable {
                 }
             }
             // q = xn Wq^T (T, qDim); k, v = xn Wk^T, xn Wv^T (T, kvDim).
-            Matmul.forward(L.wq, x: ws.xn, y: ws.q, n: T, pool: pool, scratch: ws.matmul)
-            Matmul.forward(L.wk, x: ws.xn, y: ws.k, n: T, pool: pool, scratch: ws.matmul)
-            Matmul.forward(L.wv, x: ws.xn, y: ws.v, n: T, pool: pool, scratch: ws.matmul)
+            Matmul.forward([(L.wq, ws.q), (L.wk, ws.k), (L.wv, ws.v)], x: ws.xn, n: T, pool: pool, scratch: ws.matmul)
             adapt(l, 0, ws.xn)  // q, k, v
             rowsParallel(T) { t in
                 // Qwen3: RMSNorm over each query and key head before RoPE.
@@ -492,8 +490,7 @@ public final class Transformer: @unchecked Sendable {
                     Ops.rmsNorm(ws.x + t * dim, weight: $0.baseAddress!, out: ws.xn + t * dim, n: dim, eps: c.normEps)
                 }
             }
-            Matmul.forward(L.gate, x: ws.xn, y: ws.gate, n: T, pool: pool, scratch: ws.matmul)
-            Matmul.forward(L.up, x: ws.xn, y: ws.up, n: T, pool: pool, scratch: ws.matmul)
+            Matmul.forward([(L.gate, ws.gate), (L.up, ws.up)], x: ws.xn, n: T, pool: pool, scratch: ws.matmul)
             adapt(l, 2, ws.xn)  // gate, up
             rowsParallel(T) { t in Ops.swiglu(ws.gate + t * c.ffnDim, up: ws.up + t * c.ffnDim, n: c.ffnDim) }
             Matmul.forward(L.down, x: ws.gate, y: ws.proj, n: T, pool: pool, scratch: ws.matmul)

@@ -156,6 +156,47 @@ public enum Matmul {
     }
 }
 
+extension Matmul {
+    /// Several products of one input, y_i (n, rows_i) = x (n, cols) W_i^T (q, k and v; gate and
+    /// up). At decoding sizes they run as one parallel region over all their weight rows, with x
+    /// quantized once: one fork and join instead of one per matrix, and the threads' shares
+    /// balanced over the whole. Each row's result is exactly `matvec`'s. Larger batches, and
+    /// matrices of different widths, run one `forward` each.
+    public static func forward(
+        _ products: [(w: WeightMatrix, y: UnsafeMutablePointer<Float>)], x: UnsafePointer<Float>, n: Int, pool: ThreadPool,
+        scratch: MatmulScratch
+    ) {
+        guard n > 0, let first = products.first else { return }
+        let cols = first.w.cols
+        guard n <= gemmThreshold, products.count > 1, products.allSatisfy({ $0.w.cols == cols }) else {
+            for p in products { forward(p.w, x: x, y: p.y, n: n, pool: pool, scratch: scratch) }
+            return
+        }
+        var xq: UnsafeMutablePointer<ActivationBlock>? = nil
+        if products.contains(where: { $0.w.type.isQuantized }) {
+            scratch.reserve(cols: cols, batch: n)
+            let blocks = cols / 32
+            for i in 0..<n { quantizeActivations(x + i * cols, scratch.xq + i * blocks, count: cols) }
+            xq = scratch.xq
+        }
+        let blocks = UnsafePointer(xq)
+        let total = products.reduce(0) { $0 + $1.w.rows }
+        pool.parallel { ith, nth in
+            let part = ThreadPool.slice(total, ith, nth, align: 16)
+            var offset = 0
+            for (w, y) in products {
+                let lo = max(part.lowerBound, offset) - offset, hi = min(part.upperBound, offset + w.rows) - offset
+                if lo < hi {
+                    vk_matvec_rows_multi(
+                        Int32(w.type.rawValue), w.data, w.rowBytes, w.type.isQuantized ? blocks : nil, w.type.isQuantized ? nil : x, y,
+                        Int64(cols), Int64(n), Int64(w.rows), Int64(lo), Int64(hi))
+                }
+                offset += w.rows
+            }
+        }
+    }
+}
+
 /// Sets OpenBLAS's thread count. The engine calls sgemm from its own pool's threads and sets this
 /// to 1, so OpenBLAS never starts threads of its own that would compete for the cores.
 public func setBLASThreads(_ n: Int) { openblas_set_num_threads(Int32(n)) }

@@ -142,6 +142,36 @@ struct KernelTests {
         }
     }
 
+    @Test("Products of one input in one region (q, k, v) give each matrix's own matvec, bit for bit", arguments: [1, 3, 8, 12])
+    func groupedProducts(n: Int) {
+        var rng = TestRNG(41 + UInt64(n))
+        let cols = 96
+        // Matrices of mixed types and row counts that do not split evenly between the threads.
+        let shapes: [(TensorType, Int)] = [(.q4_1, 37), (.q8_0, 16), (.f32, 5), (.q4_0, 50)]
+        let bytes = shapes.map { randomMatrixBytes($0.0, rows: $0.1, cols: cols, rng: &rng) }
+        let x = (0..<(n * cols)).map { _ in rng.float() }
+        let pool = ThreadPool(threads: 3)
+        var alone = shapes.map { [Float](repeating: 0, count: n * $0.1) }
+        var grouped = alone
+        withExtendedLifetime(bytes) {
+            let ws = zip(shapes, bytes).map { shape, b in
+                b.withUnsafeBytes { WeightMatrix(type: shape.0, rows: shape.1, cols: cols, data: $0.baseAddress!) }
+            }
+            x.withUnsafeBufferPointer { xp in
+                for i in ws.indices {
+                    alone[i].withUnsafeMutableBufferPointer {
+                        Matmul.forward(ws[i], x: xp.baseAddress!, y: $0.baseAddress!, n: n, pool: pool, scratch: MatmulScratch())
+                    }
+                }
+                let outs = grouped.map { UnsafeMutablePointer<Float>.allocate(capacity: $0.count) }
+                defer { outs.forEach { $0.deallocate() } }
+                Matmul.forward(Array(zip(ws, outs)), x: xp.baseAddress!, n: n, pool: pool, scratch: MatmulScratch())
+                for i in ws.indices { grouped[i] = Array(UnsafeBufferPointer(start: outs[i], count: grouped[i].count)) }
+            }
+        }
+        #expect(grouped == alone)
+    }
+
     @Test("RMSNorm, softmax and RoPE match the reference", arguments: [1, 7, 64, 1000])
     func elementwise(n: Int) {
         var rng = TestRNG(UInt64(n))
