@@ -592,6 +592,23 @@ void vk_matvec_rows_multi(int type, const void *w, size_t row_bytes, const vk_bl
         }
         return;
     }
+    // One row of x (decoding one request): the kernel is chosen once, not per weight row.
+#define VK_ROWS1(NAME, BLK)                                                                                          \
+    if (p == PATH_VNNI) {                                                                                            \
+        for (int64_t r = r0; r < r1; r++) y[r] = dot_##NAME##_vnni((const BLK *)(base + (size_t)r * row_bytes), xq, nb); \
+    } else {                                                                                                         \
+        for (int64_t r = r0; r < r1; r++) y[r] = dot_##NAME##_avx2((const BLK *)(base + (size_t)r * row_bytes), xq, nb); \
+    }                                                                                                                \
+    return;
+    if (p != PATH_SCALAR && nx == 1 && xq) {
+        switch (type) {
+        case VK_TYPE_Q4_1: VK_ROWS1(q4_1, blk_q4_1)
+        case VK_TYPE_Q4_0: VK_ROWS1(q4_0, blk_q4_0)
+        case VK_TYPE_Q8_0: VK_ROWS1(q8_0, blk_q8_0)
+        default: break;
+        }
+    }
+#undef VK_ROWS1
 #endif
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = base + (size_t)r * row_bytes;
