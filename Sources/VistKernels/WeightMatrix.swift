@@ -135,41 +135,36 @@ public enum Matmul {
         _ w: WeightMatrix, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, n: Int = 1,
         pool: ThreadPool, scratch: MatmulScratch
     ) {
-        guard n > 0 else { return }
-        var xq: UnsafeMutablePointer<ActivationBlock>? = nil
-        if w.type.isQuantized {
-            scratch.reserve(cols: w.cols, batch: n)
-            let blocks = w.cols / 32
-            for i in 0..<n { quantizeActivations(x + i * w.cols, scratch.xq + i * blocks, count: w.cols) }
-            xq = scratch.xq
-        }
-        let blocks = UnsafePointer(xq)
-        let xf: UnsafePointer<Float>? = w.type.isQuantized ? nil : x
-        pool.parallel { ith, nth in
-            let part = ThreadPool.slice(w.rows, ith, nth, align: 16)
-            if !part.isEmpty {
-                vk_matvec_rows_multi(
-                    Int32(w.type.rawValue), w.data, w.rowBytes, blocks, xf, y, Int64(w.cols), Int64(n), Int64(w.rows),
-                    Int64(part.lowerBound), Int64(part.upperBound))
-            }
-        }
+        matvec([(w, y)], x: x, n: n, pool: pool, scratch: scratch)
     }
-}
 
-extension Matmul {
     /// Several products of one input, y_i (n, rows_i) = x (n, cols) W_i^T (q, k and v; gate and
     /// up). At decoding sizes they run as one parallel region over all their weight rows, with x
     /// quantized once: one fork and join instead of one per matrix, and the threads' shares
-    /// balanced over the whole. Each row's result is exactly `matvec`'s. Larger batches, and
-    /// matrices of different widths, run one `forward` each.
+    /// balanced over the whole. Each row's result is exactly `matvec`'s. Larger batches run one
+    /// `forward` each.
     public static func forward(
+        _ products: [(w: WeightMatrix, y: UnsafeMutablePointer<Float>)], x: UnsafePointer<Float>, n: Int, pool: ThreadPool,
+        scratch: MatmulScratch
+    ) {
+        guard n <= gemmThreshold else {
+            for p in products { forward(p.w, x: x, y: p.y, n: n, pool: pool, scratch: scratch) }
+            return
+        }
+        matvec(products, x: x, n: n, pool: pool, scratch: scratch)
+    }
+
+    /// `matvec` of matrices of the same width in one parallel region: the weight rows of all of
+    /// them split between the threads, x quantized once when any is of a block type. Matrices of
+    /// different widths run one region each.
+    static func matvec(
         _ products: [(w: WeightMatrix, y: UnsafeMutablePointer<Float>)], x: UnsafePointer<Float>, n: Int, pool: ThreadPool,
         scratch: MatmulScratch
     ) {
         guard n > 0, let first = products.first else { return }
         let cols = first.w.cols
-        guard n <= gemmThreshold, products.count > 1, products.allSatisfy({ $0.w.cols == cols }) else {
-            for p in products { forward(p.w, x: x, y: p.y, n: n, pool: pool, scratch: scratch) }
+        guard products.allSatisfy({ $0.w.cols == cols }) else {
+            for p in products { matvec([p], x: x, n: n, pool: pool, scratch: scratch) }
             return
         }
         var xq: UnsafeMutablePointer<ActivationBlock>? = nil
