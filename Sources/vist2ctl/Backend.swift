@@ -74,6 +74,14 @@ struct BackendOptions: ParsableArguments {
 struct LocalBackend: Backend {
     let options: ModelOptions
 
+    /// The KV cache's element type: --kv-type, else f16 (as vist2d).
+    var kvType: KVType { options.kvType ?? .f16 }
+
+    /// --shared names the daemon's shared cache entries; there is no cache here.
+    func refuseShared(_ shared: Bool) throws {
+        guard !shared else { throw CLIError.badArgument("--shared names the daemon's shared cache entries; --local has no cache") }
+    }
+
     func tokenize(_ text: String, parseSpecial: Bool, noSpecial: Bool) throws -> [Int32] {
         try options.loadTokenizer().encode(text, addSpecial: !noSpecial, parseSpecial: parseSpecial)
     }
@@ -81,9 +89,9 @@ struct LocalBackend: Backend {
     func generate(_ request: GenerationRequest, documents: [Document], shared: Bool, onText: (String) -> Void) throws
         -> GenerationResult
     {
-        guard !shared else { throw CLIError.badArgument("--shared names the daemon's shared cache entries; --local has no cache") }
+        try refuseShared(shared)
         var req = request
-        req.kvType = options.kvType ?? .f16
+        req.kvType = kvType
         let model: EngineModel
         if VIST2Model.isModelDirectory(try ModelStore.resolve(options.name)) {
             req.documents = documents.map(\.text)
@@ -103,10 +111,10 @@ struct LocalBackend: Backend {
     func compress(_ document: Document, instruction: String, chat: Bool, shared: Bool, onProgress: (Int, Int) -> Void) throws
         -> CompressionResult
     {
-        guard !shared else { throw CLIError.badArgument("--shared names the daemon's shared cache entries; --local has no cache") }
+        try refuseShared(shared)
         var req = GenerationRequest(prompt: instruction, documents: [document.text])
         req.chat = chat
-        req.kvType = options.kvType ?? .f16
+        req.kvType = kvType
         return try GenerationTask.compress(req, model: try options.loadVIST2()) { done, total in
             onProgress(done, total)
             return true
@@ -122,19 +130,18 @@ struct LocalBackend: Backend {
                     index: i, text: String(c.text), tokens: c.tokens, rows: c.rows, missingGlyphs: c.missing,
                     image: model.renderer.render(c.text).image))
         }
-        let tokens = chunks.map(\.tokens).reduce(0, +)
-        let visual = chunks.count * model.visualTokens
+        let totals = model.renderTotals(chunks)
         return RenderTotals(
-            chunks: chunks.count, tokens: tokens, visualTokens: visual, ratio: visual > 0 ? Double(tokens) / Double(visual) : 0,
+            chunks: chunks.count, tokens: totals.tokens, visualTokens: totals.visualTokens, ratio: totals.ratio,
             modelFingerprint: model.fingerprint)
     }
 
     func perplexity(_ document: Document, ctx: Int, onProgress: (Int, Int, Double) -> Void) throws -> PerplexityResult {
-        try options.load().perplexity(text: document.text, ctx: ctx, kvType: options.kvType ?? .f16, progress: onProgress)
+        try options.load().perplexity(text: document.text, ctx: ctx, kvType: kvType, progress: onProgress)
     }
 
     func bench(prompt: Int, generate: Int, repetitions: Int) throws -> BenchResult {
-        try options.load().bench(prompt: prompt, generate: generate, repetitions: repetitions, kvType: options.kvType ?? .f16)
+        try options.load().bench(prompt: prompt, generate: generate, repetitions: repetitions, kvType: kvType)
     }
 }
 

@@ -22,11 +22,23 @@ public final class VIST2Model: @unchecked Sendable {
 
     /// Visual tokens per chunk (m).
     public var visualTokens: Int { config.visualTokens }
+    /// What rendering `chunks` gives (every chunk an image, as `vist2ctl render` and the daemon's
+    /// render request report it): their text tokens, visual tokens, and text tokens per visual
+    /// token (0 without chunks).
+    public func renderTotals(_ chunks: [Chunk]) -> (tokens: Int, visualTokens: Int, ratio: Double) {
+        let tokens = chunks.map(\.tokens).reduce(0, +), visual = chunks.count * visualTokens
+        return (tokens, visual, visual > 0 ? Double(tokens) / Double(visual) : 0)
+    }
+
     /// Boundary token ids around each visual block (from `special_tokens`), if configured.
     public let visionStart: Int32?
     public let visionEnd: Int32?
     /// Positions (and KV entries) one finished chunk occupies: m plus its boundary tokens.
-    public var blockSize: Int { visualTokens + (visionStart == nil ? 0 : 1) + (visionEnd == nil ? 0 : 1) }
+    public var blockSize: Int { Self.blockSize(visualTokens: visualTokens, start: visionStart, end: visionEnd) }
+
+    static func blockSize(visualTokens: Int, start: Int32?, end: Int32?) -> Int {
+        visualTokens + (start == nil ? 0 : 1) + (end == nil ? 0 : 1)
+    }
     /// Text tokens per chunk (L).
     public var chunkLength: Int { config.chunk.length }
     /// The fingerprint as 32 bytes, and a sha256 of the render config (canonical JSON): the
@@ -86,7 +98,8 @@ public final class VIST2Model: @unchecked Sendable {
         visionStart = try special(config.specialTokens?.visionStart, "vision_start")
         visionEnd = try special(config.specialTokens?.visionEnd, "vision_end")
         // A block attends to itself in both directions, so it is prefilled in one batch.
-        let block = config.visualTokens + (visionStart == nil ? 0 : 1) + (visionEnd == nil ? 0 : 1)
+        // (Checked before the fingerprint hashes the files; `blockSize` needs every property set.)
+        let block = Self.blockSize(visualTokens: config.visualTokens, start: visionStart, end: visionEnd)
         guard block <= language.transformer.maxBatch else {
             throw .format(
                 FormatError(

@@ -47,15 +47,14 @@ enum TextHandlers {
                     }
                 }
             }
-            let tokens = chunks.map(\.tokens).reduce(0, +)
-            let visual = chunks.count * model.visualTokens
+            let totals = model.renderTotals(chunks)
             s.end(id, job, withdraw: true) {
                 s.reply(id) {
                     $0.renderResult = .with {
                         $0.chunks = UInt32(chunks.count)
-                        $0.textTokens = UInt32(tokens)
-                        $0.visualTokens = UInt32(visual)
-                        $0.ratio = visual > 0 ? Double(tokens) / Double(visual) : 0
+                        $0.textTokens = UInt32(totals.tokens)
+                        $0.visualTokens = UInt32(totals.visualTokens)
+                        $0.ratio = totals.ratio
                     }
                 }
             }
