@@ -273,7 +273,7 @@ public final class Transformer: @unchecked Sendable {
         precondition(token >= 0 && Int(token) < config.vocabSize, "token id out of range")
         var out = [Float](repeating: 0, count: config.dim)
         out.withUnsafeMutableBufferPointer {
-            dequantize(weights.tokenEmbedding.type, weights.tokenEmbedding.row(Int(token)), $0.baseAddress!, count: config.dim)
+            weights.tokenEmbedding.dequantizeRows(Int(token)..<(Int(token) + 1), into: $0.baseAddress!)
         }
         return out
     }
@@ -436,7 +436,7 @@ public final class Transformer: @unchecked Sendable {
             for t in 0..<T {
                 let id = Int(tokens[t])
                 precondition(id >= 0 && id < c.vocabSize, "token id out of range")
-                dequantize(w.tokenEmbedding.type, w.tokenEmbedding.row(id), ws.x + t * dim, count: dim)
+                w.tokenEmbedding.dequantizeRows(id..<(id + 1), into: ws.x + t * dim)
             }
         case .embeddings(let e, _):
             ws.x.update(from: e, count: T * dim)

@@ -28,19 +28,29 @@ public final class TransformerWeights: @unchecked Sendable {
     public let output: WeightMatrix  // (vocab, dim); the embedding itself when tied
     let storage: [AnyObject]
 
+    /// Block-type matrices are repacked into the interleaved layout the decoding kernels read
+    /// fastest (`WeightArena.interleaved`); with `mapped`, their pages of the model file are
+    /// released afterwards, so the copy does not double the resident memory.
     init(
         config: ModelConfig, tokenEmbedding: WeightMatrix, layers: [LayerWeights], outputNorm: [Float], output: WeightMatrix,
-        storage: [AnyObject]
+        storage: [AnyObject], mapped: Bool
     ) {
+        let arena = WeightArena()
+        func pack(_ w: WeightMatrix) -> WeightMatrix { arena.interleaved(w, releaseSource: mapped) }
         self.config = config
-        self.tokenEmbedding = tokenEmbedding
-        self.layers = layers
+        self.tokenEmbedding = pack(tokenEmbedding)
+        self.layers = layers.map { l in
+            var l = l
+            (l.wq, l.wk, l.wv, l.wo) = (pack(l.wq), pack(l.wk), pack(l.wv), pack(l.wo))
+            (l.gate, l.up, l.down) = (pack(l.gate), pack(l.up), pack(l.down))
+            return l
+        }
         self.outputNorm = outputNorm
-        self.output = output
-        self.storage = storage
+        self.output = config.tiedEmbeddings ? self.tokenEmbedding : pack(output)
+        self.storage = storage + [arena]
     }
 
-    /// Bytes of weight data referenced (mapped, not copied) plus the float norms.
+    /// Bytes of weight data (mapped from the file, or repacked from it) plus the float norms.
     public var weightBytes: Int {
         var n = tokenEmbedding.rows * tokenEmbedding.rowBytes + outputNorm.count * 4
         if !config.tiedEmbeddings { n += output.rows * output.rowBytes }
@@ -112,7 +122,7 @@ public final class TransformerWeights: @unchecked Sendable {
             config: c, tokenEmbedding: emb, layers: layers,
             outputNorm: try gguf.vector("output_norm.weight", count: c.dim),
             output: tied ? emb : try gguf.matrix("output.weight", rows: c.vocabSize, cols: c.dim),
-            storage: [gguf])
+            storage: [gguf], mapped: true)
     }
 
     // MARK: Hugging Face safetensors
@@ -179,7 +189,7 @@ public final class TransformerWeights: @unchecked Sendable {
         let out = c.tiedEmbeddings ? emb : try mat("lm_head.weight", c.vocabSize, c.dim)
         return TransformerWeights(
             config: c, tokenEmbedding: emb, layers: layers, outputNorm: try vec("model.norm.weight", c.dim),
-            output: out, storage: Array(files.values))
+            output: out, storage: Array(files.values), mapped: true)
     }
 }
 

@@ -41,11 +41,38 @@ public enum Reference {
         return out
     }
 
+    /// The bytes of row r of w as the model file stores them (its blocks one after another),
+    /// read from either layout; the interleaved one by its definition in CVistKernels.h (group g
+    /// = rows 8g..<8g+8; its block i holds the 8 rows' scales, then Q4_1's 8 mins, then their 8
+    /// quant arrays), independently of the kernels.
+    public static func fileRow(_ w: WeightMatrix, _ r: Int) -> [UInt8] {
+        switch w.layout {
+        case .rows:
+            return Array(UnsafeRawBufferPointer(start: w.data + r * w.rowBytes, count: w.rowBytes))
+        case .interleaved8:
+            let bb = w.type.blockBytes, nb = w.cols / 32, g = r / 8, k = r % 8
+            let halves = w.type == .q4_1 ? 2 : 1
+            let qBytes = bb - 2 * halves
+            var out: [UInt8] = []
+            for i in 0..<nb {
+                let block = w.data + (g * nb + i) * 8 * bb
+                for h in 0..<halves { out += UnsafeRawBufferPointer(start: block + 16 * h + 2 * k, count: 2) }
+                out += UnsafeRawBufferPointer(start: block + 16 * halves + k * qBytes, count: qBytes)
+            }
+            return out
+        }
+    }
+
+    /// Row r of w dequantized by `dequantizeRow`.
+    public static func dequantizeRow(_ w: WeightMatrix, _ r: Int) -> [Float] {
+        fileRow(w, r).withUnsafeBytes { dequantizeRow(w.type, $0.baseAddress!, count: w.cols) }
+    }
+
     /// y (n, rows) = x (n, cols) * W^T, accumulated in Double from dequantized rows.
     public static func matmul(_ w: WeightMatrix, x: [Float], n: Int) -> [Float] {
         var y = [Float](repeating: 0, count: n * w.rows)
         for r in 0..<w.rows {
-            let row = dequantizeRow(w.type, w.row(r), count: w.cols)
+            let row = dequantizeRow(w, r)
             for i in 0..<n {
                 var acc = 0.0
                 for c in 0..<w.cols { acc += Double(row[c]) * Double(x[i * w.cols + c]) }

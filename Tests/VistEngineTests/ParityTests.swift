@@ -116,9 +116,23 @@ struct ParityTests {
                 for expected in p.greedy {
                     let next = sampler.sample(logits, vocab: m.config.vocabSize, history: [])
                     if next != expected {
-                        // Allowed only where llama.cpp's token was within its own error of ours.
+                        // Allowed only at a near-tie of the model itself: with f32 activations (the
+                        // path that equals the float64 reference) the two tokens are within 0.25 of
+                        // each other, and the decode path's 8-bit activations (which llama.cpp's
+                        // also has, with its own rounding) moved our gap by no more than their error.
                         let gap = logits[Int(next)] - logits[Int(expected)]
-                        #expect(gap < 0.5, "greedy diverged at token \(matched) with a logit gap of \(gap) for \(label)")
+                        let saved = Matmul.gemmThreshold
+                        Matmul.gemmThreshold = 0
+                        defer { Matmul.gemmThreshold = saved }
+                        let ids = p.ids + p.greedy[0..<matched]
+                        let exact = Array(
+                            m.transformer.forward(ids, cache: m.transformer.makeCache(capacity: ids.count), workspace: ws, logits: .last)
+                                .logits.last)
+                        let exactGap = exact[Int(next)] - exact[Int(expected)]
+                        #expect(
+                            abs(exactGap) < 0.25 && gap < 1.0,
+                            "greedy diverged at token \(matched) with a logit gap of \(gap) (\(exactGap) with f32 activations) for \(label)"
+                        )
                         break
                     }
                     matched += 1

@@ -1,3 +1,4 @@
+import CVistKernels
 import Foundation
 import Testing
 import VistTestSupport
@@ -67,7 +68,7 @@ struct KernelTests {
             let ref = Reference.matmul(w, x: x, n: n)
             for i in 0..<n {
                 for r in 0..<rows {
-                    let row = Reference.dequantizeRow(type, w.row(r), count: cols)
+                    let row = Reference.dequantizeRow(w, r)
                     // Quantized weights on the matvec path also quantize activations to 8 bits.
                     let quantAct = type.isQuantized && n <= Matmul.gemmThreshold
                     let tol =
@@ -147,8 +148,9 @@ struct KernelTests {
         var rng = TestRNG(41 + UInt64(n))
         let cols = 96
         // Matrices of mixed types and row counts that do not split evenly between the threads.
-        let shapes: [(TensorType, Int)] = [(.q4_1, 37), (.q8_0, 16), (.f32, 5), (.q4_0, 50)]
+        let shapes: [(TensorType, Int)] = [(.q4_1, 37), (.q8_0, 16), (.f32, 5), (.q4_0, 50), (.q4_1, 24)]
         let bytes = shapes.map { randomMatrixBytes($0.0, rows: $0.1, cols: cols, rng: &rng) }
+        let arena = WeightArena()
         let x = (0..<(n * cols)).map { _ in rng.float() }
         let pool = ThreadPool(threads: 3)
         var alone = shapes.map { [Float](repeating: 0, count: n * $0.1) }
@@ -156,7 +158,7 @@ struct KernelTests {
         withExtendedLifetime(bytes) {
             let ws = zip(shapes, bytes).map { shape, b in
                 b.withUnsafeBytes { WeightMatrix(type: shape.0, rows: shape.1, cols: cols, data: $0.baseAddress!) }
-            }
+            }.enumerated().map { $0.offset >= 3 ? arena.interleaved($0.element) : $0.element }  // both layouts in one region
             x.withUnsafeBufferPointer { xp in
                 for i in ws.indices {
                     alone[i].withUnsafeMutableBufferPointer {
@@ -170,6 +172,95 @@ struct KernelTests {
             }
         }
         #expect(grouped == alone)
+    }
+
+    @Test("Interleaved weights hold the file's rows and dequantize to the same floats", arguments: [TensorType.q4_0, .q4_1, .q8_0])
+    func interleavedLayout(type: TensorType) {
+        var rng = TestRNG(51 + UInt64(type.rawValue))
+        let cols = 96
+        let arena = WeightArena()
+        for rows in [1, 8, 13, 37] {
+            let bytes = randomMatrixBytes(type, rows: rows, cols: cols, rng: &rng)
+            bytes.withUnsafeBytes { raw in
+                let w = WeightMatrix(type: type, rows: rows, cols: cols, data: raw.baseAddress!)
+                let p = arena.interleaved(w)
+                #expect(p.layout == .interleaved8 && p.rows == rows && p.cols == cols && p.rowBytes == w.rowBytes)
+                // Every row's blocks, read from the groups by the layout's definition, are the file's.
+                for r in 0..<rows { #expect(Reference.fileRow(p, r) == Reference.fileRow(w, r), "\(type) rows \(rows) row \(r)") }
+                for range in [0..<rows, (rows / 3)..<rows, (rows - 1)..<rows, 0..<0] {
+                    var a = [Float](repeating: .nan, count: range.count * cols), b = a
+                    a.withUnsafeMutableBufferPointer { w.dequantizeRows(range, into: $0.baseAddress!) }
+                    b.withUnsafeMutableBufferPointer { p.dequantizeRows(range, into: $0.baseAddress!) }
+                    #expect(a == b, "\(type) rows \(rows) range \(range)")
+                }
+                #expect(arena.interleaved(p).data == p.data, "an interleaved matrix is not repacked again")
+            }
+        }
+        // Float matrices keep the row layout (their kernels read rows).
+        let f = randomMatrixBytes(.f16, rows: 8, cols: 32, rng: &rng)
+        f.withUnsafeBytes { raw in
+            let w = WeightMatrix(type: .f16, rows: 8, cols: 32, data: raw.baseAddress!)
+            #expect(arena.interleaved(w).layout == .rows && arena.interleaved(w).data == w.data)
+        }
+    }
+
+    @Test(
+        "Interleaved products match the reference, equal alone and batched, scalar and SIMD, and any row range",
+        arguments: [TensorType.q4_0, .q4_1, .q8_0])
+    func interleavedProducts(type: TensorType) {
+        var rng = TestRNG(61 + UInt64(type.rawValue))
+        let rows = 37, cols = 160  // 37 rows: the last group is padded
+        let bytes = randomMatrixBytes(type, rows: rows, cols: cols, rng: &rng)
+        let x = (0..<(12 * cols)).map { _ in rng.float() }
+        let pool = ThreadPool(threads: 3)
+        let arena = WeightArena()
+        bytes.withUnsafeBytes { raw in
+            let w = WeightMatrix(type: type, rows: rows, cols: cols, data: raw.baseAddress!)
+            let p = arena.interleaved(w)
+            func product(_ m: WeightMatrix, _ n: Int, from i0: Int = 0) -> [Float] {
+                var y = [Float](repeating: .nan, count: n * rows)
+                x.withUnsafeBufferPointer { xp in
+                    y.withUnsafeMutableBufferPointer {
+                        Matmul.forward(m, x: xp.baseAddress! + i0 * cols, y: $0.baseAddress!, n: n, pool: pool, scratch: MatmulScratch())
+                    }
+                }
+                return y
+            }
+            let ref = Reference.matmul(w, x: x, n: 12)
+            var alone: [[Float]] = []
+            for i in 0..<8 {
+                let y = product(p, 1, from: i)
+                alone.append(y)
+                for r in 0..<rows {
+                    let row = Reference.dequantizeRow(w, r)
+                    let err = abs(Double(y[r]) - Double(ref[i * rows + r]))
+                    #expect(err <= activationErrorBound(row, x[(i * cols)..<((i + 1) * cols)]), "\(type) input \(i) row \(r)")
+                }
+            }
+            for n in [2, 5, 8] {
+                let y = product(p, n)
+                for i in 0..<n { #expect(Array(y[(i * rows)..<((i + 1) * rows)]) == alone[i], "\(type) batch \(n) input \(i)") }
+            }
+            // The scalar kernels compute the same floats (exact integer sums, one fma per block).
+            let old = forceScalarKernels(true)
+            let scalar = product(p, 5)
+            forceScalarKernels(old)
+            #expect(scalar == product(p, 5), "\(type) scalar vs \(simdPath)")
+            // Any split of the rows gives each row the same result and writes nothing else.
+            let blocks = UnsafeMutablePointer<vk_block_q8a>.allocate(capacity: cols / 32)
+            defer { blocks.deallocate() }
+            x.withUnsafeBufferPointer { quantizeActivations($0.baseAddress!, blocks, count: cols) }
+            for range in [3..<11, 8..<16, 36..<37, 0..<37] {
+                var y = [Float](repeating: .nan, count: rows)
+                vk_matvec_x8(
+                    Int32(type.rawValue), p.data, blocks, &y, Int64(cols), 1, Int64(rows), Int64(range.lowerBound), Int64(range.upperBound))
+                for r in 0..<rows {
+                    if range.contains(r) { #expect(y[r] == alone[0][r], "\(type) rows \(range) row \(r)") } else { #expect(y[r].isNaN) }
+                }
+            }
+            // Larger batches dequantize for sgemm: the same floats, so the same result as the row layout.
+            #expect(product(p, 12) == product(w, 12))
+        }
     }
 
     @Test("RMSNorm, softmax and RoPE match the reference", arguments: [1, 7, 64, 1000])

@@ -71,6 +71,24 @@ void vk_matvec_rows(int type, const void *w, size_t row_bytes, const vk_block_q8
 void vk_matvec_rows_multi(int type, const void *w, size_t row_bytes, const vk_block_q8a *xq, const float *xf, float *y,
                           int64_t n, int64_t nx, int64_t y_stride, int64_t r0, int64_t r1);
 
+/// Interleaved weights, for the matrix-vector products of decoding: a block-type matrix (Q4_0,
+/// Q4_1, Q8_0) repacked so that block i of 8 consecutive rows lies together, their 8 scales (and
+/// Q4_1 mins) first, then their 8 quant arrays — the same bytes as the 8 blocks. Group g holds
+/// rows 8g ..< 8g + 8 as n/32 such blocks; a last group with fewer rows is padded with zeros.
+/// Bytes of the repacked matrix (0 for a type that has no interleaved form or a bad shape).
+size_t vk_x8_bytes(int type, int64_t rows, int64_t n);
+/// Repacks `rows` rows of `row_bytes` from `src` into `dst` (vk_x8_bytes of it); -1 if the type
+/// or shape is not supported, else 0.
+int vk_repack_x8(int type, const void *src, size_t row_bytes, int64_t rows, int64_t n, void *dst);
+/// Rows [r0, r1) of an interleaved matrix as floats (row-major, n per row): the same floats as
+/// vk_dequantize of the original rows.
+void vk_dequantize_rows_x8(int type, const void *w, int64_t n, int64_t r0, int64_t r1, float *dst);
+/// vk_matvec_rows_multi for an interleaved matrix: y[i * y_stride + r] = dot(W[r], x_i), rows r
+/// in [r0, r1). Every row's result is the same whatever nx, r0 and r1 are, and the same on the
+/// scalar and SIMD paths (exact integer block sums, one fused multiply-add per block).
+void vk_matvec_x8(int type, const void *w, const vk_block_q8a *xq, float *y, int64_t n, int64_t nx, int64_t y_stride, int64_t r0,
+                  int64_t r1);
+
 /// f32 <-> IEEE half for n elements (round to nearest even; F16C when the CPU has AVX2).
 void vk_f32_to_f16(const float *src, uint16_t *dst, int64_t n);
 void vk_f16_to_f32(const uint16_t *src, float *dst, int64_t n);
