@@ -34,6 +34,22 @@ public final class ThreadPool: @unchecked Sendable {
         }
     }
 
+    /// Runs `body(range, ith)` over the ranges of `0..<units` the threads claim while the region
+    /// runs (vk_pool_split_next): each thread starts on its own contiguous share and, when done,
+    /// takes part of another's that is still left, so a thread slowed down by a busy core does
+    /// not hold up the others. For items whose results do not depend on which thread does them.
+    public func parallel(units: Int, _ body: (Range<Int>, Int) -> Void) {
+        guard units < 1 << 32 else {
+            parallel { ith, nth in body(Self.slice(units, ith, nth), ith) }
+            return
+        }
+        vk_pool_split_init(pool, Int64(units))
+        parallel { ith, _ in
+            var lo: Int64 = 0, hi: Int64 = 0
+            while vk_pool_split_next(pool, Int32(ith), &lo, &hi) != 0 { body(Int(lo)..<Int(hi), ith) }
+        }
+    }
+
     /// The half-open range of `0..<count` that thread `ith` of `nth` owns, in contiguous slices
     /// whose starts are multiples of `align` (so threads do not share cache lines of output).
     @inlinable

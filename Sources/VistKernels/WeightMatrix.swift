@@ -246,8 +246,11 @@ public enum Matmul {
         }
         let blocks = UnsafePointer(xq)
         let total = products.reduce(0) { $0 + $1.w.rows }
-        pool.parallel { ith, nth in
-            let part = ThreadPool.slice(total, ith, nth, align: 16)
+        // Units of 16 rows: whole groups of interleaved rows, and threads never write the same
+        // cache line of y.
+        let unit = 16
+        pool.parallel(units: (total + unit - 1) / unit) { units, _ in
+            let part = (units.lowerBound * unit)..<min(total, units.upperBound * unit)
             var offset = 0
             for (w, y) in products {
                 let lo = max(part.lowerBound, offset) - offset, hi = min(part.upperBound, offset + w.rows) - offset

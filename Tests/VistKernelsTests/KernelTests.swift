@@ -349,4 +349,39 @@ struct KernelTests {
             }
         }
     }
+
+    @Test("A balanced region hands every unit out exactly once, and a late thread's share goes to the others")
+    func balancedRegion() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool(threads: threads)
+            for units in [0, 1, 5, 37, 1000] {
+                let counts = UnsafeMutablePointer<Int>.allocate(capacity: max(1, units))
+                defer { counts.deallocate() }
+                counts.initialize(repeating: 0, count: max(1, units))
+                for _ in 0..<200 {
+                    pool.parallel(units: units) { range, _ in
+                        #expect(range.lowerBound >= 0 && range.upperBound <= units && !range.isEmpty)
+                        for i in range { counts[i] += 1 }
+                    }
+                }
+                #expect((0..<units).allSatisfy { counts[$0] == 200 }, "\(threads) threads, \(units) units")
+            }
+        }
+        // Thread 1 stops for 50 ms in its first claim (a quarter of its 100 units, or nothing if it
+        // woke after the others had taken all): the others take the rest of its share meanwhile.
+        let pool = ThreadPool(threads: 3)
+        let done = UnsafeMutablePointer<Int>.allocate(capacity: 3)
+        defer { done.deallocate() }
+        done.initialize(repeating: 0, count: 3)
+        var late = true
+        pool.parallel(units: 300) { range, ith in
+            if ith == 1 && late {
+                late = false
+                usleep(50_000)
+            }
+            done[ith] += range.count
+        }
+        #expect(done[0] + done[1] + done[2] == 300)
+        #expect(done[1] <= 25, "the late thread did \(done[1]) of 300 units")
+    }
 }

@@ -148,6 +148,14 @@ typedef void (*vk_task_fn)(void *ctx, int ith, int nth);
 vk_pool *vk_pool_create(int n);
 void vk_pool_run(vk_pool *pool, vk_task_fn fn, void *ctx);
 int vk_pool_size(const vk_pool *pool);
+/// A region whose work is `units` independent items (< 2^32), balanced while it runs: call
+/// vk_pool_split_init before vk_pool_run; then each thread calls vk_pool_split_next until it
+/// returns 0, doing [*lo, *hi) each time. Thread ith owns the ith contiguous slice and claims it
+/// from the front; a thread done with its own takes from the back of another's, so a thread that
+/// is slowed down (a busy core, a late start) no longer holds everyone up. Every unit is handed
+/// out exactly once.
+void vk_pool_split_init(vk_pool *pool, int64_t units);
+int vk_pool_split_next(vk_pool *pool, int ith, int64_t *lo, int64_t *hi);
 void vk_pool_destroy(vk_pool *pool);
 
 #ifdef __cplusplus
