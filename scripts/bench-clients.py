@@ -3,7 +3,7 @@
 --tokens tokens over the same open document in one vist2d, all at once.
 
     /usr/bin/python3 scripts/bench-clients.py [--model default] [--tokens 128] [--clients 1,2,4,8]
-        [--kv-type f32] [--out DIR]
+        [--kv-type f16] [--out DIR] [--vist2d PATH]
 
 Starts vist2d (.build/release/vist2d, built if missing) on a fresh socket and cache, compresses the document once (so every
 client's prefill reads the cached visual blocks), then for each N: N connections open the
@@ -132,21 +132,23 @@ def main():
     ap.add_argument("--model", default="default")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--clients", default="1,2,4,8")
-    ap.add_argument("--kv-type", default="f32")
+    ap.add_argument("--kv-type", default="f16", choices=["f16", "f32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--instruction", default="Summarize the license above.")
     ap.add_argument("--document", default="GPL-3,Apache-2.0", help="files of /usr/share/common-licenses, concatenated")
     ap.add_argument("--out", default=os.path.join(ROOT, ".build", "bench-clients"))
+    ap.add_argument("--vist2d", default=None, help="the vist2d binary to measure (default: .build/release/vist2d, built if missing)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    if not os.path.exists(os.path.join(ROOT, ".build", "release", "vist2d")):
+    vist2d = a.vist2d or os.path.join(ROOT, ".build", "release", "vist2d")
+    if a.vist2d is None and not os.path.exists(vist2d):
         subprocess.run(["swift", "build", "-c", "release", "--product", "vist2d"], cwd=ROOT, check=True)
     pb = vist2_client.load_protocol()
     tmp = tempfile.mkdtemp(prefix="vist2-bench-")
     sock = os.path.join(tmp, "s.sock")
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     log = open(os.path.join(a.out, "vist2d.log"), "w")
-    daemon = subprocess.Popen([os.path.join(ROOT, ".build", "release", "vist2d"), "--model", a.model, "--socket", sock,
+    daemon = subprocess.Popen([vist2d, "--model", a.model, "--socket", sock,
                                "--cache-dir", os.path.join(tmp, "cache"), "--threads", str(a.threads),
                                "--kv-type", a.kv_type, "--queue", "64"], env=env, stdout=log, stderr=log)
     try:

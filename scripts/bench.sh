@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Benchmark vist2 against llama.cpp on the same GGUF, thread count and environment, in one run.
 #
-#   scripts/bench.sh [-t THREADS] [-p 512] [-n 128] [-r 5] [--keep-openblas-env]
+#   scripts/bench.sh [-t THREADS] [-p 512] [-n 128] [-r 5] [-k 3] [--keep-openblas-env]
 #
+# -k rounds alternate the two programs (each round: llama-bench, then vist2ctl bench, -r timed
+# repetitions each); the ratios printed are the medians of the rounds'. VIST2CTL names another
+# vist2ctl binary to measure (default: .build/release/vist2ctl, built here).
 # llama.cpp is built from the llama.cpp tree vendored in the llama-cpp-python sdist (PyPI) into
 # ~/.cache/vist2/llama.cpp-<version> the first time (cmake, g++). Both programs run with
 # OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (so OpenBLAS picks its AVX-512 kernels) unless
-# --keep-openblas-env is given. Prints both tables, the ratios, and a JSON line.
+# --keep-openblas-env is given. Prints each round, the ratios, and a JSON line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +17,7 @@ THREADS=$(nproc)
 P=512
 N=128
 R=5
+K=3
 KEEP_ENV=0
 while (($#)); do
     case "$1" in
@@ -21,8 +25,9 @@ while (($#)); do
     -p) P=$2; shift 2 ;;
     -n) N=$2; shift 2 ;;
     -r) R=$2; shift 2 ;;
+    -k) K=$2; shift 2 ;;
     --keep-openblas-env) KEEP_ENV=1; shift ;;
-    *) echo "usage: $0 [-t threads] [-p n] [-n n] [-r reps] [--keep-openblas-env]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-t threads] [-p n] [-n n] [-r reps] [-k rounds] [--keep-openblas-env]" >&2; exit 2 ;;
     esac
 done
 
@@ -45,7 +50,7 @@ if [[ ! -x "$BENCH" ]]; then
 fi
 
 bash scripts/fetch-model.sh >/dev/null
-swift build -c release --product vist2ctl >/dev/null
+[[ -n "${VIST2CTL:-}" ]] || swift build -c release --product vist2ctl >/dev/null
 if [[ -n "${VIST2_MODELS:-}" ]]; then STORE="$VIST2_MODELS"
 elif [[ -n "${XDG_DATA_HOME:-}" ]]; then STORE="$XDG_DATA_HOME/vist2/models"
 else STORE="$HOME/.local/share/vist2/models"; fi
@@ -54,32 +59,43 @@ MODEL="$STORE/SmolLM2-135M-Instruct.Q4_1.gguf"
 ENVCMD=(env)
 ((KEEP_ENV)) || ENVCMD=(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE)
 
-echo "== llama.cpp (llama-bench, $THREADS threads) =="
-LJSON=$("${ENVCMD[@]}" "$BENCH" -m "$MODEL" -p "$P" -n "$N" -t "$THREADS" -r "$R" -o json)
-echo "$LJSON" | python3 -c '
-import json, sys
-for r in json.load(sys.stdin):
-    kind = "pp%d" % r["n_prompt"] if r["n_prompt"] else "tg%d" % r["n_gen"]
-    print("%-6s %9.1f ± %.1f tokens/s" % (kind, r["avg_ts"], r["stddev_ts"]))'
-echo "== vist2 (vist2ctl bench --local, $THREADS threads) =="
-VJSON=$("${ENVCMD[@]}" .build/release/vist2ctl bench --local --model "$MODEL" -p "$P" -n "$N" -r "$R" --threads "$THREADS" --json)
-echo "$VJSON" | python3 -c '
-import json, sys
-r = json.load(sys.stdin)
-print("pp%-4d %9.1f ± %.1f tokens/s" % (r["pp_tokens"], r["pp_tokens_per_s"], r["pp_stddev"]))
-print("tg%-4d %9.1f ± %.1f tokens/s" % (r["tg_tokens"], r["tg_tokens_per_s"], r["tg_stddev"]))
-print("peak RSS %.1f MiB, weights %.1f MiB, simd %s" % (r["peak_rss_bytes"] / 2**20, r["model_bytes"] / 2**20, r["simd"]))'
-python3 - "$LJSON" "$VJSON" "$KEEP_ENV" <<'PYEOF'
-import json, sys
-l = json.loads(sys.argv[1]); v = json.loads(sys.argv[2])
-pp = next((r["avg_ts"] for r in l if r["n_prompt"]), None)
-tg = next((r["avg_ts"] for r in l if r["n_gen"]), None)
-out = {"threads": v["threads"], "openblas_env": "kept" if sys.argv[3] == "1" else "unset",
-       "llama_cpp_pp": pp, "llama_cpp_tg": tg, "vist2_pp": v["pp_tokens_per_s"], "vist2_tg": v["tg_tokens_per_s"],
-       "pp_ratio": v["pp_tokens_per_s"] / pp if pp else None, "tg_ratio": v["tg_tokens_per_s"] / tg if tg else None,
-       "vist2_peak_rss_bytes": v["peak_rss_bytes"]}
-print("== ratios (vist2 / llama.cpp) ==")
-if pp: print("prompt processing: %.2fx" % out["pp_ratio"])
-if tg: print("decode:            %.2fx" % out["tg_ratio"])
+VIST2CTL=${VIST2CTL:-.build/release/vist2ctl}
+# Rounds alternate the two programs, so a slow spell of this (shared) machine falls on both; the
+# ratios are the medians of the rounds' ratios.
+declare -a LJSONS VJSONS
+for ((k = 1; k <= K; k++)); do
+    echo "== round $k of $K: llama.cpp (llama-bench, $THREADS threads), then vist2 (vist2ctl bench --local) ==" >&2
+    LJSONS+=("$("${ENVCMD[@]}" "$BENCH" -m "$MODEL" -p "$P" -n "$N" -t "$THREADS" -r "$R" -o json)")
+    VJSONS+=("$("${ENVCMD[@]}" "$VIST2CTL" bench --local --model "$MODEL" -p "$P" -n "$N" -r "$R" --threads "$THREADS" --json)")
+done
+python3 - "$KEEP_ENV" "${LJSONS[@]}" "${VJSONS[@]}" <<'PYEOF'
+import json, statistics, sys
+keep, rest = sys.argv[1], sys.argv[2:]
+k = len(rest) // 2
+ls = [json.loads(x) for x in rest[:k]]
+vs = [json.loads(x) for x in rest[k:]]
+def lcpp(l, key):
+    return next((r["avg_ts"] for r in l if (r["n_prompt"] if key == "pp" else r["n_gen"])), None)
+print("round  llama.cpp pp  vist2 pp  ratio   llama.cpp tg  vist2 tg  ratio")
+pp_r, tg_r = [], []
+for i, (l, v) in enumerate(zip(ls, vs), 1):
+    lp, lt = lcpp(l, "pp"), lcpp(l, "tg")
+    vp, vt = v["pp_tokens_per_s"], v["tg_tokens_per_s"]
+    pr = vp / lp if lp else None
+    tr = vt / lt if lt else None
+    if pr: pp_r.append(pr)
+    if tr: tg_r.append(tr)
+    fmt = lambda x: "%.2fx" % x if x else "-"
+    print("%5d  %12.1f  %8.1f  %5s   %12.1f  %8.1f  %5s" % (i, lp or 0, vp, fmt(pr), lt or 0, vt, fmt(tr)))
+v = vs[-1]
+print("vist2 peak RSS %.1f MiB, weights %.1f MiB, simd %s" % (v["peak_rss_bytes"] / 2**20, v["model_bytes"] / 2**20, v["simd"]))
+med = lambda xs: statistics.median(xs) if xs else None
+out = {"threads": v["threads"], "openblas_env": "kept" if keep == "1" else "unset", "rounds": k,
+       "llama_cpp_pp": [lcpp(l, "pp") for l in ls], "llama_cpp_tg": [lcpp(l, "tg") for l in ls],
+       "vist2_pp": [x["pp_tokens_per_s"] for x in vs], "vist2_tg": [x["tg_tokens_per_s"] for x in vs],
+       "pp_ratio": med(pp_r), "tg_ratio": med(tg_r), "vist2_peak_rss_bytes": v["peak_rss_bytes"]}
+print("== ratios (vist2 / llama.cpp, median of %d rounds) ==" % k)
+if out["pp_ratio"]: print("prompt processing: %.2fx" % out["pp_ratio"])
+if out["tg_ratio"]: print("decode:            %.2fx" % out["tg_ratio"])
 print(json.dumps(out))
 PYEOF

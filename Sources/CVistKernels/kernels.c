@@ -499,6 +499,48 @@ VNNI static inline __m256i dot_u8s8_i32_vnni(__m256i u, __m256i s) { return _mm2
 DEFINE_X8_DOTS(avx2, AVX2, dot_u8s8_i32_avx2)
 DEFINE_X8_DOTS(vnni, VNNI, dot_u8s8_i32_vnni)
 
+// The Q4 kernels above for nx <= VK_X8_NX input rows at once (x + j * nb, out + 8 * j): each
+// group block's nibbles are unpacked once for all of them (that is half the work of a block),
+// and each input row's lanes go through exactly the single-row kernel's operations, so every
+// result is bit-identical to a call with that row alone.
+#define VK_X8_NX 4
+#define DEFINE_X8_MULTI(SUFFIX, ATTR, DOTI)                                                                          \
+    ATTR static inline __attribute__((always_inline)) void dot_q4_x8_multi_body_##SUFFIX(                            \
+        const void *w, int q4_1, const vk_block_q8a *x, int64_t nb, int64_t nx, float *out) {                       \
+        const size_t gb = q4_1 ? sizeof(blk8_q4_1) : sizeof(blk8_q4_0);                                              \
+        __m256 acc[VK_X8_NX], off[VK_X8_NX];                                                                         \
+        for (int64_t j = 0; j < nx; j++) acc[j] = off[j] = _mm256_setzero_ps();                                      \
+        for (int64_t i = 0; i < nb; i++) {                                                                           \
+            const uint8_t *blk = (const uint8_t *)w + (size_t)i * gb;                                                \
+            const uint8_t(*qs)[16] = q4_1 ? ((const blk8_q4_1 *)blk)->qs : ((const blk8_q4_0 *)blk)->qs;            \
+            __m256i q[8];                                                                                            \
+            for (int k = 0; k < 8; k++) q[k] = unpack_nibbles(qs[k]);                                                \
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));                                 \
+            const __m256 m = q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))) : d;               \
+            for (int64_t j = 0; j < nx; j++) {                                                                       \
+                const vk_block_q8a *xb = x + j * nb + i;                                                             \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);                                      \
+                __m256i p[8];                                                                                        \
+                for (int k = 0; k < 8; k++) p[k] = DOTI(q[k], xv);                                                   \
+                acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), _mm256_cvtepi32_ps(sum8x8_epi32(p)), acc[j]); \
+                off[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(q4_1 ? xb->s : -8.0f * xb->s), off[j]);                   \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int64_t j = 0; j < nx; j++) _mm256_storeu_ps(out + 8 * j, _mm256_add_ps(acc[j], off[j]));              \
+    }                                                                                                                \
+    ATTR static void dot_q4_x8_multi_##SUFFIX(const void *w, int q4_1, const vk_block_q8a *x, int64_t nb, int64_t nx, \
+                                              float *out) {                                                          \
+        switch (nx) {                                                                                                \
+        case 1: dot_q4_x8_multi_body_##SUFFIX(w, q4_1, x, nb, 1, out); break;                                        \
+        case 2: dot_q4_x8_multi_body_##SUFFIX(w, q4_1, x, nb, 2, out); break;                                        \
+        case 3: dot_q4_x8_multi_body_##SUFFIX(w, q4_1, x, nb, 3, out); break;                                        \
+        default: dot_q4_x8_multi_body_##SUFFIX(w, q4_1, x, nb, 4, out); break;                                       \
+        }                                                                                                            \
+    }
+
+DEFINE_X8_MULTI(avx2, AVX2, dot_u8s8_i32_avx2)
+DEFINE_X8_MULTI(vnni, VNNI, dot_u8s8_i32_vnni)
+
 AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -988,17 +1030,31 @@ void vk_dequantize_rows_x8(int type, const void *w, int64_t n, int64_t r0, int64
     pthread_once(&dispatch_once, dispatch_init);
     const size_t gb = group_bytes(type);
     const int64_t nb = n / VK_QK;
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t g = r / 8, k = r % 8;
-        for (int64_t i = 0; i < nb; i++, dst += VK_QK) {
-            const void *b = (const uint8_t *)w + (size_t)(g * nb + i) * gb;
-            switch (type) {
-            case VK_TYPE_Q4_0: dequantize_q4_0(((const blk8_q4_0 *)b)->d[k], ((const blk8_q4_0 *)b)->qs[k], dst); break;
-            case VK_TYPE_Q4_1:
-                dequantize_q4_1(((const blk8_q4_1 *)b)->d[k], ((const blk8_q4_1 *)b)->m[k], ((const blk8_q4_1 *)b)->qs[k], dst);
-                break;
-            default: dequantize_q8_0(((const blk8_q8_0 *)b)->d[k], ((const blk8_q8_0 *)b)->qs[k], dst); break;
+    // Group by group: a group's blocks (nb * gb bytes) are read once for its rows in the range,
+    // each block's rows written to their own output rows.
+    for (int64_t g = r0 / 8; g * 8 < r1; g++) {
+        const int64_t k0 = g * 8 < r0 ? r0 - g * 8 : 0, k1 = g * 8 + 8 > r1 ? r1 - g * 8 : 8;
+        float *out = dst + (g * 8 + k0 - r0) * n;  // row g*8+k0 of the range
+        const uint8_t *group = (const uint8_t *)w + (size_t)(g * nb) * gb;
+        switch (type) {
+        case VK_TYPE_Q4_0:
+            for (int64_t i = 0; i < nb; i++) {
+                const blk8_q4_0 *b = (const blk8_q4_0 *)(group + (size_t)i * gb);
+                for (int64_t k = k0; k < k1; k++) dequantize_q4_0(b->d[k], b->qs[k], out + (k - k0) * n + i * VK_QK);
             }
+            break;
+        case VK_TYPE_Q4_1:
+            for (int64_t i = 0; i < nb; i++) {
+                const blk8_q4_1 *b = (const blk8_q4_1 *)(group + (size_t)i * gb);
+                for (int64_t k = k0; k < k1; k++) dequantize_q4_1(b->d[k], b->m[k], b->qs[k], out + (k - k0) * n + i * VK_QK);
+            }
+            break;
+        default:
+            for (int64_t i = 0; i < nb; i++) {
+                const blk8_q8_0 *b = (const blk8_q8_0 *)(group + (size_t)i * gb);
+                for (int64_t k = k0; k < k1; k++) dequantize_q8_0(b->d[k], b->qs[k], out + (k - k0) * n + i * VK_QK);
+            }
+            break;
         }
     }
 }
@@ -1067,16 +1123,34 @@ void vk_matvec_x8(int type, const void *w, const vk_block_q8a *xq, float *y, int
     if (!gb || r0 >= r1) return;
     const x8_dot_fn dot = x8_kernel(type);
     const int64_t nb = n / VK_QK;
-    float out[8];
+#ifdef VK_X86
+    // Several input rows over a Q4 matrix: the kernels that unpack each block once for up to
+    // VK_X8_NX rows (the same floats as the single-row kernel).
+    const int p = path();
+    const int multi = nx > 1 && p != PATH_SCALAR && (type == VK_TYPE_Q4_1 || type == VK_TYPE_Q4_0);
+#else
+    const int multi = 0;
+#endif
+    float out[8 * VK_X8_NX];
     for (int64_t g = r0 / 8; g * 8 < r1; g++) {
         const void *group = (const uint8_t *)w + (size_t)(g * nb) * gb;
         const int64_t k0 = g * 8 < r0 ? r0 - g * 8 : 0, k1 = g * 8 + 8 > r1 ? r1 - g * 8 : 8;
-        // One input row after another over the same group: its weights (nb * gb bytes, a few
-        // KB) come from memory once and from L1 for the other rows, and every row's result is
-        // the same call as when it is alone.
-        for (int64_t j = 0; j < nx; j++) {
-            dot(group, xq + j * nb, nb, out);
-            for (int64_t k = k0; k < k1; k++) y[j * y_stride + g * 8 + k] = out[k];
+        // The input rows one chunk after another over the same group: its weights (nb * gb
+        // bytes, a few KB) come from memory once and from L1 for the other chunks.
+        for (int64_t j0 = 0; j0 < nx;) {
+            int64_t m = 1;
+            if (multi) {
+                m = nx - j0 < VK_X8_NX ? nx - j0 : VK_X8_NX;
+#ifdef VK_X86
+                if (p == PATH_VNNI) dot_q4_x8_multi_vnni(group, type == VK_TYPE_Q4_1, xq + j0 * nb, nb, m, out);
+                else dot_q4_x8_multi_avx2(group, type == VK_TYPE_Q4_1, xq + j0 * nb, nb, m, out);
+#endif
+            } else {
+                dot(group, xq + j0 * nb, nb, out);
+            }
+            for (int64_t j = 0; j < m; j++)
+                for (int64_t k = k0; k < k1; k++) y[(j0 + j) * y_stride + g * 8 + k] = out[8 * j + k];
+            j0 += m;
         }
     }
 }
