@@ -453,33 +453,6 @@ AVX2 static inline __m256i dot_u8s8_i32_avx2(__m256i u, __m256i s) {
 VNNI static inline __m256i dot_u8s8_i32_vnni(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
 
 #define DEFINE_X8_DOTS(SUFFIX, ATTR, DOTI)                                                                           \
-    ATTR static void dot_q4_1_x8_##SUFFIX(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {           \
-        const blk8_q4_1 *b = w;                                                                                      \
-        __m256 acc = _mm256_setzero_ps(), summ = _mm256_setzero_ps();                                                \
-        for (int64_t i = 0; i < nb; i++) {                                                                           \
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)x[i].qs);                                         \
-            __m256i p[8];                                                                                            \
-            for (int k = 0; k < 8; k++) p[k] = DOTI(unpack_nibbles(b[i].qs[k]), xv);                                 \
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b[i].d));                              \
-            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b[i].m));                              \
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x[i].d)), _mm256_cvtepi32_ps(sum8x8_epi32(p)), acc); \
-            summ = _mm256_fmadd_ps(m, _mm256_set1_ps(x[i].s), summ);                                                 \
-        }                                                                                                            \
-        _mm256_storeu_ps(out, _mm256_add_ps(acc, summ));                                                             \
-    }                                                                                                                \
-    ATTR static void dot_q4_0_x8_##SUFFIX(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {           \
-        const blk8_q4_0 *b = w;                                                                                      \
-        __m256 acc = _mm256_setzero_ps(), bias = _mm256_setzero_ps();                                                \
-        for (int64_t i = 0; i < nb; i++) {                                                                           \
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)x[i].qs);                                         \
-            __m256i p[8];                                                                                            \
-            for (int k = 0; k < 8; k++) p[k] = DOTI(unpack_nibbles(b[i].qs[k]), xv);                                 \
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b[i].d));                              \
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x[i].d)), _mm256_cvtepi32_ps(sum8x8_epi32(p)), acc); \
-            bias = _mm256_fmadd_ps(d, _mm256_set1_ps(-8.0f * x[i].s), bias);                                         \
-        }                                                                                                            \
-        _mm256_storeu_ps(out, _mm256_add_ps(acc, bias));                                                             \
-    }                                                                                                                \
     ATTR static void dot_q8_0_x8_##SUFFIX(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {           \
         const blk8_q8_0 *b = w;                                                                                      \
         __m256 acc = _mm256_setzero_ps();                                                                            \
@@ -499,10 +472,10 @@ VNNI static inline __m256i dot_u8s8_i32_vnni(__m256i u, __m256i s) { return _mm2
 DEFINE_X8_DOTS(avx2, AVX2, dot_u8s8_i32_avx2)
 DEFINE_X8_DOTS(vnni, VNNI, dot_u8s8_i32_vnni)
 
-// The Q4 kernels above for nx <= VK_X8_NX input rows at once (x + j * nb, out + 8 * j): each
-// group block's nibbles are unpacked once for all of them (that is half the work of a block),
-// and each input row's lanes go through exactly the single-row kernel's operations, so every
-// result is bit-identical to a call with that row alone.
+// The Q4 kernels, for nx <= VK_X8_NX input rows at once (x + j * nb, out + 8 * j): each group
+// block's nibbles are unpacked once for all of them (about half the work of a block), then
+// per input row: the 8 rows' integer sums, one fused multiply-add for the scale and one for the
+// offset (Q4_1's mins, Q4_0's -8 d), lane k being weight row k.
 #define VK_X8_NX 4
 #define DEFINE_X8_MULTI(SUFFIX, ATTR, DOTI)                                                                          \
     ATTR static inline __attribute__((always_inline)) void dot_q4_x8_multi_body_##SUFFIX(                            \
@@ -540,6 +513,19 @@ DEFINE_X8_DOTS(vnni, VNNI, dot_u8s8_i32_vnni)
 
 DEFINE_X8_MULTI(avx2, AVX2, dot_u8s8_i32_avx2)
 DEFINE_X8_MULTI(vnni, VNNI, dot_u8s8_i32_vnni)
+
+// One input row: the same body, so one row alone and one row of a batch are the same arithmetic
+// by construction.
+#define DEFINE_X8_Q4_SINGLE(SUFFIX, ATTR)                                                                            \
+    ATTR static void dot_q4_1_x8_##SUFFIX(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {           \
+        dot_q4_x8_multi_body_##SUFFIX(w, 1, x, nb, 1, out);                                                          \
+    }                                                                                                                \
+    ATTR static void dot_q4_0_x8_##SUFFIX(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {           \
+        dot_q4_x8_multi_body_##SUFFIX(w, 0, x, nb, 1, out);                                                          \
+    }
+
+DEFINE_X8_Q4_SINGLE(avx2, AVX2)
+DEFINE_X8_Q4_SINGLE(vnni, VNNI)
 
 AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -1062,34 +1048,26 @@ void vk_dequantize_rows_x8(int type, const void *w, int64_t n, int64_t r0, int64
 // The scalar kernels compute exactly what the SIMD ones do: exact integer block sums, then per
 // block one fused multiply-add into each row's accumulator (and its offset term), added at the
 // end. fmaf rounds once, as _mm256_fmadd_ps does.
-static void dot_q4_1_x8_scalar(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {
-    const blk8_q4_1 *b = w;
+static void dot_q4_x8_scalar(const void *w, int q4_1, const vk_block_q8a *x, int64_t nb, float *out) {
+    const size_t gb = q4_1 ? sizeof(blk8_q4_1) : sizeof(blk8_q4_0);
     for (int k = 0; k < 8; k++) {
-        float acc = 0.0f, summ = 0.0f;
+        float acc = 0.0f, off = 0.0f;
         for (int64_t i = 0; i < nb; i++) {
+            const uint8_t *blk = (const uint8_t *)w + (size_t)i * gb;
+            const uint8_t *qs = q4_1 ? ((const blk8_q4_1 *)blk)->qs[k] : ((const blk8_q4_0 *)blk)->qs[k];
+            const float d = h2f(((const uint16_t *)blk)[k]);
             int s = 0;
-            for (int j = 0; j < 16; j++) s += (b[i].qs[k][j] & 0x0f) * x[i].qs[j] + (b[i].qs[k][j] >> 4) * x[i].qs[j + 16];
-            acc = fmaf(h2f(b[i].d[k]) * x[i].d, (float)s, acc);
-            summ = fmaf(h2f(b[i].m[k]), x[i].s, summ);
+            for (int j = 0; j < 16; j++) s += (qs[j] & 0x0f) * x[i].qs[j] + (qs[j] >> 4) * x[i].qs[j + 16];
+            acc = fmaf(d * x[i].d, (float)s, acc);
+            // Q4_1: + m * sum(x); Q4_0: - 8 d * sum(x).
+            off = q4_1 ? fmaf(h2f(((const blk8_q4_1 *)blk)->m[k]), x[i].s, off) : fmaf(d, -8.0f * x[i].s, off);
         }
-        out[k] = acc + summ;
+        out[k] = acc + off;
     }
 }
 
-static void dot_q4_0_x8_scalar(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {
-    const blk8_q4_0 *b = w;
-    for (int k = 0; k < 8; k++) {
-        float acc = 0.0f, bias = 0.0f;
-        for (int64_t i = 0; i < nb; i++) {
-            int s = 0;
-            for (int j = 0; j < 16; j++) s += (b[i].qs[k][j] & 0x0f) * x[i].qs[j] + (b[i].qs[k][j] >> 4) * x[i].qs[j + 16];
-            const float d = h2f(b[i].d[k]);
-            acc = fmaf(d * x[i].d, (float)s, acc);
-            bias = fmaf(d, -8.0f * x[i].s, bias);
-        }
-        out[k] = acc + bias;
-    }
-}
+static void dot_q4_1_x8_scalar(const void *w, const vk_block_q8a *x, int64_t nb, float *out) { dot_q4_x8_scalar(w, 1, x, nb, out); }
+static void dot_q4_0_x8_scalar(const void *w, const vk_block_q8a *x, int64_t nb, float *out) { dot_q4_x8_scalar(w, 0, x, nb, out); }
 
 static void dot_q8_0_x8_scalar(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {
     const blk8_q8_0 *b = w;
