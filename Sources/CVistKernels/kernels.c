@@ -30,6 +30,9 @@ _Static_assert(sizeof(blk8_q4_0) == 8 * sizeof(blk_q4_0), "interleaved q4_0 grou
 _Static_assert(sizeof(blk8_q4_1) == 8 * sizeof(blk_q4_1), "interleaved q4_1 group");
 _Static_assert(sizeof(blk8_q8_0) == 8 * sizeof(blk_q8_0), "interleaved q8_0 group");
 
+// Input rows one interleaved Q4 kernel call takes at once (vk_matvec_x8 buffers their outputs).
+#define VK_X8_NX 4
+
 size_t vk_row_bytes(int type, int64_t n) {
     if (n < 0) return 0;
     switch (type) {
@@ -452,7 +455,7 @@ AVX2 static inline __m256i dot_u8s8_i32_avx2(__m256i u, __m256i s) {
 }
 VNNI static inline __m256i dot_u8s8_i32_vnni(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
 
-#define DEFINE_X8_DOTS(SUFFIX, ATTR, DOTI)                                                                           \
+#define DEFINE_X8_Q8_0(SUFFIX, ATTR, DOTI)                                                                           \
     ATTR static void dot_q8_0_x8_##SUFFIX(const void *w, const vk_block_q8a *x, int64_t nb, float *out) {           \
         const blk8_q8_0 *b = w;                                                                                      \
         __m256 acc = _mm256_setzero_ps();                                                                            \
@@ -469,14 +472,13 @@ VNNI static inline __m256i dot_u8s8_i32_vnni(__m256i u, __m256i s) { return _mm2
         _mm256_storeu_ps(out, acc);                                                                                  \
     }
 
-DEFINE_X8_DOTS(avx2, AVX2, dot_u8s8_i32_avx2)
-DEFINE_X8_DOTS(vnni, VNNI, dot_u8s8_i32_vnni)
+DEFINE_X8_Q8_0(avx2, AVX2, dot_u8s8_i32_avx2)
+DEFINE_X8_Q8_0(vnni, VNNI, dot_u8s8_i32_vnni)
 
 // The Q4 kernels, for nx <= VK_X8_NX input rows at once (x + j * nb, out + 8 * j): each group
 // block's nibbles are unpacked once for all of them (about half the work of a block), then
 // per input row: the 8 rows' integer sums, one fused multiply-add for the scale and one for the
 // offset (Q4_1's mins, Q4_0's -8 d), lane k being weight row k.
-#define VK_X8_NX 4
 #define DEFINE_X8_MULTI(SUFFIX, ATTR, DOTI)                                                                          \
     ATTR static inline __attribute__((always_inline)) void dot_q4_x8_multi_body_##SUFFIX(                            \
         const void *w, int q4_1, const vk_block_q8a *x, int64_t nb, int64_t nx, float *out) {                       \
