@@ -118,6 +118,50 @@ struct BatchTests {
         }
     }
 
+    @Test("The KV cache's payload is position-major whatever its own layout, survives growth, and round-trips")
+    func cachePayloadLayout() {
+        let c = ModelConfig(
+            architecture: .llama, vocabSize: 32, dim: 32, layers: 2, heads: 4, kvHeads: 2, headDim: 8, ffnDim: 32, contextLength: 64,
+            ropeBase: 10000, ropeStyle: .interleaved, normEps: 1e-5, tiedEmbeddings: true)
+        // Element j of position p of layer l: small integers, exact in f16; values negated.
+        func key(_ l: Int, _ p: Int, _ j: Int) -> Float { Float(l * 200 + p * 20 + j) }
+        for kv in KVType.allCases {
+            let cache = KVCache(config: c, capacity: 3, type: kv)
+            for p in 0..<6 {
+                if p == cache.capacity { cache.reserve(cache.capacity + 2) }  // grows twice, keeping what it holds
+                for l in 0..<c.layers {
+                    let k = (0..<c.kvDim).map { key(l, p, $0) }, v = k.map { -$0 }
+                    cache.store(layer: l, pos: p, key: k, value: v)
+                }
+                cache.count = p + 1
+            }
+            #expect(cache.capacity == 7)
+            let n = 4, payload = cache.rows(from: 1, count: n)
+            #expect(payload.count == cache.payloadBytes(n))
+            func element(_ i: Int) -> Float {
+                payload.withUnsafeBytes {
+                    kv == .f32
+                        ? $0.load(fromByteOffset: 4 * i, as: Float.self) : vk_fp16_to_fp32($0.load(fromByteOffset: 2 * i, as: UInt16.self))
+                }
+            }
+            // Per layer: n key rows of kvDim (head after head), then n value rows.
+            var wrong = 0
+            for l in 0..<c.layers {
+                for p in 0..<n {
+                    for j in 0..<c.kvDim {
+                        if element((2 * l * n + p) * c.kvDim + j) != key(l, p + 1, j) { wrong += 1 }
+                        if element((2 * l * n + n + p) * c.kvDim + j) != -key(l, p + 1, j) { wrong += 1 }
+                    }
+                }
+            }
+            #expect(wrong == 0, "\(kv)")
+            let copy = KVCache(config: c, capacity: 2 * n, type: kv)
+            #expect(copy.append(rows: payload, count: n) && copy.append(rows: payload, count: n))
+            #expect(copy.rows(from: n, count: n) == payload && copy.rows(from: 0, count: 2 * n).count == 2 * payload.count)
+            #expect(cache.rows(from: 3, count: 4).isEmpty && !copy.append(rows: payload, count: 1))
+        }
+    }
+
     @Test("f16 rows round-trip like the scalar conversion")
     func halfConversion() {
         let xs: [Float] = (0..<1000).map { Float(sin(Double($0) * 1.3)) * pow(10, Float($0 % 13) - 6) } + [0, -0, 65504, 1e-8, -3.5]
