@@ -15,7 +15,11 @@ each delta arrives. Per run it reports:
   in it over its length;
 - per-token latency: the mean gap between a client's consecutive tokens in that window,
   averaged over the clients;
-- the time to first token, averaged over the clients.
+- the time to first token, averaged over the clients;
+- each client's chunk swaps and the time they took (swap_ms, part of its decode_ms), and the
+  ceiling they set: what N clients would reach over one if a batched step of N rows cost what
+  one row's does while the swaps (compute-bound, one request's each) still run one after
+  another, N (D + S) / (D + N S) with one client's decoding D and swaps S.
 
 Writes results.json and clients.png (both curves against N) to --out (default
 .build/bench-clients) and prints a Markdown table with the ratios to one client. The OpenBLAS
@@ -68,7 +72,7 @@ def run_clients(pb, sock, text, n, tokens, instruction):
             c.request(lambda m: setattr(m.close_document, "document_id", doc.document_id))
             results[i] = {"start": t0, "end": t1, "deltas": times, "generated": res.generated_tokens,
                           "ttft_ms": res.ttft_ms, "decode_ms": res.decode_ms, "decode_tps": res.decode_tokens_per_s,
-                          "prefix_hits": res.prefix_cache_hits, "text": res.text}
+                          "prefix_hits": res.prefix_cache_hits, "swaps": res.swaps, "swap_ms": res.swap_ms, "text": res.text}
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append("client %d: %s" % (i, e))
             barrier.abort()
@@ -94,7 +98,19 @@ def run_clients(pb, sock, text, n, tokens, instruction):
         "request_decode_tps": [r["decode_tps"] for r in results],
         "mean_ttft_ms": sum(r["ttft_ms"] for r in results) / n, "texts_identical": len({r["text"] for r in results}) == 1,
         "prefix_hits": [r["prefix_hits"] for r in results],
+        "swaps": [r["swaps"] for r in results], "swap_ms": [r["swap_ms"] for r in results],
+        "decode_ms": [r["decode_ms"] for r in results],
     }
+
+
+def ceiling(one, n):
+    """The most N clients can reach over one client's aggregate if a batched step of N rows cost
+    what one row's does: each client's decoding (its decode_ms less its swaps) would then be
+    shared by all, while the chunk swaps (compute-bound prefill and encoding, one request's
+    each) still run one after another: N (D + S) / (D + N S)."""
+    s = sum(one["swap_ms"]) / len(one["swap_ms"])
+    d = sum(one["decode_ms"]) / len(one["decode_ms"]) - s
+    return n * (d + s) / (d + n * s) if d + n * s > 0 else 0
 
 
 def plot(rows, path):
@@ -173,17 +189,21 @@ def main():
         for n in [int(x) for x in a.clients.split(",")]:
             r = run_clients(pb, sock, text, n, a.tokens, a.instruction)
             runs.append(r)
-            print("N=%d: aggregate %.1f tokens/s, per-token latency %.1f ms, TTFT %.0f ms, identical texts %s" % (
-                n, r["aggregate_decode_tps"], r["per_token_latency_ms"], r["mean_ttft_ms"], r["texts_identical"]), flush=True)
+            print("N=%d: aggregate %.1f tokens/s, per-token latency %.1f ms, TTFT %.0f ms, swaps %s taking %s ms, identical texts %s" % (
+                n, r["aggregate_decode_tps"], r["per_token_latency_ms"], r["mean_ttft_ms"], r["swaps"],
+                "/".join("%.0f" % x for x in r["swap_ms"]), r["texts_identical"]), flush=True)
         out = {"model": a.model, "kv_type": a.kv_type, "threads": a.threads, "document_chunks": comp.chunks,
                "document_text_tokens": comp.text_tokens, "runs": runs}
-        json.dump(out, open(os.path.join(a.out, "results.json"), "w"), indent=1)
         base = runs[0]
-        print("\n| clients | aggregate decode tokens/s | vs 1 client | per-token latency (ms) | vs 1 client | mean TTFT (ms) |")
-        print("|---:|---:|---:|---:|---:|---:|")
         for r in runs:
-            print("| %d | %.1f | %.2fx | %.1f | %.2fx | %.0f |" % (
+            r["ceiling_vs_1"] = ceiling(base, r["clients"]) if base["clients"] == 1 else None
+        json.dump(out, open(os.path.join(a.out, "results.json"), "w"), indent=1)
+        print("\n| clients | aggregate decode tokens/s | vs 1 client | ceiling (swaps serial) | per-token latency (ms) | vs 1 client | mean TTFT (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in runs:
+            print("| %d | %.1f | %.2fx | %s | %.1f | %.2fx | %.0f |" % (
                 r["clients"], r["aggregate_decode_tps"], r["aggregate_decode_tps"] / base["aggregate_decode_tps"],
+                "%.2fx" % r["ceiling_vs_1"] if r["ceiling_vs_1"] else "-",
                 r["per_token_latency_ms"], r["per_token_latency_ms"] / base["per_token_latency_ms"], r["mean_ttft_ms"]))
         plot(runs, os.path.join(a.out, "clients.png"))
         print("\nwrote %s/results.json and clients.png" % a.out)

@@ -87,7 +87,7 @@ public func generateResultFields(_ r: Vist2_V1_GenerateResult) -> [String: JSONV
     ] {
         out[k] = .uint(v)
     }
-    for (k, v) in [("compression_ratio", r.compressionRatio), ("render_ms", r.renderMs), ("vision_ms", r.visionMs)] {
+    for (k, v) in [("compression_ratio", r.compressionRatio), ("render_ms", r.renderMs), ("vision_ms", r.visionMs), ("swap_ms", r.swapMs)] {
         out[k] = .double(v)
     }
     return out

@@ -115,6 +115,8 @@ public struct GenerationResult: Sendable, Codable {
         public var chunks: Int
         /// Chunk-boundary swaps during generation.
         public var swaps: Int
+        /// The time they took (render, encode and the visual blocks' prefill): part of `decode_ms`.
+        public var swap_ms: Double
         /// Of the documents' finished chunks: rendered and encoded now, aligner outputs from the
         /// chunk cache, visual blocks whose KV came from the prefix cache.
         public var chunks_encoded: Int
@@ -263,6 +265,7 @@ public final class GenerationTask: @unchecked Sendable {
     var current: [Int32] = []  // T_cur's tokens
     var base = 0  // cache entries before T_cur
     var swaps = 0
+    var swapNs: UInt64 = 0
 
     // Counters.
     let created: UInt64
@@ -398,7 +401,9 @@ public final class GenerationTask: @unchecked Sendable {
     @discardableResult
     public func prefillStep(_ ws: Workspace) -> Bool {
         if state == .swapping, let vist = model.vist2 {
+            let t = DispatchTime.now().uptimeNanoseconds
             swap(vist, ws: ws)
+            swapNs += DispatchTime.now().uptimeNanoseconds - t
             if state == .swapping { state = .ready }
             return true
         }
@@ -567,7 +572,8 @@ public final class GenerationTask: @unchecked Sendable {
             r.compression = .init(
                 mode: request.fullText ? "full-text" : "vist2", doc_text_tokens: p.docTokens, visual_tokens: visual,
                 compression_ratio: visual > 0 ? Double(p.finishedTokens) / Double(visual) : 1, render_ms: Double(p.stats.renderNs) / 1e6,
-                vision_ms: Double(p.stats.visionNs) / 1e6, chunks: p.blocks, swaps: swaps, chunks_encoded: p.stats.encoded,
+                vision_ms: Double(p.stats.visionNs) / 1e6, chunks: p.blocks, swaps: swaps, swap_ms: Double(swapNs) / 1e6,
+                chunks_encoded: p.stats.encoded,
                 chunk_cache_hits: p.stats.chunkHits, prefix_cache_hits: p.stats.prefixHits)
         }
         return r

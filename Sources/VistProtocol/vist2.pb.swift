@@ -1023,7 +1023,7 @@ public nonisolated struct Vist2_V1_GenerateResult: @unchecked Sendable {
   }
 
   /// "vist2" or "full-text" when the request read documents or images or wrote past a chunk
-  /// boundary (fields 8-10, 14-15 and 18-22 are then set); empty otherwise.
+  /// boundary (fields 8-10, 14-15, 18-22 and 27 are then set); empty otherwise.
   public var mode: String {
     get {_storage._mode}
     set {_uniqueStorage()._mode = newValue}
@@ -1045,6 +1045,13 @@ public nonisolated struct Vist2_V1_GenerateResult: @unchecked Sendable {
   public var tokenIds: [Int32] {
     get {_storage._tokenIds}
     set {_uniqueStorage()._tokenIds = newValue}
+  }
+
+  /// Of decode_ms: the time the chunk swaps took (render, encode and prefill of the finished
+  /// chunks' visual blocks); set with field 19.
+  public var swapMs: Double {
+    get {_storage._swapMs}
+    set {_uniqueStorage()._swapMs = newValue}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -2925,7 +2932,7 @@ nonisolated extension Vist2_V1_TextDelta: SwiftProtobuf.Message, SwiftProtobuf._
 
 nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".GenerateResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}text\0\u{3}prompt_tokens\0\u{3}generated_tokens\0\u{3}ttft_ms\0\u{3}prefill_tokens_per_s\0\u{3}decode_tokens_per_s\0\u{3}stop_reason\0\u{3}doc_text_tokens\0\u{3}visual_tokens\0\u{3}compression_ratio\0\u{3}kv_bytes\0\u{3}kv_bytes_final\0\u{1}flops\0\u{3}render_ms\0\u{3}vision_ms\0\u{3}prefill_ms\0\u{3}decode_ms\0\u{1}chunks\0\u{1}swaps\0\u{3}chunks_encoded\0\u{3}chunk_cache_hits\0\u{3}prefix_cache_hits\0\u{1}mode\0\u{3}kv_type\0\u{3}peak_rss_bytes\0\u{3}token_ids\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}text\0\u{3}prompt_tokens\0\u{3}generated_tokens\0\u{3}ttft_ms\0\u{3}prefill_tokens_per_s\0\u{3}decode_tokens_per_s\0\u{3}stop_reason\0\u{3}doc_text_tokens\0\u{3}visual_tokens\0\u{3}compression_ratio\0\u{3}kv_bytes\0\u{3}kv_bytes_final\0\u{1}flops\0\u{3}render_ms\0\u{3}vision_ms\0\u{3}prefill_ms\0\u{3}decode_ms\0\u{1}chunks\0\u{1}swaps\0\u{3}chunks_encoded\0\u{3}chunk_cache_hits\0\u{3}prefix_cache_hits\0\u{1}mode\0\u{3}kv_type\0\u{3}peak_rss_bytes\0\u{3}token_ids\0\u{3}swap_ms\0")
 
   fileprivate class _StorageClass {
     var _text: String = String()
@@ -2954,6 +2961,7 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
     var _kvType: String = String()
     var _peakRssBytes: UInt64 = 0
     var _tokenIds: [Int32] = []
+    var _swapMs: Double = 0
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -2990,6 +2998,7 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
       _kvType = source._kvType
       _peakRssBytes = source._peakRssBytes
       _tokenIds = source._tokenIds
+      _swapMs = source._swapMs
     }
   }
 
@@ -3034,6 +3043,7 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
         case 24: try { try decoder.decodeSingularStringField(value: &_storage._kvType) }()
         case 25: try { try decoder.decodeSingularUInt64Field(value: &_storage._peakRssBytes) }()
         case 26: try { try decoder.decodeRepeatedInt32Field(value: &_storage._tokenIds) }()
+        case 27: try { try decoder.decodeSingularDoubleField(value: &_storage._swapMs) }()
         default: break
         }
       }
@@ -3120,6 +3130,9 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
       if !_storage._tokenIds.isEmpty {
         try visitor.visitPackedInt32Field(value: _storage._tokenIds, fieldNumber: 26)
       }
+      if _storage._swapMs.bitPattern != 0 {
+        try visitor.visitSingularDoubleField(value: _storage._swapMs, fieldNumber: 27)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -3155,6 +3168,7 @@ nonisolated extension Vist2_V1_GenerateResult: SwiftProtobuf.Message, SwiftProto
         if _storage._kvType != rhs_storage._kvType {return false}
         if _storage._peakRssBytes != rhs_storage._peakRssBytes {return false}
         if _storage._tokenIds != rhs_storage._tokenIds {return false}
+        if _storage._swapMs != rhs_storage._swapMs {return false}
         return true
       }
       if !storagesAreEqual {return false}

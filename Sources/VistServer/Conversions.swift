@@ -41,6 +41,7 @@ enum Conversions {
                 $0.visionMs = c.vision_ms
                 $0.chunks = UInt32(clamping: c.chunks)
                 $0.swaps = UInt32(clamping: c.swaps)
+                $0.swapMs = c.swap_ms
                 $0.chunksEncoded = UInt32(clamping: c.chunks_encoded)
                 $0.chunkCacheHits = UInt32(clamping: c.chunk_cache_hits)
                 $0.prefixCacheHits = UInt32(clamping: c.prefix_cache_hits)

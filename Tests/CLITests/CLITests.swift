@@ -314,12 +314,15 @@ struct CLITests {
         let cj = try json(c.out)
         for key in [
             "doc_text_tokens", "visual_tokens", "compression_ratio", "kv_bytes", "kv_bytes_final", "flops", "render_ms", "vision_ms",
-            "ttft_ms", "swaps",
+            "ttft_ms", "swaps", "swap_ms",
         ] {
             #expect(cj[key] != nil, "\(key)")
         }
         #expect(cj["mode"] as? String == "vist2" && (cj["visual_tokens"] as? Int ?? 0) > 0)
         #expect(cj["generated_tokens"] as? Int == 70 && (cj["swaps"] as? Int ?? 0) >= 1)
+        // The swaps' time is part of the decoding time.
+        let swapMs = cj["swap_ms"] as? Double ?? 0
+        #expect(swapMs > 0 && swapMs <= cj["decode_ms"] as? Double ?? 0)
         let f = try vist2ctl(base + ["--full-text", "Summarize:"])
         #expect(f.status == 0, "\(f.err)")
         let fj = try json(f.out)

@@ -3733,7 +3733,7 @@ const ProtobufCMessageDescriptor vist2__v1__text_delta__descriptor =
   (ProtobufCMessageInit) vist2__v1__text_delta__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descriptors[26] =
+static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descriptors[27] =
 {
   {
     "text",
@@ -4047,6 +4047,18 @@ static const ProtobufCFieldDescriptor vist2__v1__generate_result__field_descript
     0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "swap_ms",
+    27,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Vist2__V1__GenerateResult, swap_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
   20,   /* field[20] = chunk_cache_hits */
@@ -4069,6 +4081,7 @@ static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
   1,   /* field[1] = prompt_tokens */
   13,   /* field[13] = render_ms */
   6,   /* field[6] = stop_reason */
+  26,   /* field[26] = swap_ms */
   18,   /* field[18] = swaps */
   0,   /* field[0] = text */
   25,   /* field[25] = token_ids */
@@ -4079,7 +4092,7 @@ static const unsigned vist2__v1__generate_result__field_indices_by_name[] = {
 static const ProtobufCIntRange vist2__v1__generate_result__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 26 }
+  { 0, 27 }
 };
 const ProtobufCMessageDescriptor vist2__v1__generate_result__descriptor =
 {
@@ -4089,7 +4102,7 @@ const ProtobufCMessageDescriptor vist2__v1__generate_result__descriptor =
   "Vist2__V1__GenerateResult",
   "vist2.v1",
   sizeof(Vist2__V1__GenerateResult),
-  26,
+  27,
   vist2__v1__generate_result__field_descriptors,
   vist2__v1__generate_result__field_indices_by_name,
   1,  vist2__v1__generate_result__number_ranges,

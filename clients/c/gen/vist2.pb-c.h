@@ -597,7 +597,7 @@ struct  Vist2__V1__GenerateResult
   uint32_t prefix_cache_hits;
   /*
    * "vist2" or "full-text" when the request read documents or images or wrote past a chunk
-   * boundary (fields 8-10, 14-15 and 18-22 are then set); empty otherwise.
+   * boundary (fields 8-10, 14-15, 18-22 and 27 are then set); empty otherwise.
    */
   char *mode;
   /*
@@ -613,10 +613,15 @@ struct  Vist2__V1__GenerateResult
    */
   size_t n_token_ids;
   int32_t *token_ids;
+  /*
+   * Of decode_ms: the time the chunk swaps took (render, encode and prefill of the finished
+   * chunks' visual blocks); set with field 19.
+   */
+  double swap_ms;
 };
 #define VIST2__V1__GENERATE_RESULT__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&vist2__v1__generate_result__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL }
+    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0 }
 
 
 struct  Vist2__V1__RenderRequest
