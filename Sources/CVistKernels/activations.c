@@ -10,8 +10,6 @@
 #define VK_X86 1
 #endif
 
-int vk_simd_level(void);
-
 #ifdef VK_X86
 #define AVX2 __attribute__((target("avx2,fma")))
 

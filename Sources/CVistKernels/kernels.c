@@ -21,9 +21,10 @@ _Static_assert(sizeof(blk_q4_1) == 20, "block_q4_1 layout");
 _Static_assert(sizeof(blk_q8_0) == 34, "block_q8_0 layout");
 
 // Interleaved groups: block i of 8 consecutive rows (see vk_repack_x8), the same bytes as the
-// 8 blocks they hold.
-typedef struct { uint16_t d[8]; uint8_t qs[8][16]; } blk8_q4_0;             // 144 bytes
-typedef struct { uint16_t d[8]; uint16_t m[8]; uint8_t qs[8][16]; } blk8_q4_1; // 160 bytes
+// 8 blocks they hold. Q4 quant bytes in four chunks: qs[c][k][b] is byte 4c + b of row k's 16,
+// so 32-bit lane k of a chunk is row k's (the kernels then need no horizontal sums).
+typedef struct { uint16_t d[8]; uint8_t qs[4][8][4]; } blk8_q4_0;             // 144 bytes
+typedef struct { uint16_t d[8]; uint16_t m[8]; uint8_t qs[4][8][4]; } blk8_q4_1; // 160 bytes
 typedef struct { uint16_t d[8]; int8_t qs[8][32]; } blk8_q8_0;              // 272 bytes
 
 _Static_assert(sizeof(blk8_q4_0) == 8 * sizeof(blk_q4_0), "interleaved q4_0 group");
@@ -434,12 +435,12 @@ DEFINE_MULTI_DOTS(vnni, VNNI, dot_u8s8_vnni)
 
 // ---- interleaved weights (8 rows per group): the SIMD kernels -------------------------------
 //
-// A group holds block i of 8 consecutive rows together: their 8 scales (and mins), then their 8
-// quant arrays. One activation block is loaded once for the 8 rows, the 8 rows' integer block
-// sums are reduced into one vector (lane k = row k), and the scales are converted 8 at a time,
-// so a block of 32 weights costs about 2.5x fewer instructions than in the per-row kernels.
-// Each lane's arithmetic is one fused multiply-add per block in block order (see the scalar
-// versions below, which compute exactly the same floats).
+// A group holds block i of 8 consecutive rows together: their 8 scales (and mins), then their
+// quant bytes. One activation block serves the 8 rows, their integer block sums end in one
+// vector (lane k = row k: Q8_0 reduces 8 rows' vectors into it, Q4's chunk layout has lane k =
+// row k from the start), and the scales are converted 8 at a time. Each lane's arithmetic is
+// one fused multiply-add per block in block order (see the scalar versions below, which compute
+// exactly the same floats).
 
 // lane k = the sum of the 8 int32 lanes of p[k].
 AVX2 static inline __m256i sum8x8_epi32(const __m256i p[8]) {
@@ -476,28 +477,55 @@ DEFINE_X8_Q8_0(avx2, AVX2, dot_u8s8_i32_avx2)
 DEFINE_X8_Q8_0(vnni, VNNI, dot_u8s8_i32_vnni)
 
 // The Q4 kernels, for nx <= VK_X8_NX input rows at once (x + j * nb, out + 8 * j): each group
-// block's nibbles are unpacked once for all of them (about half the work of a block), then
-// per input row: the 8 rows' integer sums, one fused multiply-add for the scale and one for the
-// offset (Q4_1's mins, Q4_0's -8 d), lane k being weight row k.
-#define DEFINE_X8_MULTI(SUFFIX, ATTR, DOTI)                                                                          \
+// block's nibbles are unpacked once for all of them (four chunks, each into its low and high
+// nibbles: 32-bit lane k holds 4 of row k's weights), then per input row: each of the 8 vectors
+// times the 4 matching activations broadcast to every lane, summed lane by lane (no horizontal
+// sums), one fused multiply-add for the scale and one for the offset (Q4_1's mins, Q4_0's -8 d).
+// AVX2 sums the 8 u8 x s8 products in int16 (each |lane| <= 8 * 2 * 15 * 128 = 30720, exact)
+// and widens once; VNNI accumulates int32 directly. The block sums are exact integers either way.
+#define X8_Q4_SUMS_AVX2(lo, hi, xs)                                                                                  \
+    ({                                                                                                               \
+        __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(xs[0]));                                         \
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], _mm256_set1_epi32(xs[4])));                          \
+        for (int c = 1; c < 4; c++) {                                                                                \
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(xs[c])));                      \
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(xs[4 + c])));                  \
+        }                                                                                                            \
+        _mm256_madd_epi16(s16, _mm256_set1_epi16(1));                                                                \
+    })
+#define X8_Q4_SUMS_VNNI(lo, hi, xs)                                                                                  \
+    ({                                                                                                               \
+        __m256i s32 = _mm256_setzero_si256();                                                                        \
+        for (int c = 0; c < 4; c++) {                                                                                \
+            s32 = _mm256_dpbusd_epi32(s32, lo[c], _mm256_set1_epi32(xs[c]));                                         \
+            s32 = _mm256_dpbusd_epi32(s32, hi[c], _mm256_set1_epi32(xs[4 + c]));                                     \
+        }                                                                                                            \
+        s32;                                                                                                         \
+    })
+#define DEFINE_X8_MULTI(SUFFIX, ATTR, SUMS)                                                                          \
     ATTR static inline __attribute__((always_inline)) void dot_q4_x8_multi_body_##SUFFIX(                            \
         const void *w, int q4_1, const vk_block_q8a *x, int64_t nb, int64_t nx, float *out) {                       \
         const size_t gb = q4_1 ? sizeof(blk8_q4_1) : sizeof(blk8_q4_0);                                              \
+        const __m256i m4 = _mm256_set1_epi8(0x0f);                                                                   \
         __m256 acc[VK_X8_NX], off[VK_X8_NX];                                                                         \
         for (int64_t j = 0; j < nx; j++) acc[j] = off[j] = _mm256_setzero_ps();                                      \
         for (int64_t i = 0; i < nb; i++) {                                                                           \
             const uint8_t *blk = (const uint8_t *)w + (size_t)i * gb;                                                \
-            const uint8_t(*qs)[16] = q4_1 ? ((const blk8_q4_1 *)blk)->qs : ((const blk8_q4_0 *)blk)->qs;            \
-            __m256i q[8];                                                                                            \
-            for (int k = 0; k < 8; k++) q[k] = unpack_nibbles(qs[k]);                                                \
+            const uint8_t(*qs)[8][4] = q4_1 ? ((const blk8_q4_1 *)blk)->qs : ((const blk8_q4_0 *)blk)->qs;          \
+            __m256i lo[4], hi[4];                                                                                    \
+            for (int c = 0; c < 4; c++) {                                                                            \
+                const __m256i v = _mm256_loadu_si256((const __m256i *)qs[c]);                                        \
+                lo[c] = _mm256_and_si256(v, m4);                        /* elements 4c..4c+3 of each row */          \
+                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4); /* elements 16+4c..16+4c+3 */                \
+            }                                                                                                        \
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));                                 \
             const __m256 m = q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))) : d;               \
             for (int64_t j = 0; j < nx; j++) {                                                                       \
                 const vk_block_q8a *xb = x + j * nb + i;                                                             \
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);                                      \
-                __m256i p[8];                                                                                        \
-                for (int k = 0; k < 8; k++) p[k] = DOTI(q[k], xv);                                                   \
-                acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), _mm256_cvtepi32_ps(sum8x8_epi32(p)), acc[j]); \
+                int32_t xs[8];                                                                                       \
+                memcpy(xs, xb->qs, 32);                                                                              \
+                const __m256i sums = SUMS(lo, hi, xs);                                                               \
+                acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb->d)), _mm256_cvtepi32_ps(sums), acc[j]);   \
                 off[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(q4_1 ? xb->s : -8.0f * xb->s), off[j]);                   \
             }                                                                                                        \
         }                                                                                                            \
@@ -513,8 +541,8 @@ DEFINE_X8_Q8_0(vnni, VNNI, dot_u8s8_i32_vnni)
         }                                                                                                            \
     }
 
-DEFINE_X8_MULTI(avx2, AVX2, dot_u8s8_i32_avx2)
-DEFINE_X8_MULTI(vnni, VNNI, dot_u8s8_i32_vnni)
+DEFINE_X8_MULTI(avx2, AVX2, X8_Q4_SUMS_AVX2)
+DEFINE_X8_MULTI(vnni, VNNI, X8_Q4_SUMS_VNNI)
 
 // One input row: the same body, so one row alone and one row of a batch are the same arithmetic
 // by construction.
@@ -989,7 +1017,7 @@ int vk_repack_x8(int type, const void *src, size_t row_bytes, int64_t rows, int6
                     const blk_q4_0 *b = (const blk_q4_0 *)row + i;
                     blk8_q4_0 *o = out;
                     o->d[k] = b->d;
-                    memcpy(o->qs[k], b->qs, 16);
+                    for (int c = 0; c < 4; c++) memcpy(o->qs[c][k], b->qs + 4 * c, 4);
                     break;
                 }
                 case VK_TYPE_Q4_1: {
@@ -997,7 +1025,7 @@ int vk_repack_x8(int type, const void *src, size_t row_bytes, int64_t rows, int6
                     blk8_q4_1 *o = out;
                     o->d[k] = b->d;
                     o->m[k] = b->m;
-                    memcpy(o->qs[k], b->qs, 16);
+                    for (int c = 0; c < 4; c++) memcpy(o->qs[c][k], b->qs + 4 * c, 4);
                     break;
                 }
                 default: {
@@ -1014,6 +1042,11 @@ int vk_repack_x8(int type, const void *src, size_t row_bytes, int64_t rows, int6
     return 0;
 }
 
+// Row k's 16 quant bytes of an interleaved Q4 block, in the model file's order.
+static inline void x8_q4_row(const uint8_t (*qs)[8][4], int64_t k, uint8_t out[16]) {
+    for (int c = 0; c < 4; c++) memcpy(out + 4 * c, qs[c][k], 4);
+}
+
 void vk_dequantize_rows_x8(int type, const void *w, int64_t n, int64_t r0, int64_t r1, float *dst) {
     pthread_once(&dispatch_once, dispatch_init);
     const size_t gb = group_bytes(type);
@@ -1028,13 +1061,21 @@ void vk_dequantize_rows_x8(int type, const void *w, int64_t n, int64_t r0, int64
         case VK_TYPE_Q4_0:
             for (int64_t i = 0; i < nb; i++) {
                 const blk8_q4_0 *b = (const blk8_q4_0 *)(group + (size_t)i * gb);
-                for (int64_t k = k0; k < k1; k++) dequantize_q4_0(b->d[k], b->qs[k], out + (k - k0) * n + i * VK_QK);
+                for (int64_t k = k0; k < k1; k++) {
+                    uint8_t qs[16];
+                    x8_q4_row(b->qs, k, qs);
+                    dequantize_q4_0(b->d[k], qs, out + (k - k0) * n + i * VK_QK);
+                }
             }
             break;
         case VK_TYPE_Q4_1:
             for (int64_t i = 0; i < nb; i++) {
                 const blk8_q4_1 *b = (const blk8_q4_1 *)(group + (size_t)i * gb);
-                for (int64_t k = k0; k < k1; k++) dequantize_q4_1(b->d[k], b->m[k], b->qs[k], out + (k - k0) * n + i * VK_QK);
+                for (int64_t k = k0; k < k1; k++) {
+                    uint8_t qs[16];
+                    x8_q4_row(b->qs, k, qs);
+                    dequantize_q4_1(b->d[k], b->m[k], qs, out + (k - k0) * n + i * VK_QK);
+                }
             }
             break;
         default:
@@ -1056,7 +1097,8 @@ static void dot_q4_x8_scalar(const void *w, int q4_1, const vk_block_q8a *x, int
         float acc = 0.0f, off = 0.0f;
         for (int64_t i = 0; i < nb; i++) {
             const uint8_t *blk = (const uint8_t *)w + (size_t)i * gb;
-            const uint8_t *qs = q4_1 ? ((const blk8_q4_1 *)blk)->qs[k] : ((const blk8_q4_0 *)blk)->qs[k];
+            uint8_t qs[16];
+            x8_q4_row(q4_1 ? ((const blk8_q4_1 *)blk)->qs : ((const blk8_q4_0 *)blk)->qs, k, qs);
             const float d = h2f(((const uint16_t *)blk)[k]);
             int s = 0;
             for (int j = 0; j < 16; j++) s += (qs[j] & 0x0f) * x[i].qs[j] + (qs[j] >> 4) * x[i].qs[j + 16];

@@ -291,7 +291,13 @@ public final class Transformer: @unchecked Sendable {
     public func attach(_ adapter: LoRAAdapter) { self.adapter = adapter }
 
     /// A workspace for passes of up to `maxBatch` rows.
-    public func makeWorkspace() -> Workspace { Workspace(config: config, rows: maxBatch) }
+    /// With `exactActivations`, the workspace's products keep f32 activations (the path equal to
+    /// the float64 reference; `MatmulScratch.exactActivations`).
+    public func makeWorkspace(exactActivations: Bool = false) -> Workspace {
+        let ws = Workspace(config: config, rows: maxBatch)
+        ws.matmul.exactActivations = exactActivations
+        return ws
+    }
 
     /// The input embedding of a token (a row of the token embedding matrix, dequantized).
     public func embedding(of token: Int32) -> [Float] {

@@ -107,6 +107,11 @@ public final class MatmulScratch: @unchecked Sendable {
     public private(set) var tile: UnsafeMutablePointer<Float>
     private var tileCapacity: Int
 
+    /// Products that use this scratch all run with f32 activations: dequantized weight tiles and
+    /// sgemm even for one input (no 8-bit activations anywhere). The path whose logits equal the
+    /// float64 reference, for tests and comparisons; the engine's workspaces leave it off.
+    public var exactActivations = false
+
     /// Rows of a weight matrix each thread dequantizes at a time for sgemm: a tile stays in the
     /// L2/L3 cache while sgemm packs it, and a 50k-row output matrix never becomes f32 at once.
     public static let tileRows = 1024
@@ -142,16 +147,30 @@ public final class MatmulScratch: @unchecked Sendable {
 }
 
 public enum Matmul {
-    /// Batches at or below this size use the quantized matrix-vector kernels row by row; larger
-    /// ones dequantize weight tiles and call sgemm (whose throughput then dominates).
+    /// Batches at or below this size use the matrix-vector kernels (integer ones, with 8-bit
+    /// activations, for block types); larger ones over float matrices (and over block types
+    /// without the SIMD kernels) dequantize weight tiles and call sgemm (whose throughput then
+    /// dominates).
     nonisolated(unsafe) public static var gemmThreshold = 8
+
+    /// Whether a product of `n` inputs with `w` runs on the matrix-vector kernels. Interleaved
+    /// block-type matrices take the integer kernels at every batch size when the SIMD kernels
+    /// run: each weight block is unpacked once for 4 inputs and a group's 8 rows are summed
+    /// without horizontal adds, which beats dequantizing tiles for sgemm at every batch size
+    /// measured (AVX2, 2 threads: 3.5x at 16 rows, 1.8x at 102, 1.25x at 512). Activations are
+    /// then 8-bit at every batch size, as in llama.cpp, and a row's result does not depend on the
+    /// batch it is in. With `exact` (`MatmulScratch.exactActivations`) nothing does: every
+    /// product dequantizes tiles for sgemm with f32 activations.
+    public static func usesMatvec(_ w: WeightMatrix, n: Int, exact: Bool = false) -> Bool {
+        !exact && (n <= gemmThreshold || (w.layout == .interleaved8 && vk_simd_level() > 0))
+    }
 
     /// y (n, rows) = x (n, cols) * W^T. x and y are row-major with leading dimensions cols / rows.
     public static func forward(
         _ w: WeightMatrix, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, n: Int,
         pool: ThreadPool, scratch: MatmulScratch
     ) {
-        if n <= gemmThreshold {
+        if usesMatvec(w, n: n, exact: scratch.exactActivations) {
             matvec(w, x: x, y: y, n: n, pool: pool, scratch: scratch)
             return
         }
@@ -217,7 +236,7 @@ public enum Matmul {
         _ products: [(w: WeightMatrix, y: UnsafeMutablePointer<Float>)], x: UnsafePointer<Float>, n: Int, pool: ThreadPool,
         scratch: MatmulScratch
     ) {
-        guard n <= gemmThreshold else {
+        guard products.allSatisfy({ usesMatvec($0.w, n: n, exact: scratch.exactActivations) }) else {
             for p in products { forward(p.w, x: x, y: p.y, n: n, pool: pool, scratch: scratch) }
             return
         }

@@ -43,8 +43,9 @@ public enum Reference {
 
     /// The bytes of row r of w as the model file stores them (its blocks one after another),
     /// read from either layout; the interleaved one by its definition in CVistKernels.h (group g
-    /// = rows 8g..<8g+8; its block i holds the 8 rows' scales, then Q4_1's 8 mins, then their 8
-    /// quant arrays), independently of the kernels.
+    /// = rows 8g..<8g+8; its block i holds the 8 rows' scales, then Q4_1's 8 mins, then their
+    /// quant bytes: Q8_0's 8 arrays, Q4's four chunks of 4 bytes per row), independently of the
+    /// kernels.
     public static func fileRow(_ w: WeightMatrix, _ r: Int) -> [UInt8] {
         switch w.layout {
         case .rows:
@@ -57,7 +58,13 @@ public enum Reference {
             for i in 0..<nb {
                 let block = w.data + (g * nb + i) * 8 * bb
                 for h in 0..<halves { out += UnsafeRawBufferPointer(start: block + 16 * h + 2 * k, count: 2) }
-                out += UnsafeRawBufferPointer(start: block + 16 * halves + k * qBytes, count: qBytes)
+                let quants = block + 16 * halves
+                if w.type == .q8_0 {
+                    out += UnsafeRawBufferPointer(start: quants + k * qBytes, count: qBytes)
+                } else {
+                    // Four 32-byte chunks; chunk c holds bytes 4c..<4c+4 of row 0, then row 1, ...
+                    for c in 0..<4 { out += UnsafeRawBufferPointer(start: quants + 32 * c + 4 * k, count: 4) }
+                }
             }
             return out
         }

@@ -178,16 +178,23 @@ struct BatchTests {
     @Test("An f16 KV cache takes half the bytes and gives logits close to f32, on the prefill and decode paths")
     func halfCache() throws {
         try SharedModel.with { m in
-            let tf = m.transformer, ws = tf.makeWorkspace()
+            let tf = m.transformer, ws = tf.makeWorkspace(), exact = tf.makeWorkspace(exactActivations: true)
             let ids = m.tokenizer.encode(String(repeating: "The quick brown fox jumps over the lazy dog. ", count: 12))
             var rows: [KVType: [Float]] = [:]
             var decoded: [KVType: [Float]] = [:]
+            var exactRows: [KVType: [Float]] = [:]
+            var exactDecoded: [KVType: [Float]] = [:]
             var bytes: [KVType: Int] = [:]
             for kv in KVType.allCases {
                 // The prompt's last row from the prefill; then the same prompt without its last
                 // token, and that token decoded (the decode path's kernels).
                 let cache = tf.makeCache(capacity: ids.count, type: kv)
                 rows[kv] = Array(tf.forward(ids, cache: cache, workspace: ws, logits: .last).logits.last)
+                exactRows[kv] = Array(
+                    tf.forward(ids, cache: tf.makeCache(capacity: ids.count, type: kv), workspace: exact, logits: .last).logits.last)
+                let exactStepped = tf.makeCache(capacity: ids.count, type: kv)
+                _ = tf.forward(ids.dropLast(), cache: exactStepped, workspace: exact, logits: .none)
+                exactDecoded[kv] = Array(tf.decode([ids.last!], caches: [exactStepped], workspace: exact).logits.row(0))
                 let stepped = tf.makeCache(capacity: ids.count, type: kv)
                 _ = tf.forward(ids.dropLast(), cache: stepped, workspace: ws, logits: .none)
                 decoded[kv] = Array(tf.decode([ids.last!], caches: [stepped], workspace: ws).logits.row(0))
@@ -219,12 +226,15 @@ struct BatchTests {
             let prefillOut = Array(UnsafeBufferPointer(start: ws.att, count: c.qDim))
             let kernelDiff = zip(decodeOut, prefillOut).map { abs($0 - $1) }.max() ?? 1
             #expect(kernelDiff < 1e-5, "f16 attention, decode kernels vs widened sgemm: \(kernelDiff)")
-            for (name, pair, bound) in [("prefill", rows, 0.05), ("decode", decoded, 0.25)] {
+            for (name, pair, bound) in [
+                ("prefill, f32 activations", exactRows, 0.05), ("decode, f32 activations", exactDecoded, 0.05),
+                ("prefill", rows, 0.5), ("decode", decoded, 0.5),
+            ] {
                 // Half precision keys and values (llama.cpp's default cache type) move the
-                // log-probabilities of the likeliest tokens a little and keep the argmax. On the
-                // decode path the change passes through 8-bit activation quantization, whose
-                // rounding steps amplify it (that path's own error against the exact reference
-                // is up to 0.5: ParityTests.decodePath), hence the wider bound there.
+                // log-probabilities of the likeliest tokens a little and keep the argmax, on both
+                // paths' attention kernels (measured with f32 activations). With the engine's 8-bit
+                // activations any such change re-draws their rounding, whose own error against the
+                // exact reference is up to 0.5 (ParityTests.quantizedPaths): f16 must stay within it.
                 let a = pair[.f32]!, b = pair[.f16]!
                 let (la, lb) = (logProbs(a, vocab: a.count).lse, logProbs(b, vocab: b.count).lse)
                 let top = a.indices.sorted { a[$0] > a[$1] }.prefix(20)

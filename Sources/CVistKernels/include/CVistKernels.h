@@ -73,8 +73,11 @@ void vk_matvec_rows_multi(int type, const void *w, size_t row_bytes, const vk_bl
 
 /// Interleaved weights, for the matrix-vector products of decoding: a block-type matrix (Q4_0,
 /// Q4_1, Q8_0) repacked so that block i of 8 consecutive rows lies together, their 8 scales (and
-/// Q4_1 mins) first, then their 8 quant arrays — the same bytes as the 8 blocks. Group g holds
-/// rows 8g ..< 8g + 8 as n/32 such blocks; a last group with fewer rows is padded with zeros.
+/// Q4_1 mins) first, then their quant bytes — the same bytes as the 8 blocks. Q8_0: the 8 rows'
+/// 32-byte arrays one after another. Q4_0 and Q4_1: four 32-byte chunks, chunk c holding bytes
+/// 4c..<4c+4 of row 0's 16 quant bytes, then those of row 1, ... row 7 (so in one 256-bit load,
+/// 32-bit lane k is row k's). Group g holds rows 8g ..< 8g + 8 as n/32 such blocks; a last group
+/// with fewer rows is padded with zeros.
 /// Bytes of the repacked matrix (0 for a type that has no interleaved form or a bad shape).
 size_t vk_x8_bytes(int type, int64_t rows, int64_t n);
 /// Repacks `rows` rows of `row_bytes` from `src` into `dst` (vk_x8_bytes of it); -1 if the type
@@ -125,6 +128,8 @@ void vk_gelu_tanh(float *x, int64_t n);
 
 /// Name of the SIMD path chosen at run time ("avx512vnni", "avx2", "scalar").
 const char *vk_simd_path(void);
+/// The same as a number: 0 scalar, 1 AVX2, 2 AVX-512 VNNI.
+int vk_simd_level(void);
 
 /// Force the scalar path (tests compare the paths); returns the previous setting.
 int vk_force_scalar(int on);
