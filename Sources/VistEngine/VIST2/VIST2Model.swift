@@ -130,11 +130,12 @@ public final class VIST2Model: @unchecked Sendable {
 
     /// Root of the prefix chain: the model, the text prefilled before the first visual block
     /// (visual tokens attend to it, and its length sets the blocks' positions) and the KV
-    /// cache's element type (an f16 entry holds other bytes than an f32 one; f32 roots are those
-    /// of caches written before f16 existed).
+    /// cache's element type (an f16 entry holds other bytes than an f32 one), under the version of
+    /// the engine's arithmetic: v2 prefills with 8-bit activations (the integer kernels at every
+    /// batch size), so entries v1 wrote with f32 activations are other bytes and are not served.
     public func prefixRoot(_ instruction: [Int32], kvType: KVType = .f32) -> [UInt8] {
         var h = SHA256()
-        h.update(data: Array("vist2/prefix/v1\0".utf8))
+        h.update(data: Array("vist2/prefix/v2\0".utf8))
         if kvType != .f32 { h.update(data: Array("kv=\(kvType.rawValue)\0".utf8)) }
         h.update(data: fingerprintBytes)
         var n = UInt32(instruction.count).littleEndian
