@@ -260,8 +260,16 @@ public enum Matmul {
         if products.contains(where: { $0.w.type.isQuantized }) {
             scratch.reserve(cols: cols, batch: n)
             let blocks = cols / 32
-            for i in 0..<n { quantizeActivations(x + i * cols, scratch.xq + i * blocks, count: cols) }
-            xq = scratch.xq
+            let q = scratch.xq
+            if n >= 16 && pool.size > 1 {
+                // A prefill's rows: each row's blocks are its own, so threads take rows apart.
+                pool.parallel { ith, nth in
+                    for i in ThreadPool.slice(n, ith, nth) { quantizeActivations(x + i * cols, q + i * blocks, count: cols) }
+                }
+            } else {
+                for i in 0..<n { quantizeActivations(x + i * cols, q + i * blocks, count: cols) }
+            }
+            xq = q
         }
         let blocks = UnsafePointer(xq)
         let total = products.reduce(0) { $0 + $1.w.rows }
