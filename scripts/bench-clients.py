@@ -3,7 +3,7 @@
 --tokens tokens over the same open document in one vist2d, all at once.
 
     /usr/bin/python3 scripts/bench-clients.py [--model default] [--tokens 128] [--clients 1,2,4,8]
-        [--kv-type f16] [--out DIR] [--vist2d PATH]
+        [--rounds 1] [--kv-type f16] [--out DIR] [--vist2d PATH]
 
 Starts vist2d (.build/release/vist2d, built if missing) on a fresh socket and cache, compresses the document once (so every
 client's prefill reads the cached visual blocks), then for each N: N connections open the
@@ -21,8 +21,13 @@ each delta arrives. Per run it reports:
   one row's does while the swaps (compute-bound, one request's each) still run one after
   another, N (D + S) / (D + N S) with one client's decoding D and swaps S.
 
-Writes results.json and clients.png (both curves against N) to --out (default
-.build/bench-clients) and prints a Markdown table with the ratios to one client. The OpenBLAS
+With --rounds K the sweep runs K times in the same daemon and the table reports per client count
+the medians of the rounds' figures and of their ratios to that round's one client (a single
+127-token window of one client moves by ~20% between runs on a shared 2-core machine).
+
+Writes results.json (every round, and the medians as "runs") and clients.png (both curves
+against N) to --out (default .build/bench-clients) and prints a Markdown table with the ratios
+to one client. The OpenBLAS
 environment variables are unset for the daemon. Needs the protobuf package (Debian:
 python3-protobuf) and, for the plot, matplotlib (installed into .build/plot-venv if missing).
 """
@@ -148,6 +153,8 @@ def main():
     ap.add_argument("--model", default="default")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the sweep this many times in one daemon; the table reports medians (ratios: of the rounds' ratios)")
     ap.add_argument("--kv-type", default="f16", choices=["f16", "f32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--instruction", default="Summarize the license above.")
@@ -155,6 +162,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, ".build", "bench-clients"))
     ap.add_argument("--vist2d", default=None, help="the vist2d binary to measure (default: .build/release/vist2d, built if missing)")
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
     os.makedirs(a.out, exist_ok=True)
     vist2d = a.vist2d or os.path.join(ROOT, ".build", "release", "vist2d")
     if a.vist2d is None and not os.path.exists(vist2d):
@@ -185,26 +194,48 @@ def main():
             m.compress.instruction = a.instruction
 
         comp = c.request(compress).compress_result
-        runs = []
-        for n in [int(x) for x in a.clients.split(",")]:
-            r = run_clients(pb, sock, text, n, a.tokens, a.instruction)
-            runs.append(r)
-            print("N=%d: aggregate %.1f tokens/s, per-token latency %.1f ms, TTFT %.0f ms, swaps %s taking %s ms, identical texts %s" % (
-                n, r["aggregate_decode_tps"], r["per_token_latency_ms"], r["mean_ttft_ms"], r["swaps"],
-                "/".join("%.0f" % x for x in r["swap_ms"]), r["texts_identical"]), flush=True)
+        counts = [int(x) for x in a.clients.split(",")]
+        rounds = []
+        for k in range(a.rounds):
+            runs = []
+            for n in counts:
+                r = run_clients(pb, sock, text, n, a.tokens, a.instruction)
+                runs.append(r)
+                print("round %d, N=%d: aggregate %.1f tokens/s, per-token latency %.1f ms, TTFT %.0f ms, swaps %s taking %s ms, "
+                      "identical texts %s" % (
+                          k + 1, n, r["aggregate_decode_tps"], r["per_token_latency_ms"], r["mean_ttft_ms"], r["swaps"],
+                          "/".join("%.0f" % x for x in r["swap_ms"]), r["texts_identical"]), flush=True)
+            # Ratios to this round's one-client run (when the sweep starts with one client).
+            base = runs[0] if runs[0]["clients"] == 1 else None
+            for r in runs:
+                r["aggregate_vs_1"] = r["aggregate_decode_tps"] / base["aggregate_decode_tps"] if base else None
+                r["latency_vs_1"] = r["per_token_latency_ms"] / base["per_token_latency_ms"] if base else None
+                r["ceiling_vs_1"] = ceiling(base, r["clients"]) if base else None
+            rounds.append(runs)
+
+        def median(xs):
+            xs = sorted(x for x in xs if x is not None)
+            if not xs:
+                return None
+            m = len(xs) // 2
+            return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+        keys = ("aggregate_decode_tps", "per_token_latency_ms", "mean_ttft_ms", "aggregate_vs_1", "latency_vs_1", "ceiling_vs_1")
+        runs = [dict({"clients": n}, **{key: median(rs[i][key] for rs in rounds) for key in keys}) for i, n in enumerate(counts)]
         out = {"model": a.model, "kv_type": a.kv_type, "threads": a.threads, "document_chunks": comp.chunks,
-               "document_text_tokens": comp.text_tokens, "runs": runs}
-        base = runs[0]
-        for r in runs:
-            r["ceiling_vs_1"] = ceiling(base, r["clients"]) if base["clients"] == 1 else None
+               "document_text_tokens": comp.text_tokens, "rounds": rounds, "runs": runs}
         json.dump(out, open(os.path.join(a.out, "results.json"), "w"), indent=1)
-        print("\n| clients | aggregate decode tokens/s | vs 1 client | ceiling (swaps serial) | per-token latency (ms) | vs 1 client | mean TTFT (ms) |")
+
+        def ratio(x):
+            return "%.2fx" % x if x is not None else "-"
+
+        print("\n%s" % ("medians of %d rounds (each ratio is the median of the rounds' ratios)" % a.rounds if a.rounds > 1 else "one round"))
+        print("| clients | aggregate decode tokens/s | vs 1 client | ceiling (swaps serial) | per-token latency (ms) | vs 1 client | mean TTFT (ms) |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in runs:
-            print("| %d | %.1f | %.2fx | %s | %.1f | %.2fx | %.0f |" % (
-                r["clients"], r["aggregate_decode_tps"], r["aggregate_decode_tps"] / base["aggregate_decode_tps"],
-                "%.2fx" % r["ceiling_vs_1"] if r["ceiling_vs_1"] else "-",
-                r["per_token_latency_ms"], r["per_token_latency_ms"] / base["per_token_latency_ms"], r["mean_ttft_ms"]))
+            print("| %d | %.1f | %s | %s | %.1f | %s | %.0f |" % (
+                r["clients"], r["aggregate_decode_tps"], ratio(r["aggregate_vs_1"]), ratio(r["ceiling_vs_1"]),
+                r["per_token_latency_ms"], ratio(r["latency_vs_1"]), r["mean_ttft_ms"]))
         plot(runs, os.path.join(a.out, "clients.png"))
         print("\nwrote %s/results.json and clients.png" % a.out)
     finally:
