@@ -873,17 +873,6 @@ void vk_combine_rows_f16(const uint16_t *v, int64_t stride, const float *p, int6
     }
 }
 
-void vk_widen_rows_f16(const uint16_t *src, int64_t stride, int64_t n, int64_t hd, float *dst) {
-#ifdef VK_X86
-    if (path() != PATH_SCALAR) {
-        for (int64_t s = 0; s < n; s++) f16_to_f32_avx2(src + s * stride, dst + s * hd, hd);
-        return;
-    }
-#endif
-    for (int64_t s = 0; s < n; s++)
-        for (int64_t i = 0; i < hd; i++) dst[s * hd + i] = h2f(src[s * stride + i]);
-}
-
 // ---- attention of a group of query heads over part of one KV head (decoding) ----------------
 
 static inline float elem_at(int f16, const void *base, int64_t i) {

@@ -592,8 +592,8 @@ public final class Transformer: @unchecked Sendable {
                         // All S positions of the kv head, kept while this thread's items stay on it.
                         let k16 = cache.keys(layer: l, head: g).assumingMemoryBound(to: UInt16.self),
                             v16 = cache.values(layer: l, head: g).assumingMemoryBound(to: UInt16.self)
-                        vk_widen_rows_f16(k16, Int64(hd), Int64(S), Int64(hd), kw)
-                        vk_widen_rows_f16(v16, Int64(hd), Int64(S), Int64(hd), vw)
+                        vk_f16_to_f32(k16, kw, Int64(S * hd))
+                        vk_f16_to_f32(v16, vw, Int64(S * hd))
                         widened = g
                     }
                     (kp, vp) = (UnsafePointer(kw), UnsafePointer(vw))

@@ -97,10 +97,9 @@ void vk_f32_to_f16(const float *src, uint16_t *dst, int64_t n);
 void vk_f16_to_f32(const uint16_t *src, float *dst, int64_t n);
 
 /// Attention over an f16 KV cache, one head: rows s = 0..<n of `hd` halves, `stride` halves apart.
-/// out[s] = dot(k[s], q);  out[c] = sum_s p[s] v[s][c] (c < hd);  dst[s][i] = v[s][i] as f32.
+/// out[s] = dot(k[s], q);  out[c] = sum_s p[s] v[s][c] (c < hd).
 void vk_dot_rows_f16(const uint16_t *k, int64_t stride, const float *q, int64_t hd, int64_t n, float *out);
 void vk_combine_rows_f16(const uint16_t *v, int64_t stride, const float *p, int64_t n, int64_t hd, float *out);
-void vk_widen_rows_f16(const uint16_t *src, int64_t stride, int64_t n, int64_t hd, float *dst);
 
 /// Decoding attention of G query heads that share one KV head, over keys 0..<n of that head:
 /// k and v point at the head's slice of key/value row 0 (f32, or f16 when `f16`), rows `stride`
