@@ -228,13 +228,14 @@ struct BatchTests {
             #expect(kernelDiff < 1e-5, "f16 attention, decode kernels vs widened sgemm: \(kernelDiff)")
             for (name, pair, bound) in [
                 ("prefill, f32 activations", exactRows, 0.05), ("decode, f32 activations", exactDecoded, 0.05),
-                ("prefill", rows, 0.5), ("decode", decoded, 0.5),
+                ("prefill", rows, 0.25), ("decode", decoded, 0.25),
             ] {
                 // Half precision keys and values (llama.cpp's default cache type) move the
                 // log-probabilities of the likeliest tokens a little and keep the argmax, on both
                 // paths' attention kernels (measured with f32 activations). With the engine's 8-bit
-                // activations any such change re-draws their rounding, whose own error against the
-                // exact reference is up to 0.5 (ParityTests.quantizedPaths): f16 must stay within it.
+                // activations any such change re-draws their rounding (whose own error against the
+                // exact reference is up to 0.5: ParityTests.quantizedPaths), which amplifies it,
+                // hence the wider bound there (the one the 8-bit decode path always had).
                 let a = pair[.f32]!, b = pair[.f16]!
                 let (la, lb) = (logProbs(a, vocab: a.count).lse, logProbs(b, vocab: b.count).lse)
                 let top = a.indices.sorted { a[$0] > a[$1] }.prefix(20)
