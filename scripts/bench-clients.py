@@ -3,12 +3,16 @@
 --tokens tokens over the same open document in one vist2d, all at once.
 
     /usr/bin/python3 scripts/bench-clients.py [--model default] [--tokens 128] [--clients 1,2,4,8]
-        [--rounds 1] [--kv-type f16] [--out DIR] [--vist2d PATH]
+        [--rounds 1] [--distinct] [--kv-type f16] [--out DIR] [--vist2d PATH]
 
-Starts vist2d (.build/release/vist2d, built if missing) on a fresh socket and cache, compresses the document once (so every
-client's prefill reads the cached visual blocks), then for each N: N connections open the
-document, wait at a barrier, send a Generate (greedy, ignore_eos, --tokens tokens) and record when
-each delta arrives. Per run it reports:
+Starts vist2d (.build/release/vist2d, built if missing) on a fresh socket and cache, then for
+each N: empties the cache and compresses the document under each instruction the run uses (so
+every client's prefill reads the cached visual blocks, and no run finds blocks an earlier run's
+chunk swaps stored), N connections open the document, wait at a barrier, send a Generate (greedy,
+ignore_eos, --tokens tokens) and record when each delta arrives. All clients ask --instruction
+(identical requests: they share the document's attention entries and the first one's chunk swap
+serves the others through the block cache), or with --distinct each its own question (nothing
+shared but the weights). Per run it reports:
 
 - aggregate decode tokens/s: over the window in which every client is decoding (from the last
   client's first token to the first client's last token), the tokens (text deltas) that arrived
@@ -51,7 +55,7 @@ def document(names):
     return "".join(open(os.path.join(lic, f), encoding="utf-8").read() for f in names.split(","))
 
 
-def run_clients(pb, sock, text, n, tokens, instruction):
+def run_clients(pb, sock, text, n, tokens, instructions):
     barrier = threading.Barrier(n)
     results = [None] * n
     errors = []
@@ -64,7 +68,7 @@ def run_clients(pb, sock, text, n, tokens, instruction):
 
             def gen(m):
                 m.generate.document_ids.append(doc.document_id)
-                m.generate.instruction = instruction
+                m.generate.instruction = instructions[i % len(instructions)]
                 m.generate.max_tokens = tokens
                 m.generate.ignore_eos = True
                 m.generate.sampling.temperature = 0
@@ -106,6 +110,19 @@ def run_clients(pb, sock, text, n, tokens, instruction):
         "swaps": [r["swaps"] for r in results], "swap_ms": [r["swap_ms"] for r in results],
         "decode_ms": [r["decode_ms"] for r in results],
     }
+
+
+# --distinct: client i asks DISTINCT[i % 8].
+DISTINCT = [
+    "Summarize the license above.",
+    "What does the license above say about patents?",
+    "List the conditions for redistributing the work under the license above.",
+    "Explain the warranty disclaimer of the license above.",
+    "What does the license above say about trademarks?",
+    "Who is a Contributor under the license above?",
+    "What may a NOTICE file contain under the license above?",
+    "How do I apply the license above to my own work?",
+]
 
 
 def ceiling(one, n):
@@ -158,6 +175,8 @@ def main():
     ap.add_argument("--kv-type", default="f16", choices=["f16", "f32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--instruction", default="Summarize the license above.")
+    ap.add_argument("--distinct", action="store_true",
+                    help="each client asks its own question (DISTINCT below) instead of all asking --instruction")
     ap.add_argument("--document", default="GPL-3,Apache-2.0", help="files of /usr/share/common-licenses, concatenated")
     ap.add_argument("--out", default=os.path.join(ROOT, ".build", "bench-clients"))
     ap.add_argument("--vist2d", default=None, help="the vist2d binary to measure (default: .build/release/vist2d, built if missing)")
@@ -189,17 +208,29 @@ def main():
         c = vist2_client.Client(pb, sock)
         doc = c.request(lambda m: (m.open_document.SetInParent(), setattr(m.open_document, "text", text))).document
 
-        def compress(m):
-            m.compress.document_id = doc.document_id
-            m.compress.instruction = a.instruction
+        instructions = DISTINCT if a.distinct else [a.instruction]
 
-        comp = c.request(compress).compress_result
+        def prime(n):
+            # Every run starts from the same cache: the document's blocks under each
+            # instruction the run uses (a compress each), and nothing a generation stored
+            # (the blocks of earlier runs' chunk swaps are evicted).
+            c.request(lambda m: setattr(m.cache_evict, "all", True))
+            comp = None
+            for ins in instructions[:n]:
+                def compress(m):
+                    m.compress.document_id = doc.document_id
+                    m.compress.instruction = ins
+                comp = c.request(compress).compress_result
+            return comp
+
         counts = [int(x) for x in a.clients.split(",")]
+        comp = prime(max(counts))
         rounds = []
         for k in range(a.rounds):
             runs = []
             for n in counts:
-                r = run_clients(pb, sock, text, n, a.tokens, a.instruction)
+                prime(n)
+                r = run_clients(pb, sock, text, n, a.tokens, instructions)
                 runs.append(r)
                 print("round %d, N=%d: aggregate %.1f tokens/s, per-token latency %.1f ms, TTFT %.0f ms, swaps %s taking %s ms, "
                       "identical texts %s" % (
@@ -222,7 +253,8 @@ def main():
 
         keys = ("aggregate_decode_tps", "per_token_latency_ms", "mean_ttft_ms", "aggregate_vs_1", "latency_vs_1", "ceiling_vs_1")
         runs = [dict({"clients": n}, **{key: median(rs[i][key] for rs in rounds) for key in keys}) for i, n in enumerate(counts)]
-        out = {"model": a.model, "kv_type": a.kv_type, "threads": a.threads, "document_chunks": comp.chunks,
+        out = {"model": a.model, "kv_type": a.kv_type, "threads": a.threads, "instructions": instructions[:max(counts)],
+               "document_chunks": comp.chunks,
                "document_text_tokens": comp.text_tokens, "rounds": rounds, "runs": runs}
         json.dump(out, open(os.path.join(a.out, "results.json"), "w"), indent=1)
 

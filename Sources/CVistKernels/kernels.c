@@ -886,7 +886,7 @@ AVX2 static inline __m256 load8kv(int f16, const void *base, int64_t i) {
                : _mm256_loadu_ps((const float *)base + i);
 }
 
-#define VK_GMAX 8
+#define VK_GMAX 32
 #define VK_HDMAX 256
 
 AVX2 static void attend_group_avx2(int f16, const void *k, const void *v, int64_t stride, const float *q, int64_t G, int64_t hd,

@@ -51,6 +51,7 @@ final class PrefillProgram {
     let model: EngineModel
     let cache: KVCache
     let tf: Transformer
+    let blockCache: VIST2BlockCache?
     /// Cache entries before T_cur, once the prefill is done.
     private(set) var base = 0
     /// A copy of the last row of logits a step produced (the one that predicts the first token).
@@ -83,6 +84,7 @@ final class PrefillProgram {
         self.model = model
         self.cache = cache
         tf = model.language.transformer
+        self.blockCache = blockCache
         self.finishedTokens = finishedTokens
         self.docTokens = docTokens
         let m = model.vist2?.blockSize ?? 0
@@ -141,9 +143,25 @@ final class PrefillProgram {
     }
 
     /// Renders, encodes and prefills `texts` as visual blocks after the cache's entries (a chunk
-    /// swap during decoding); returns the FLOPs.
+    /// swap during decoding); returns the FLOPs. When the prefix chain names every entry before
+    /// them (the cache's lineage covers them all: the text before the documents, the documents'
+    /// blocks, earlier swaps), the blocks go through the block cache the way the documents' do,
+    /// and the lineage grows over them: a request that swaps the same text after the same
+    /// entries (the same generation again, or identical ones running together) finds the blocks'
+    /// aligner outputs and KV entries there instead of rendering, encoding and prefilling them.
     func prefillBlocks(_ texts: [Substring], ws: Workspace) -> Int {
         guard let vist = model.vist2, !texts.isEmpty else { return 0 }
+        if let lineage = cache.lineage, lineage.positions == cache.count {
+            let d = DocumentBlocks(model: vist, texts: texts, root: lineage.key, blockCache: blockCache)
+            var flops = 0
+            while true {
+                let (done, f) = d.step(kv: cache, ws: ws, stats: &stats)
+                flops += f
+                if done { break }
+            }
+            blocks += texts.count
+            return flops
+        }
         let (e, r, v) = vist.encodeChunks(texts)
         stats.renderNs += r
         stats.visionNs += v
@@ -199,7 +217,8 @@ final class DocumentBlocks {
         self.model = model
         self.texts = texts
         self.blockCache = blockCache
-        chunkKeys = blockCache == nil ? [] : texts.map { model.chunkKey($0) }
+        // The keys name the cache's content as it grows (`KVCache.mark`), with or without a block cache.
+        chunkKeys = texts.map { model.chunkKey($0) }
         chain = root
         lookingUp = blockCache != nil
     }
@@ -207,6 +226,8 @@ final class DocumentBlocks {
     func step(kv: KVCache, ws: Workspace, stats: inout BlockStats) -> (done: Bool, flops: Int) {
         let n = texts.count
         let m = model.visualTokens, dim = model.language.config.dim, blockSize = model.blockSize
+        // Before the first block the cache holds what the root names (the text before the blocks).
+        if done == 0 && kv.lineage == nil { kv.mark(chain) }
         if lookingUp, let cache = blockCache {
             var hits = 0
             while done < n && hits < Self.hitsPerStep {
@@ -216,6 +237,7 @@ final class DocumentBlocks {
                     break
                 }
                 chain = key
+                kv.mark(chain)
                 stats.prefixHits += 1
                 done += 1
                 hits += 1
@@ -257,10 +279,9 @@ final class DocumentBlocks {
         // Prefill the next block of the batch.
         let at = kv.count
         let pass = model.prefillBlock(outputs[nextOutput], kv: kv, ws: ws)
-        if let cache = blockCache {
-            chain = model.prefixKey(chain, chunkKeys[done])
-            cache.storeBlockKV(key: chain, kv.rows(from: at, count: blockSize))
-        }
+        chain = model.prefixKey(chain, chunkKeys[done])
+        kv.mark(chain)
+        blockCache?.storeBlockKV(key: chain, kv.rows(from: at, count: blockSize))
         nextOutput += 1
         done += 1
         if nextOutput == outputs.count {

@@ -31,7 +31,24 @@ public final class KVCache: @unchecked Sendable {
     private var keys: UnsafeMutableRawPointer  // (layers, kvHeads, capacity, headDim) of `type`
     private var values: UnsafeMutableRawPointer  // (layers, kvHeads, capacity, headDim) of `type`
     /// Number of positions filled.
-    public internal(set) var count = 0
+    public internal(set) var count = 0 {
+        didSet { if let l = lineage, l.positions > count { lineage = count > 0 ? Lineage(key: l.key, positions: count) : nil } }
+    }
+
+    /// What the first entries are, when the engine knows: positions 0..<`positions` hold (a
+    /// prefix of) the entries that the prefix-cache chain key `key` names (docs/MODEL.md,
+    /// "Caches"), so two caches with the same key hold the same bytes in their first
+    /// min(positions) positions, the premise the prefix cache already serves entries on. A
+    /// batched decoding step reads such shared entries once for all the rows that have them
+    /// (`attendRows`). Shrinks with the count; set by `mark(_:)`.
+    public struct Lineage: Hashable, Sendable {
+        public let key: [UInt8]
+        public let positions: Int
+    }
+    public private(set) var lineage: Lineage?
+
+    /// Records that the entries 0..<count are the ones `key` names.
+    func mark(_ key: [UInt8]) { lineage = count > 0 ? Lineage(key: key, positions: count) : nil }
 
     public init(config: ModelConfig, capacity: Int, type: KVType = .f32) {
         layers = config.layers
@@ -180,6 +197,10 @@ public final class Workspace: @unchecked Sendable {
     var logits = Buffer()  // (rows with logits, vocab)
     var lora = Buffer()  // the adapter's scratch
     let matmul = MatmulScratch()
+    /// Attention parts that decoding steps with this workspace read once for several rows of
+    /// the same lineage (`Transformer.attendRows`): one per (layer, KV head, part of 256 keys,
+    /// group of rows).
+    public internal(set) var sharedParts = 0
 
     /// A growable float buffer (contents are not kept when it grows).
     struct Buffer {
@@ -624,11 +645,17 @@ public final class Transformer: @unchecked Sendable {
     /// alone and batched.
     static let attentionPart = 256
 
+    /// Queries per shared attention call (rows that share a lineage times the query heads per
+    /// KV head); more rows are split over several calls. At most the kernel's VK_GMAX.
+    static let sharedQueries = 32
+
     /// Single-query attention of each row t over keys 0...positions[t] of its cache: decoding,
     /// alone or batched. Over an f32 cache, one sgemv pair per query head. Over an f16 cache,
     /// work items are (row, KV head, part of the keys): the query heads that share a KV head are
     /// done together, so each key and value row is read (and widened) once per KV head
     /// (`vk_attend_group`), and the parts of a row are merged by their softmax maxima and sums.
+    /// Rows whose caches have the same `lineage` (requests over the same documents) share the
+    /// items of the whole parts inside it: the keys are read once for all of them.
     func attendRows(caches: [KVCache], layer l: Int, positions: [Int], scale: Float, group: Int, ws: Workspace) {
         let c = config, hd = c.headDim, qDim = c.qDim, G = group
         // Rows over f32 caches: one sgemv pair per query head (the path the parity fixtures
@@ -655,32 +682,105 @@ public final class Transformer: @unchecked Sendable {
         let half = positions.indices.filter { caches[$0].type == .f16 }
         guard !half.isEmpty else { return }
         let part = Self.attentionPart
-        var items: [(t: Int, g: Int, s0: Int, s1: Int)] = []
-        var first = [Int](repeating: 0, count: positions.count)  // each row's first item
-        for t in half {
-            first[t] = items.count
-            let S = positions[t] + 1
-            for g in 0..<c.kvHeads {
-                for s0 in stride(from: 0, to: S, by: part) { items.append((t, g, s0, min(S, s0 + part))) }
+        let parts = positions.map { (($0 + 1) + part - 1) / part }
+        // Rows whose caches share a lineage (the same entries at the start) share the items of
+        // the whole parts inside it: one kernel call over those keys for all their queries, each
+        // key and value row read once per step instead of once per row. A query's numbers do not
+        // depend on the other queries of its call, and the parts are the same, so each row's
+        // result is bit for bit the one it gets alone.
+        var sharing: [[Int]] = []  // rows, at most maxShared to a call
+        var sharedParts: [Int] = []  // leading parts the rows of sharing[i] share
+        do {
+            var byKey: [[UInt8]: Int] = [:]
+            var groups: [[Int]] = []
+            for t in half {
+                guard let l = caches[t].lineage, l.positions >= part else { continue }
+                if let i = byKey[l.key] { groups[i].append(t) } else { byKey[l.key] = groups.count; groups.append([t]) }
+            }
+            let maxShared = max(1, Self.sharedQueries / G)
+            for g in groups where g.count > 1 {
+                for c in stride(from: 0, to: g.count, by: maxShared) {
+                    let rows = Array(g[c..<min(g.count, c + maxShared)])
+                    guard rows.count > 1 else { continue }
+                    sharing.append(rows)
+                    sharedParts.append(rows.map { caches[$0].lineage!.positions / part }.min()!)
+                }
             }
         }
-        let stat = G * (2 + hd)  // per item: m (G), l (G), o (G x hd)
-        let outs = ws.headKV.reserve(items.count * stat)
-        let scores = ws.scores.reserve(pool.size * G * part)
+        // Items: a run of keys of one KV head of one cache, for `queries` queries (G per row) at
+        // `q` (a row's own in ws.q, or gathered for a shared item); outputs at `out`: m, l
+        // (`queries` each), then the queries' o (hd each). slot[first[t] + g * parts[t] + p] says
+        // where row t's part p of head g is: the item's output and the row's first query in it.
+        struct Item {
+            var t: Int, g: Int, s0: Int, s1: Int, queries: Int, q: Int, gathered: Bool, out: Int
+        }
+        var items: [Item] = []
+        var first = [Int](repeating: 0, count: positions.count)
+        var slots: [(out: Int, queries: Int, index: Int)] = []
+        var outFloats = 0
+        let qDimG = G * hd
+        var gathered = 0  // floats of gathered queries
+        for t in half {
+            first[t] = slots.count
+            slots.append(contentsOf: repeatElement((out: 0, queries: 0, index: 0), count: c.kvHeads * parts[t]))
+        }
+        var ownFrom = [Int](repeating: 0, count: positions.count)  // the first part a row reads alone
+        for (i, rows) in sharing.enumerated() {
+            let n = rows.count * G
+            for g in 0..<c.kvHeads {
+                let q = gathered
+                gathered += n * hd
+                for p in 0..<sharedParts[i] {
+                    let out = outFloats
+                    items.append(Item(t: rows[0], g: g, s0: p * part, s1: (p + 1) * part, queries: n, q: q, gathered: true, out: out))
+                    outFloats += n * (2 + hd)
+                    for (r, t) in rows.enumerated() { slots[first[t] + g * parts[t] + p] = (out, n, r * G) }
+                }
+            }
+            for t in rows { ownFrom[t] = sharedParts[i] }
+        }
+        for t in half {
+            let S = positions[t] + 1
+            for g in 0..<c.kvHeads {
+                for p in ownFrom[t]..<parts[t] {
+                    let out = outFloats
+                    items.append(Item(t: t, g: g, s0: p * part, s1: min(S, (p + 1) * part), queries: G, q: t * qDim + g * qDimG, gathered: false, out: out))
+                    outFloats += G * (2 + hd)
+                    slots[first[t] + g * parts[t] + p] = (out, G, 0)
+                }
+            }
+        }
+        ws.sharedParts += items.count { $0.gathered }
+        let outs = ws.headKV.reserve(outFloats + gathered)
+        let gq = outs + outFloats
+        let maxQueries = items.lazy.map(\.queries).max() ?? G
+        let scores = ws.scores.reserve(pool.size * maxQueries * part)
         let q = ws.q
-        pool.parallel { ith, nth in
-            let sc = scores + ith * G * part
-            for i in ThreadPool.slice(items.count, ith, nth) {
+        // Gather the shared items' queries: row after row, each row's G heads of the KV head.
+        var at = 0
+        for rows in sharing {
+            for g in 0..<c.kvHeads {
+                for t in rows {
+                    (gq + at).update(from: q + t * qDim + g * qDimG, count: qDimG)
+                    at += qDimG
+                }
+            }
+        }
+        // Claimed while running: a shared item costs several own ones.
+        pool.parallel(units: items.count) { range, ith in
+            let sc = scores + ith * maxQueries * part
+            for i in range {
                 let it = items[i], cache = caches[it.t]
                 let off = it.s0 * cache.headBytes
-                let o = outs + i * stat
+                let o = outs + it.out, n = it.queries
+                let qp = it.gathered ? gq + it.q : q + it.q
                 vk_attend_group(
-                    cache.type == .f16 ? 1 : 0, cache.keys(layer: l, head: it.g) + off, cache.values(layer: l, head: it.g) + off, Int64(hd),
-                    q + it.t * qDim + it.g * G * hd, Int64(G), Int64(hd), scale, Int64(it.s1 - it.s0), sc, o, o + G, o + 2 * G)
+                    1, cache.keys(layer: l, head: it.g) + off, cache.values(layer: l, head: it.g) + off, Int64(hd),
+                    qp, Int64(n), Int64(hd), scale, Int64(it.s1 - it.s0), sc, o, o + n, o + 2 * n)
             }
         }
         // Merge each row's parts: weights exp(m_p - M), normalised by the weighted sums.
-        let att = ws.att, parts = (0..<positions.count).map { ((positions[$0] + 1) + part - 1) / part }
+        let att = ws.att
         rowsParallel(half.count) { i in
             let t = half[i]
             for g in 0..<c.kvHeads {
@@ -688,14 +788,18 @@ public final class Transformer: @unchecked Sendable {
                 for j in 0..<G {
                     let out = att + t * qDim + (g * G + j) * hd
                     var M = -Float.infinity
-                    for p in 0..<parts[t] { M = max(M, outs[(base + p) * stat + j]) }
+                    for p in 0..<parts[t] {
+                        let s = slots[base + p]
+                        M = max(M, outs[s.out + s.index + j])
+                    }
                     var L: Float = 0
                     for i in 0..<hd { out[i] = 0 }
                     for p in 0..<parts[t] {
-                        let o = outs + (base + p) * stat
-                        let w = exp(o[j] - M)
-                        L += o[G + j] * w
-                        let op = o + 2 * G + j * hd
+                        let s = slots[base + p]
+                        let o = outs + s.out
+                        let w = exp(o[s.index + j] - M)
+                        L += o[s.queries + s.index + j] * w
+                        let op = o + 2 * s.queries + (s.index + j) * hd
                         for i in 0..<hd { out[i] += w * op[i] }
                     }
                     let inv = 1 / L

@@ -93,6 +93,62 @@ struct BatchTests {
         }
     }
 
+    @Test("Rows of one lineage read their shared attention parts once, and each row's logits are bit for bit its own alone")
+    func sharedLineage() throws {
+        try SharedModel.with { m in
+            let tf = m.transformer, ws = tf.makeWorkspace()
+            let part = Transformer.attentionPart
+            let depth = 2 * part + 90
+            let ids = (0..<depth).map { Int32(($0 * 7919) % 40000 + 100) }
+            let source = tf.makeCache(capacity: depth, type: .f16)
+            _ = tf.forward(ids, cache: source, workspace: ws, logits: .none)
+            let payload = source.rows(from: 0, count: depth)
+            // Rows 0, 1, 3: lineage A (row 3 truncated to one whole part and a bit, so the three
+            // share one part and rows 0 and 1 read their second alone); row 2: lineage B; row 4:
+            // lineage A but f32 (its own path); row 5: A, shorter than a part.
+            func cache(_ key: UInt8, _ n: Int, _ type: KVType = .f16) -> KVCache {
+                let c = tf.makeCache(capacity: depth + 1, type: type)
+                if type == .f16 {
+                    #expect(c.append(rows: payload, count: depth))
+                } else {
+                    _ = tf.forward(ids, cache: c, workspace: ws, logits: .none)
+                }
+                c.mark([key])
+                c.truncate(to: n)
+                return c
+            }
+            let shape: [(UInt8, Int, KVType)] = [
+                (1, depth, .f16), (1, depth, .f16), (2, depth, .f16), (1, part + 40, .f16), (1, depth, .f32), (1, part - 1, .f16),
+            ]
+            let tokens: [Int32] = [300, 301, 302, 303, 304, 305]
+            var alone: [[Float]] = []
+            for (i, s) in shape.enumerated() {
+                let c = cache(s.0, s.1, s.2)
+                #expect(c.lineage?.positions == s.1 && c.lineage?.key == [s.0])
+                alone.append(tf.decode([tokens[i]], caches: [c], workspace: ws).logits.row(0))
+            }
+            #expect(ws.sharedParts == 0, "a row alone shares nothing")
+            let caches = shape.map { cache($0.0, $0.1, $0.2) }
+            let (logits, _) = tf.decode(tokens, caches: caches, workspace: ws)
+            for i in shape.indices { #expect(logits.row(i) == alone[i], "row \(i)") }
+            // Rows 0, 1, 3 share part 0 of every KV head of every layer.
+            let c = m.transformer.config
+            #expect(ws.sharedParts == c.layers * c.kvHeads)
+            // The decoded positions are past the lineage, which stays where it was.
+            #expect(caches[0].count == depth + 1 && caches[0].lineage?.positions == depth)
+            // Without row 3, rows 0 and 1 share both whole parts.
+            let pair = [cache(1, depth, .f16), cache(1, depth, .f16)]
+            let (two, _) = tf.decode([300, 301], caches: pair, workspace: ws)
+            #expect(two.row(0) == alone[0] && two.row(1) == alone[1])
+            #expect(ws.sharedParts == 3 * c.layers * c.kvHeads)
+            // A cache truncated into its lineage keeps only what is left of it.
+            pair[0].truncate(to: 10)
+            #expect(pair[0].lineage?.positions == 10)
+            pair[0].truncate(to: 0)
+            #expect(pair[0].lineage == nil)
+        }
+    }
+
     @Test("The multi-row matrix-vector kernel equals one row at a time, bit for bit, on every weight type")
     func multiRowKernel() throws {
         try SharedModel.with { m in

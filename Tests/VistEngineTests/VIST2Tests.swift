@@ -145,6 +145,34 @@ struct VIST2Tests {
         #expect(c.visual_tokens == c.chunks * g.visual_tokens)
     }
 
+    @Test("A chunk swap goes through the block cache like the documents: the same generation again finds its blocks, same logits")
+    func swapsThroughBlockCache() throws {
+        let (g, _) = try TinyVIST2Golden.load()
+        let model = try Self.model.get()
+        let ids = model.language.tokenizer.encode(g.continuation, addSpecial: false)
+        let store = MemoryBlockCache()
+        func run(_ cache: VIST2BlockCache?) throws -> (GenerationResult, [[Float]]) {
+            var req = request(g, documents: [g.document])
+            req.cache = cache
+            var rows: [[Float]] = []
+            let r = try GenerationTask.teacherForce(req, model: model, tokens: ids, observe: { _, l in rows.append(Array(l)) })
+            return (r, rows)
+        }
+        let (first, firstRows) = try run(store)
+        let c1 = try #require(first.compression)
+        let documentBlocks = g.document_chunks - 1
+        #expect(c1.swaps >= 2 && c1.prefix_cache_hits == 0 && c1.chunks_encoded == documentBlocks + c1.swaps)
+        // Every block, the documents' and the swaps', stored at both levels.
+        #expect(store.blocks.count == documentBlocks + c1.swaps && store.outputs.count == documentBlocks + c1.swaps)
+        let (second, secondRows) = try run(store)
+        let c2 = try #require(second.compression)
+        #expect(c2.swaps == c1.swaps && c2.prefix_cache_hits == documentBlocks + c2.swaps && c2.chunks_encoded == 0)
+        #expect(secondRows == firstRows, "a block from the cache is the block computed")
+        // Without a block cache, the same numbers.
+        let (_, plainRows) = try run(nil)
+        #expect(plainRows == firstRows)
+    }
+
     @Test("Earlier chunks given as images or as text give identical logits: their text never reaches the model otherwise")
     func imagesOnly() throws {
         let (g, _) = try TinyVIST2Golden.load()
@@ -316,4 +344,14 @@ struct VIST2Tests {
         #expect(all.stop_reason == .contextFull && all.generated_tokens < ids.count)
         #expect(all.kv_bytes <= model.language.config.contextLength * 2 * model.language.config.layers * model.language.config.kvDim * 4)
     }
+}
+
+/// A `VIST2BlockCache` in memory: both levels as dictionaries.
+final class MemoryBlockCache: VIST2BlockCache, @unchecked Sendable {
+    var outputs: [[UInt8]: [Float]] = [:]
+    var blocks: [[UInt8]: [UInt8]] = [:]
+    func alignerOutput(key: [UInt8]) -> [Float]? { outputs[key] }
+    func storeAlignerOutput(key: [UInt8], _ values: ArraySlice<Float>) { outputs[key] = Array(values) }
+    func blockKV(key: [UInt8]) -> [UInt8]? { blocks[key] }
+    func storeBlockKV(key: [UInt8], _ bytes: [UInt8]) { blocks[key] = bytes }
 }
