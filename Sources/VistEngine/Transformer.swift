@@ -744,7 +744,10 @@ public final class Transformer: @unchecked Sendable {
             for g in 0..<c.kvHeads {
                 for p in ownFrom[t]..<parts[t] {
                     let out = outFloats
-                    items.append(Item(t: t, g: g, s0: p * part, s1: min(S, (p + 1) * part), queries: G, q: t * qDim + g * qDimG, gathered: false, out: out))
+                    items.append(
+                        Item(
+                            t: t, g: g, s0: p * part, s1: min(S, (p + 1) * part), queries: G, q: t * qDim + g * qDimG, gathered: false,
+                            out: out))
                     outFloats += G * (2 + hd)
                     slots[first[t] + g * parts[t] + p] = (out, G, 0)
                 }
