@@ -20,10 +20,12 @@ shared but the weights). Per run it reports:
 - per-token latency: the mean gap between a client's consecutive tokens in that window,
   averaged over the clients;
 - the time to first token, averaged over the clients;
-- each client's chunk swaps and the time they took (swap_ms, part of its decode_ms), and the
-  ceiling they set: what N clients would reach over one if a batched step of N rows cost what
-  one row's does while the swaps (compute-bound, one request's each) still run one after
-  another, N (D + S) / (D + N S) with one client's decoding D and swaps S.
+- each client's chunk swaps and the time they took (swap_ms, part of its decode_ms), the blocks
+  its prefill and swaps found in the two caches and those it encoded, and the ceiling swaps set
+  when every client computes its own: what N clients would reach over one if a batched step of
+  N rows cost what one row's does while the swaps (compute-bound) run one after another,
+  N (D + S) / (D + N S) with one client's decoding D and swaps S. Identical requests exceed it:
+  one computes the swapped block, the others read it from the cache.
 
 With --rounds K the sweep runs K times in the same daemon and the table reports per client count
 the medians of the rounds' figures and of their ratios to that round's one client (a single
@@ -81,7 +83,8 @@ def run_clients(pb, sock, text, n, tokens, instructions):
             c.request(lambda m: setattr(m.close_document, "document_id", doc.document_id))
             results[i] = {"start": t0, "end": t1, "deltas": times, "generated": res.generated_tokens,
                           "ttft_ms": res.ttft_ms, "decode_ms": res.decode_ms, "decode_tps": res.decode_tokens_per_s,
-                          "prefix_hits": res.prefix_cache_hits, "swaps": res.swaps, "swap_ms": res.swap_ms, "text": res.text}
+                          "prefix_hits": res.prefix_cache_hits, "chunk_hits": res.chunk_cache_hits,
+                          "encoded": res.chunks_encoded, "swaps": res.swaps, "swap_ms": res.swap_ms, "text": res.text}
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append("client %d: %s" % (i, e))
             barrier.abort()
@@ -106,7 +109,8 @@ def run_clients(pb, sock, text, n, tokens, instructions):
         "per_token_latency_ms": 1000 * sum(gaps) / len(gaps) if gaps else 0,
         "request_decode_tps": [r["decode_tps"] for r in results],
         "mean_ttft_ms": sum(r["ttft_ms"] for r in results) / n, "texts_identical": len({r["text"] for r in results}) == 1,
-        "prefix_hits": [r["prefix_hits"] for r in results],
+        "prefix_hits": [r["prefix_hits"] for r in results], "chunk_hits": [r["chunk_hits"] for r in results],
+        "encoded": [r["encoded"] for r in results],
         "swaps": [r["swaps"] for r in results], "swap_ms": [r["swap_ms"] for r in results],
         "decode_ms": [r["decode_ms"] for r in results],
     }
@@ -126,10 +130,10 @@ DISTINCT = [
 
 
 def ceiling(one, n):
-    """The most N clients can reach over one client's aggregate if a batched step of N rows cost
-    what one row's does: each client's decoding (its decode_ms less its swaps) would then be
-    shared by all, while the chunk swaps (compute-bound prefill and encoding, one request's
-    each) still run one after another: N (D + S) / (D + N S)."""
+    """The most N clients that each compute their own swaps can reach over one client's
+    aggregate if a batched step of N rows cost what one row's does: each client's decoding (its
+    decode_ms less its swaps) would then be shared by all, while the chunk swaps (compute-bound
+    prefill and encoding) still run one after another: N (D + S) / (D + N S)."""
     s = sum(one["swap_ms"]) / len(one["swap_ms"])
     d = sum(one["decode_ms"]) / len(one["decode_ms"]) - s
     return n * (d + s) / (d + n * s) if d + n * s > 0 else 0
@@ -141,7 +145,8 @@ import json, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-rows = json.load(open(sys.argv[1]))["runs"]
+res = json.load(open(sys.argv[1]))
+rows = res["runs"]
 n = [r["clients"] for r in rows]
 fig, ax = plt.subplots(figsize=(6.4, 4))
 ax.plot(n, [r["aggregate_decode_tps"] for r in rows], "o-", color="tab:blue", label="aggregate decode tokens/s")
@@ -150,7 +155,8 @@ ax.set_xticks(n); ax.set_ylim(bottom=0)
 ax2 = ax.twinx()
 ax2.plot(n, [r["per_token_latency_ms"] for r in rows], "s--", color="tab:red", label="per-token latency (ms)")
 ax2.set_ylabel("per-token latency per client (ms)", color="tab:red"); ax2.set_ylim(bottom=0)
-ax.set_title("vist2d: clients generating over the same document at once")
+ax.set_title("vist2d: clients generating over the same document at once\n(%s)" % (
+    "each its own question" if res.get("distinct") else "all asking the same question"))
 fig.tight_layout(); fig.savefig(sys.argv[2], dpi=120)
 '''
     results = os.path.join(os.path.dirname(path), "results.json")
@@ -233,9 +239,10 @@ def main():
                 r = run_clients(pb, sock, text, n, a.tokens, instructions)
                 runs.append(r)
                 print("round %d, N=%d: aggregate %.1f tokens/s, per-token latency %.1f ms, TTFT %.0f ms, swaps %s taking %s ms, "
-                      "identical texts %s" % (
+                      "blocks from the prefix cache %s, chunks from the chunk cache %s, encoded %s, identical texts %s" % (
                           k + 1, n, r["aggregate_decode_tps"], r["per_token_latency_ms"], r["mean_ttft_ms"], r["swaps"],
-                          "/".join("%.0f" % x for x in r["swap_ms"]), r["texts_identical"]), flush=True)
+                          "/".join("%.0f" % x for x in r["swap_ms"]), r["prefix_hits"], r["chunk_hits"], r["encoded"],
+                          r["texts_identical"]), flush=True)
             # Ratios to this round's one-client run (when the sweep starts with one client).
             base = runs[0] if runs[0]["clients"] == 1 else None
             for r in runs:
@@ -253,7 +260,7 @@ def main():
 
         keys = ("aggregate_decode_tps", "per_token_latency_ms", "mean_ttft_ms", "aggregate_vs_1", "latency_vs_1", "ceiling_vs_1")
         runs = [dict({"clients": n}, **{key: median(rs[i][key] for rs in rounds) for key in keys}) for i, n in enumerate(counts)]
-        out = {"model": a.model, "kv_type": a.kv_type, "threads": a.threads, "instructions": instructions[:max(counts)],
+        out = {"model": a.model, "kv_type": a.kv_type, "threads": a.threads, "distinct": a.distinct, "instructions": instructions[:max(counts)],
                "document_chunks": comp.chunks,
                "document_text_tokens": comp.text_tokens, "rounds": rounds, "runs": runs}
         json.dump(out, open(os.path.join(a.out, "results.json"), "w"), indent=1)
@@ -262,7 +269,7 @@ def main():
             return "%.2fx" % x if x is not None else "-"
 
         print("\n%s" % ("medians of %d rounds (each ratio is the median of the rounds' ratios)" % a.rounds if a.rounds > 1 else "one round"))
-        print("| clients | aggregate decode tokens/s | vs 1 client | ceiling (swaps serial) | per-token latency (ms) | vs 1 client | mean TTFT (ms) |")
+        print("| clients | aggregate decode tokens/s | vs 1 client | ceiling (own swaps) | per-token latency (ms) | vs 1 client | mean TTFT (ms) |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in runs:
             print("| %d | %.1f | %s | %s | %.1f | %s | %.0f |" % (

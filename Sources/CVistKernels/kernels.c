@@ -802,77 +802,6 @@ void vk_f16_to_f32(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = h2f(src[i]);
 }
 
-// ---- attention over f16 rows (the f16 KV cache) --------------------------------------------
-
-#ifdef VK_X86
-AVX2 static void dot_rows_f16_avx2(const uint16_t *k, int64_t stride, const float *q, int64_t hd, int64_t n, float *out) {
-    for (int64_t s = 0; s < n; s++) {
-        const uint16_t *row = k + s * stride;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 16 <= hd; i += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i))), _mm256_loadu_ps(q + i), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i + 8))), _mm256_loadu_ps(q + i + 8), a1);
-        }
-        float acc = hsum256(_mm256_add_ps(a0, a1));
-        for (; i < hd; i++) acc += h2f(row[i]) * q[i];
-        out[s] = acc;
-    }
-}
-
-AVX2 static void combine_rows_f16_avx2(const uint16_t *v, int64_t stride, const float *p, int64_t n, int64_t hd, float *out) {
-    int64_t c = 0;
-    for (; c + 32 <= hd; c += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t s = 0; s < n; s++) {
-            const uint16_t *row = v + s * stride + c;
-            const __m256 ps = _mm256_set1_ps(p[s]);
-            a0 = _mm256_fmadd_ps(ps, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)row)), a0);
-            a1 = _mm256_fmadd_ps(ps, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 8))), a1);
-            a2 = _mm256_fmadd_ps(ps, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 16))), a2);
-            a3 = _mm256_fmadd_ps(ps, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 24))), a3);
-        }
-        _mm256_storeu_ps(out + c, a0);
-        _mm256_storeu_ps(out + c + 8, a1);
-        _mm256_storeu_ps(out + c + 16, a2);
-        _mm256_storeu_ps(out + c + 24, a3);
-    }
-    for (; c < hd; c++) {
-        float acc = 0;
-        for (int64_t s = 0; s < n; s++) acc += p[s] * h2f(v[s * stride + c]);
-        out[c] = acc;
-    }
-}
-#endif
-
-void vk_dot_rows_f16(const uint16_t *k, int64_t stride, const float *q, int64_t hd, int64_t n, float *out) {
-#ifdef VK_X86
-    if (path() != PATH_SCALAR) {
-        dot_rows_f16_avx2(k, stride, q, hd, n, out);
-        return;
-    }
-#endif
-    for (int64_t s = 0; s < n; s++) {
-        float acc = 0;
-        for (int64_t i = 0; i < hd; i++) acc += h2f(k[s * stride + i]) * q[i];
-        out[s] = acc;
-    }
-}
-
-void vk_combine_rows_f16(const uint16_t *v, int64_t stride, const float *p, int64_t n, int64_t hd, float *out) {
-#ifdef VK_X86
-    if (path() != PATH_SCALAR) {
-        combine_rows_f16_avx2(v, stride, p, n, hd, out);
-        return;
-    }
-#endif
-    for (int64_t c = 0; c < hd; c++) {
-        float acc = 0;
-        for (int64_t s = 0; s < n; s++) acc += p[s] * h2f(v[s * stride + c]);
-        out[c] = acc;
-    }
-}
-
 // ---- attention of a group of query heads over part of one KV head (decoding) ----------------
 
 static inline float elem_at(int f16, const void *base, int64_t i) {
@@ -886,7 +815,6 @@ AVX2 static inline __m256 load8kv(int f16, const void *base, int64_t i) {
                : _mm256_loadu_ps((const float *)base + i);
 }
 
-#define VK_GMAX 32
 #define VK_HDMAX 256
 
 AVX2 static void attend_group_avx2(int f16, const void *k, const void *v, int64_t stride, const float *q, int64_t G, int64_t hd,
@@ -954,7 +882,7 @@ AVX2 static void attend_group_avx2(int f16, const void *k, const void *v, int64_
 void vk_attend_group(int f16, const void *k, const void *v, int64_t stride, const float *q, int64_t G, int64_t hd, float scale,
                      int64_t n, float *scores, float *m, float *l, float *o) {
 #ifdef VK_X86
-    if (path() != PATH_SCALAR && hd % 32 == 0 && hd <= VK_HDMAX && G <= VK_GMAX) {
+    if (path() != PATH_SCALAR && hd % 32 == 0 && hd <= VK_HDMAX && G <= VK_ATTEND_GMAX) {
         attend_group_avx2(f16, k, v, stride, q, G, hd, scale, n, scores, m, l, o);
         return;
     }

@@ -49,6 +49,11 @@ public struct GenerationRequest: Sendable {
     public var previousChunking: Chunking? = nil
     /// The KV cache's element type.
     public var kvType: KVType = .f32
+    /// Requests whose caches hold the same entries (`KVCache.lineage`) share the work on them in
+    /// a batched decoding step only within one scope: the daemon passes the block cache's owner,
+    /// so a user's request never runs faster or slower because another user's reads the same
+    /// documents, as its cache entries are never another user's. Empty: one scope for all.
+    public var sharingScope: [UInt8] = []
 
     public init(prompt: String, documents: [String] = [], fullText: Bool = false) {
         self.prompt = prompt
@@ -385,6 +390,7 @@ public final class GenerationTask: @unchecked Sendable {
         }
         self.chunking = chunking
         cache = tf.makeCache(capacity: capacity, type: req.kvType)
+        cache.sharingScope = req.sharingScope
         program = PrefillProgram(
             model: model, cache: cache, start: start, finished: finished, images: req.images, current: current,
             blockCache: req.cache, finishedTokens: finishedTokens, docTokens: docTokens)

@@ -14,7 +14,8 @@ public protocol VIST2BlockCache: AnyObject, Sendable {
     func storeBlockKV(key: [UInt8], _ bytes: [UInt8])
 }
 
-/// What the cached prefill of finished chunks did.
+/// What the cached prefill of finished chunks did (the documents' and, during generation, the
+/// chunk swaps').
 public struct BlockStats: Sendable, Equatable {
     /// Chunks rendered and run through the vision encoder now.
     public var encoded = 0

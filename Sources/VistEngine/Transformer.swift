@@ -46,6 +46,9 @@ public final class KVCache: @unchecked Sendable {
         public let positions: Int
     }
     public private(set) var lineage: Lineage?
+    /// Caches share the work on their common entries only within one scope
+    /// (`GenerationRequest.sharingScope`).
+    public var sharingScope: [UInt8] = []
 
     /// Records that the entries 0..<count are the ones `key` names.
     func mark(_ key: [UInt8]) { lineage = count > 0 ? Lineage(key: key, positions: count) : nil }
@@ -646,8 +649,8 @@ public final class Transformer: @unchecked Sendable {
     static let attentionPart = 256
 
     /// Queries per shared attention call (rows that share a lineage times the query heads per
-    /// KV head); more rows are split over several calls. At most the kernel's VK_GMAX.
-    static let sharedQueries = 32
+    /// KV head); more rows are split over several calls. The kernel's SIMD path takes this many.
+    static let sharedQueries = Int(VK_ATTEND_GMAX)
 
     /// Single-query attention of each row t over keys 0...positions[t] of its cache: decoding,
     /// alone or batched. Over an f32 cache, one sgemv pair per query head. Over an f16 cache,
@@ -691,19 +694,22 @@ public final class Transformer: @unchecked Sendable {
         var sharing: [[Int]] = []  // rows, at most maxShared to a call
         var sharedParts: [Int] = []  // leading parts the rows of sharing[i] share
         do {
-            var byKey: [[UInt8]: Int] = [:]
-            var groups: [[Int]] = []
+            struct Shared: Hashable { let scope: [UInt8], key: [UInt8] }
+            var byKey: [Shared: Int] = [:]
+            var groups: [[(t: Int, parts: Int)]] = []  // rows of one key, and the whole parts each has of it
             for t in half {
                 guard let l = caches[t].lineage, l.positions >= part else { continue }
-                if let i = byKey[l.key] { groups[i].append(t) } else { byKey[l.key] = groups.count; groups.append([t]) }
+                let row = (t: t, parts: l.positions / part)
+                let k = Shared(scope: caches[t].sharingScope, key: l.key)
+                if let i = byKey[k] { groups[i].append(row) } else { byKey[k] = groups.count; groups.append([row]) }
             }
             let maxShared = max(1, Self.sharedQueries / G)
             for g in groups where g.count > 1 {
                 for c in stride(from: 0, to: g.count, by: maxShared) {
-                    let rows = Array(g[c..<min(g.count, c + maxShared)])
+                    let rows = g[c..<min(g.count, c + maxShared)]
                     guard rows.count > 1 else { continue }
-                    sharing.append(rows)
-                    sharedParts.append(rows.map { caches[$0].lineage!.positions / part }.min()!)
+                    sharing.append(rows.map(\.t))
+                    sharedParts.append(rows.reduce(Int.max) { min($0, $1.parts) })
                 }
             }
         }

@@ -1004,19 +1004,18 @@ public nonisolated struct Vist2_V1_GenerateResult: @unchecked Sendable {
     set {_uniqueStorage()._swaps = newValue}
   }
 
-  /// of the documents' finished chunks: rendered and encoded now
+  /// Of the blocks, the documents' finished chunks' and the chunk swaps': rendered and encoded
+  /// now, aligner outputs from the chunk cache, KV entries from the prefix cache.
   public var chunksEncoded: UInt32 {
     get {_storage._chunksEncoded}
     set {_uniqueStorage()._chunksEncoded = newValue}
   }
 
-  /// aligner outputs from the chunk cache
   public var chunkCacheHits: UInt32 {
     get {_storage._chunkCacheHits}
     set {_uniqueStorage()._chunkCacheHits = newValue}
   }
 
-  /// visual blocks whose KV came from the prefix cache
   public var prefixCacheHits: UInt32 {
     get {_storage._prefixCacheHits}
     set {_uniqueStorage()._prefixCacheHits = newValue}

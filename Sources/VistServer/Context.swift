@@ -200,3 +200,9 @@ final class StoreBlockCache: VIST2BlockCache, @unchecked Sendable {
         _ = bytes.withUnsafeBytes { store.put(.prefix, key: key, owner: owner, payload: $0) }
     }
 }
+
+extension CacheStore.Owner {
+    /// The engine's sharing scope for requests whose cache entries are this owner's: a user's
+    /// own namespace, or the shared one (`GenerationRequest.sharingScope`).
+    var sharingScope: [UInt8] { shared ? Array("shared".utf8) : Array("uid \(uid)".utf8) }
+}

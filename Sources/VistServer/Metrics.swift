@@ -91,10 +91,12 @@ public final class ServerMetrics: @unchecked Sendable {
         metric("vist2_decode_tokens_per_second", "gauge", "Decode speed of the last generation.", [("", lastDecodeTPS)])
         metric("vist2_kv_bytes_peak", "gauge", "Peak KV cache bytes of the last generation.", [("", Double(lastKVPeak))])
         metric(
-            "vist2_chunks_encoded_total", "counter", "Document chunks rendered and run through the vision encoder.",
+            "vist2_chunks_encoded_total", "counter",
+            "Chunks (of documents, and of generations at a chunk swap) rendered and run through the vision encoder.",
             [("", Double(chunksEncoded))])
         metric(
-            "vist2_cache_hits_total", "counter", "Finished chunks served from the persistent cache, by level.",
+            "vist2_cache_hits_total", "counter",
+            "Chunks (of documents, and of generations at a chunk swap) served from the persistent cache, by level.",
             [("{level=\"chunk\"}", Double(chunkHits)), ("{level=\"prefix\"}", Double(prefixHits))])
         metric("vist2_cache_bytes", "gauge", "Bytes in the persistent cache.", [("", Double(cache?.bytes ?? 0))])
         metric("vist2_cache_budget_bytes", "gauge", "The persistent cache's size budget.", [("", Double(cache?.budget ?? 0))])

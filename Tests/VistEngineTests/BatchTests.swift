@@ -141,6 +141,12 @@ struct BatchTests {
             let (two, _) = tf.decode([300, 301], caches: pair, workspace: ws)
             #expect(two.row(0) == alone[0] && two.row(1) == alone[1])
             #expect(ws.sharedParts == 3 * c.layers * c.kvHeads)
+            // The same entries in another sharing scope (another user's request) share nothing.
+            let other = [cache(1, depth, .f16), cache(1, depth, .f16)]
+            other[1].sharingScope = Array("uid 1000".utf8)
+            let (apart, _) = tf.decode([300, 301], caches: other, workspace: ws)
+            #expect(apart.row(0) == alone[0] && apart.row(1) == alone[1])
+            #expect(ws.sharedParts == 3 * c.layers * c.kvHeads)
             // A cache truncated into its lineage keeps only what is left of it.
             pair[0].truncate(to: 10)
             #expect(pair[0].lineage?.positions == 10)

@@ -96,17 +96,15 @@ void vk_matvec_x8(int type, const void *w, const vk_block_q8a *xq, float *y, int
 void vk_f32_to_f16(const float *src, uint16_t *dst, int64_t n);
 void vk_f16_to_f32(const uint16_t *src, float *dst, int64_t n);
 
-/// Attention over an f16 KV cache, one head: rows s = 0..<n of `hd` halves, `stride` halves apart.
-/// out[s] = dot(k[s], q);  out[c] = sum_s p[s] v[s][c] (c < hd).
-void vk_dot_rows_f16(const uint16_t *k, int64_t stride, const float *q, int64_t hd, int64_t n, float *out);
-void vk_combine_rows_f16(const uint16_t *v, int64_t stride, const float *p, int64_t n, int64_t hd, float *out);
-
 /// Decoding attention of G query heads that share one KV head, over keys 0..<n of that head:
 /// k and v point at the head's slice of key/value row 0 (f32, or f16 when `f16`), rows `stride`
-/// elements apart; q holds the G queries (hd floats each, one after another). Each key and value
-/// row is read once for all G queries. Outputs per query g, unnormalized so that parts over
-/// disjoint key ranges can be merged: m[g] = max score, l[g] = sum of exp(score - m[g]),
-/// o[g*hd..] = sum of exp(score - m[g]) v_s. `scores` is scratch of G*n floats.
+/// elements apart; q holds the G queries (hd floats each, one after another): the query heads of
+/// one KV head, of one row or of several rows that read the same keys. Each key and value row is
+/// read once for all G queries. Outputs per query g, unnormalized so that parts over disjoint key
+/// ranges can be merged: m[g] = max score, l[g] = sum of exp(score - m[g]), o[g*hd..] = sum of
+/// exp(score - m[g]) v_s. `scores` is scratch of G*n floats. A query's outputs do not depend on
+/// the other queries of the call, for any G up to 32 (above it the scalar path runs).
+#define VK_ATTEND_GMAX 32
 void vk_attend_group(int f16, const void *k, const void *v, int64_t stride, const float *q, int64_t G, int64_t hd, float scale,
                      int64_t n, float *scores, float *m, float *l, float *o);
 

@@ -38,7 +38,9 @@ enum EngineHandlers {
         }
         req.documents = docs
         req.fullText = g.fullText
-        req.cache = ctx.blockCache(for: s.cacheOwner(shared: g.shared))
+        let owner = s.cacheOwner(shared: g.shared)
+        req.cache = ctx.blockCache(for: owner)
+        req.sharingScope = owner.sharingScope
         req.previousChunking = s.chunking(g.documentIds)
         req.kvType = ctx.kvType
         let request = req, docIDs = g.documentIds

@@ -584,16 +584,11 @@ struct  Vist2__V1__GenerateResult
   uint32_t chunks;
   uint32_t swaps;
   /*
-   * of the documents' finished chunks: rendered and encoded now
+   * Of the blocks, the documents' finished chunks' and the chunk swaps': rendered and encoded
+   * now, aligner outputs from the chunk cache, KV entries from the prefix cache.
    */
   uint32_t chunks_encoded;
-  /*
-   * aligner outputs from the chunk cache
-   */
   uint32_t chunk_cache_hits;
-  /*
-   * visual blocks whose KV came from the prefix cache
-   */
   uint32_t prefix_cache_hits;
   /*
    * "vist2" or "full-text" when the request read documents or images or wrote past a chunk
