@@ -173,6 +173,34 @@ struct VIST2Tests {
         #expect(plainRows == firstRows)
     }
 
+    @Test(
+        "Identical requests over the same documents, decoded together, share attention parts through their swaps and get exactly their own logits"
+    )
+    func sharedDocumentsBatched() throws {
+        let (g, _) = try TinyVIST2Golden.load()
+        let model = try Self.model.get()
+        let tf = model.language.transformer, ws = tf.makeWorkspace()
+        var req = request(g, documents: [Array(repeating: g.document, count: 8).joined(separator: "\n")])
+        req.kvType = .f16
+        req.maxTokens = 2 * model.chunkLength + 4
+        req.sampling = .greedy
+        req.ignoreEOS = true
+        let one = try GenerationTask.prepare(req, model: .vist2(model))
+        let alone = runAlone(one, ws: ws)
+        #expect(ws.sharedParts == 0)
+        let swaps = try #require(one.result.compression).swaps
+        // The lineage covers every block: the documents' and the swaps'.
+        let lineage = try #require(one.cache.lineage)
+        #expect(swaps >= 2 && lineage.positions >= Transformer.attentionPart && lineage.positions == one.base)
+        let tasks = try (0..<3).map { _ in try GenerationTask.prepare(req, model: .vist2(model)) }
+        let batched = runBatched(tasks, tf: tf, ws: ws)
+        for (i, t) in tasks.enumerated() {
+            #expect(batched[i] == alone, "request \(i)")
+            #expect(t.result.token_ids == one.result.token_ids && t.cache.lineage == lineage)
+        }
+        #expect(ws.sharedParts > 0)
+    }
+
     @Test("Earlier chunks given as images or as text give identical logits: their text never reaches the model otherwise")
     func imagesOnly() throws {
         let (g, _) = try TinyVIST2Golden.load()
