@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,12 +231,12 @@ def main():
             return comp
 
         counts = [int(x) for x in a.clients.split(",")]
-        comp = prime(max(counts))
+        comp = None  # the document as the last compress saw it (the same chunks under any instruction)
         rounds = []
         for k in range(a.rounds):
             runs = []
             for n in counts:
-                prime(n)
+                comp = prime(n)
                 r = run_clients(pb, sock, text, n, a.tokens, instructions)
                 runs.append(r)
                 print("round %d, N=%d: aggregate %.1f tokens/s, per-token latency %.1f ms, TTFT %.0f ms, swaps %s taking %s ms, "
@@ -252,11 +253,8 @@ def main():
             rounds.append(runs)
 
         def median(xs):
-            xs = sorted(x for x in xs if x is not None)
-            if not xs:
-                return None
-            m = len(xs) // 2
-            return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+            xs = [x for x in xs if x is not None]
+            return statistics.median(xs) if xs else None
 
         keys = ("aggregate_decode_tps", "per_token_latency_ms", "mean_ttft_ms", "aggregate_vs_1", "latency_vs_1", "ceiling_vs_1")
         runs = [dict({"clients": n}, **{key: median(rs[i][key] for rs in rounds) for key in keys}) for i, n in enumerate(counts)]

@@ -725,7 +725,7 @@ public final class Transformer: @unchecked Sendable {
         var slots: [(out: Int, queries: Int, index: Int)] = []
         var outFloats = 0
         let qDimG = G * hd
-        var gathered = 0  // floats of gathered queries
+        var gatheredFloats = 0  // the shared items' queries, gathered
         for t in half {
             first[t] = slots.count
             slots.append(contentsOf: repeatElement((out: 0, queries: 0, index: 0), count: c.kvHeads * parts[t]))
@@ -734,8 +734,8 @@ public final class Transformer: @unchecked Sendable {
         for (i, rows) in sharing.enumerated() {
             let n = rows.count * G
             for g in 0..<c.kvHeads {
-                let q = gathered
-                gathered += n * hd
+                let q = gatheredFloats
+                gatheredFloats += n * hd
                 for p in 0..<sharedParts[i] {
                     let out = outFloats
                     items.append(Item(t: rows[0], g: g, s0: p * part, s1: (p + 1) * part, queries: n, q: q, gathered: true, out: out))
@@ -760,7 +760,7 @@ public final class Transformer: @unchecked Sendable {
             }
         }
         ws.sharedParts += items.count { $0.gathered }
-        let outs = ws.headKV.reserve(outFloats + gathered)
+        let outs = ws.headKV.reserve(outFloats + gatheredFloats)
         let gq = outs + outFloats
         let maxQueries = items.lazy.map(\.queries).max() ?? G
         let scores = ws.scores.reserve(pool.size * maxQueries * part)

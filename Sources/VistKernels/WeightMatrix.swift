@@ -261,13 +261,14 @@ public enum Matmul {
             scratch.reserve(cols: cols, batch: n)
             let blocks = cols / 32
             let q = scratch.xq
+            let quantize = { (rows: Range<Int>) in
+                for i in rows { quantizeActivations(x + i * cols, q + i * blocks, count: cols) }
+            }
             if n >= 16 && pool.size > 1 {
                 // A prefill's rows: each row's blocks are its own, so threads take rows apart.
-                pool.parallel { ith, nth in
-                    for i in ThreadPool.slice(n, ith, nth) { quantizeActivations(x + i * cols, q + i * blocks, count: cols) }
-                }
+                pool.parallel { ith, nth in quantize(ThreadPool.slice(n, ith, nth)) }
             } else {
-                for i in 0..<n { quantizeActivations(x + i * cols, q + i * blocks, count: cols) }
+                quantize(0..<n)
             }
             xq = q
         }
