@@ -86,6 +86,7 @@ def main():
     ap.add_argument("--evals", required=True)
     ap.add_argument("--samples", required=True)
     ap.add_argument("--readings", help="JSON list of {title, text, read, ocr_char_accuracy}: chunks and their transcriptions")
+    ap.add_argument("--previous", help="eval.json of the model this one replaces: the card compares the two per text")
     ap.add_argument("--notes", help="Markdown appended to the card as 'Findings' (what the run taught us)")
     args = ap.parse_args()
     run = json.load(open(os.path.join(args.work, "run", "run.json")))
@@ -149,6 +150,20 @@ def main():
       f"the run had reached step {last['step']} ({last['hours']:.2f} h) when this card was written. "
       "Read the curves below for whether more training would still help; `bash Training/run.sh WORK_DIR` continues "
       "the run from its checkpoint.\n")
+    if args.previous:
+        prev = json.load(open(args.previous))
+        common = [k for k in ev if k in prev]
+        if common:
+            w("Against the model it replaces (its eval.json: the same texts and metrics; each model cuts the texts with its "
+              "own chunker):\n")
+            w("| text | OCR char accuracy, before -> now | retention, before -> now |")
+            w("|---|---|---|")
+            fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+            for k in common:
+                a, b = prev[k]["result"], ev[k]["result"]
+                w(f"| {k} | {fmt(a['ocr_char_accuracy'])} -> {fmt(b['ocr_char_accuracy'])} | "
+                  f"{fmt(a['retention'])} -> {fmt(b['retention'])} |")
+            w("")
     w("![training curves](curves.png)\n")
     w("## How it reads\n")
     region = 16 * cfg["aligner"]["merge"]
@@ -179,8 +194,14 @@ def main():
     w(f"- Weights: {n_params / 1e6:.2f} M parameters, {size / 1e6:.1f} MB in F16.")
     w(f"- OCR instruction: `{cfg.get('ocr_prompt', '')}` (the transcription is prompted with it; see conventions).\n")
     w("## Recipe (docs/MODEL.md section 6)\n")
-    w(f"- Stage A, reading ({sched['steps_A']} steps, batch {sched['batch_A']} images, lr {sched['lr_A']}): no backbone. A "
-      f"linear head on each visual token's merged patch features predicts the character in each of the "
+    if run.get("init"):
+        w(f"- Start: this run began from the encoder, aligner and adapter of `{run['init']}` (`--init`; the reading head "
+          "and the optimiser start fresh), so the stages below continue that model's training; Training/EXPERIMENTS.md "
+          "has the runs before.")
+    head_only = ("; only the reading head learns, the encoder and aligner stay as they started" if sched.get("head_only_A")
+                 else "")
+    w(f"- Stage A, reading ({sched['steps_A']} steps, batch {sched['batch_A']} images, lr {sched['lr_A']}{head_only}): no "
+      f"backbone. A linear head on each visual token's merged patch features predicts the character in each of the "
       f"{(region // r['line_height']) * (region // advance)} cells it "
       "covers (98 classes: printable ASCII, other, empty, the newline mark), from the character positions the renderer reports "
       "(`vist2ctl dataset`). This stands in for the paper's large-glyph OCR warm-up: the glyphs are legible at the "
@@ -244,6 +265,13 @@ def main():
         w(open(args.notes).read().strip() + "\n")
     w("## Reproduce\n")
     w("```")
+    if run.get("init"):
+        adapter_arg = f" --adapter {run['adapter']['rank']}:{run['adapter']['scope']}" if run.get("adapter") else ""
+        w(f"bash Training/run.sh ~/vist2-train --init {run['init']}{adapter_arg} --minutes 0   # writes run/run.json (and a step-0 checkpoint)")
+        w(f"# then set run/run.json's \"seed\" to {run.get('seed', 1)}, its \"schedule\" to")
+        w(f"#   {json.dumps(sched, sort_keys=True)}")
+        if run.get("adapter"):
+            w(f"# and its \"adapter\" to {json.dumps(run['adapter'], sort_keys=True)}")
     w("bash Training/run.sh ~/vist2-train --minutes 150     # again to continue from the checkpoint")
     w("bash Training/package.sh ~/vist2-train weights/vist2-smollm2-135m")
     w("```")

@@ -104,10 +104,12 @@ for f in files:
 print(json.dumps(out))
 EOF
 
-NOTES=()
-[[ -f "$WORK/notes.md" ]] && NOTES=(--notes "$WORK/notes.md")
+CARD=()
+[[ -f "$WORK/notes.md" ]] && CARD=(--notes "$WORK/notes.md")
+# The model this one replaces, when OUT_DIR holds one: the card compares them text by text.
+[[ -f "$OUT/eval.json" ]] && CARD+=(--previous "$OUT/eval.json")
 "$PY" "$ROOT/Training/model_card.py" --work "$WORK" --model "$STAGE" --evals "$EVAL/evals.json" --samples "$EVAL/samples.json" \
-    --readings "$EVAL/readings.json" "${NOTES[@]}"
+    --readings "$EVAL/readings.json" "${CARD[@]}"
 cp "$EVAL/evals.json" "$STAGE/eval.json"
 rm -rf "$EVAL"
 chmod 755 "$STAGE"

@@ -89,9 +89,10 @@ mkdir -p "$WORK/run"
 if [[ ! -f "$WORK/run/run.json" ]]; then
     PROMPT="Transcribe:"
     IDS="$("$CTL" tokenize --local --model smollm2-135m --no-special --json "$PROMPT")"
-    "$PY" - "$WORK" "$CONFIG" "$PROMPT" "$IDS" "$TINY" "$ADAPTER" <<'EOF'
+    "$PY" - "$WORK" "$CONFIG" "$PROMPT" "$IDS" "$TINY" "$ADAPTER" "${INIT[1]:-}" <<'EOF'
 import json, sys
 work, config, prompt, ids, tiny = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])["ids"], sys.argv[5] == "1"
+init = sys.argv[7]
 # The backbone adapter (docs/MODEL.md section 6): --adapter RANK:SCOPE; the smoke test trains a rank-2
 # visual one so that the path from training to the engine is exercised.
 adapter = sys.argv[6] or ("2:visual" if tiny else "")
@@ -110,6 +111,8 @@ run = {"backbone": f"{work}/backbone", "train": f"{work}/ds-train", "heldout": f
 if adapter:
     rank, scope = adapter.split(":")
     run["adapter"] = {"rank": int(rank), "scope": scope}
+if init:
+    run["init"] = init  # where the run started (--init): the model card names it
 json.dump(run, open(f"{work}/run/run.json", "w"), indent=1)
 EOF
 fi

@@ -323,6 +323,29 @@ class Distillation(unittest.TestCase):
         self.assertGreater(train.distill_sum(s_, t, 2.0).item(), 0)
 
 
+class ReadingStage(unittest.TestCase):
+    def test_head_only_reading_stage(self):
+        # schedule head_only_A: stage A's gradient reaches the reading head and nothing else.
+        with open(os.path.join(TINY, "config.json")) as f:
+            cfg = json.load(f)
+        from vist2.model import Backbone
+        bb = Backbone(os.path.join(TINY, "backbone"))
+        model = train.Trainable(cfg, bb.dim, TinyData.ds.advance())
+        model.init_weights(1)
+        for head_only in (False, True):
+            model.zero_grad(set_to_none=True)
+            step = train.StepLoss(model, bb, TinyData.ds, cfg, dict(TinyData.sched, head_only_A=head_only), 1)
+            step.amp = False
+            loss, _ = step(stage="A", items=[0, 1])
+            loss.backward()
+            got = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+            head = {name for name, _ in model.named_parameters() if name.startswith("aux.")}
+            if head_only:
+                self.assertEqual(got, head)
+            else:
+                self.assertTrue(head < got and any(name.startswith("vision.") for name in got), got)
+
+
 class TinyData:
     """A small dataset shared by tests that only sample from it."""
     sched = {"max_text": 16, "max_blocks": 3, "ocr_share_C": 0.5}

@@ -13,6 +13,8 @@ Stages (steps are optimizer steps; the schedule is in run.json):
   A  read:  the ViT learns to read glyphs with an auxiliary per-cell character objective (a
             linear head on each visual token's merged patches predicts the character cells
             under it: 4 x 8 with the shipped geometry, 3 x 8 tiled). Cheap: no backbone.
+            With schedule "head_only_A": true only the reading head learns (for a run that
+            starts from a trained encoder with --init: the head starts fresh).
   B  OCR:   [OCR prompt] V_i -> T_i through the frozen backbone, mixed with
             continuation V_i -> T_{i+1}; loss on every text token, the first one predicted at
             the block's last visual token.
@@ -111,11 +113,13 @@ class Trainable(nn.Module):
             # Start the aligner's outputs at the scale of the backbone's token embeddings.
             self.aligner.proj.weight.mul_(0.15)
 
-    def forward(self, pixels):
+    def forward(self, pixels, head_only=False):
         """-> (visual tokens (B, m, llm_dim), aux logits (B, m, slots, classes)). The reading head
-        sees what the aligner's affine layer sees: each visual token's merged patches."""
-        x = self.aligner.merged(self.vision(pixels[:, None]))
-        v = torch.tanh(self.aligner.proj(x))
+        sees what the aligner's affine layer sees: each visual token's merged patches. head_only:
+        no gradient reaches the encoder or the aligner (only the reading head learns)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not head_only):
+            x = self.aligner.merged(self.vision(pixels[:, None]))
+            v = torch.tanh(self.aligner.proj(x))
         aux = self.aux(x).view(x.shape[0], x.shape[1], self.slot_h * self.slot_w, N_CLASSES)
         return v, aux
 
@@ -405,8 +409,12 @@ class StepLoss(nn.Module):
             for instr, chunks, text in items:
                 specs.append((instr, list(range(len(images), len(images) + len(chunks))), text))
                 images += chunks
+        # head_only_A: stage A fits only the reading head (a run started with --init from a trained
+        # encoder, whose reading head starts fresh, fits the head before stage C's 0.1 x reading
+        # loss sends its gradient into the encoder).
+        head_only = stage == "A" and bool(sched.get("head_only_A", False))
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-            v, aux = model(ds.pixels(images).to(dev, non_blocking=True))
+            v, aux = model(ds.pixels(images).to(dev, non_blocking=True), head_only=head_only)
         v = v.float()
         a_sum, a_weight, right, ink = aux_terms(model, ds, images, aux, cfg)
         # Scale: each visual token's RMS against the RMS of the backbone's token embeddings. Left

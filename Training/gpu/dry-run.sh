@@ -15,7 +15,7 @@ WORK="$(cd "$WORK" && pwd)"
 PY="$(bash "$ROOT/Training/python.sh")"
 cd "$ROOT"
 "$PY" Training/tiny_corpus.py "$WORK/corpus" "*.md" "docs/*.md"
-bash Training/gpu/prepare.sh "$WORK" --corpus "$WORK/corpus" --max-chunks 12 --adapter 2:visual --minutes 5
+bash Training/gpu/prepare.sh "$WORK" --corpus "$WORK/corpus" --max-chunks 12 --adapter 2:visual --minutes 5 --head-steps 1
 
 STORE="$WORK/store"
 OUT="$WORK/out"

@@ -3,7 +3,7 @@
 # no Swift, and that receives at most 64 MiB of files per command (the repository included):
 #
 #   bash Training/gpu/prepare.sh WORK_DIR [--config FILE] [--adapter RANK:SCOPE] [--init MODEL_DIR]
-#                                [--minutes N] [--max-chunks N] [--corpus DIR]
+#                                [--minutes N] [--max-chunks N] [--corpus DIR] [--head-steps N]
 #
 # writes .gpu/ in the repository (ignored by git) with one folder per device command:
 #   .gpu/p1  the first part of the backbone GGUF            -> device.sh upload .gpu/p1
@@ -23,12 +23,14 @@
 # --corpus DIR with train.jsonl and heldout.jsonl.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-WORK="${1:?usage: bash Training/gpu/prepare.sh WORK_DIR [--config FILE] [--adapter RANK:SCOPE] [--init MODEL_DIR] [--minutes N] [--max-chunks N] [--corpus DIR]}"
+WORK="${1:?usage: bash Training/gpu/prepare.sh WORK_DIR [--config FILE] [--adapter RANK:SCOPE] [--init MODEL_DIR] [--minutes N] [--max-chunks N] [--corpus DIR] [--head-steps N]}"
 shift
 CONFIG="Training/configs/vist2-smollm2-135m-flow.json"
 ADAPTER="8:visual"
 INIT="weights/vist2-smollm2-135m"
 MINUTES=8
+# With --init: the steps of the reading stage that fit only the fresh reading head.
+HEAD_STEPS=80
 MAXC=0
 CORPUS=""
 LIMIT=$((64 * 1024 * 1024))
@@ -39,6 +41,7 @@ while [[ $# -gt 0 ]]; do
     --init) INIT="$2"; shift 2 ;;
     --minutes) MINUTES="$2"; shift 2 ;;
     --max-chunks) MAXC="$2"; shift 2 ;;
+    --head-steps) HEAD_STEPS="$2"; shift 2 ;;
     --corpus) CORPUS="$2"; shift 2 ;;
     --limit-bytes) LIMIT="$2"; shift 2 ;;  # the per-command limit (tests)
     *) echo "prepare.sh: unknown argument $1" >&2; exit 2 ;;
@@ -91,21 +94,22 @@ tail -c +"$((FIRST + 1))" "$GGUF" >"$OUTDIR/p2/backbone.gguf.part2"
 
 PROMPT="Transcribe:"
 IDS="$("$CTL" tokenize --local --model smollm2-135m --no-special --json "$PROMPT")"
-"$PY" - "$OUTDIR" "$GGUF" "$CONFIG" "$ADAPTER" "$INIT" "$MINUTES" "$PROMPT" "$IDS" <<'PYEOF'
+"$PY" - "$OUTDIR" "$GGUF" "$CONFIG" "$ADAPTER" "$INIT" "$MINUTES" "$PROMPT" "$IDS" "$HEAD_STEPS" <<'PYEOF'
 import json, os, sys
 sys.path.insert(0, "Training/gpu")
 from files import sha256 as sha
-out, gguf, config, adapter, init, minutes, prompt, ids = sys.argv[1:]
+out, gguf, config, adapter, init, minutes, prompt, ids, head_steps = sys.argv[1:]
 p3 = os.path.join(out, "p3")
 plan = {
     "backbone": {"parts": ["backbone.gguf.part1", "backbone.gguf.part2"], "size": os.path.getsize(gguf), "sha256": sha(gguf)},
     "files": {name: sha(os.path.join(p3, name)) for name in sorted(os.listdir(p3))},
     "model_config": config, "init": init or None, "minutes": float(minutes),
     "ocr_prompt": prompt, "ocr_prompt_ids": json.loads(ids)["ids"], "seed": 1,
-    # From a trained encoder (--init): no reading stage; OCR and continuation, then OLM. Batches
-    # come from the GPU's memory (train.py --batch auto); evaluations every 100 steps on 32
+    # From a trained encoder (--init): a short reading stage that fits only the fresh reading head
+    # (head_only_A, Training/EXPERIMENTS.md section 10), then OCR and continuation, then OLM.
+    # Batches come from the GPU's memory (train.py --batch auto); evaluations every 100 steps on 32
     # held-out chunks.
-    "schedule": {"steps_A": 0 if init else 450, "steps_B": 300, "steps_C": 1000000, "batch_A": 8, "batch_B": 2, "batch_C": 2,
+    "schedule": {"steps_A": int(head_steps) if init else 450, "head_only_A": bool(init), "steps_B": 300, "steps_C": 1000000, "batch_A": 8, "batch_B": 2, "batch_C": 2,
                  "eval_every": 100, "eval_chunks": 32, "lr_A": 1e-3, "lr_B": 3e-4, "lr_C": 2e-4, "warmup": 50,
                  "max_text": 400, "max_blocks": 3, "ocr_share_B": 0.7, "ocr_share_C": 0.3, "aux_weight": 0.1, "scale_weight": 0.0},
 }
