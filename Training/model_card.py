@@ -134,14 +134,14 @@ def main():
       "Everything here was trained on 2 CPU cores by `Training/run.sh` in this repository; `Training/package.sh` wrote "
       "this card.\n")
     w("## Status, honestly\n")
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
     rows = [(k, e["result"], e.get("packing")) for k, e in ev.items()]
     w("| text | text tokens per visual token | chunks | OCR char accuracy | ppl none | ppl text | ppl visual | retention |")
     w("|---|---|---|---|---|---|---|---|")
     for k, e, p in rows:
-        ret = "n/a" if e["retention"] is None else f"{e['retention']:.3f}"
         pk = "n/a" if p is None else f"{p:.2f}"
         w(f"| {k} | {pk} | {e['chunks']} | {e['ocr_char_accuracy']:.3f} | {e['ppl_none']:.2f} | {e['ppl_text']:.2f} | "
-          f"{e['ppl_visual']:.2f} | {ret} |")
+          f"{e['ppl_visual']:.2f} | {fmt(e['retention'])} |")
     w("")
     w("Packing is over each whole text as the engine chunks it (its last, partial chunk included); OCR and the "
       "perplexities over its first chunks. "
@@ -158,7 +158,6 @@ def main():
               "own chunker):\n")
             w("| text | OCR char accuracy, before -> now | retention, before -> now |")
             w("|---|---|---|")
-            fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
             for k in common:
                 a, b = prev[k]["result"], ev[k]["result"]
                 w(f"| {k} | {fmt(a['ocr_char_accuracy'])} -> {fmt(b['ocr_char_accuracy'])} | "
@@ -195,9 +194,9 @@ def main():
     w(f"- OCR instruction: `{cfg.get('ocr_prompt', '')}` (the transcription is prompted with it; see conventions).\n")
     w("## Recipe (docs/MODEL.md section 6)\n")
     if run.get("init"):
-        w(f"- Start: this run began from the encoder, aligner and adapter of `{run['init']}` (`--init`; the reading head "
-          "and the optimiser start fresh), so the stages below continue that model's training; Training/EXPERIMENTS.md "
-          "has the runs before.")
+        w(f"- Start: this run began from the encoder and aligner of `{run['init']}`, and its adapter where it has the "
+          "run's rank, scope and modules (`--init`; the reading head and the optimiser start fresh), so the stages below "
+          "continue that model's training; Training/EXPERIMENTS.md has the runs before.")
     head_only = ("; only the reading head learns, the encoder and aligner stay as they started" if sched.get("head_only_A")
                  else "")
     w(f"- Stage A, reading ({sched['steps_A']} steps, batch {sched['batch_A']} images, lr {sched['lr_A']}{head_only}): no "
